@@ -1,0 +1,7 @@
+"""The reference MLX trainer: the source of truth every port is audited against.
+
+Reads like mlx-lm: `config` (a Hugging Face config.json), `model` (the Llama module tree, named like the
+checkpoint), `weights` (the checkpoint name map and strict loading), `loss` (shifted slices,
+cross-entropy, the Empirical Distrust term), `schedule`, `trainer` (value_and_grad, clipping,
+accumulation, AdamW, checkpoints) and `data` (the byte tokenizer and JSONL batches).
+"""
