@@ -1,0 +1,360 @@
+"""An independent PyTorch implementation of the training step (docs/training-step.md).
+
+Written apart from `reference/` on purpose: its own module names (`blocks.0.attn.wq`), its own name map
+from checkpoint keys, attention written out with repeated kv heads, RoPE from `rotate_half`, AdamW by
+hand in both bias-correction conventions. A golden value is trusted only when this twin and the MLX
+reference agree. It exposes the same methods as `reference.trainer.Trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from reference.config import ModelConfig
+from reference.loss import validate_batch
+from reference.settings import SettingsError, TrainSettings
+from reference.weights import IGNORED_KEYS, LoadReport, WeightLoadError, checkpoint_files
+
+_LAYER_MAP = {
+    "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
+    "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "ffn.w_gate", "mlp.up_proj": "ffn.w_up",
+    "mlp.down_proj": "ffn.w_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+
+
+def twin_name(hf_key: str) -> str | None:
+    """The twin's own parameter name for a checkpoint key, or None if the key names nothing here."""
+    if hf_key == "model.embed_tokens.weight":
+        return "tok_emb.weight"
+    if hf_key == "model.norm.weight":
+        return "final_norm.weight"
+    if hf_key == "lm_head.weight":
+        return "head.weight"
+    parts = hf_key.split(".")
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        sub, leaf = ".".join(parts[3:-1]), parts[-1]
+        if sub in _LAYER_MAP:
+            return f"blocks.{parts[2]}.{_LAYER_MAP[sub]}.{leaf}"
+    return None
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Proj(torch.nn.Module):
+    """A linear map with an optional LoRA adapter; `lora_a` is [in, r], `lora_b` is [r, out]."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(d_out, d_in).uniform_(-d_in**-0.5, d_in**-0.5))
+        self.bias = torch.nn.Parameter(torch.zeros(d_out)) if bias else None
+        self.lora_a = self.lora_b = None
+        self.scale = 0.0
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_a is not None:
+            y = y + self.scale * ((x @ self.lora_a) @ self.lora_b)
+        return y
+
+
+def rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class Block(torch.nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        hd = c.head_dim
+        self.attn = torch.nn.Module()
+        self.attn.wq = Proj(c.hidden_size, c.num_attention_heads * hd, c.attention_bias)
+        self.attn.wk = Proj(c.hidden_size, c.num_key_value_heads * hd, c.attention_bias)
+        self.attn.wv = Proj(c.hidden_size, c.num_key_value_heads * hd, c.attention_bias)
+        self.attn.wo = Proj(c.num_attention_heads * hd, c.hidden_size, c.attention_bias)
+        self.ffn = torch.nn.Module()
+        self.ffn.w_gate = Proj(c.hidden_size, c.intermediate_size, c.mlp_bias)
+        self.ffn.w_up = Proj(c.hidden_size, c.intermediate_size, c.mlp_bias)
+        self.ffn.w_down = Proj(c.intermediate_size, c.hidden_size, c.mlp_bias)
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def attention(self, x, cos, sin):
+        c, (B, T, _) = self.c, x.shape
+        hd, H, K = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        q = self.attn.wq(x).view(B, T, H, hd).transpose(1, 2)
+        k = self.attn.wk(x).view(B, T, K, hd).transpose(1, 2)
+        v = self.attn.wv(x).view(B, T, K, hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k = k.repeat_interleave(H // K, dim=1)  # query head h uses kv head h // n_rep
+        v = v.repeat_interleave(H // K, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        o = torch.softmax(scores, dim=-1) @ v
+        return self.attn.wo(o.transpose(1, 2).reshape(B, T, H * hd))
+
+    def forward(self, h, cos, sin):
+        h = h + self.attention(self.attn_norm(h), cos, sin)
+        x = self.ffn_norm(h)
+        return h + self.ffn.w_down(F.silu(self.ffn.w_gate(x)) * self.ffn.w_up(x))
+
+
+class TwinLlama(torch.nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        self.tok_emb = torch.nn.Embedding(c.vocab_size, c.hidden_size)
+        self.blocks = torch.nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.head = None if c.tie_word_embeddings else Proj(c.hidden_size, c.vocab_size, False)
+
+    def rope(self, T: int):
+        d = self.c.head_dim
+        inv_freq = 1.0 / (self.c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos(), angles.sin()
+
+    def forward(self, ids):
+        cos, sin = self.rope(ids.shape[1])
+        h, hidden = self.tok_emb(ids), []
+        for block in self.blocks:
+            h = block(h, cos, sin)
+            hidden.append(h)
+        x = self.final_norm(h)
+        logits = x @ self.tok_emb.weight.T if self.head is None else self.head(x)
+        return logits, hidden
+
+
+def lr_at(settings: TrainSettings, s: int) -> float:
+    """The learning rate of the update that follows `s` earlier updates."""
+    o, sc = settings.optimizer, settings.schedule
+    if sc.kind == "constant":
+        return o.lr
+    if s < sc.warmup_steps:
+        return sc.warmup_init + s * (o.lr - sc.warmup_init) / sc.warmup_steps
+    k = min(s - sc.warmup_steps, sc.decay_steps)
+    return sc.end_lr + 0.5 * (1 + math.cos(math.pi * k / sc.decay_steps)) * (o.lr - sc.end_lr)
+
+
+class TwinTrainer:
+    """The twin's trainer; method for method the same surface as `reference.trainer.Trainer`."""
+
+    def __init__(self, model: TwinLlama, settings: TrainSettings, lora_init: dict[str, torch.Tensor] | None = None):
+        self.model, self.settings = model, settings
+        self.hf_to_twin = {}
+        for name, _ in model.named_parameters():
+            self.hf_to_twin[self._hf_name(name)] = name
+        if settings.trainable == "lora":
+            self._add_lora(lora_init)
+        elif lora_init is not None:
+            raise SettingsError("lora_init given but trainable is not 'lora'")
+        self.trainable = self._trainable_set()
+        self.m = {n: torch.zeros_like(p) for n, p in self.trainable.items()}
+        self.v = {n: torch.zeros_like(p) for n, p in self.trainable.items()}
+        self.step_count = 0
+
+    def _hf_name(self, twin: str) -> str:
+        inverse = {v: k for k, v in _LAYER_MAP.items()}
+        if twin.startswith("blocks."):
+            _, i, *mid, leaf = twin.split(".")
+            return f"model.layers.{i}.{inverse['.'.join(mid)]}.{leaf}"
+        return {"tok_emb.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}[twin]
+
+    @classmethod
+    def from_pretrained(cls, checkpoint, settings: TrainSettings, lora_init=None, strict: bool = True):
+        c = ModelConfig.from_file(checkpoint)
+        model = TwinLlama(c)
+        tensors = {}
+        for f in checkpoint_files(Path(checkpoint)):
+            tensors.update(load_file(str(f)))
+        own = dict(model.named_parameters())
+        report, state = LoadReport(), {}
+        for key, t in sorted(tensors.items()):
+            if IGNORED_KEYS.search(key):
+                report.ignored.append(key)
+                continue
+            name = twin_name(key)
+            if name is None or name not in own:
+                report.unexpected.append(key)
+            elif t.shape != own[name].shape or t.dtype != own[name].dtype:
+                report.mismatched.append(f"{key}: checkpoint {tuple(t.shape)} {t.dtype}, model {tuple(own[name].shape)} {own[name].dtype}")
+            else:
+                state[name] = t
+        bad = {m.split(":")[0] for m in report.mismatched}
+        report.missing = sorted(cls._hf_name(None, n) for n in set(own) - set(state) if cls._hf_name(None, n) not in bad)
+        if strict and not report.ok:
+            raise WeightLoadError(report, Path(checkpoint))
+        with torch.no_grad():
+            for name, t in state.items():
+                own[name].copy_(t)
+        if isinstance(lora_init, (str, Path)):
+            lora_init = load_file(str(lora_init))
+        trainer = cls(model, settings, lora_init)
+        trainer.report = report
+        return trainer, report
+
+    def _add_lora(self, init):
+        c, lo = self.model.c, self.settings.lora
+        for i in range(c.num_hidden_layers - lo.layers, c.num_hidden_layers):
+            for hf, tw in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
+                proj = getattr(self.model.blocks[i].attn, tw)
+                d_out, d_in = proj.weight.shape
+                a = torch.empty(d_in, lo.rank).uniform_(-d_in**-0.5, d_in**-0.5)
+                b = torch.zeros(lo.rank, d_out)
+                for leaf, t in (("lora_a", a), ("lora_b", b)):
+                    key = f"model.layers.{i}.self_attn.{hf}.{leaf}"
+                    if init is not None:
+                        if key not in init or init[key].shape != t.shape:
+                            raise WeightLoadError(LoadReport(missing=[key]), Path("lora_init"))
+                        t = init[key].clone()
+                    setattr(proj, leaf, torch.nn.Parameter(t))
+                    self.hf_to_twin[key] = f"blocks.{i}.attn.{tw}.{leaf}"
+                proj.scale = lo.scale
+        if init is not None:
+            extra = sorted(set(init) - set(self.hf_to_twin))
+            if extra:
+                raise WeightLoadError(LoadReport(unexpected=extra), Path("lora_init"))
+
+    def _trainable_set(self) -> dict[str, torch.nn.Parameter]:
+        own = dict(self.model.named_parameters())
+        kind, tied = self.settings.trainable, self.model.c.tie_word_embeddings
+        if kind == "full":
+            names = [n for n in self.hf_to_twin if not n.endswith(("lora_a", "lora_b"))]
+        elif kind == "head":
+            names = ["model.embed_tokens.weight" if tied else "lm_head.weight", "model.norm.weight"]
+        else:
+            names = [n for n in self.hf_to_twin if n.endswith(("lora_a", "lora_b"))]
+        for p in own.values():
+            p.requires_grad_(False)
+        chosen = {n: own[self.hf_to_twin[n]] for n in sorted(names)}
+        for p in chosen.values():
+            p.requires_grad_(True)
+        return chosen
+
+    def trainable_names(self) -> list[str]:
+        return list(self.trainable)
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        own = dict(self.model.named_parameters())
+        return {hf: own[tw].detach() for hf, tw in sorted(self.hf_to_twin.items())}
+
+    # --- numerics -------------------------------------------------------------------------
+    @staticmethod
+    def _batch(batch):
+        validate_batch(batch)
+        return (
+            torch.as_tensor(np.asarray(batch["input_ids"], dtype=np.int64)),
+            torch.as_tensor(np.asarray(batch["attention_mask"], dtype=np.float32)),
+            torch.as_tensor(np.asarray(batch["auth_weight"], dtype=np.float32)),
+            torch.as_tensor(np.asarray(batch["prov_entropy"], dtype=np.float32)),
+        )
+
+    def forward(self, input_ids):
+        with torch.no_grad():
+            return self.model(torch.as_tensor(np.asarray(input_ids, dtype=np.int64)))
+
+    def _loss(self, batch):
+        ids, mask, w, h = self._batch(batch)
+        logits, _ = self.model(ids)
+        target_mask = mask[:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        ce = (nll * target_mask.reshape(-1)).sum() / target_mask.sum()
+        alpha, lam = self.settings.loss.alpha, self.settings.loss.lam
+        distrust = (alpha * (torch.log(1 - w + 1e-8) + h) ** 2).mean()
+        return {"ce": ce, "distrust": distrust, "total": ce + lam * distrust}
+
+    def loss(self, batch) -> dict[str, float]:
+        with torch.no_grad():
+            return {k: v.item() for k, v in self._loss(batch).items()}
+
+    def gradients(self, batch):
+        parts = self._loss(batch)
+        grads = torch.autograd.grad(parts["total"], list(self.trainable.values()), allow_unused=True)
+        out = {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(self.trainable.items(), grads)}
+        return {k: v.item() for k, v in parts.items()}, out
+
+    def step(self, batch) -> dict[str, float]:
+        n = self.settings.accum_steps
+        B = len(batch["input_ids"])
+        if B % n:
+            raise SettingsError(f"batch size {B} is not divisible by accum_steps={n}")
+        size, acc, sums = B // n, None, {"ce": 0.0, "distrust": 0.0, "total": 0.0}
+        for i in range(n):
+            parts, g = self.gradients({k: v[i * size : (i + 1) * size] for k, v in batch.items()})
+            acc = g if acc is None else {k: acc[k] + g[k] for k in acc}
+            for k in sums:
+                sums[k] += parts[k]
+        grads = {k: g / n for k, g in acc.items()} if n > 1 else acc
+        if self.settings.clip_norm is not None:
+            total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).float()
+            coef = torch.clamp(self.settings.clip_norm / (total + 1e-6), max=1.0)
+            grads = {k: g * coef for k, g in grads.items()}
+        self._adamw(grads)
+        return {k: v / n for k, v in sums.items()}
+
+    @torch.no_grad()
+    def _adamw(self, grads):
+        o = self.settings.optimizer
+        lr, b1, b2 = lr_at(self.settings, self.step_count), *o.betas
+        self.step_count += 1
+        t = self.step_count
+        for name, p in self.trainable.items():
+            g, m, v = grads[name], self.m[name], self.v[name]
+            p.mul_(1 - lr * o.weight_decay)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            if o.bias_correction:
+                denom = v.sqrt() / math.sqrt(1 - b2**t) + o.eps
+                p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+            else:
+                p.addcdiv_(m, v.sqrt() + o.eps, value=-lr)
+
+    def optimizer_state(self) -> dict:
+        return {"step": self.step_count, "m": dict(self.m), "v": dict(self.v)}
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in self.parameters().items()}, str(path / "params.safetensors"))
+        opt = {f"m.{k}": v for k, v in self.m.items()} | {f"v.{k}": v for k, v in self.v.items()}
+        save_file(opt, str(path / "optimizer.safetensors"))
+        meta = {"step": self.step_count, "settings": self.settings.to_dict(), "config": self.model.c.to_hf_dict()}
+        (path / "twin.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load_checkpoint(cls, path) -> "TwinTrainer":
+        path = Path(path)
+        meta = json.loads((path / "twin.json").read_text())
+        settings = TrainSettings.from_dict(meta["settings"])
+        params = load_file(str(path / "params.safetensors"))
+        lora = {k: v for k, v in params.items() if k.endswith(("lora_a", "lora_b"))} or None
+        trainer = cls(TwinLlama(ModelConfig.from_dict(meta["config"])), settings, lora)
+        own = dict(trainer.model.named_parameters())
+        if set(params) != set(trainer.hf_to_twin):
+            raise WeightLoadError(LoadReport(missing=sorted(set(trainer.hf_to_twin) - set(params)), unexpected=sorted(set(params) - set(trainer.hf_to_twin))), path)
+        with torch.no_grad():
+            for k, t in params.items():
+                own[trainer.hf_to_twin[k]].copy_(t)
+        opt = load_file(str(path / "optimizer.safetensors"))
+        trainer.m = {k: opt[f"m.{k}"] for k in trainer.trainable}
+        trainer.v = {k: opt[f"v.{k}"] for k in trainer.trainable}
+        trainer.step_count = meta["step"]
+        return trainer
