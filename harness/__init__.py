@@ -1,0 +1,1 @@
+"""The parity harness: backends, stages, tolerances, comparison, fixtures, audit and CLI."""

@@ -1,0 +1,32 @@
+"""Backends: anything that can run the training step and report the stages' named outputs.
+
+Interface (docs/backends.md): `name`, `unavailable()` (None or why it cannot run here) and
+`run(case, stages) -> {stage: StageOutput}`. In-process trainers implement it through
+`TrainerBackend`, which only needs `open(case, strict)` and `resume(case, path)` returning a
+`harness.stages.Session`.
+"""
+
+from __future__ import annotations
+
+from .base import Backend, BackendError, TrainerBackend
+
+
+def registry() -> dict[str, type[Backend]]:
+    from .mlx_backend import MLXBackend
+    from .torch_backend import TorchBackend
+
+    return {"mlx": MLXBackend, "torch": TorchBackend}
+
+
+def get_backend(name: str) -> Backend:
+    backends = registry()
+    if name not in backends:
+        raise BackendError(f"unknown backend {name!r}; known: {', '.join(backends)}")
+    return backends[name]()
+
+
+def default_backends() -> list[Backend]:
+    return [cls() for cls in registry().values()]
+
+
+__all__ = ["Backend", "BackendError", "TrainerBackend", "get_backend", "default_backends", "registry"]

@@ -1,0 +1,79 @@
+"""The backend interface and the adapter that turns a trainer session into stage outputs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from ..stages import STAGES, Session, StageOutput, compute
+
+
+class BackendError(ValueError):
+    pass
+
+
+class Backend(ABC):
+    name: str = ""
+
+    def unavailable(self) -> str | None:
+        """None when the backend can run here, else the reason it cannot."""
+        return None
+
+    @abstractmethod
+    def run(self, case, stages=STAGES) -> dict[str, StageOutput]:
+        """Every requested stage's outputs; a stage that fails carries its error, never raises."""
+
+
+class TrainerBackend(Backend):
+    """A backend that runs in this process through a `Session` per fresh load."""
+
+    @abstractmethod
+    def open(self, case, strict: bool = True) -> Session: ...
+
+    @abstractmethod
+    def resume(self, case, path: Path) -> Session: ...
+
+    def run(self, case, stages=STAGES) -> dict[str, StageOutput]:
+        return compute(self, case, stages)
+
+
+class TrainerSession:
+    """A `Session` over a trainer with the surface of `reference.trainer.Trainer`; subclasses say how
+    their arrays become numpy and how they run the forward pass and the shift."""
+
+    def __init__(self, trainer, report: dict):
+        self.t, self.report = trainer, report
+
+    def to_numpy(self, x) -> np.ndarray:
+        raise NotImplementedError
+
+    def _np(self, d: dict) -> dict[str, np.ndarray]:
+        return {k: self.to_numpy(v) for k, v in d.items()}
+
+    def load_report(self) -> dict:
+        return self.report
+
+    def parameters(self):
+        return self._np(self.t.parameters())
+
+    def trainable_names(self):
+        return self.t.trainable_names()
+
+    def loss(self, batch):
+        return self.t.loss(batch)
+
+    def gradients(self, batch):
+        parts, grads = self.t.gradients(batch)
+        return parts, self._np(grads)
+
+    def step(self, batch):
+        return self.t.step(batch)
+
+    def optimizer_state(self):
+        st = self.t.optimizer_state()
+        return {"step": st["step"], "m": self._np(st["m"]), "v": self._np(st["v"])}
+
+    def save_checkpoint(self, path: Path):
+        self.t.save_checkpoint(path)

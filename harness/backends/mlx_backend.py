@@ -1,0 +1,38 @@
+"""The MLX reference as a backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from reference.loss import shifted_slices
+from reference.trainer import Trainer
+
+from .base import TrainerBackend, TrainerSession
+
+
+class MLXSession(TrainerSession):
+    def to_numpy(self, x) -> np.ndarray:
+        return np.array(x, order="C")
+
+    def forward(self, input_ids):
+        logits, hidden = self.t.model.forward(mx.array(np.asarray(input_ids, dtype=np.int32)))
+        return np.array(logits), [np.array(h) for h in hidden]
+
+    def shifted(self, input_ids, attention_mask):
+        ids = mx.array(np.asarray(input_ids, dtype=np.int32))
+        _, targets, mask = shifted_slices(ids[..., None], ids, mx.array(np.asarray(attention_mask, dtype=np.int32)))
+        return np.array(targets), np.array(mask)
+
+
+class MLXBackend(TrainerBackend):
+    name = "mlx"
+
+    def open(self, case, strict: bool = True) -> MLXSession:
+        trainer, report = Trainer.from_pretrained(case.checkpoint, case.settings, case.lora_init, strict=strict)
+        return MLXSession(trainer, report.to_dict())
+
+    def resume(self, case, path: Path) -> MLXSession:
+        return MLXSession(Trainer.load_checkpoint(path), {})

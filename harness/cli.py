@@ -1,0 +1,147 @@
+"""`parity`: audit a backend against the golden fixtures, manage the fixtures, train the reference."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+fixtures_app = typer.Typer(help="Generate and verify the golden fixtures.", no_args_is_help=True)
+app.add_typer(fixtures_app, name="fixtures")
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True)
+
+
+def fail_input(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def audit(
+    fixture: Optional[list[str]] = typer.Option(None, "--fixture", "-f", help="Fixture name (repeatable); default: every bundled fixture."),
+    backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="Backend (repeatable): mlx, torch; default: every available one."),
+    stage: Optional[list[str]] = typer.Option(None, "--stage", "-s", help="Only these stages (repeatable); default: all eight."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this path."),
+    fixtures_dir: Path = typer.Option(None, "--fixtures-dir", help="Folder of fixtures (default: the bundled ones)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="List every failing tensor, not only the worst."),
+) -> None:
+    """Audit backends against the golden fixtures, stage by stage.
+
+    Exit status: 0 when every stage passes, 1 when any fails, 2 for bad input.
+    """
+    from .audit import audit as run_audit
+    from .backends import BackendError, default_backends, get_backend
+    from .case import FIXTURES_DIR, CaseError, find_case, list_cases
+    from .report import print_results, results_json
+    from .stages import STAGES
+
+    root = fixtures_dir or FIXTURES_DIR
+    try:
+        cases = [find_case(n, root) for n in fixture] if fixture else list_cases(root)
+        backends = [get_backend(b) for b in backend] if backend else default_backends()
+    except (CaseError, BackendError) as e:
+        fail_input(str(e))
+    if not cases:
+        fail_input(f"no fixtures in {root}; run `parity fixtures generate`")
+    stages = list(stage or STAGES)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        fail_input(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    stages = [s for s in STAGES if s in stages]
+    results = []
+    with console.status("") as status:
+        for b in backends:
+            for c in cases:
+                status.update(f"auditing {b.name} on {c.name}…")
+                results.append(run_audit(b, c, stages))
+    print_results(console, results, verbose=verbose)
+    if json_path:
+        json_path.write_text(json.dumps(results_json(results), indent=2) + "\n")
+        console.print(f"JSON written to {json_path}")
+    raise typer.Exit(1 if any(r.verdict == "fail" for r in results) else 0)
+
+
+@fixtures_app.command("generate")
+def fixtures_generate(
+    name: Optional[list[str]] = typer.Argument(None, help="Fixtures to build (default: all)."),
+    force: bool = typer.Option(False, "--force", help="Replace existing goldens that changed, showing what changed."),
+    fixtures_dir: Path = typer.Option(None, "--fixtures-dir", help="Where to write (default: the bundled folder)."),
+) -> None:
+    """Build the fixtures; each is written only when the torch twin and transformers agree with MLX."""
+    from rich.progress import Progress
+
+    from .case import FIXTURES_DIR
+    from .fixture_specs import SPECS
+    from .fixtures import FixtureError, generate
+
+    todo = [s for s in SPECS if not name or s.name in name]
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("building fixtures", total=len(todo))
+        try:
+            messages = generate(fixtures_dir or FIXTURES_DIR, name or None, force, progress=lambda n: progress.advance(task))
+        except FixtureError as e:
+            progress.stop()
+            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(1)
+    for m in messages:
+        console.print(m, highlight=False)
+
+
+@fixtures_app.command("verify")
+def fixtures_verify(
+    fixtures_dir: Path = typer.Option(None, "--fixtures-dir"),
+    no_regenerate: bool = typer.Option(False, "--no-regenerate", help="Check hashes only."),
+) -> None:
+    """Check every fixture file against the manifest's sha256 and that regeneration reproduces it."""
+    from rich.progress import Progress
+
+    from .case import FIXTURES_DIR
+    from .fixtures import verify
+
+    root = fixtures_dir or FIXTURES_DIR
+    with Progress(console=err, transient=True) as progress:
+        n = len(json.loads((root / "manifest.json").read_text())["fixtures"]) if (root / "manifest.json").exists() else 0
+        task = progress.add_task("regenerating fixtures", total=n)
+        problems = verify(root, regenerate=not no_regenerate, progress=lambda _: progress.advance(task))
+    if problems:
+        for p in problems:
+            err.print(f"[red]✗[/] {p}", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"all fixtures in {root} match the manifest" + ("" if no_regenerate else " and regenerate identically"))
+
+
+@app.command()
+def train(
+    checkpoint: Optional[Path] = typer.Option(None, help="Hugging Face checkpoint folder (default: a tiny model built here)."),
+    data: Optional[Path] = typer.Option(None, help="JSONL with text, auth_weight, prov_entropy (default: the bundled set)."),
+    out: Path = typer.Option(Path("runs/default"), help="Where checkpoints go."),
+    settings: Optional[Path] = typer.Option(None, help="Trainer settings JSON (docs/training-step.md)."),
+    steps: int = typer.Option(60, help="Optimizer updates."),
+    batch_size: int = typer.Option(8),
+    seq_len: int = typer.Option(64),
+    save_every: int = typer.Option(20, help="Write a checkpoint every N updates."),
+    resume: Optional[Path] = typer.Option(None, help="Continue from a checkpoint written by this command."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the MLX reference: on the embedded default, or on your own config, weights and data."""
+    from reference.train_cli import run_training
+
+    try:
+        run_training(checkpoint=checkpoint, data=data, out=out, settings_path=settings, steps=steps, batch_size=batch_size,
+                     seq_len=seq_len, save_every=save_every, resume=resume, seed=seed, console=console)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        fail_input(str(e))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

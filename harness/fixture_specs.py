@@ -1,0 +1,92 @@
+"""The bundled fixtures: each built so that named classes of porting bug move its numbers far
+beyond tolerance (DESIGN.md, "Fixtures are built to expose bugs")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BASE_MODEL = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64,
+    tie_word_embeddings=False, initializer_range=0.05,
+)
+BASE_SETTINGS = dict(
+    trainable="full",
+    optimizer=dict(lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.01, bias_correction=True),
+    schedule=dict(kind="constant"),
+    clip_norm=None, accum_steps=1, loss=dict(alpha=2.7, **{"lambda": 1.0}), steps=4, checkpoint_at=2,
+)
+
+
+@dataclass(frozen=True)
+class FixtureSpec:
+    name: str
+    description: str
+    exposes: list[str]
+    seed: int
+    model: dict = field(default_factory=dict)  # overrides of BASE_MODEL
+    settings: dict = field(default_factory=dict)  # overrides of BASE_SETTINGS (one level deep)
+    batch_size: int = 4
+    seq_len: int = 16
+    pad: tuple[int, ...] = (0, 3, 0, 7)  # right padding per row
+    max_shard_size: str | None = None  # sharded checkpoint when set
+    embed_scale: float = 1.0  # shrink embeddings so RMSNorm's eps matters
+    rotary_buffer: bool = False  # add an old-style rotary_emb.inv_freq key, which loading must ignore
+
+    def model_config(self) -> dict:
+        return {**BASE_MODEL, **self.model}
+
+    def settings_dict(self) -> dict:
+        s = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE_SETTINGS.items()}
+        for k, v in self.settings.items():
+            s[k] = {**s[k], **v} if isinstance(v, dict) and isinstance(s.get(k), dict) else v
+        return s
+
+
+SPECS = [
+    FixtureSpec(
+        "gqa_padded", "grouped-query attention (4 query heads on 2 kv heads), B=4 with two right-padded rows, full training, AdamW with bias correction",
+        ["weights_not_loaded", "key_prefix", "gqa_head_mapping", "rope", "no_shift", "padding_counted", "forward_only", "optimizer_disconnected", "bias_correction"],
+        seed=1,
+    ),
+    FixtureSpec(
+        "mha_sharded", "multi-head attention from a checkpoint in 4 shards, AdamW without bias correction (MLX's default)",
+        ["sharded_loading", "weights_not_loaded", "bias_correction", "optimizer_disconnected"],
+        seed=2, model=dict(num_key_value_heads=4), settings=dict(optimizer=dict(bias_correction=False)),
+        max_shard_size="30KB",
+    ),
+    FixtureSpec(
+        "tied", "tied input and output embeddings, 4 query heads on 1 kv head, a checkpoint with a legacy rotary buffer",
+        ["tied_embeddings_ignored", "gqa_head_mapping", "rotary_buffer_loaded"],
+        seed=3, model=dict(tie_word_embeddings=True, num_key_value_heads=1), rotary_buffer=True,
+    ),
+    FixtureSpec(
+        "lora", "LoRA adapters on q/k/v/o of the last layer (rank 4), loaded mid-training so both adapter matrices have gradients",
+        ["trainable_set_mismatch", "lora_scale", "optimizer_disconnected"],
+        seed=4, settings=dict(trainable="lora", lora=dict(rank=4, layers=1, scale=2.0)),
+    ),
+    FixtureSpec(
+        "head", "only lm_head and the final norm train (what the seed's Rust port trains)",
+        ["trainable_set_mismatch", "key_prefix", "forward_only"],
+        seed=5, settings=dict(trainable="head"),
+    ),
+    FixtureSpec(
+        "clip_accum_warmup", "global-norm clipping that is active, 2 accumulated micro-batches, warmup then cosine, 6 updates",
+        ["clipping_missing", "accumulation_scaling", "schedule_off_by_one", "bias_correction"],
+        seed=6,
+        settings=dict(clip_norm=0.5, accum_steps=2, steps=6, checkpoint_at=3,
+                      schedule=dict(kind="warmup_cosine", warmup_steps=2, warmup_init=2e-4, decay_steps=6, end_lr=1e-4)),
+    ),
+    FixtureSpec(
+        "small_eps_bias", "small activations (embeddings scaled by 0.05) with rms_norm_eps=1e-6, so a hard-coded eps shows; projection biases on",
+        ["rmsnorm_eps_hardcoded", "bias_ignored", "weight_decay_missing"],
+        seed=7, model=dict(rms_norm_eps=1e-6, attention_bias=True, mlp_bias=True), embed_scale=0.05,
+        settings=dict(optimizer=dict(weight_decay=0.1, lr=1e-2)),
+    ),
+    FixtureSpec(
+        "trajectory_long", "8 updates with a checkpoint at 5: drift over a longer trajectory and resume",
+        ["optimizer_state_lost_on_resume", "schedule_off_by_one", "bias_correction"],
+        seed=8, settings=dict(steps=8, checkpoint_at=5,
+                              schedule=dict(kind="warmup_cosine", warmup_steps=3, warmup_init=1e-4, decay_steps=5, end_lr=0.0)),
+    ),
+]

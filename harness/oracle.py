@@ -1,0 +1,34 @@
+"""Hugging Face transformers' LlamaForCausalLM as a third, trusted forward oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .compare import TensorResult, compare
+from .tolerances import tolerance
+
+
+def transformers_forward(checkpoint: Path, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Logits and the residual stream after layers 0..L-2 (transformers' last hidden state is normed)."""
+    import torch
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+    model = LlamaForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager", dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(input_ids, dtype=np.int64)), output_hidden_states=True)
+    # hidden_states[0] is the embedding output, [i + 1] the output of layer i, the last one is normed.
+    result = {"forward.logits": out.logits.numpy()}
+    result.update({f"forward.hidden.{i}": h.numpy() for i, h in enumerate(out.hidden_states[1:-1])})
+    return result
+
+
+def check_forward(checkpoint: Path, input_ids: np.ndarray, golden: dict[str, np.ndarray]) -> list[TensorResult]:
+    """Compare transformers' forward pass with the golden one at the forward stage's tolerance."""
+    tol = tolerance("forward")
+    return [compare(name, value, golden[name], tol) for name, value in transformers_forward(checkpoint, input_ids).items()]

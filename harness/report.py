@@ -1,0 +1,42 @@
+"""Audit results for people (a rich table; colour only on a terminal) and for programs (JSON)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .audit import AuditResult
+from .stages import STAGES
+
+JSON_SCHEMA_VERSION = 1
+STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow"}
+SHORT = {"weight_mapping": "weights", "forward": "forward", "shifted_slices": "shift", "loss": "loss",
+         "gradients": "grads", "optimizer": "optim", "trajectory": "traject", "checkpoint": "ckpt"}
+
+
+def results_json(results: list[AuditResult]) -> dict:
+    return {"schema_version": JSON_SCHEMA_VERSION, "stages": list(STAGES), "results": [r.to_dict() for r in results]}
+
+
+def print_results(console: Console, results: list[AuditResult], verbose: bool = False) -> None:
+    stages = [s.name for s in results[0].stages] if results else []
+    table = Table(title="parity audit", show_lines=False)
+    table.add_column("fixture")
+    table.add_column("backend")
+    for s in stages:
+        table.add_column(SHORT.get(s, s), justify="center")
+    table.add_column("verdict")
+    for r in results:
+        cells = [f"[{STYLE[s.status]}]{s.status}[/]" for s in r.stages]
+        table.add_row(r.fixture, r.backend, *cells, f"[{STYLE[r.verdict]}]{r.verdict}[/]")
+    console.print(table)
+    for r in results:
+        for s in r.stages:
+            if s.status == "pass":
+                continue
+            console.print(f"[{STYLE[s.status]}]{s.status}[/] {r.backend} on {r.fixture}, stage {s.name}: {s.message}", highlight=False)
+            if verbose:
+                for t in s.failures:
+                    console.print(f"    {t.describe()}", highlight=False)
+    passed = sum(r.verdict == "pass" for r in results)
+    console.print(f"{passed}/{len(results)} audits passed")

@@ -1,0 +1,151 @@
+"""The eight stages, in order, and how each one's named outputs are computed from a trainer session.
+
+Every compared tensor has a stable name shared by all backends (`forward.hidden.1`,
+`grad.model.norm.weight`, `optimizer.m.lm_head.weight`), so a failure says exactly which.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+STAGES = ("weight_mapping", "forward", "shifted_slices", "loss", "gradients", "optimizer", "trajectory", "checkpoint")
+
+
+@dataclass
+class StageOutput:
+    """What a backend produced for one stage: named tensors, metadata, or the error that stopped it."""
+
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+class Session(Protocol):
+    """A loaded model + trainer of one backend. Arrays returned are numpy float32 (int32 for ids)."""
+
+    def load_report(self) -> dict: ...
+    def parameters(self) -> dict[str, np.ndarray]: ...
+    def trainable_names(self) -> list[str]: ...
+    def forward(self, input_ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]: ...
+    def shifted(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def loss(self, batch: dict) -> dict[str, float]: ...
+    def gradients(self, batch: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]: ...
+    def step(self, batch: dict) -> dict[str, float]: ...
+    def optimizer_state(self) -> dict: ...
+    def save_checkpoint(self, path: Path) -> None: ...
+
+
+class SessionFactory(Protocol):
+    def open(self, case, strict: bool = True) -> Session: ...
+    def resume(self, case, path: Path) -> Session: ...
+
+
+def _f32(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def weight_mapping(s: Session, case) -> StageOutput:
+    params = s.parameters()
+    return StageOutput({f"weights.{k}": v for k, v in params.items()}, meta={"load_report": s.load_report()})
+
+
+def forward(s: Session, case) -> StageOutput:
+    logits, hidden = s.forward(case.batch["input_ids"])
+    out = {"forward.logits": _f32(logits)}
+    out.update({f"forward.hidden.{i}": _f32(h) for i, h in enumerate(hidden)})
+    return StageOutput(out)
+
+
+def shifted_slices(s: Session, case) -> StageOutput:
+    targets, mask = s.shifted(case.batch["input_ids"], case.batch["attention_mask"])
+    return StageOutput({"shifted.targets": np.asarray(targets, dtype=np.int32), "shifted.mask": _f32(mask)})
+
+
+def _loss_tensors(prefix: str, parts: dict[str, float]) -> dict[str, np.ndarray]:
+    return {f"{prefix}.{k}": np.array(parts[k], dtype=np.float32) for k in ("ce", "distrust", "total")}
+
+
+def loss(s: Session, case) -> StageOutput:
+    return StageOutput(_loss_tensors("loss", s.loss(case.batch)))
+
+
+def gradients(s: Session, case) -> StageOutput:
+    _, grads = s.gradients(case.batch)
+    return StageOutput({f"grad.{k}": _f32(v) for k, v in grads.items()})
+
+
+def optimizer(s: Session, case) -> StageOutput:
+    names = s.trainable_names()
+    before = {k: _f32(v).copy() for k, v in s.parameters().items() if k in names}
+    parts = s.step(case.batch)
+    after = s.parameters()
+    state = s.optimizer_state()
+    out = {f"optimizer.delta.{k}": _f32(after[k]) - before[k] for k in before}
+    out.update({f"optimizer.m.{k}": _f32(v) for k, v in state["m"].items()})
+    out.update({f"optimizer.v.{k}": _f32(v) for k, v in state["v"].items()})
+    out["optimizer.step"] = np.array(state["step"], dtype=np.int64)
+    out["optimizer.loss"] = np.array(parts["total"], dtype=np.float32)
+    return StageOutput(out)
+
+
+def _trainable(s: Session) -> dict[str, np.ndarray]:
+    names = set(s.trainable_names())
+    return {k: _f32(v).copy() for k, v in s.parameters().items() if k in names}
+
+
+def _run(s: Session, case, steps: int, initial: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """`steps` updates; the change of each trainable parameter since `initial`, and the losses.
+    Changes, not values: a parameter near 1 would hide a missed update inside a relative tolerance."""
+    losses = [s.step(case.batch)["total"] for _ in range(steps)]
+    out = {f"{prefix}.delta.{k}": v - initial[k] for k, v in _trainable(s).items() if k in initial}
+    out[f"{prefix}.loss"] = np.asarray(losses, dtype=np.float32)
+    return out
+
+
+def trajectory(s: Session, case) -> StageOutput:
+    return StageOutput(_run(s, case, case.settings.steps, _trainable(s), "trajectory"))
+
+
+def checkpoint(s: Session, case, factory: SessionFactory) -> StageOutput:
+    """Run to `checkpoint_at`, save, resume in a fresh session, finish; also run uninterrupted."""
+    k, n = case.settings.checkpoint_at, case.settings.steps
+    initial = _trainable(s)
+    first = [s.step(case.batch)["total"] for _ in range(k)]
+    with tempfile.TemporaryDirectory(prefix="parity-ckpt-") as tmp:
+        s.save_checkpoint(Path(tmp) / "ckpt")
+        resumed = factory.resume(case, Path(tmp) / "ckpt")
+        out = _run(resumed, case, n - k, initial, "checkpoint")
+    out["checkpoint.loss"] = np.concatenate([np.asarray(first, dtype=np.float32), out["checkpoint.loss"]])
+    fresh = factory.open(case, strict=False)
+    out.update(_run(fresh, case, n, _trainable(fresh), "checkpoint.uninterrupted"))
+    return StageOutput(out)
+
+
+# Stages that leave the session unchanged share one; the others each start from a fresh load.
+READ_ONLY = {"weight_mapping": weight_mapping, "forward": forward, "shifted_slices": shifted_slices, "loss": loss, "gradients": gradients}
+TRAINING = {"optimizer": optimizer, "trajectory": trajectory}
+
+
+def compute(factory: SessionFactory, case, stages=STAGES) -> dict[str, StageOutput]:
+    """Run the requested stages. Loading is never strict here: a load problem is the weight_mapping
+    stage's finding, and the later stages still show what it does to the numbers."""
+    results: dict[str, StageOutput] = {}
+    shared: Session | None = None
+    for stage in stages:
+        try:
+            if stage in READ_ONLY:
+                if shared is None:
+                    shared = factory.open(case, strict=False)
+                results[stage] = READ_ONLY[stage](shared, case)
+            elif stage == "checkpoint":
+                results[stage] = checkpoint(factory.open(case, strict=False), case, factory)
+            else:
+                results[stage] = TRAINING[stage](factory.open(case, strict=False), case)
+        except Exception as e:  # reported as this stage's failure, with the message
+            results[stage] = StageOutput(error=f"{type(e).__name__}: {e}")
+    return results
