@@ -115,7 +115,14 @@ class Trainer:
         return {"ce": ce.item(), "distrust": d.item(), "total": total.item()}, dict(tree_flatten(grads))
 
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
-        """One optimizer update on `batch`, accumulated over `accum_steps` micro-batches."""
+        """One optimizer update on `batch`: accumulate, clip, apply."""
+        parts, grads = self.accumulate(batch)
+        self.apply(self.clip(grads))
+        return parts
+
+    def accumulate(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, float], dict]:
+        """Mean loss parts and mean gradients over the `accum_steps` micro-batches, in order."""
+        L.validate_batch(batch)  # the whole batch, before it is cut
         micro = split_batch(batch, self.settings.accum_steps)
         grads, sums = None, {"ce": 0.0, "distrust": 0.0, "total": 0.0}
         for mb in micro:
@@ -127,11 +134,16 @@ class Trainer:
         n = len(micro)
         if n > 1:
             grads = tree_map(lambda g: g / n, grads)
-        if self.settings.clip_norm is not None:
-            grads, _ = optim.clip_grad_norm(grads, self.settings.clip_norm)
+        return {k: v / n for k, v in sums.items()}, grads
+
+    def clip(self, grads: dict) -> dict:
+        if self.settings.clip_norm is None:
+            return grads
+        return optim.clip_grad_norm(grads, self.settings.clip_norm)[0]
+
+    def apply(self, grads: dict) -> None:
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.parameters(), self.optimizer.state)
-        return {k: v / n for k, v in sums.items()}
 
     def parameters(self) -> dict[str, mx.array]:
         return dict(tree_flatten(self.model.parameters()))
