@@ -14,7 +14,7 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pret
 fixtures_app = typer.Typer(help="Generate and verify the golden fixtures.", no_args_is_help=True)
 app.add_typer(fixtures_app, name="fixtures")
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def fail_input(message: str) -> None:

@@ -78,6 +78,11 @@ SPECS = [
                       schedule=dict(kind="warmup_cosine", warmup_steps=2, warmup_init=2e-4, decay_steps=6, end_lr=1e-4)),
     ),
     FixtureSpec(
+        "accum_head", "2 accumulated micro-batches without clipping (clipping would hide the gradients' scale), head training",
+        ["accumulation_scaling", "trainable_set_mismatch"],
+        seed=9, settings=dict(trainable="head", accum_steps=2),
+    ),
+    FixtureSpec(
         "small_eps_bias", "small activations (embeddings scaled by 0.05) with rms_norm_eps=1e-6, so a hard-coded eps shows; projection biases on",
         ["rmsnorm_eps_hardcoded", "bias_ignored", "weight_decay_missing"],
         seed=7, model=dict(rms_norm_eps=1e-6, attention_bias=True, mlp_bias=True), embed_scale=0.05,

@@ -5,7 +5,7 @@ of its elements, where scale is `|expected|` elementwise (`elementwise`) or `max
 tensor (`tensor`: for gradients and updates, whose elements near zero carry no relative information).
 
 Noise: the largest difference between the torch twin and the MLX reference over every bundled fixture,
-relative to the same scale, measured by `python -m harness.calibrate` (see docs/tolerances.md).
+as a share of the bound, measured by `python -m harness.calibrate` (see docs/tolerances.md).
 Smallest bug: the smallest injected change that `tests/test_tolerances.py` shows the bound still fails.
 """
 
@@ -38,33 +38,34 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("float32", "shifted_slices"): EXACT,
     ("float32", "forward"): Tolerance(
         rtol=1e-5, atol=1e-5,
-        noise="max |Δ| 2.4e-6 on logits, 1.9e-6 on hidden states (torch twin vs MLX)",
-        catches="RMSNorm eps 1e-5 read as 1e-6 (logit error ≈ 4e-4 relative)",
+        noise="torch twin vs MLX, 9 fixtures: max |Δ| 6.0e-7, 3.6 % of the bound; transformers alike (case.json)",
+        catches="RMSNorm eps 1e-6 where the config says 1e-5; GQA heads tiled; LoRA scale ignored",
     ),
     ("float32", "loss"): Tolerance(
         rtol=1e-5, atol=1e-6,
-        noise="max relative Δ 2.1e-7 on ce, distrust, total",
-        catches="one padding token of 56 counted in the cross-entropy (≈ 1e-2 relative)",
+        noise="max |Δ| 1.9e-6 on totals near 10: 2.0 % of the bound",
+        catches="one padding token of 56 counted in the cross-entropy",
     ),
     ("float32", "gradients"): Tolerance(
         rtol=1e-5, atol=1e-8, scale="tensor",
-        noise="max |Δg| / max|g| 4.5e-7 per tensor",
-        catches="RMSNorm eps 1e-5 read as 1e-6 (≥ 1e-3 of max|g|)",
+        noise="max |Δg| 6.8e-7 of max|g| per tensor: 6.8 % of the bound",
+        catches="one gradient tensor 0.005 % off; absent or extra tensors (a trainable-set mismatch)",
     ),
     ("float32", "optimizer"): Tolerance(
-        rtol=1e-4, atol=2.5e-7, scale="tensor", outlier_fraction=0.01,
-        noise="max |Δ| / max|ref| 1.2e-6 on Δθ, m, v after one update",
-        catches="AdamW eps 1e-8 read as 1e-7; lr off by 0.1 %",
+        rtol=1e-4, atol=2.5e-7, scale="tensor", outlier_fraction=0.005,
+        noise="51 % of the bound for all but the outliers; 12 of 461,970 elements (at most 0.1 % of one tensor) "
+              "exceed it: m/√v where g ≈ 0 is ill-conditioned. atol is 2 ulp at 1.0, as Δθ is a difference of parameters near 1",
+        catches="learning rate 0.1 % high; AdamW eps 1e-7 instead of 1e-8; clipping, accumulation or weight decay wrong (via m, v)",
     ),
     ("float32", "trajectory"): Tolerance(
-        rtol=1e-3, atol=2.5e-7, scale="tensor", outlier_fraction=0.01,
-        noise="max |Δ| / max|ref| 4e-5 after 4-6 updates (Adam amplifies tiny gradient differences)",
-        catches="schedule read one step late; a missed update",
+        rtol=1e-3, atol=2.5e-7, scale="tensor", outlier_fraction=0.005,
+        noise="18 % of the bound after 4-8 updates; 1 element of 154,026 exceeds it (Adam amplifies tiny differences)",
+        catches="one missed update of four; bias correction frozen at t = 1",
     ),
     ("float32", "checkpoint"): Tolerance(
-        rtol=1e-3, atol=2.5e-7, scale="tensor", outlier_fraction=0.01,
-        noise="as trajectory: the resumed run is compared with the golden trajectory",
-        catches="lost optimizer state (m, v or step) on resume",
+        rtol=1e-3, atol=2.5e-7, scale="tensor", outlier_fraction=0.005,
+        noise="as trajectory: the resumed run is judged against the golden trajectory",
+        catches="AdamW moments and step lost on resume (also caught exactly by the self-consistency check)",
     ),
 }
 

@@ -291,6 +291,7 @@ class TwinTrainer:
         return {k: v.item() for k, v in parts.items()}, out
 
     def step(self, batch) -> dict[str, float]:
+        validate_batch(batch)
         n = self.settings.accum_steps
         B = len(batch["input_ids"])
         if B % n:

@@ -19,6 +19,13 @@ def registry() -> dict[str, type[Backend]]:
 
 
 def get_backend(name: str) -> Backend:
+    if name.startswith("mutant:"):
+        from ..mutants import MUTANTS, MutantBackend
+
+        mutant = name.split(":", 1)[1]
+        if mutant not in MUTANTS:
+            raise BackendError(f"unknown mutant {mutant!r}; known: {', '.join(MUTANTS)}")
+        return MutantBackend(MUTANTS[mutant])
     backends = registry()
     if name not in backends:
         raise BackendError(f"unknown backend {name!r}; known: {', '.join(backends)}")

@@ -1,0 +1,269 @@
+"""Mutant backends: the MLX reference with one injected porting bug each (`--backend mutant:NAME`).
+
+They prove the harness's sensitivity: every mutant must fail, first at its expected stage. The list
+covers DESIGN.md's porting bugs (the seed's four "before" failures, its silent fallback, its `model.`
+key prefix, bias correction, eps, tied embeddings, padding) and others real ports have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from reference import loss as L
+from reference.config import ModelConfig
+from reference.model import Attention, LlamaForCausalLM
+from reference.schedule import make_schedule
+from reference.settings import TrainSettings
+from reference.trainer import Trainer
+from reference.weights import LoadReport, load_weights, match, read_checkpoint
+
+from .backends.mlx_backend import MLXBackend, MLXSession
+
+
+# --- trainers with one bug each -----------------------------------------------------------------
+class NoShift(Trainer):
+    """Each position is trained to predict its own token."""
+
+    def _loss(self, batch):
+        logits = self.model(batch["input_ids"])
+        ce = L.cross_entropy(logits, batch["input_ids"], batch["attention_mask"].astype(mx.float32))
+        d = L.distrust(batch["auth_weight"], batch["prov_entropy"], self.settings.loss.alpha)
+        return ce + self.settings.loss.lam * d, ce, d
+
+
+class PaddingCounted(Trainer):
+    """The cross-entropy averages over padding tokens too."""
+
+    def _loss(self, batch):
+        logits = self.model(batch["input_ids"])
+        logits_s, targets, mask = L.shifted_slices(logits, batch["input_ids"], batch["attention_mask"])
+        ce = L.cross_entropy(logits_s, targets, mx.ones_like(mask))
+        d = L.distrust(batch["auth_weight"], batch["prov_entropy"], self.settings.loss.alpha)
+        return ce + self.settings.loss.lam * d, ce, d
+
+
+class ForwardOnly(Trainer):
+    """The seed's "before": forward pass only, no gradients, no update."""
+
+    def gradients(self, batch):
+        return self.loss(batch), {}
+
+    def step(self, batch):
+        return self.loss(batch)
+
+
+class SilentFallback(Trainer):
+    """The seed's fallback: gradients are computed, then the step returns the loss without updating."""
+
+    def step(self, batch):
+        parts, _ = self.accumulate(batch)
+        return parts
+
+
+class OptimizerDisconnected(Trainer):
+    """The optimizer runs (moments, step counter) but its new parameters never reach the model."""
+
+    def apply(self, grads):
+        params = self.model.trainable_parameters()
+        mx.eval(self.optimizer.apply_gradients(grads, params), self.optimizer.state)
+
+
+class AccumulationSum(Trainer):
+    """Micro-batch gradients summed instead of averaged."""
+
+    def accumulate(self, batch):
+        parts, grads = super().accumulate(batch)
+        return parts, tree_map(lambda g: g * self.settings.accum_steps, grads)
+
+
+class ClippingMissing(Trainer):
+    def clip(self, grads):
+        return grads
+
+
+class CoupledWeightDecay(Trainer):
+    """L2 added to the gradient (Adam) instead of decoupled decay (AdamW)."""
+
+    def __init__(self, model, settings, lora_init=None):
+        wd = settings.optimizer.weight_decay
+        super().__init__(model, dataclasses.replace(settings, optimizer=dataclasses.replace(settings.optimizer, weight_decay=0.0)), lora_init)
+        self.settings, self._wd = settings, wd
+
+    def apply(self, grads):
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        flat = {k: g + self._wd * params[k] for k, g in tree_flatten(grads)}
+        super().apply(tree_unflatten(list(flat.items())))
+
+
+class ScheduleOffByOne(Trainer):
+    """The first update uses lr(1): the schedule is read after the step count grows."""
+
+    def __init__(self, model, settings, lora_init=None):
+        super().__init__(model, settings, lora_init)
+        sched = make_schedule(settings.optimizer, settings.schedule)
+        self.optimizer.learning_rate = sched(mx.array(1)) if callable(sched) else sched
+        if callable(sched):
+            self.optimizer._schedulers["learning_rate"] = lambda s: sched(s + 1)
+
+
+class _FrozenBiasCorrection(optim.AdamW):
+    def apply_single(self, gradient, parameter, state):
+        step = self.state["step"]
+        self.state["step"] = mx.array(1, mx.uint64)
+        try:
+            return super().apply_single(gradient, parameter, state)
+        finally:
+            self.state["step"] = step
+
+
+class BiasCorrectionFrozen(Trainer):
+    """Bias correction always computed for t = 1: right at the first update, wrong after."""
+
+    def __init__(self, model, settings, lora_init=None):
+        super().__init__(model, settings, lora_init)
+        o = settings.optimizer
+        self.optimizer = _FrozenBiasCorrection(learning_rate=make_schedule(o, settings.schedule), betas=list(o.betas), eps=o.eps,
+                                               weight_decay=o.weight_decay, bias_correction=o.bias_correction)
+
+
+class _TiledAttention(Attention):
+    """Key/value heads expanded by tiling (h uses kv h % n_kv) instead of repeating (h // n_rep)."""
+
+    def __call__(self, x):
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, T, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, T, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+        q, k = self.rope(q), self.rope(k)
+        reps = self.n_heads // self.n_kv
+        k, v = mx.tile(k, (1, reps, 1, 1)), mx.tile(v, (1, reps, 1, 1))
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask="causal")
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+# --- loaders with one bug each ------------------------------------------------------------------
+def load_nothing(model, path, strict):
+    """Weights never loaded: the model keeps its random initialisation, and nothing says so."""
+    return LoadReport()
+
+
+def load_with_prefix(model, path, strict):
+    """Parameter names looked up as `model.` + name: `lm_head` never maps and keeps its initialisation."""
+    params = dict(tree_flatten(model.parameters()))
+    loaded, _ = match(params, read_checkpoint(path), model.config)
+    loaded.pop("lm_head.weight", None)
+    model.update(tree_unflatten(list(loaded.items())))
+    return LoadReport()
+
+
+def load_silently(model, path, strict):
+    load_weights(model, path, strict=False)
+    return LoadReport()
+
+
+# --- the catalogue ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    description: str
+    expected_stage: str
+    fixtures: tuple[str, ...]  # where the bug is visible by construction
+    trainer: type[Trainer] = Trainer
+    config: Callable[[ModelConfig], ModelConfig] | None = None
+    settings: Callable[[TrainSettings], TrainSettings] | None = None
+    loader: Callable | None = None
+    attention: type[Attention] | None = None
+    unshifted_targets: bool = False
+    reset_optimizer_on_resume: bool = False
+    origin: str = ""  # where the bug comes from (seed, DESIGN.md)
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _opt(**changes):
+    return lambda s: dataclasses.replace(s, optimizer=dataclasses.replace(s.optimizer, **changes))
+
+
+MUTANTS = {m.name: m for m in [
+    Mutant("weights_not_loaded", "weights never loaded: random initialisation kept silently", "weight_mapping",
+           ("gqa_padded", "mha_sharded"), loader=load_nothing, origin="seed #1, DESIGN 1"),
+    Mutant("key_prefix", "parameter names looked up with a `model.` prefix, so lm_head never maps", "weight_mapping",
+           ("gqa_padded", "head"), loader=load_with_prefix, origin="seed, DESIGN 5"),
+    Mutant("tied_embeddings_ignored", "tie_word_embeddings ignored: a separate, random lm_head", "weight_mapping",
+           ("tied",), config=lambda c: dataclasses.replace(c, tie_word_embeddings=False), loader=load_silently, origin="DESIGN 8"),
+    Mutant("rmsnorm_eps_hardcoded", "RMSNorm eps hard-coded to MLX's 1e-5 instead of the config's value", "forward",
+           ("small_eps_bias",), config=lambda c: dataclasses.replace(c, rms_norm_eps=1e-5), origin="DESIGN 7"),
+    Mutant("gqa_tiled_heads", "grouped-query kv heads tiled instead of repeated", "forward", ("gqa_padded",),
+           attention=_TiledAttention),
+    Mutant("lora_scale_ignored", "LoRA scale ignored (1 instead of the configured 2)", "forward", ("lora",),
+           settings=lambda s: dataclasses.replace(s, lora=dataclasses.replace(s.lora, scale=1.0))),
+    Mutant("no_shift", "slices not shifted: each position predicts its own token", "shifted_slices", ("gqa_padded",),
+           trainer=NoShift, unshifted_targets=True, origin="seed #2, DESIGN 2"),
+    Mutant("padding_counted", "padding tokens counted in the cross-entropy", "loss", ("gqa_padded",),
+           trainer=PaddingCounted, origin="DESIGN 9"),
+    Mutant("forward_only", "forward pass only: no gradients, no update", "gradients", ("gqa_padded", "head"),
+           trainer=ForwardOnly, origin="seed #3, DESIGN 3"),
+    Mutant("silent_fallback", "gradients computed, then the loss returned without an update", "optimizer", ("gqa_padded",),
+           trainer=SilentFallback, origin="seed's fallback, DESIGN 3"),
+    Mutant("optimizer_disconnected", "optimizer state advances but parameters never change", "optimizer",
+           ("gqa_padded", "lora"), trainer=OptimizerDisconnected, origin="seed #4, DESIGN 4"),
+    Mutant("bias_correction_flipped", "AdamW bias correction on where the reference has it off, or off where on", "optimizer",
+           ("gqa_padded", "mha_sharded"), settings=lambda s: _opt(bias_correction=not s.optimizer.bias_correction)(s), origin="DESIGN 6"),
+    Mutant("adam_eps_mismatch", "AdamW eps 1e-7 instead of 1e-8", "optimizer", ("gqa_padded",), settings=_opt(eps=1e-7)),
+    Mutant("weight_decay_missing", "weight decay not applied", "optimizer", ("small_eps_bias",), settings=_opt(weight_decay=0.0)),
+    Mutant("weight_decay_coupled", "weight decay added to the gradient (Adam + L2) instead of decoupled", "optimizer",
+           ("small_eps_bias",), trainer=CoupledWeightDecay),
+    Mutant("schedule_off_by_one", "learning-rate schedule read one step late (first update uses lr(1))", "optimizer",
+           ("clip_accum_warmup",), trainer=ScheduleOffByOne),
+    Mutant("clipping_missing", "global-norm clipping not applied", "optimizer", ("clip_accum_warmup",), trainer=ClippingMissing),
+    Mutant("accumulation_sum", "accumulated gradients summed, not averaged", "optimizer", ("accum_head",),
+           trainer=AccumulationSum),
+    Mutant("bias_correction_frozen", "bias correction computed for t = 1 at every step", "trajectory", ("gqa_padded",),
+           trainer=BiasCorrectionFrozen),
+    Mutant("resume_loses_optimizer_state", "a resumed run starts with fresh AdamW moments and step", "checkpoint",
+           ("gqa_padded", "trajectory_long"), reset_optimizer_on_resume=True),
+]}
+
+
+class _UnshiftedSession(MLXSession):
+    def shifted(self, input_ids, attention_mask):
+        return np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.float32)
+
+
+class MutantBackend(MLXBackend):
+    """The MLX reference with one bug of the catalogue injected."""
+
+    def __init__(self, mutant: Mutant):
+        self.mutant = mutant
+        self.name = f"mutant:{mutant.name}"
+
+    def _session(self, trainer, report):
+        return (_UnshiftedSession if self.mutant.unshifted_targets else MLXSession)(trainer, report)
+
+    def open(self, case, strict: bool = True):
+        m = self.mutant
+        mx.random.seed(0)  # a mutant that keeps random weights keeps the same ones every run
+        cfg = ModelConfig.from_file(case.checkpoint)
+        cfg = m.config(cfg) if m.config else cfg
+        model = LlamaForCausalLM(cfg)
+        if m.attention:
+            for layer in model.model.layers:
+                layer.self_attn.__class__ = m.attention
+        report = (m.loader or load_weights)(model, case.checkpoint, strict)
+        settings = m.settings(case.settings) if m.settings else case.settings
+        lora = mx.load(str(case.lora_init)) if case.lora_init else None
+        return self._session(m.trainer(model, settings, lora), report.to_dict())
+
+    def resume(self, case, path: Path):
+        base = Trainer.load_checkpoint(path)
+        trainer = self.mutant.trainer(base.model, base.settings)
+        if not self.mutant.reset_optimizer_on_resume:
+            trainer.optimizer = base.optimizer
+        return self._session(trainer, {})

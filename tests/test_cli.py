@@ -1,0 +1,79 @@
+"""The `parity` command: exit codes, JSON, the table, and `parity train` on its embedded default."""
+
+import json
+import shutil
+
+import numpy as np
+
+from typer.testing import CliRunner
+
+from harness.case import FIXTURES_DIR
+from harness.cli import app
+from reference.train_cli import run_training
+
+runner = CliRunner()
+
+
+def test_audit_json_has_the_documented_keys(tmp_path):
+    out = tmp_path / "out.json"
+    r = runner.invoke(app, ["audit", "--fixture", "head", "--backend", "mlx", "--backend", "torch", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert [(x["fixture"], x["backend"], x["verdict"]) for x in data["results"]] == [("head", "mlx", "pass"), ("head", "torch", "pass")]
+    stages = data["results"][0]["stages"]
+    assert [s["name"] for s in stages] == ["weight_mapping", "forward", "shifted_slices", "loss", "gradients", "optimizer", "trajectory", "checkpoint"]
+    assert all(s["status"] == "pass" and s["tolerance"] and s["tensors"] for s in stages)
+    t = stages[1]["tensors"][0]
+    assert {"name", "max_abs", "max_rel", "where", "mismatched", "tolerance"} <= set(t)
+    assert "2/2 audits passed" in r.output
+
+
+def test_audit_exit_1_names_the_failure(tmp_path):
+    r = runner.invoke(app, ["audit", "-f", "gqa_padded", "-b", "mutant:no_shift"])
+    assert r.exit_code == 1
+    assert "stage shifted_slices" in r.output and "shifted.mask: shape (4, 16), expected (4, 15)" in r.output
+
+
+def test_audit_exit_2_for_bad_input():
+    assert runner.invoke(app, ["audit", "-f", "nope"]).exit_code == 2
+    assert runner.invoke(app, ["audit", "-b", "jax"]).exit_code == 2
+    r = runner.invoke(app, ["audit", "-f", "head", "-s", "everything"])
+    assert r.exit_code == 2 and "unknown stage" in r.output
+
+
+def test_audit_fails_on_a_tampered_golden(tmp_path):
+    root = tmp_path / "fx"
+    shutil.copytree(FIXTURES_DIR / "head", root / "head")
+    from safetensors.numpy import load_file, save_file
+
+    g = load_file(str(root / "head" / "golden.safetensors"))
+    g["loss.ce"] = np.array(g["loss.ce"] + 0.01, dtype=np.float32)
+    save_file(g, str(root / "head" / "golden.safetensors"))
+    r = runner.invoke(app, ["audit", "--fixtures-dir", str(root), "-b", "mlx"])
+    assert r.exit_code == 1 and "loss.ce" in r.output
+
+
+def test_train_default_loss_falls(tmp_path):
+    first, last = run_training(checkpoint=None, data=None, out=tmp_path / "run", settings_path=None, steps=12, batch_size=8,
+                               seq_len=48, save_every=6, resume=None, seed=0, console=__import__("rich").console.Console(quiet=True))
+    assert last < first - 0.5
+    assert (tmp_path / "run" / "step-000006" / "optimizer.safetensors").exists()
+    # resuming continues the same run: updates 7..12 from the step-6 checkpoint equal the uninterrupted ones
+    _, resumed_last = run_training(checkpoint=None, data=None, out=tmp_path / "run2", settings_path=None, steps=12, batch_size=8,
+                                   seq_len=48, save_every=100, resume=tmp_path / "run" / "step-000006", seed=0,
+                                   console=__import__("rich").console.Console(quiet=True))
+    assert resumed_last == last
+
+
+def test_train_refuses_a_non_empty_output(tmp_path):
+    (tmp_path / "x").write_text("keep me")
+    r = runner.invoke(app, ["train", "--out", str(tmp_path), "--steps", "1"])
+    assert r.exit_code == 2 and "not empty" in r.output
+    assert (tmp_path / "x").read_text() == "keep me"
+
+
+def test_train_rejects_bad_data_with_its_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "ok", "auth_weight": 0.5, "prov_entropy": 1}\n{"text": "bad", "auth_weight": 1.5, "prov_entropy": 1}\n')
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1"])
+    assert r.exit_code == 2 and "d.jsonl:2" in r.output and "auth_weight 1.5" in r.output

@@ -1,0 +1,24 @@
+"""Every built-in mutant is caught, first at its expected stage, on every fixture that exposes it."""
+
+import pytest
+
+from harness.audit import audit
+from harness.mutants import MUTANTS, MutantBackend
+
+from .conftest import CASES
+
+PAIRS = [(m, f) for m in MUTANTS.values() for f in m.fixtures]
+
+
+def test_mutants_cover_design_bug_list():
+    design = {"weights_not_loaded", "no_shift", "forward_only", "optimizer_disconnected", "silent_fallback", "key_prefix",
+              "bias_correction_flipped", "rmsnorm_eps_hardcoded", "tied_embeddings_ignored", "padding_counted"}
+    assert design <= set(MUTANTS)
+
+
+@pytest.mark.parametrize("mutant, fixture", PAIRS, ids=[f"{m.name}-{f}" for m, f in PAIRS])
+def test_mutant_is_caught_at_its_stage(mutant, fixture):
+    result = audit(MutantBackend(mutant), CASES[fixture])
+    first = result.first_failure()
+    assert first is not None, f"{mutant.name} passed every stage on {fixture}"
+    assert first.name == mutant.expected_stage, f"{mutant.name} first failed at {first.name}: {first.message}"
