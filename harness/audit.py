@@ -11,6 +11,7 @@ from reference.weights import IGNORED_KEYS
 from .backends import Backend
 from .case import Case
 from .compare import TensorResult, compare
+from .diagnosis import Diagnosis, diagnose
 from .stages import STAGES, StageOutput
 from .tolerances import RESUME_SELF_CONSISTENCY, Tolerance, tolerance
 
@@ -24,6 +25,8 @@ class StageResult:
     tensors: list[TensorResult] = field(default_factory=list)
     message: str = ""
     tolerance: str = ""
+    diagnosis: "Diagnosis | None" = None
+    series: dict = field(default_factory=dict)  # per-step losses, for the trajectory plot
 
     @property
     def failures(self) -> list[TensorResult]:
@@ -44,6 +47,8 @@ class StageResult:
             "status": self.status,
             "message": self.message,
             "tolerance": self.tolerance,
+            "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None,
+            "series": self.series,
             "compared": len(self.tensors),
             "failed": len(self.failures),
             "worst": w.to_dict() if w else None,
@@ -100,6 +105,8 @@ def judge(stage: str, out: StageOutput, case: Case) -> StageResult:
         res.message = out.error
         return res
     t, golden = out.tensors, case.golden
+    if stage in ("trajectory", "checkpoint") and f"{stage}.loss" in t:
+        res.series = {"port": [float(x) for x in np.ravel(t[f"{stage}.loss"])], "reference": [float(x) for x in golden["trajectory.loss"]]}
     if stage == "weight_mapping":
         res.tensors = _group(t, "weights.", expected_weights(case), "weights.", tol)
         report = out.meta.get("load_report") or {}
@@ -136,4 +143,10 @@ def audit(backend: Backend, case: Case, stages=STAGES) -> AuditResult:
     if reason:
         return AuditResult(case.name, backend.name, [StageResult(s, SKIP, message=reason) for s in stages])
     outputs = backend.run(case, stages)
-    return AuditResult(case.name, backend.name, [judge(s, outputs[s], case) for s in stages])
+    results = []
+    for s in stages:
+        r = judge(s, outputs[s], case)
+        if r.status == FAIL:
+            r.diagnosis = diagnose(r, outputs[s], case)
+        results.append(r)
+    return AuditResult(case.name, backend.name, results)

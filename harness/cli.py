@@ -17,6 +17,12 @@ console = Console(stderr=False, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, soft_wrap=True)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def fail_input(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)
@@ -28,8 +34,10 @@ def audit(
     backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="Backend (repeatable): mlx, torch; default: every available one."),
     stage: Optional[list[str]] = typer.Option(None, "--stage", "-s", help="Only these stages (repeatable); default: all eight."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this path."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write a Markdown (.md) or self-contained HTML (.html) report with plots."),
     fixtures_dir: Path = typer.Option(None, "--fixtures-dir", help="Folder of fixtures (default: the bundled ones)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="List every failing tensor, not only the worst."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds each stage of a cmd: backend may take."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="List every failing tensor and stage, not only the first."),
 ) -> None:
     """Audit backends against the golden fixtures, stage by stage.
 
@@ -44,11 +52,13 @@ def audit(
     root = fixtures_dir or FIXTURES_DIR
     try:
         cases = [find_case(n, root) for n in fixture] if fixture else list_cases(root)
-        backends = [get_backend(b) for b in backend] if backend else default_backends()
+        backends = [get_backend(b, timeout) for b in backend] if backend else default_backends()
     except (CaseError, BackendError) as e:
         fail_input(str(e))
     if not cases:
         fail_input(f"no fixtures in {root}; run `parity fixtures generate`")
+    if report and report.suffix not in (".md", ".html"):
+        fail_input(f"--report must end in .md or .html, got {report.name}")
     stages = list(stage or STAGES)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -62,9 +72,50 @@ def audit(
                 results.append(run_audit(b, c, stages))
     print_results(console, results, verbose=verbose)
     if json_path:
-        json_path.write_text(json.dumps(results_json(results), indent=2) + "\n")
+        write_atomic(json_path, json.dumps(results_json(results), indent=2) + "\n")
         console.print(f"JSON written to {json_path}")
+    if report:
+        from .report_page import write_report
+
+        write_report(report, results)
+        console.print(f"report written to {report}")
     raise typer.Exit(1 if any(r.verdict == "fail" for r in results) else 0)
+
+
+@app.command()
+def selftest(
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the self-test results as JSON."),
+    protocol: bool = typer.Option(True, "--protocol/--no-protocol", help="Also run every mutant through the cmd: protocol (slower)."),
+) -> None:
+    """Prove sensitivity: every mutant caught at its expected stage with its expected diagnosis, no false alarm.
+
+    Exit 0 only when all mutants are caught and no correct backend fails.
+    """
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from . import selftest as st
+
+    extra = st.rust_mutants()
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("self-test", total=st.count_jobs(protocol, extra))
+        result = st.run(protocol, progress=lambda what: progress.update(task, advance=1, description=what[:60]), extra=extra)
+    table = Table(title="parity selftest")
+    for col in ("mutant", "via", "fixture", "expected stage", "caught at", "diagnosis", "caught"):
+        table.add_column(col)
+    for m in result["mutants"]:
+        ok = "[green]yes[/]" if m["caught"] else "[bold red]NO[/]"
+        table.add_row(m["name"], m["via"], m["fixture"], m["expected_stage"], m["detected_stage"] or "-", m["diagnosis"] or "-", ok)
+    console.print(table)
+    caught = sum(m["caught"] for m in result["mutants"])
+    console.print(f"{caught}/{len(result['mutants'])} mutant runs caught; false alarms on correct backends "
+                  f"({', '.join(result['correct_backends'])}): {result['false_alarms']}")
+    for fa in result["false_alarm_details"]:
+        console.print(f"[bold red]false alarm[/] {fa['backend']} on {fa['fixture']} at {fa['stage']}: {fa['message']}", highlight=False)
+    if json_path:
+        write_atomic(json_path, json.dumps(result, indent=2) + "\n")
+        console.print(f"JSON written to {json_path}")
+    raise typer.Exit(0 if result["passed"] else 1)
 
 
 @fixtures_app.command("generate")
@@ -137,6 +188,34 @@ def train(
                      seq_len=seq_len, save_every=save_every, resume=resume, seed=seed, console=console)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         fail_input(str(e))
+
+
+@app.command()
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="Fewer rounds, the step only (about two minutes; what CI runs)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this path."),
+    report: Path = typer.Option(Path("bench-report.md"), "--report", help="Markdown report; the plot goes beside it as .png."),
+    backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="mlx, torch, mlx-rs (repeatable); default: all available."),
+    size: Optional[list[str]] = typer.Option(None, "--size", help="1M, 5M, 20M (repeatable); default: all three."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads per backend process (default: every core)."),
+    blas: bool = typer.Option(False, "--blas", help="Only print which BLAS MLX uses here, checked and measured, then exit."),
+) -> None:
+    """Time the training step of every backend at three model sizes, each in its own process (bench/)."""
+    from . import bench as B
+
+    if blas:
+        from reference.blas import report as blas_report
+
+        console.print_json(json.dumps(blas_report()))
+        return
+    bad = [b for b in backend or [] if b not in B.BACKENDS] + [s for s in size or [] if s not in B.SIZES]
+    if bad:
+        fail_input(f"unknown backend or size {', '.join(bad)}; backends: {', '.join(B.BACKENDS)}; sizes: {', '.join(B.SIZES)}")
+    out = B.run(quick=quick, backends=backend, sizes=size, threads=threads, json_path=json_path, report_path=report,
+                log=lambda m: err.print(m, highlight=False))
+    B.print_summary(console, out)
+    console.print(f"report written to {report} (plot {report.with_suffix('.png')})" + (f", JSON to {json_path}" if json_path else ""))
+    raise typer.Exit(1 if out["failures"] else 0)
 
 
 def main() -> None:

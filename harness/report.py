@@ -18,6 +18,20 @@ def results_json(results: list[AuditResult]) -> dict:
     return {"schema_version": JSON_SCHEMA_VERSION, "stages": list(STAGES), "results": [r.to_dict() for r in results]}
 
 
+def format_evidence(evidence: dict, limit: int = 400) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v[:8]) + (", …" if len(v) > 8 else "") + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}: {fmt(x)}" for k, x in list(v.items())[:6]) + "}"
+        return str(v)
+
+    text = "; ".join(f"{k} = {fmt(v)}" for k, v in evidence.items())
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
 def print_results(console: Console, results: list[AuditResult], verbose: bool = False) -> None:
     stages = [s.name for s in results[0].stages] if results else []
     table = Table(title="parity audit", show_lines=False)
@@ -35,8 +49,14 @@ def print_results(console: Console, results: list[AuditResult], verbose: bool = 
             if s.status == "pass":
                 continue
             console.print(f"[{STYLE[s.status]}]{s.status}[/] {r.backend} on {r.fixture}, stage {s.name}: {s.message}", highlight=False)
+            if s.diagnosis:
+                console.print(f"    [bold]diagnosis[/] ({s.diagnosis.code}): {s.diagnosis.summary}", highlight=False)
+                if s.diagnosis.evidence:
+                    console.print(f"    evidence: {format_evidence(s.diagnosis.evidence)}", highlight=False)
             if verbose:
                 for t in s.failures:
                     console.print(f"    {t.describe()}", highlight=False)
+            if not verbose and s.status == "fail":
+                break  # later stages inherit the first failure; -v shows them all
     passed = sum(r.verdict == "pass" for r in results)
     console.print(f"{passed}/{len(results)} audits passed")

@@ -22,3 +22,4 @@ def test_mutant_is_caught_at_its_stage(mutant, fixture):
     first = result.first_failure()
     assert first is not None, f"{mutant.name} passed every stage on {fixture}"
     assert first.name == mutant.expected_stage, f"{mutant.name} first failed at {first.name}: {first.message}"
+    assert first.diagnosis.code == mutant.expected_diagnosis, f"{mutant.name} diagnosed as {first.diagnosis}"

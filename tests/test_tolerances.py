@@ -27,12 +27,13 @@ class OnePaddingTokenCounted(Trainer):
 
 
 SMALL_BUGS = [
-    (Mutant("eps_1e-6", "RMSNorm eps 1e-6 where the config says 1e-5", "forward", ("gqa_padded",),
+    (Mutant("eps_1e-6", "RMSNorm eps 1e-6 where the config says 1e-5", "forward", ("gqa_padded",), "rmsnorm_eps",
             config=lambda c: dataclasses.replace(c, rms_norm_eps=1e-6)), "forward"),
-    (Mutant("one_pad_token", "one padding token counted", "loss", ("gqa_padded",), trainer=OnePaddingTokenCounted), "loss"),
-    (Mutant("lr_0.1pct", "learning rate 0.1 % high", "optimizer", ("gqa_padded",),
+    (Mutant("one_pad_token", "one padding token counted", "loss", ("gqa_padded",), "padding_counted", trainer=OnePaddingTokenCounted), "loss"),
+    (Mutant("lr_0.1pct", "learning rate 0.1 % high", "optimizer", ("gqa_padded",), "learning_rate",
             settings=lambda s: _opt(lr=s.optimizer.lr * 1.001)(s)), "optimizer"),
-    (Mutant("adam_eps_1e-7", "AdamW eps 1e-7 instead of 1e-8", "optimizer", ("gqa_padded",), settings=_opt(eps=1e-7)), "optimizer"),
+    (Mutant("adam_eps_1e-7", "AdamW eps 1e-7 instead of 1e-8", "optimizer", ("gqa_padded",), "adam_eps",
+            settings=_opt(eps=1e-7)), "optimizer"),
 ]
 
 

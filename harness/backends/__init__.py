@@ -18,7 +18,14 @@ def registry() -> dict[str, type[Backend]]:
     return {"mlx": MLXBackend, "torch": TorchBackend}
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, timeout: float | None = None) -> Backend:
+    if name.startswith("cmd:"):
+        from .external import DEFAULT_TIMEOUT_S, ExternalBackend
+
+        command = name[4:].strip()
+        if not command:
+            raise BackendError("cmd: needs a command line, e.g. \"cmd:./my-port-adapter\"")
+        return ExternalBackend(command, timeout or DEFAULT_TIMEOUT_S)
     if name.startswith("mutant:"):
         from ..mutants import MUTANTS, MutantBackend
 

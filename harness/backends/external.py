@@ -1,0 +1,125 @@
+"""Any port as a backend: an external program speaking the request/response protocol (docs/protocol.md).
+
+`--backend "cmd:<command line>"`. For each stage the harness runs `<command line> REQUEST_DIR
+RESPONSE_DIR` in its own process with a time limit, so a crash, hang or garbage in one stage is that
+stage's finding and the others are still judged.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from ..stages import STAGES, StageOutput
+from ..tensorio import save_tensors
+from .base import Backend
+
+PROTOCOL = "mlx-parity/1"
+DEFAULT_TIMEOUT_S = 300.0
+EXAMPLE_ADAPTER = Path(__file__).resolve().parents[2] / "examples" / "reference_adapter.py"
+
+
+def write_request(case, folder: Path) -> None:
+    """The request folder: the checkpoint, the batch, the adapters, and request.json."""
+    folder.mkdir(parents=True)
+    shutil.copytree(case.checkpoint, folder / "checkpoint")
+    save_tensors(case.batch, folder / "batch.safetensors")
+    if case.lora_init is not None:
+        shutil.copy(case.lora_init, folder / "lora_init.safetensors")
+
+
+def set_stages(folder: Path, case, stages: list[str]) -> None:
+    request = {
+        "protocol": PROTOCOL,
+        "fixture": case.name,
+        "stages": stages,
+        "checkpoint": "checkpoint",
+        "batch": "batch.safetensors",
+        "lora_init": "lora_init.safetensors" if case.lora_init is not None else None,
+        "settings": case.settings_dict,
+    }
+    tmp = folder / "request.json.partial"
+    tmp.write_text(json.dumps(request, indent=2))
+    tmp.replace(folder / "request.json")
+
+
+def read_response(folder: Path, stage: str) -> StageOutput:
+    err = folder / f"{stage}.error"
+    if err.exists():
+        return StageOutput(error=f"the port reported: {err.read_text().strip()[:2000]}")
+    f = folder / f"{stage}.safetensors"
+    if not f.exists():
+        return StageOutput(error=f"the port wrote no {f.name}")
+    try:
+        tensors = load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        return StageOutput(error=f"the port's {f.name} is unreadable: {e}")
+    meta = {}
+    m = folder / f"{stage}.json"
+    if m.exists():
+        try:
+            meta = json.loads(m.read_text())
+        except json.JSONDecodeError as e:
+            return StageOutput(error=f"the port's {m.name} is not JSON: {e}")
+    return StageOutput({k: np.asarray(v) for k, v in tensors.items()}, meta)
+
+
+class ExternalBackend(Backend):
+    def __init__(self, command: str, timeout: float = DEFAULT_TIMEOUT_S, name: str | None = None):
+        self.command = command
+        self.argv = shlex.split(command)
+        self.timeout = timeout
+        self.name = name or f"cmd:{command}"
+
+    def unavailable(self) -> str | None:
+        if not self.argv:
+            return "empty command"
+        exe = self.argv[0]
+        if shutil.which(exe) is None and not Path(exe).exists():
+            return f"{exe!r} is not an executable on PATH or a file"
+        return None
+
+    def run(self, case, stages=STAGES) -> dict[str, StageOutput]:
+        results = {}
+        with tempfile.TemporaryDirectory(prefix="parity-cmd-") as tmp:
+            request = Path(tmp) / "request"
+            write_request(case, request)
+            for stage in stages:
+                response = Path(tmp) / f"response-{stage}"
+                response.mkdir()
+                set_stages(request, case, [stage])
+                results[stage] = self._run_stage(stage, request, response)
+        return results
+
+    def _run_stage(self, stage: str, request: Path, response: Path) -> StageOutput:
+        start = time.monotonic()
+        try:
+            proc = subprocess.run([*self.argv, str(request), str(response)], capture_output=True, text=True,
+                                  timeout=self.timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return StageOutput(error=f"timed out after {self.timeout:g} s (the port hangs at this stage)")
+        except OSError as e:
+            return StageOutput(error=f"could not start {self.argv[0]!r}: {e}")
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+            how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with status {proc.returncode}"
+            return StageOutput(error=f"the port {how}: {tail}")
+        out = read_response(response, stage)
+        out.meta["seconds"] = round(time.monotonic() - start, 3)
+        return out
+
+
+def example_adapter_backend(mutant: str | None = None) -> ExternalBackend:
+    """The worked example adapter (the MLX reference behind the protocol), optionally with a mutant."""
+    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(EXAMPLE_ADAPTER))}" + (f" --mutant {mutant}" if mutant else "")
+    return ExternalBackend(cmd, name=f"cmd:example-adapter" + (f"[{mutant}]" if mutant else ""))

@@ -1,0 +1,39 @@
+#!/usr/bin/env python3
+"""A port that misbehaves at one stage, for the robustness tests: broken_port.py MODE STAGE REQUEST RESPONSE.
+
+MODE: crash (exit 3 with a message), hang (sleep), garbage (bytes that are not safetensors),
+nan (NaN in the first tensor), shape (drop the last axis of every tensor). Other stages behave like
+the reference, through the example adapter.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+mode, bad_stage, request, response = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+stage = json.loads((request / "request.json").read_text())["stages"][0]
+adapter = Path(__file__).resolve().parents[2] / "examples" / "reference_adapter.py"
+if stage == bad_stage and mode == "crash":
+    print("thread 'main' panicked at src/train.rs:42: called `Option::unwrap()` on a `None` value", file=sys.stderr)
+    sys.exit(3)
+if stage == bad_stage and mode == "hang":
+    time.sleep(600)
+subprocess.run([sys.executable, str(adapter), str(request), str(response)], check=True)
+if stage == bad_stage:
+    f = response / f"{stage}.safetensors"
+    if mode == "garbage":
+        f.write_bytes(b"\x00\x01not a safetensors file")
+    elif mode in ("nan", "shape"):
+        t = load_file(str(f))
+        first = sorted(t)[0]
+        if mode == "nan":
+            t[first] = t[first].astype(np.float32)
+            t[first].flat[0] = np.nan
+        else:
+            t = {k: (v[..., :-1].copy() if v.ndim else v) for k, v in t.items()}
+        save_file(t, str(f))

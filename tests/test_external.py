@@ -1,0 +1,61 @@
+"""The external-program protocol: the example adapter passes, mutants fail with their diagnosis
+through it, and a port that crashes, hangs or writes garbage is reported at that stage only."""
+
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.audit import audit
+from harness.backends import get_backend
+from harness.backends.external import ExternalBackend, example_adapter_backend
+from harness.stages import STAGES
+
+from .conftest import CASES
+
+BROKEN = Path(__file__).parent / "ports" / "broken_port.py"
+
+
+def broken(mode: str, stage: str, timeout: float = 60) -> ExternalBackend:
+    return ExternalBackend(f"{shlex.quote(sys.executable)} {BROKEN} {mode} {stage}", timeout=timeout)
+
+
+def test_example_adapter_passes_every_stage():
+    result = audit(example_adapter_backend(), CASES["lora"])
+    assert [s.status for s in result.stages] == ["pass"] * len(STAGES), [s.message for s in result.stages]
+
+
+@pytest.mark.parametrize("mutant, fixture", [("no_shift", "gqa_padded"), ("bias_correction_flipped", "mha_sharded"),
+                                             ("weights_not_loaded", "gqa_padded")])
+def test_mutant_through_the_protocol_fails_with_its_diagnosis(mutant, fixture):
+    from harness.mutants import MUTANTS
+
+    m = MUTANTS[mutant]
+    first = audit(example_adapter_backend(mutant), CASES[fixture]).first_failure()
+    assert first is not None and first.name == m.expected_stage
+    assert first.diagnosis.code == m.expected_diagnosis
+
+
+@pytest.mark.parametrize("mode, stage, expected", [
+    ("crash", "forward", "exited with status 3: thread 'main' panicked"),
+    ("garbage", "loss", "is unreadable"),
+    ("nan", "gradients", "non-finite values"),
+    ("shape", "forward", "shape"),
+])
+def test_a_broken_stage_is_reported_and_the_audit_carries_on(mode, stage, expected):
+    result = audit(broken(mode, stage), CASES["head"], ("weight_mapping", stage, "shifted_slices"))
+    by = {s.name: s for s in result.stages}
+    assert by[stage].status == "fail" and expected in by[stage].message, by[stage].message
+    assert by["weight_mapping"].status == "pass" and by["shifted_slices"].status == "pass"
+
+
+def test_a_hanging_stage_times_out():
+    result = audit(broken("hang", "loss", timeout=3), CASES["head"], ("loss", "shifted_slices"))
+    assert result.stages[0].status == "fail" and "timed out after 3 s" in result.stages[0].message
+    assert result.stages[1].status == "pass"
+
+
+def test_a_missing_program_is_unavailable_not_a_crash():
+    result = audit(get_backend("cmd:/nonexistent/port --flag"), CASES["head"], ("loss",))
+    assert result.verdict == "skip" and "not an executable" in result.stages[0].message
