@@ -38,6 +38,23 @@ def validate_scalars(alpha: float, lam: float) -> None:
         raise BatchError(f"lambda must be finite and >= 0, got {lam}")
 
 
+def validate_distrust_inputs(auth_weight, prov_entropy) -> None:
+    """auth_weight in [0, 0.99] and prov_entropy >= 0, finite: scalars or arrays of any shape."""
+    for name, value in (("auth_weight", auth_weight), ("prov_entropy", prov_entropy)):
+        arr = np.atleast_1d(np.asarray(value, dtype=np.float64))
+        bad = np.flatnonzero(~np.isfinite(arr))
+        if bad.size:
+            raise BatchError(f"{name} holds non-finite values at {bad.tolist()}")
+    w = np.atleast_1d(np.asarray(auth_weight, dtype=np.float64))
+    bad = np.flatnonzero((w < 0) | (w > AUTH_WEIGHT_MAX))
+    if bad.size:
+        raise BatchError(f"auth_weight must be in [0, {AUTH_WEIGHT_MAX}]; rows {bad.tolist()} hold {w[bad].tolist()}")
+    h = np.atleast_1d(np.asarray(prov_entropy, dtype=np.float64))
+    bad = np.flatnonzero(h < 0)
+    if bad.size:
+        raise BatchError(f"prov_entropy must be >= 0; rows {bad.tolist()} hold {h[bad].tolist()}")
+
+
 def validate_batch(batch: dict[str, np.ndarray]) -> None:
     """Check a host batch before it reaches any framework: shapes, dtypes, ranges, right padding."""
     need = ("input_ids", "attention_mask", "auth_weight", "prov_entropy")
@@ -61,15 +78,8 @@ def validate_batch(batch: dict[str, np.ndarray]) -> None:
     B = ids.shape[0]
     for name, arr in (("auth_weight", w), ("prov_entropy", h)):
         if arr.shape != (B,):
-            raise BatchError(f"{name} must have shape ({B},), got {arr.shape}")
-        if not np.isfinite(arr).all():
-            raise BatchError(f"{name} holds non-finite values at {np.flatnonzero(~np.isfinite(arr)).tolist()}")
-    bad = np.flatnonzero((w < 0) | (w > AUTH_WEIGHT_MAX))
-    if bad.size:
-        raise BatchError(f"auth_weight must be in [0, {AUTH_WEIGHT_MAX}]; rows {bad.tolist()} hold {w[bad].tolist()}")
-    bad = np.flatnonzero(h < 0)
-    if bad.size:
-        raise BatchError(f"prov_entropy must be >= 0; rows {bad.tolist()} hold {h[bad].tolist()}")
+            raise BatchError(f"{name} must have shape ({B},), one value per row, got {arr.shape}")
+    validate_distrust_inputs(w, h)
 
 
 def shifted_slices(logits: mx.array, input_ids: mx.array, attention_mask: mx.array):
@@ -83,8 +93,13 @@ def cross_entropy(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.arr
     return (per_token * mask).sum() / mask.sum()
 
 
-def distrust(auth_weight: mx.array, prov_entropy: mx.array, alpha: float) -> mx.array:
-    """Batch mean of alpha * (ln(1 - w + 1e-8) + H)^2; depends on data only, so it has no gradient."""
+def distrust(auth_weight, prov_entropy, alpha: float) -> mx.array:
+    """Batch mean of alpha * (ln(1 - w + 1e-8) + H)^2; depends on data only, so it has no gradient.
+    Host values (scalars, lists, numpy) are checked first; device arrays were checked as a batch."""
+    if not isinstance(auth_weight, mx.array) or not isinstance(prov_entropy, mx.array):
+        validate_distrust_inputs(auth_weight, prov_entropy)
+        validate_scalars(alpha, 0.0)
+        auth_weight, prov_entropy = mx.array(auth_weight, dtype=mx.float32), mx.array(prov_entropy, dtype=mx.float32)
     return mx.mean(alpha * mx.square(mx.log(1.0 - auth_weight + DISTRUST_EPS) + prov_entropy))
 
 

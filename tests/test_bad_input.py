@@ -56,6 +56,30 @@ def test_invalid_batch_is_a_clear_error(trainer, changes, message):
     assert all(np.array_equal(before[k], host(after[k])) for k in before), "a rejected batch changed the model"
 
 
+@pytest.mark.parametrize("w, h, message", [
+    (1.0, 0.5, r"auth_weight must be in \[0, 0.99\]; rows \[0\] hold \[1.0\]"),
+    (-0.01, 0.5, "auth_weight must be in"),
+    ([0.2, 0.995], [1.0, 1.0], r"rows \[1\]"),
+    (0.5, -1e-3, "prov_entropy must be >= 0"),
+    (np.array([0.1, 0.2]), np.array([0.0, np.nan]), r"prov_entropy holds non-finite values at \[1\]"),
+    (float("inf"), 0.0, "auth_weight holds non-finite"),
+])
+def test_distrust_rejects_bad_scalars_and_arrays(w, h, message):
+    from reference.loss import distrust
+
+    with pytest.raises(BatchError, match=message):
+        distrust(w, h, 2.7)
+
+
+def test_distrust_accepts_scalars_and_arrays():
+    from reference.loss import distrust
+
+    assert float(distrust(0.5, 1.0, 2.7)) == pytest.approx(2.7 * (np.log(0.5 + 1e-8) + 1.0) ** 2, rel=1e-6)
+    assert float(distrust([0.0, 0.9], [2.0, 0.0], 2.3)) == pytest.approx(np.mean([2.3 * (np.log(1 + 1e-8) + 2) ** 2, 2.3 * np.log(0.1 + 1e-8) ** 2]), rel=1e-6)
+    with pytest.raises(BatchError, match="alpha must be in"):
+        distrust(0.5, 1.0, 3.5)
+
+
 @pytest.mark.parametrize("alpha, lam", [(2.2, 1.0), (3.01, 1.0), (float("nan"), 1.0), (2.7, -1.0)])
 def test_invalid_loss_settings(alpha, lam):
     with pytest.raises(BatchError):
