@@ -6,33 +6,20 @@
 
 Usage: reference_adapter.py [--mutant NAME] REQUEST_DIR RESPONSE_DIR
 
-A Rust port's adapter does the same: read REQUEST_DIR/request.json, load REQUEST_DIR/checkpoint and
-the batch, run the stages listed, and write RESPONSE_DIR/<stage>.safetensors with the named tensors
-(and RESPONSE_DIR/weight_mapping.json with the load report).
+What any adapter does, in any language:
+1. read REQUEST_DIR/request.json: {"stages": [STAGE], "checkpoint", "batch", "lora_init", "settings"};
+2. load REQUEST_DIR/checkpoint (Hugging Face config.json + safetensors) with the port's own loader,
+   and the batch from REQUEST_DIR/batch.safetensors;
+3. run the one stage asked for, from a fresh load;
+4. write RESPONSE_DIR/<stage>.safetensors with the stage's named tensors (the table in
+   docs/protocol.md), RESPONSE_DIR/weight_mapping.json with the load report, or
+   RESPONSE_DIR/<stage>.error if the port knows it failed; exit 0.
+Here steps 2-4 are the reference's: `harness.adapter.serve` runs its stages and writes the files.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
-
-from safetensors.numpy import load_file, save_file
-
-
-class Request:
-    """The request folder, shaped like the harness's fixture case so the reference can run it."""
-
-    def __init__(self, folder: Path):
-        from reference.settings import TrainSettings
-
-        self.path = folder
-        self.spec = json.loads((folder / "request.json").read_text())
-        self.name = self.spec["fixture"]
-        self.checkpoint = folder / self.spec["checkpoint"]
-        self.batch = load_file(str(folder / self.spec["batch"]))
-        self.lora_init = folder / self.spec["lora_init"] if self.spec.get("lora_init") else None
-        self.settings_dict = self.spec["settings"]
-        self.settings = TrainSettings.from_dict(self.settings_dict)
 
 
 def main() -> int:
@@ -42,22 +29,10 @@ def main() -> int:
     ap.add_argument("response", type=Path)
     args = ap.parse_args()
 
-    from harness.backends.mlx_backend import MLXBackend
-    from harness.stages import compute
+    from harness.adapter import serve
+    from harness.backends import get_backend
 
-    backend = MLXBackend()
-    if args.mutant:
-        from harness.mutants import MUTANTS, MutantBackend
-
-        backend = MutantBackend(MUTANTS[args.mutant])
-    request = Request(args.request)
-    for stage, out in compute(backend, request, request.spec["stages"]).items():
-        if out.error:
-            (args.response / f"{stage}.error").write_text(out.error)
-            continue
-        save_file({k: v for k, v in out.tensors.items()}, str(args.response / f"{stage}.safetensors"))
-        if out.meta:
-            (args.response / f"{stage}.json").write_text(json.dumps(out.meta))
+    serve(get_backend(f"mutant:{args.mutant}" if args.mutant else "mlx"), args.request, args.response)
     return 0
 
 

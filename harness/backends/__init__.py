@@ -18,7 +18,9 @@ def registry() -> dict[str, type[Backend]]:
     return {"mlx": MLXBackend, "torch": TorchBackend}
 
 
-def get_backend(name: str, timeout: float | None = None) -> Backend:
+def get_backend(name: str, timeout: float | None = None, in_process: bool = False) -> Backend:
+    """A backend by name. `in_process` asks for the extension backend itself rather than its
+    per-stage isolated form (what `harness.adapter` serves)."""
     if name.startswith("cmd:"):
         from .external import DEFAULT_TIMEOUT_S, ExternalBackend
 
