@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup audit test train fixtures verify
+.PHONY: setup audit test rust rust-test train fixtures verify selftest
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -12,11 +12,24 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-audit: setup  ## the main job: audit every backend on every bundled fixture
+# The mlx-rs port as a Python extension in .venv (installs cmake/libclang-dev with apt-get when missing).
+# Without a Rust toolchain it says so and skips; the mlx-rs tests then skip with that reason.
+rust: setup
+	@if command -v cargo >/dev/null 2>&1 || [ -x "$$HOME/.cargo/bin/cargo" ]; then bash rust/build.sh; \
+	else echo "make rust: no Rust toolchain (cargo): the mlx-rs extension is not built" >&2; fi
+
+rust-test: rust
+	@if command -v cargo >/dev/null 2>&1 || [ -x "$$HOME/.cargo/bin/cargo" ]; then bash rust/test.sh -p parity-mlx-rs; fi
+
+audit: rust  ## the main job: audit every backend on every bundled fixture
 	.venv/bin/parity audit --json out.json
 
-test: setup  ## the whole test suite
+test: rust  ## the whole test suite, then the Rust crate's own unit tests
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory rust-test
+
+selftest: rust
+	.venv/bin/parity selftest --json selftest.json
 
 train: setup
 	.venv/bin/parity train

@@ -211,7 +211,7 @@ def _gradients(result, out, case) -> Diagnosis | None:
     if not act:
         return Diagnosis("no_gradients", "no gradients at all: a forward-only step (or a loss returned without gradients)", {"expected_tensors": len(exp)})
     if all(not np.any(out.tensors[k]) for k in act):
-        return Diagnosis("zero_gradients", "every gradient is exactly zero: the loss is not connected to the parameters", {"tensors": len(act)})
+        return Diagnosis("zero_gradients", "every gradient is exactly zero: no backward pass ran (forward only), or the loss is not connected to the parameters", {"tensors": len(act)})
     if act != exp:
         missing, extra = sorted(exp - act), sorted(act - exp)
         return Diagnosis("trainable_set_mismatch", f"the port trains a different set: {len(missing)} reference tensors absent, {len(extra)} extra",

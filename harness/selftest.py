@@ -80,10 +80,8 @@ def run(protocol: bool = True, progress=None, extra: list | None = None) -> dict
 
 def rust_mutants() -> list:
     """The mlx-rs port's injected failures, when the extension is built (issue: the Rust side)."""
-    try:
-        from .backends.mlx_rs import RUST_INJECTIONS, MlxRsBackend
-    except ImportError:
-        return []
+    from .backends.mlx_rs import RUST_INJECTIONS, MlxRsBackend
+
     if MlxRsBackend().unavailable():
         return []
     return [(f"mlx-rs:{name}", MlxRsBackend(inject=name), "mlx-rs", stage, diag, fixtures)

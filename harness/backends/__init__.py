@@ -35,6 +35,14 @@ def get_backend(name: str, timeout: float | None = None, in_process: bool = Fals
         if mutant not in MUTANTS:
             raise BackendError(f"unknown mutant {mutant!r}; known: {', '.join(MUTANTS)}")
         return MutantBackend(MUTANTS[mutant])
+    if name == "mlx-rs" or name.startswith("mlx-rs:"):
+        from .external import DEFAULT_TIMEOUT_S
+        from .mlx_rs import RUST_INJECTIONS, MlxRsBackend, MlxRsInProcess
+
+        inject = name.split(":", 1)[1] if ":" in name else None
+        if inject is not None and inject not in RUST_INJECTIONS:
+            raise BackendError(f"unknown mlx-rs injection {inject!r}; known: {', '.join(RUST_INJECTIONS)}")
+        return MlxRsInProcess(inject) if in_process else MlxRsBackend(inject, timeout or DEFAULT_TIMEOUT_S)
     backends = registry()
     if name not in backends:
         raise BackendError(f"unknown backend {name!r}; known: {', '.join(backends)}")
@@ -42,7 +50,10 @@ def get_backend(name: str, timeout: float | None = None, in_process: bool = Fals
 
 
 def default_backends() -> list[Backend]:
-    return [cls() for cls in registry().values()]
+    """Every backend that can run here: mlx, torch, and mlx-rs when its extension is built."""
+    backends = [cls() for cls in registry().values()]
+    mlx_rs = get_backend("mlx-rs")
+    return backends + ([mlx_rs] if mlx_rs.unavailable() is None else [])
 
 
 __all__ = ["Backend", "BackendError", "TrainerBackend", "get_backend", "default_backends", "registry"]
