@@ -64,6 +64,11 @@ def audit(
     if unknown:
         fail_input(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
     stages = [s for s in STAGES if s in stages]
+    if not backend:
+        from .backends.mlx_rs import NOT_BUILT, extension_built
+
+        if not extension_built():
+            err.print(f"note: not auditing mlx-rs: {NOT_BUILT}", highlight=False)
     results = []
     with console.status("") as status:
         for b in backends:
