@@ -73,11 +73,10 @@ def _weights(result, out, case) -> Diagnosis | None:
     report = out.meta.get("load_report") or {}
     missing, unexpected = report.get("missing") or [], report.get("unexpected") or []
     if missing and unexpected:
-        stripped = {u for u in unexpected}
         for pre in {u.split(".", 1)[0] + "." for u in unexpected if "." in u}:
             if all(u.startswith(pre) for u in unexpected) and {u[len(pre):] for u in unexpected} & set(missing):
                 return Diagnosis("key_mapping", f"checkpoint keys carry a {pre!r} prefix the loader does not strip (or adds)",
-                                 {"prefix": pre, "missing": missing[:5], "unexpected": sorted(stripped)[:5]})
+                                 {"prefix": pre, "missing": missing[:5], "unexpected": unexpected[:5]})
         return Diagnosis("key_mapping", f"{len(missing)} parameters unfilled and {len(unexpected)} checkpoint keys unused",
                          {"missing": missing[:10], "unexpected": unexpected[:10]})
     expected = expected_weights(case)
@@ -138,11 +137,10 @@ def _forward(result, out, case) -> Diagnosis | None:
         return None
     layer = first.name.rsplit(".", 1)[1] if "hidden" in first.name else "final norm / lm_head"
     evidence = {"first_divergent": first.name, "max_abs": first.max_abs, "where": first.where, "mismatched": first.mismatched}
-    if True:  # test the causes the harness knows, by reproducing the port's numbers with each
-        for code, summary, mutant in FORWARD_HYPOTHESES:
-            produced = _mutant_output(mutant, case, "forward")
-            if produced is not None and all(compare(k, out.tensors.get(k), v, tol).passed for k, v in produced.items() if k in case.golden):
-                return Diagnosis(code, summary + f"; first divergence at {first.name}", evidence | {"reproduced_by": mutant})
+    for code, summary, mutant in FORWARD_HYPOTHESES:  # a known cause that reproduces the port's numbers
+        produced = _mutant_output(mutant, case, "forward")
+        if produced is not None and all(compare(k, out.tensors.get(k), v, tol).passed for k, v in produced.items() if k in case.golden):
+            return Diagnosis(code, summary + f"; first divergence at {first.name}", evidence | {"reproduced_by": mutant})
     return Diagnosis("forward_divergence", f"the forward pass first diverges at {first.name} (layer {layer})", evidence)
 
 
@@ -264,7 +262,6 @@ def _optimizer(result, out, case) -> Diagnosis | None:
         return Diagnosis("bias_correction", "the update is (1-β1)/√(1-β2) = %.3g× the reference's: bias correction missing" % c, evidence)
     if not o.bias_correction and _close(r, 1 / c):
         return Diagnosis("bias_correction", "the update is √(1-β2)/(1-β1) = %.3g× the reference's: bias correction applied where the reference has none" % (1 / c), evidence)
-    from reference.settings import TrainSettings  # noqa: F401  (settings type)
     from .torch_twin import lr_at
 
     lr0, lr1 = lr_at(s, 0), lr_at(s, 1)
@@ -290,24 +287,24 @@ def _initial(case, name: str) -> np.ndarray | None:
     return expected_weights(case).get(f"weights.{name}")
 
 
-def _decay_missing(t, g, case) -> Diagnosis | None:
-    """Δθ_port − Δθ_ref = +lr·wd·θ: the decoupled decay term is missing."""
-    s = case.settings
-    lr, wd = _lr0(case), s.optimizer.weight_decay
-    if wd == 0:
-        return None
+def _fit_to_parameters(t, g, prefix: str, case) -> float | None:
+    """Least-squares k in (port − reference) = k·θ over the `prefix` tensors (θ: the loaded weights)."""
     num = den = 0.0
-    for k in (k for k in g if k.startswith("optimizer.delta.") and k in t):
-        p = _initial(case, k.removeprefix("optimizer.delta."))
+    for k in (k for k in g if k.startswith(prefix) and k in t):
+        p = _initial(case, k.removeprefix(prefix))
         if p is None:
             continue
         resid = _f64(t[k]) - _f64(g[k])
         num += float((resid * p).sum())
         den += float((p * p).sum())
-    if den == 0:
-        return None
-    k_fit = num / den
-    if _close(k_fit, lr * wd, 0.05):
+    return num / den if den else None
+
+
+def _decay_missing(t, g, case) -> Diagnosis | None:
+    """Δθ_port − Δθ_ref = +lr·wd·θ: the decoupled decay term is missing."""
+    lr, wd = _lr0(case), case.settings.optimizer.weight_decay
+    k_fit = _fit_to_parameters(t, g, "optimizer.delta.", case) if wd else None
+    if k_fit is not None and _close(k_fit, lr * wd, 0.05):
         return Diagnosis("weight_decay_missing", f"Δθ differs from the reference by {k_fit:.3g}·θ = +lr·wd·θ: decoupled weight decay not applied",
                          {"fitted": k_fit, "lr_times_wd": lr * wd})
     return None
@@ -315,19 +312,11 @@ def _decay_missing(t, g, case) -> Diagnosis | None:
 
 def _coupled_decay(t, g, case) -> Diagnosis | None:
     """m_port − m_ref = (1−β1)·wd·θ: weight decay added to the gradient (Adam + L2)."""
-    s = case.settings
-    b1, wd = s.optimizer.betas[0], s.optimizer.weight_decay
-    num = den = 0.0
-    for k in (k for k in g if k.startswith("optimizer.m.") and k in t):
-        p = _initial(case, k.removeprefix("optimizer.m."))
-        if p is None:
-            continue
-        resid = _f64(t[k]) - _f64(g[k])
-        num += float((resid * p).sum())
-        den += float((p * p).sum())
-    if den and _close(num / den, (1 - b1) * wd, 0.05):
+    b1, wd = case.settings.optimizer.betas[0], case.settings.optimizer.weight_decay
+    k_fit = _fit_to_parameters(t, g, "optimizer.m.", case)
+    if k_fit is not None and _close(k_fit, (1 - b1) * wd, 0.05):
         return Diagnosis("weight_decay_coupled", "m differs by (1−β1)·wd·θ: weight decay was added to the gradient (L2) instead of decoupled",
-                         {"fitted": num / den, "expected_coupled": (1 - b1) * wd})
+                         {"fitted": k_fit, "expected_coupled": (1 - b1) * wd})
     return None
 
 
