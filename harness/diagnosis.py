@@ -148,6 +148,7 @@ FORWARD_HYPOTHESES = [
     ("rmsnorm_eps", "RMSNorm eps is not the config's rms_norm_eps (1e-5 reproduces the port)", "rmsnorm_eps_hardcoded"),
     ("gqa_head_mapping", "grouped-query kv heads are shared in the wrong order (tiled, not repeated)", "gqa_tiled_heads"),
     ("lora_scale", "the LoRA scale differs (1.0 reproduces the port)", "lora_scale_ignored"),
+    ("rope_convention", "RoPE rotates interleaved pairs (traditional) where the checkpoint expects rotated halves", "rope_traditional"),
 ]
 
 _MUTANT_CACHE: dict = {}

@@ -149,6 +149,20 @@ class _TiledAttention(Attention):
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
+def tile_kv_heads(model) -> None:
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = _TiledAttention
+
+
+def traditional_rope(model) -> None:
+    """RoPE rotating interleaved pairs (traditional=True) instead of halves, as HF's rotate_half does."""
+    import mlx.nn as nn
+
+    for layer in model.model.layers:
+        a = layer.self_attn
+        a.rope = nn.RoPE(a.head_dim, traditional=True, base=model.config.rope_theta)
+
+
 # --- loaders with one bug each ------------------------------------------------------------------
 def load_nothing(model, path, strict):
     """Weights never loaded: the model keeps its random initialisation, and nothing says so."""
@@ -181,7 +195,7 @@ class Mutant:
     config: Callable[[ModelConfig], ModelConfig] | None = None
     settings: Callable[[TrainSettings], TrainSettings] | None = None
     loader: Callable | None = None
-    attention: type[Attention] | None = None
+    model_hook: Callable[[LlamaForCausalLM], None] | None = None  # changes the built model
     unshifted_targets: bool = False
     reset_optimizer_on_resume: bool = False
     origin: str = ""  # where the bug comes from (seed, DESIGN.md)
@@ -203,13 +217,17 @@ MUTANTS = {m.name: m for m in [
     Mutant("rmsnorm_eps_hardcoded", "RMSNorm eps hard-coded to MLX's 1e-5 instead of the config's value", "forward",
            ("small_eps_bias",), "rmsnorm_eps", config=lambda c: dataclasses.replace(c, rms_norm_eps=1e-5), origin="DESIGN 7"),
     Mutant("gqa_tiled_heads", "grouped-query kv heads tiled instead of repeated", "forward", ("gqa_padded",),
-           "gqa_head_mapping", attention=_TiledAttention),
+           "gqa_head_mapping", model_hook=tile_kv_heads),
+    Mutant("rope_traditional", "RoPE on interleaved pairs (traditional) instead of rotated halves", "forward", ("gqa_padded",),
+           "rope_convention", model_hook=traditional_rope),
     Mutant("lora_scale_ignored", "LoRA scale ignored (1 instead of the configured 2)", "forward", ("lora",), "lora_scale",
            settings=lambda s: dataclasses.replace(s, lora=dataclasses.replace(s.lora, scale=1.0))),
     Mutant("no_shift", "slices not shifted: each position predicts its own token", "shifted_slices", ("gqa_padded",),
            "labels_not_shifted", trainer=NoShift, unshifted_targets=True, origin="seed #2, DESIGN 2"),
     Mutant("padding_counted", "padding tokens counted in the cross-entropy", "loss", ("gqa_padded",), "padding_counted",
            trainer=PaddingCounted, origin="DESIGN 9"),
+    Mutant("trains_head_only", "only lm_head and the final norm train where the reference trains everything (the seed's port)",
+           "gradients", ("gqa_padded",), "trainable_set_mismatch", settings=lambda s: dataclasses.replace(s, trainable="head")),
     Mutant("forward_only", "forward pass only: no gradients, no update", "gradients", ("gqa_padded", "head"), "no_gradients",
            trainer=ForwardOnly, origin="seed #3, DESIGN 3"),
     Mutant("silent_fallback", "gradients computed, then the loss returned without an update", "optimizer", ("gqa_padded",),
@@ -258,9 +276,8 @@ class MutantBackend(MLXBackend):
         cfg = ModelConfig.from_file(case.checkpoint)
         cfg = m.config(cfg) if m.config else cfg
         model = LlamaForCausalLM(cfg)
-        if m.attention:
-            for layer in model.model.layers:
-                layer.self_attn.__class__ = m.attention
+        if m.model_hook:
+            m.model_hook(model)
         report = (m.loader or load_weights)(model, case.checkpoint, strict)
         settings = m.settings(case.settings) if m.settings else case.settings
         lora = mx.load(str(case.lora_init)) if case.lora_init else None
