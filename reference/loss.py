@@ -46,7 +46,8 @@ def validate_distrust_inputs(auth_weight, prov_entropy) -> None:
         if bad.size:
             raise BatchError(f"{name} holds non-finite values at {bad.tolist()}")
     w = np.atleast_1d(np.asarray(auth_weight, dtype=np.float64))
-    bad = np.flatnonzero((w < 0) | (w > AUTH_WEIGHT_MAX))
+    # 0.99 stored as float32 is 0.9900000095: it still means 0.99
+    bad = np.flatnonzero((w < 0) | ((w > AUTH_WEIGHT_MAX) & (w.astype(np.float32) > np.float32(AUTH_WEIGHT_MAX))))
     if bad.size:
         raise BatchError(f"auth_weight must be in [0, {AUTH_WEIGHT_MAX}]; rows {bad.tolist()} hold {w[bad].tolist()}")
     h = np.atleast_1d(np.asarray(prov_entropy, dtype=np.float64))

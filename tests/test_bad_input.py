@@ -71,6 +71,14 @@ def test_distrust_rejects_bad_scalars_and_arrays(w, h, message):
         distrust(w, h, 2.7)
 
 
+def test_float32_099_is_099():
+    from reference.loss import validate_distrust_inputs
+
+    validate_distrust_inputs(np.float32(0.99), 0.0)
+    with pytest.raises(BatchError):
+        validate_distrust_inputs(np.nextafter(np.float32(0.99), np.float32(1)), 0.0)
+
+
 def test_distrust_accepts_scalars_and_arrays():
     from reference.loss import distrust
 

@@ -84,7 +84,9 @@ impl Batch {
                 return bad(format!("{name} holds non-finite values at {nonfinite:?}"));
             }
         }
-        let rows: Vec<usize> = (0..b).filter(|&i| !(0.0..=AUTH_WEIGHT_MAX).contains(&auth_weight[i])).collect();
+        // 0.99 stored as float32 is 0.9900000095: it still means 0.99, as in the reference.
+        let in_range = |w: f64| w >= 0.0 && (w <= AUTH_WEIGHT_MAX || (w as f32) <= (AUTH_WEIGHT_MAX as f32));
+        let rows: Vec<usize> = (0..b).filter(|&i| !in_range(auth_weight[i])).collect();
         if !rows.is_empty() {
             let vals: Vec<f64> = rows.iter().map(|&i| auth_weight[i]).collect();
             return bad(format!("auth_weight must be in [0, {AUTH_WEIGHT_MAX}]; rows {rows:?} hold {vals:?}"));
