@@ -111,7 +111,16 @@ def base_forward(case: Case) -> dict[str, np.ndarray]:
 
 
 def build_fixture(spec: FixtureSpec, out: Path) -> dict:
-    """Build one fixture into `out`; raise FixtureError unless the torch twin and transformers agree."""
+    """Build one fixture into `out`; raise FixtureError unless the torch twin and transformers agree.
+    MLX runs on the reference BLAS its wheel bundles meanwhile: plain loops, the same on every CPU,
+    so regeneration reproduces the goldens bit for bit on any machine (OpenBLAS picks kernels per CPU)."""
+    from reference.blas import reference_blas
+
+    with reference_blas():
+        return _build_fixture(spec, out)
+
+
+def _build_fixture(spec: FixtureSpec, out: Path) -> dict:
     from .backends.mlx_backend import MLXBackend
     from .backends.torch_backend import TorchBackend
 

@@ -5,3 +5,7 @@ checkpoint), `weights` (the checkpoint name map and strict loading), `loss` (shi
 cross-entropy, the Empirical Distrust term), `schedule`, `trainer` (value_and_grad, clipping,
 accumulation, AdamW, checkpoints) and `data` (the byte tokenizer and JSONL batches).
 """
+
+from .blas import activate as _activate_blas  # first: a fast BLAS must be in place before mlx.core loads
+
+_activate_blas()
