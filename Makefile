@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup audit test rust rust-test train fixtures verify selftest
+.PHONY: setup audit test rust rust-test train fixtures verify selftest bench bench-full
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -30,6 +30,12 @@ test: rust  ## the whole test suite, then the Rust crate's own unit tests
 
 selftest: rust
 	.venv/bin/parity selftest --json selftest.json
+
+bench: rust  ## about two minutes: step time of every backend at three sizes, against the matmul peak
+	.venv/bin/parity bench --quick --json bench.json --report bench-report.md
+
+bench-full: rust  ## the README's table: docs/bench.md, docs/bench.png, docs/bench.json
+	.venv/bin/parity bench --json docs/bench.json --report docs/bench.md
 
 train: setup
 	.venv/bin/parity train

@@ -1,0 +1,113 @@
+"""pytest-benchmark suites of the training step and its stages, per backend and model size.
+
+    python -m pytest bench                                   # every available backend and size, in this process
+    python -m pytest bench --bench-backend mlx --bench-size 5M -m step
+    parity bench [--quick]                                   # one process per backend and size, with a report
+
+Options: `--bench-backend` (mlx, torch, mlx-rs; repeatable; default every available one), `--bench-size`
+(1M, 5M, 20M; repeatable), `--bench-quick` (fewer rounds). Thread count: `PARITY_BENCH_THREADS`
+(default: every core), applied to torch with `torch.set_num_threads`; the BLAS libraries read
+`OMP_NUM_THREADS`, `MKL_NUM_THREADS` and `OPENBLAS_NUM_THREADS` when they load, which `parity bench`
+sets per process. Warm-up rounds are run and left out of the statistics.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harness import bench as B  # imports harness first: the fast BLAS is bound before MLX works
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("parity bench")
+    g.addoption("--bench-backend", action="append", choices=B.BACKENDS, help="backend to time (repeatable)")
+    g.addoption("--bench-size", action="append", choices=list(B.SIZES), help="model size (repeatable)")
+    g.addoption("--bench-quick", action="store_true", help="fewer rounds (what `parity bench --quick` runs)")
+
+
+def pytest_configure(config):
+    for m in ("step: the whole training step", "stage: one stage of the step", "peak: the float32 matmul peak"):
+        config.addinivalue_line("markers", m)
+
+
+def _backends(config) -> list[str]:
+    chosen = config.getoption("--bench-backend") or list(B.BACKENDS)
+    if "mlx-rs" in chosen and B.mlx_rs_unavailable() and not config.getoption("--bench-backend"):
+        chosen.remove("mlx-rs")
+    return chosen
+
+
+def pytest_generate_tests(metafunc):
+    config = metafunc.config
+    if "backend" in metafunc.fixturenames:
+        names = _backends(config)
+        if "peak" in metafunc.definition.keywords:
+            names = [b for b in names if b != "mlx-rs"]  # it shares MLX's libmlx.so and BLAS
+        metafunc.parametrize("backend", names, scope="session")
+    if "size" in metafunc.fixturenames:
+        metafunc.parametrize("size", config.getoption("--bench-size") or list(B.SIZES), scope="session")
+
+
+def threads() -> int:
+    return int(os.environ.get("PARITY_BENCH_THREADS") or os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="session")
+def quick(request) -> bool:
+    return bool(request.config.getoption("--bench-quick"))
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    given = os.environ.get("PARITY_BENCH_WORKDIR")
+    return Path(given) if given else tmp_path_factory.mktemp("parity-bench")
+
+
+@pytest.fixture(scope="session")
+def available(backend):
+    if backend == "mlx-rs" and (why := B.mlx_rs_unavailable()):
+        pytest.skip(f"mlx-rs {why}")
+    B.set_threads(backend, threads())
+    return backend
+
+
+_RUNNERS: dict = {}
+
+
+@pytest.fixture
+def runner(available, size, workdir):
+    key = (available, size)
+    if key not in _RUNNERS:
+        _RUNNERS.clear()  # one model in memory at a time
+        _RUNNERS[key] = B.Runner(available, B.ensure_checkpoint(B.SIZES[size], workdir))
+    return _RUNNERS[key]
+
+
+@pytest.fixture
+def batch(size):
+    return B.make_batch(B.SIZES[size])
+
+
+def rounds(size: str, quick: bool) -> tuple[int, int]:
+    """(warm-up rounds, timed rounds)."""
+    if quick:
+        return 1, 3
+    return 2, 6 if size == "20M" else 12
+
+
+@pytest.fixture
+def record(benchmark, size):
+    """Fills the benchmark's extra_info the report reads, after the timed call."""
+
+    def done(backend: str, op: str, **more):
+        spec = B.SIZES[size]
+        benchmark.extra_info.update({
+            "backend": backend, "size": size, "op": op, "params": B.param_count(spec), "tokens": spec.tokens,
+            "threads": B.backend_threads(backend) if backend != "mlx-rs" else B.backend_threads("mlx"),
+            "peak_rss_mb": B.peak_rss_mb(), **more,
+        })
+
+    return done
