@@ -53,7 +53,8 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ),
     ("float32", "optimizer"): Tolerance(
         rtol=1e-4, atol=2.5e-7, scale="tensor", outlier_fraction=0.005,
-        noise="51 % of the bound for all but the outliers; 12 of 461,970 elements (at most 0.1 % of one tensor) "
+        noise="51 % of the bound (torch), 61 % (MLX and mlx-rs under OpenBLAS) for all but the outliers; "
+              "12 of 461,970 elements (at most 0.1 % of one tensor) "
               "exceed it: m/√v where g ≈ 0 is ill-conditioned. atol is 2 ulp at 1.0, as Δθ is a difference of parameters near 1",
         catches="learning rate 0.1 % high; AdamW eps 1e-7 instead of 1e-8; clipping, accumulation or weight decay wrong (via m, v)",
     ),
