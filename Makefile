@@ -18,15 +18,14 @@ rust: setup
 	@if command -v cargo >/dev/null 2>&1 || [ -x "$$HOME/.cargo/bin/cargo" ]; then bash rust/build.sh; \
 	else echo "make rust: no Rust toolchain (cargo): the mlx-rs extension is not built" >&2; fi
 
-rust-test: rust
-	@if command -v cargo >/dev/null 2>&1 || [ -x "$$HOME/.cargo/bin/cargo" ]; then bash rust/test.sh -p parity-mlx-rs; fi
+rust-test: rust  ## the Rust crate's own unit tests
+	@if command -v cargo >/dev/null 2>&1 || [ -x "$$HOME/.cargo/bin/cargo" ]; then bash rust/test.sh -p parity-mlx-rs --lib; fi
 
 audit: rust  ## the main job: audit every backend on every bundled fixture
 	.venv/bin/parity audit --json out.json
 
-test: rust  ## the whole test suite, then the Rust crate's own unit tests
+test: rust-test  ## the Rust crate's unit tests, then the whole pytest suite
 	$(PY) -m pytest -q
-	$(MAKE) --no-print-directory rust-test
 
 selftest: rust
 	.venv/bin/parity selftest --json selftest.json
