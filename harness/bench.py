@@ -176,14 +176,15 @@ class Runner:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for mod in ("mlx", "torch", "numpy", "parity_mlx_rs"):
-        try:
-            from importlib.metadata import version
+    """Installed versions, read from package metadata (the parent process imports no framework)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-            out[mod] = version({"mlx": "mlx", "parity_mlx_rs": "parity-mlx-rs"}.get(mod, mod))
-        except Exception:  # noqa: BLE001  (not installed)
-            pass
+    out = {"python": platform.python_version()}
+    for mod, dist in (("mlx", "mlx"), ("torch", "torch"), ("numpy", "numpy"), ("parity_mlx_rs", "parity-mlx-rs")):
+        try:
+            out[mod] = version(dist)
+        except PackageNotFoundError:
+            out[mod] = "not installed"
     return out
 
 
