@@ -13,7 +13,8 @@ from .case import Case
 from .compare import TensorResult, compare
 from .diagnosis import Diagnosis, diagnose
 from .stages import STAGES, StageOutput
-from .tolerances import RESUME_SELF_CONSISTENCY, Tolerance, tolerance
+from .truth import needs_truth
+from .tolerances import EXACT, RESUME_SELF_CONSISTENCY, Tolerance, TruthBound, tolerance
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
@@ -27,6 +28,12 @@ class StageResult:
     tolerance: str = ""
     diagnosis: "Diagnosis | None" = None
     series: dict = field(default_factory=dict)  # per-step losses, for the trajectory plot
+
+    @property
+    def margin(self) -> float:
+        """The largest error / bound over the stage's judged tensors (at most 1 passes)."""
+        finite = [t.ratio for t in self.tensors if not t.problem]
+        return max(finite, default=0.0)
 
     @property
     def failures(self) -> list[TensorResult]:
@@ -47,6 +54,7 @@ class StageResult:
             "status": self.status,
             "message": self.message,
             "tolerance": self.tolerance,
+            "margin": self.margin,
             "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None,
             "series": self.series,
             "compared": len(self.tensors),
@@ -75,14 +83,46 @@ class AuditResult:
         return {"fixture": self.fixture, "backend": self.backend, "verdict": self.verdict, "stages": [s.to_dict() for s in self.stages]}
 
 
-def _group(actual: dict, a_prefix: str, expected: dict, e_prefix: str, tol: Tolerance) -> list[TensorResult]:
-    """Compare every expected `e_prefix*` tensor with `a_prefix*`; names the backend adds are failures too."""
-    exp = {k[len(e_prefix):]: v for k, v in expected.items() if k.startswith(e_prefix)}
+def _stage_rms(golden: dict, truth: dict, names: list[str], mask_for) -> float:
+    """The reference's rms error against the truth over every element of a stage."""
+    sq, n = 0.0, 0
+    for k in names:
+        if f"truth.{k}" not in truth or not np.issubdtype(golden[k].dtype, np.floating):
+            continue
+        err = (golden[k].astype(np.float64) - truth[f"truth.{k}"])[np.broadcast_to(mask_for(k), golden[k].shape)]
+        sq, n = sq + float((err**2).sum()), n + err.size
+    return float(np.sqrt(sq / n)) if n else 0.0
+
+
+def _group(actual: dict, a_prefix: str, case: Case, e_prefix: str, tol: Tolerance, expected: dict | None = None,
+           mask_for=lambda name: True) -> list[TensorResult]:
+    """Compare every expected `e_prefix*` tensor with `a_prefix*`; names the backend adds are failures too.
+    Expected values are the case's goldens (judged against its truth) unless `expected` is given."""
+    golden, truth = (case.golden, case.truth) if expected is None else (expected, {})
+    exp = {k[len(e_prefix):]: v for k, v in golden.items() if k.startswith(e_prefix)}
     act = {k[len(a_prefix):]: v for k, v in actual.items() if k.startswith(a_prefix)}
-    results = [compare(a_prefix + k, act.get(k), e, tol) for k, e in sorted(exp.items())]
+    stage_rms = _stage_rms(golden, truth, [e_prefix + k for k in exp], mask_for) if truth else 0.0
+    params = _initial_parameters(case) if truth and any(".delta." in e_prefix + k for k in exp) else {}
+    results = []
+    for k, e in sorted(exp.items()):
+        full = e_prefix + k
+        exact = not isinstance(tol, TruthBound) or not needs_truth(full, e)
+        if exact:
+            results.append(compare(a_prefix + k, act.get(k), e, EXACT if isinstance(tol, TruthBound) else tol, mask=mask_for(full)))
+        else:
+            results.append(compare(a_prefix + k, act.get(k), e, tol, truth=truth[f"truth.{full}"],
+                                   sensitivity=truth.get(f"sens.{full}"), stage_rms=stage_rms, mask=mask_for(full),
+                                   param=params.get("weights." + full.split(".delta.", 1)[-1]) if ".delta." in full else None))
     for k in sorted(set(act) - set(exp)):
         results.append(TensorResult(a_prefix + k, False, problem="not expected: the reference has no such tensor", tolerance=tol.describe()))
     return results
+
+
+def _initial_parameters(case: Case) -> dict[str, np.ndarray]:
+    """θ₀ of every parameter, for judging changes Δθ; computed once per case."""
+    if "_initial" not in case.__dict__:
+        case.__dict__["_initial"] = expected_weights(case)
+    return case.__dict__["_initial"]
 
 
 def expected_weights(case: Case) -> dict[str, np.ndarray]:
@@ -98,6 +138,13 @@ def expected_weights(case: Case) -> dict[str, np.ndarray]:
     return {f"weights.{k}": v for k, v in tensors.items()}
 
 
+def forward_mask(case: Case):
+    """Forward outputs are judged at real tokens only: what a port computes at padded positions never
+    reaches the loss (HF-style attention masking changes it and trains identically)."""
+    mask = case.batch["attention_mask"].astype(bool)[..., None]
+    return lambda name: mask if name.startswith("forward.") else True
+
+
 def judge(stage: str, out: StageOutput, case: Case) -> StageResult:
     tol = tolerance(stage)
     res = StageResult(stage, FAIL, tolerance=tol.describe())
@@ -105,31 +152,31 @@ def judge(stage: str, out: StageOutput, case: Case) -> StageResult:
         res.message = out.error
         return res
     t, golden = out.tensors, case.golden
-    if stage in ("trajectory", "checkpoint") and f"{stage}.loss" in t:
+    if stage in ("trajectory", "checkpoint") and isinstance(t.get(f"{stage}.loss"), np.ndarray) and t[f"{stage}.loss"].size < 10_000:
         res.series = {"port": [float(x) for x in np.ravel(t[f"{stage}.loss"])], "reference": [float(x) for x in golden["trajectory.loss"]]}
     if stage == "weight_mapping":
-        res.tensors = _group(t, "weights.", expected_weights(case), "weights.", tol)
+        res.tensors = _group(t, "weights.", case, "weights.", tol, expected=expected_weights(case))
         report = out.meta.get("load_report") or {}
-        problems = {k: report.get(k) for k in ("missing", "unexpected", "mismatched") if report.get(k)}
-        if problems:
-            res.message = "; ".join(f"{k}: {', '.join(v)}" for k, v in problems.items())
+        if not isinstance(report, dict):
+            res.message = f"the load report is not a JSON object: {str(report)[:200]}"
+        else:
+            problems = {k: report.get(k) for k in ("missing", "unexpected", "mismatched") if report.get(k)}
+            if problems:
+                res.message = "; ".join(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in problems.items())
     elif stage == "checkpoint":
-        res.tensors = _group(t, "checkpoint.delta.", golden, "trajectory.delta.", tol)
-        res.tensors.append(compare("checkpoint.loss", t.get("checkpoint.loss"), golden["trajectory.loss"], tol))
+        res.tensors = _group(t, "checkpoint.delta.", case, "trajectory.delta.", tol)
+        res.tensors += _group(t, "checkpoint.loss", case, "trajectory.loss", tol)
         own = {k.replace("checkpoint.uninterrupted.", "checkpoint."): v for k, v in t.items() if k.startswith("checkpoint.uninterrupted.")}
-        resumed = _group(t, "checkpoint.delta.", own, "checkpoint.delta.", RESUME_SELF_CONSISTENCY)
-        resumed.append(compare("checkpoint.loss", t.get("checkpoint.loss"), own.get("checkpoint.loss"), RESUME_SELF_CONSISTENCY))
+        resumed = _group(t, "checkpoint.delta.", case, "checkpoint.delta.", RESUME_SELF_CONSISTENCY, expected=own)
+        resumed.append(compare("checkpoint.loss", t.get("checkpoint.loss"), own.get("checkpoint.loss", np.zeros(0)), RESUME_SELF_CONSISTENCY)
+                       if "checkpoint.loss" in own else TensorResult("checkpoint.loss", False, problem="no uninterrupted run to compare with"))
         for r in resumed:
             r.name = f"{r.name} (resumed vs own uninterrupted run)"
         res.tensors += resumed
     else:
         prefix = {"forward": "forward.", "shifted_slices": "shifted.", "loss": "loss.", "gradients": "grad.",
                   "optimizer": "optimizer.", "trajectory": "trajectory."}[stage]
-        res.tensors = _group(t, prefix, golden, prefix, tol)
-        if stage == "optimizer":  # the step counter is an integer: exact
-            for r in res.tensors:
-                if r.name == "optimizer.step":
-                    r.__dict__.update(compare("optimizer.step", t.get("optimizer.step"), golden["optimizer.step"], RESUME_SELF_CONSISTENCY).__dict__)
+        res.tensors = _group(t, prefix, case, prefix, tol, mask_for=forward_mask(case))
     if not res.tensors and not res.message:
         res.message = "nothing to compare"
     res.status = PASS if res.tensors and not res.failures and not res.message else FAIL
@@ -145,8 +192,15 @@ def audit(backend: Backend, case: Case, stages=STAGES) -> AuditResult:
     outputs = backend.run(case, stages)
     results = []
     for s in stages:
-        r = judge(s, outputs[s], case)
+        out = outputs.get(s) or StageOutput(error=f"the backend returned nothing for stage {s}")
+        try:
+            r = judge(s, out, case)
+        except Exception as e:  # a malformed output the checks above did not foresee: this stage's failure
+            r = StageResult(s, FAIL, message=f"could not judge the backend's output: {type(e).__name__}: {e}")
         if r.status == FAIL:
-            r.diagnosis = diagnose(r, outputs[s], case)
+            try:
+                r.diagnosis = diagnose(r, out, case)
+            except Exception as e:  # a rule that raises reports itself, never kills the audit
+                r.diagnosis = Diagnosis("diagnosis_failed", f"the diagnosis rule for {s} raised {type(e).__name__}: {e}", {})
         results.append(r)
     return AuditResult(case.name, backend.name, results)

@@ -6,7 +6,10 @@ Layout of `fixtures/<name>/`:
   settings.json          trainer settings (docs/training-step.md)
   lora_init.safetensors  initial adapters, for trainable = lora
   golden.safetensors     expected stage outputs, produced by the MLX reference and confirmed by the torch twin
+  truth.safetensors      the float64 truth of every golden float tensor (`offset.*` = truth - golden), and how far updates move
+                         when gradients move by their bound (`sens.*`): what verdicts are judged against
   case.json              description and the bug classes the case is built to expose
+  agreement.json         margins measured when the goldens were built (torch twin, transformers); informative
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ def _load(path: Path) -> dict[str, np.ndarray]:
         raise CaseError(f"{path} is not a readable safetensors file: {e}") from None
 
 
+def _finite(path: Path, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Goldens with NaN or Inf would judge nothing (every comparison with NaN is false): refuse them."""
+    for k, v in tensors.items():
+        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+            raise CaseError(f"{path} holds {int((~np.isfinite(v)).sum())} non-finite values in {k}: refusing to judge against it")
+    return tensors
+
+
 @dataclass(frozen=True)
 class Case:
     path: Path
@@ -62,14 +73,22 @@ class Case:
             return json.loads((self.path / "case.json").read_text())
         except FileNotFoundError:
             raise CaseError(f"{self.path} has no case.json: not a fixture") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise CaseError(f"{self.path / 'case.json'} is unreadable: {e}") from None
 
     @cached_property
     def settings_dict(self) -> dict:
-        return json.loads((self.path / "settings.json").read_text())
+        try:
+            return json.loads((self.path / "settings.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CaseError(f"{self.path / 'settings.json'} is unreadable: {e}") from None
 
     @cached_property
     def settings(self) -> TrainSettings:
-        return TrainSettings.from_dict(self.settings_dict)
+        try:
+            return TrainSettings.from_dict(self.settings_dict)
+        except ValueError as e:
+            raise CaseError(f"{self.path / 'settings.json'}: {e}") from None
 
     @cached_property
     def batch(self) -> dict[str, np.ndarray]:
@@ -77,7 +96,25 @@ class Case:
 
     @cached_property
     def golden(self) -> dict[str, np.ndarray]:
-        return _load(self.path / "golden.safetensors")
+        return _finite(self.path / "golden.safetensors", _load(self.path / "golden.safetensors"))
+
+    @cached_property
+    def truth(self) -> dict[str, np.ndarray]:
+        f = self.path / "truth.safetensors"
+        if not f.exists():
+            raise CaseError(f"{f} is missing: a fixture needs its float64 truth (`parity fixtures generate`)")
+        from .truth import needs_truth, read_truth
+
+        truth = read_truth(_finite(f, _load(f)), self.golden)
+
+        missing = [k for k, v in self.golden.items() if needs_truth(k, v) and f"truth.{k}" not in truth]
+        if missing:
+            raise CaseError(f"{f} has no truth for {len(missing)} golden tensors, e.g. {missing[0]}")
+        return truth
+
+    def check(self) -> None:
+        """Load and validate everything an audit reads, so a broken fixture is one clear error up front."""
+        self.info, self.settings, self.batch, self.golden, self.truth  # noqa: B018 (cached loads)
 
 
 def list_cases(root: Path = FIXTURES_DIR) -> list[Case]:

@@ -28,7 +28,13 @@ def transformers_forward(checkpoint: Path, input_ids: np.ndarray) -> dict[str, n
     return result
 
 
-def check_forward(checkpoint: Path, input_ids: np.ndarray, golden: dict[str, np.ndarray]) -> list[TensorResult]:
-    """Compare transformers' forward pass with the golden one at the forward stage's tolerance."""
+def check_forward(checkpoint: Path, input_ids: np.ndarray, mask: np.ndarray, reference: dict[str, np.ndarray],
+                  truth: dict[str, np.ndarray]) -> list[TensorResult]:
+    """Judge transformers' forward pass as a port: against the float64 truth, at the forward stage's
+    bound set by the reference's own float32 error, at real (unpadded) tokens."""
     tol = tolerance("forward")
-    return [compare(name, value, golden[name], tol) for name, value in transformers_forward(checkpoint, input_ids).items()]
+    m = mask.astype(bool)[..., None]
+    err = np.concatenate([(reference[k].astype(np.float64) - truth[k])[np.broadcast_to(m, truth[k].shape)] for k in reference])
+    stage_rms = float(np.sqrt(np.mean(err**2)))
+    return [compare(name, value, reference[name], tol, truth=truth[name], stage_rms=stage_rms, mask=m)
+            for name, value in transformers_forward(checkpoint, input_ids).items()]

@@ -45,8 +45,15 @@ class SessionFactory(Protocol):
     def resume(self, case, path: Path) -> Session: ...
 
 
+def _prec(s: Session):
+    """float32, or float64 for a session that computes the truth (the float64 twin)."""
+    return getattr(s, "precision", np.float32)
+
+
 def _f32(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32)
+    """Float arrays as float32, except float64 ones, which only the truth produces and keeps."""
+    x = np.asarray(x)
+    return x if x.dtype == np.float64 else x.astype(np.float32)
 
 
 def weight_mapping(s: Session, case) -> StageOutput:
@@ -66,12 +73,9 @@ def shifted_slices(s: Session, case) -> StageOutput:
     return StageOutput({"shifted.targets": np.asarray(targets, dtype=np.int32), "shifted.mask": _f32(mask)})
 
 
-def _loss_tensors(prefix: str, parts: dict[str, float]) -> dict[str, np.ndarray]:
-    return {f"{prefix}.{k}": np.array(parts[k], dtype=np.float32) for k in ("ce", "distrust", "total")}
-
-
 def loss(s: Session, case) -> StageOutput:
-    return StageOutput(_loss_tensors("loss", s.loss(case.batch)))
+    parts = s.loss(case.batch)
+    return StageOutput({f"loss.{k}": np.array(parts[k], dtype=_prec(s)) for k in ("ce", "distrust", "total")})
 
 
 def gradients(s: Session, case) -> StageOutput:
@@ -89,7 +93,7 @@ def optimizer(s: Session, case) -> StageOutput:
     out.update({f"optimizer.m.{k}": _f32(v) for k, v in state["m"].items()})
     out.update({f"optimizer.v.{k}": _f32(v) for k, v in state["v"].items()})
     out["optimizer.step"] = np.array(state["step"], dtype=np.int64)
-    out["optimizer.loss"] = np.array(parts["total"], dtype=np.float32)
+    out["optimizer.loss"] = np.array(parts["total"], dtype=_prec(s))
     return StageOutput(out)
 
 
@@ -103,7 +107,7 @@ def _run(s: Session, case, steps: int, initial: dict[str, np.ndarray], prefix: s
     Changes, not values: a parameter near 1 would hide a missed update inside a relative tolerance."""
     losses = [s.step(case.batch)["total"] for _ in range(steps)]
     out = {f"{prefix}.delta.{k}": v - initial[k] for k, v in _trainable(s).items() if k in initial}
-    out[f"{prefix}.loss"] = np.asarray(losses, dtype=np.float32)
+    out[f"{prefix}.loss"] = np.asarray(losses, dtype=_prec(s))
     return out
 
 
@@ -120,7 +124,7 @@ def checkpoint(s: Session, case, factory: SessionFactory) -> StageOutput:
         s.save_checkpoint(Path(tmp) / "ckpt")
         resumed = factory.resume(case, Path(tmp) / "ckpt")
         out = _run(resumed, case, n - k, initial, "checkpoint")
-    out["checkpoint.loss"] = np.concatenate([np.asarray(first, dtype=np.float32), out["checkpoint.loss"]])
+    out["checkpoint.loss"] = np.concatenate([np.asarray(first, dtype=_prec(s)), out["checkpoint.loss"]])
     fresh = factory.open(case, strict=False)
     out.update(_run(fresh, case, n, _trainable(fresh), "checkpoint.uninterrupted"))
     return StageOutput(out)

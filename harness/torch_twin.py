@@ -125,9 +125,9 @@ class TwinLlama(torch.nn.Module):
         self.head = None if c.tie_word_embeddings else Proj(c.hidden_size, c.vocab_size, False)
 
     def rope(self, T: int):
-        d = self.c.head_dim
-        inv_freq = 1.0 / (self.c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-        angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
+        d, dtype = self.c.head_dim, self.tok_emb.weight.dtype
+        inv_freq = 1.0 / (self.c.rope_theta ** (torch.arange(0, d, 2, dtype=dtype) / d))
+        angles = torch.outer(torch.arange(T, dtype=dtype), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
 
@@ -158,6 +158,10 @@ class TwinTrainer:
 
     def __init__(self, model: TwinLlama, settings: TrainSettings, lora_init: dict[str, torch.Tensor] | None = None):
         self.model, self.settings = model, settings
+        self.dtype = model.tok_emb.weight.dtype
+        # Added to every update's gradient (after accumulation, before clipping): how the float64 truth
+        # measures what a gradient error of a given size does to the updates (harness/truth.py).
+        self.grad_offset: dict[str, torch.Tensor] | None = None
         self.hf_to_twin = {}
         for name, _ in model.named_parameters():
             self.hf_to_twin[self._hf_name(name)] = name
@@ -178,7 +182,9 @@ class TwinTrainer:
         return {"tok_emb.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}[twin]
 
     @classmethod
-    def from_pretrained(cls, checkpoint, settings: TrainSettings, lora_init=None, strict: bool = True):
+    def from_pretrained(cls, checkpoint, settings: TrainSettings, lora_init=None, strict: bool = True,
+                        dtype: torch.dtype = torch.float32):
+        """Load float32 checkpoint tensors; compute in `dtype` (float64 for the truth)."""
         c = ModelConfig.from_file(checkpoint)
         model = TwinLlama(c)
         tensors = {}
@@ -204,6 +210,7 @@ class TwinTrainer:
         with torch.no_grad():
             for name, t in state.items():
                 own[name].copy_(t)
+        model.to(dtype)
         if isinstance(lora_init, (str, Path)):
             lora_init = load_file(str(lora_init))
         trainer = cls(model, settings, lora_init)
@@ -216,14 +223,14 @@ class TwinTrainer:
             for hf, tw in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
                 proj = getattr(self.model.blocks[i].attn, tw)
                 d_out, d_in = proj.weight.shape
-                a = torch.empty(d_in, lo.rank).uniform_(-d_in**-0.5, d_in**-0.5)
-                b = torch.zeros(lo.rank, d_out)
+                a = torch.empty(d_in, lo.rank, dtype=self.dtype).uniform_(-d_in**-0.5, d_in**-0.5)
+                b = torch.zeros(lo.rank, d_out, dtype=self.dtype)
                 for leaf, t in (("lora_a", a), ("lora_b", b)):
                     key = f"model.layers.{i}.self_attn.{hf}.{leaf}"
                     if init is not None:
                         if key not in init or init[key].shape != t.shape:
                             raise WeightLoadError(LoadReport(missing=[key]), Path("lora_init"))
-                        t = init[key].clone()
+                        t = init[key].to(self.dtype).clone()
                     setattr(proj, leaf, torch.nn.Parameter(t))
                     self.hf_to_twin[key] = f"blocks.{i}.attn.{tw}.{leaf}"
                 proj.scale = lo.scale
@@ -256,15 +263,10 @@ class TwinTrainer:
         return {hf: own[tw].detach() for hf, tw in sorted(self.hf_to_twin.items())}
 
     # --- numerics -------------------------------------------------------------------------
-    @staticmethod
-    def _batch(batch):
+    def _batch(self, batch):
         validate_batch(batch)
-        return (
-            torch.as_tensor(np.asarray(batch["input_ids"], dtype=np.int64)),
-            torch.as_tensor(np.asarray(batch["attention_mask"], dtype=np.float32)),
-            torch.as_tensor(np.asarray(batch["auth_weight"], dtype=np.float32)),
-            torch.as_tensor(np.asarray(batch["prov_entropy"], dtype=np.float32)),
-        )
+        floats = (np.asarray(batch[k], dtype=np.float32) for k in ("attention_mask", "auth_weight", "prov_entropy"))
+        return (torch.as_tensor(np.asarray(batch["input_ids"], dtype=np.int64)), *(torch.as_tensor(x).to(self.dtype) for x in floats))
 
     def forward(self, input_ids):
         with torch.no_grad():
@@ -303,8 +305,10 @@ class TwinTrainer:
             for k in sums:
                 sums[k] += parts[k]
         grads = {k: g / n for k, g in acc.items()} if n > 1 else acc
+        if self.grad_offset is not None:
+            grads = {k: g + self.grad_offset[k] for k, g in grads.items()}
         if self.settings.clip_norm is not None:
-            total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).float()
+            total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).to(self.dtype)
             coef = torch.clamp(self.settings.clip_norm / (total + 1e-6), max=1.0)
             grads = {k: g * coef for k, g in grads.items()}
         self._adamw(grads)
@@ -337,7 +341,8 @@ class TwinTrainer:
         save_file({k: v.contiguous() for k, v in self.parameters().items()}, str(path / "params.safetensors"))
         opt = {f"m.{k}": v for k, v in self.m.items()} | {f"v.{k}": v for k, v in self.v.items()}
         save_file(opt, str(path / "optimizer.safetensors"))
-        meta = {"step": self.step_count, "settings": self.settings.to_dict(), "config": self.model.c.to_hf_dict()}
+        meta = {"step": self.step_count, "settings": self.settings.to_dict(), "config": self.model.c.to_hf_dict(),
+                "dtype": str(self.dtype).removeprefix("torch.")}
         (path / "twin.json").write_text(json.dumps(meta))
 
     @classmethod
@@ -347,7 +352,8 @@ class TwinTrainer:
         settings = TrainSettings.from_dict(meta["settings"])
         params = load_file(str(path / "params.safetensors"))
         lora = {k: v for k, v in params.items() if k.endswith(("lora_a", "lora_b"))} or None
-        trainer = cls(TwinLlama(ModelConfig.from_dict(meta["config"])), settings, lora)
+        model = TwinLlama(ModelConfig.from_dict(meta["config"])).to(getattr(torch, meta.get("dtype", "float32")))
+        trainer = cls(model, settings, lora)
         own = dict(trainer.model.named_parameters())
         if set(params) != set(trainer.hf_to_twin):
             raise WeightLoadError(LoadReport(missing=sorted(set(trainer.hf_to_twin) - set(params)), unexpected=sorted(set(params) - set(trainer.hf_to_twin))), path)

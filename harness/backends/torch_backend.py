@@ -1,4 +1,5 @@
-"""The independent PyTorch twin as a backend."""
+"""The independent PyTorch twin as a backend: in float32 an audited port like any other, in float64 the
+truth that verdicts rest on (harness/truth.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from .base import TrainerBackend, TrainerSession
 
 
 class TorchSession(TrainerSession):
+    def __init__(self, trainer, report: dict, grad_offset=None):
+        super().__init__(trainer, report)
+        self.precision = np.float64 if trainer.dtype == torch.float64 else np.float32
+        trainer.grad_offset = grad_offset
+
     def to_numpy(self, x) -> np.ndarray:
         return np.array(x.detach().numpy(), order="C")
 
@@ -28,9 +34,16 @@ class TorchSession(TrainerSession):
 class TorchBackend(TrainerBackend):
     name = "torch"
 
+    def __init__(self, dtype: torch.dtype = torch.float32, grad_offset: dict[str, np.ndarray] | None = None):
+        """`grad_offset` (by parameter name) is added to the gradient of every update: float64 only."""
+        self.dtype = dtype
+        self.grad_offset = None if grad_offset is None else {k: torch.as_tensor(v, dtype=dtype) for k, v in grad_offset.items()}
+        if dtype != torch.float32:
+            self.name = f"torch-{str(dtype).removeprefix('torch.')}"
+
     def open(self, case, strict: bool = True) -> TorchSession:
-        trainer, report = TwinTrainer.from_pretrained(case.checkpoint, case.settings, case.lora_init, strict=strict)
-        return TorchSession(trainer, report.to_dict())
+        trainer, report = TwinTrainer.from_pretrained(case.checkpoint, case.settings, case.lora_init, strict=strict, dtype=self.dtype)
+        return TorchSession(trainer, report.to_dict(), self.grad_offset)
 
     def resume(self, case, path: Path) -> TorchSession:
-        return TorchSession(TwinTrainer.load_checkpoint(path), {})
+        return TorchSession(TwinTrainer.load_checkpoint(path), {}, self.grad_offset)

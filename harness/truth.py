@@ -1,0 +1,77 @@
+"""The float64 truth a verdict rests on: the torch twin run in float64 on a case's inputs.
+
+For every float tensor of the goldens it stores the truth as its offset from the golden,
+`offset.<name>` = truth - golden in float32 (the offset is the reference's own rounding error, so
+float32 keeps it to 7 digits at half the size of float64 truth). For the optimizer and
+trajectory outputs it also stores `sens.<name>`: how far the float64 update moves when every gradient
+moves by the gradient stage's own bound (run once with +bound, once with -bound, the larger change
+kept). That is the conditioning of each element: an Adam update whose gradient is at noise level (or
+analytically zero) moves by up to lr, one with a large gradient hardly at all. A port whose gradients
+pass may therefore differ there by that much, and no more (harness/tolerances.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .stages import StageOutput
+from .tolerances import tolerance
+
+TRUTH_FILE = "truth.safetensors"
+TRUTH_STAGES = ("forward", "loss", "gradients", "optimizer", "trajectory")
+SENSITIVE_STAGES = ("optimizer", "trajectory")
+JUDGED_PREFIXES = ("forward.", "loss.", "grad.", "optimizer.", "trajectory.")
+
+
+def needs_truth(name: str, golden: np.ndarray) -> bool:
+    """Computed float tensors are judged against the truth; integers and the shifted slices are exact."""
+    return name.startswith(JUDGED_PREFIXES) and np.issubdtype(golden.dtype, np.floating)
+
+
+def _floats(outputs: dict[str, StageOutput], golden: dict) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, np.float64) for o in outputs.values() for k, v in o.tensors.items()
+            if k in golden and needs_truth(k, golden[k])}
+
+
+def _run(backend, case, stages) -> dict[str, StageOutput]:
+    outputs = backend.run(case, stages)
+    errors = {s: o.error for s, o in outputs.items() if o.error}
+    if errors:
+        raise RuntimeError(f"{case.name}: the float64 twin failed: {errors}")
+    return outputs
+
+
+def gradient_bounds(case, golden: dict, truth: dict) -> dict[str, np.ndarray]:
+    """The gradient stage's bound per element, by parameter name: the gradient error a port may make."""
+    tol = tolerance("gradients")
+    names = [k for k in golden if k.startswith("grad.")]
+    err = np.concatenate([(golden[k].astype(np.float64) - truth[k]).ravel() for k in names]) if names else np.zeros(0)
+    stage_rms = float(np.sqrt(np.mean(err**2))) if err.size else 0.0
+    return {k.removeprefix("grad."): tol.bound(golden[k], truth[k], None, stage_rms) for k in names}
+
+
+def build_truth(case, golden: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`offset.*` and `sens.*` tensors for a case whose goldens the MLX reference has just produced."""
+    import torch
+
+    from .backends.torch_backend import TorchBackend
+
+    truth = _floats(_run(TorchBackend(torch.float64), case, TRUTH_STAGES), golden)
+    missing = sorted(k for k, v in golden.items() if needs_truth(k, v) and k not in truth)
+    if missing:
+        raise RuntimeError(f"{case.name}: the float64 twin produced no {missing[0]}")
+    bounds = gradient_bounds(case, golden, truth)
+    sens: dict[str, np.ndarray] = {}
+    for sign in (1.0, -1.0):
+        moved = _floats(_run(TorchBackend(torch.float64, {k: sign * b for k, b in bounds.items()}), case, SENSITIVE_STAGES), golden)
+        for k, v in moved.items():
+            sens[k] = np.maximum(sens.get(k, 0.0), np.abs(v - truth[k]))
+    offsets = {f"offset.{k}": (v - golden[k].astype(np.float64)).astype(np.float32) for k, v in truth.items()}
+    return offsets | {f"sens.{k}": v.astype(np.float32) for k, v in sens.items()}
+
+
+def read_truth(stored: dict[str, np.ndarray], golden: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`truth.<name>` (float64, golden + offset) and `sens.<name>` from a stored truth file."""
+    truth = {f"truth.{k.removeprefix('offset.')}": golden[k.removeprefix("offset.")].astype(np.float64) + v
+             for k, v in stored.items() if k.startswith("offset.") and k.removeprefix("offset.") in golden}
+    return truth | {k: v for k, v in stored.items() if k.startswith("sens.")}
