@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 fixtures_app = typer.Typer(help="Generate and verify the golden fixtures.", no_args_is_help=True)
@@ -24,7 +25,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def fail_input(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -49,6 +50,8 @@ def audit(
     from .report import print_results, results_json
     from .stages import STAGES
 
+    from .fixtures import MANIFEST, check_hashes
+
     root = fixtures_dir or FIXTURES_DIR
     try:
         cases = [find_case(n, root) for n in fixture] if fixture else list_cases(root)
@@ -57,6 +60,21 @@ def audit(
         fail_input(str(e))
     if not cases:
         fail_input(f"no fixtures in {root}; run `parity fixtures generate`")
+    for b in backends if backend else []:  # a backend asked for by name must run: a typo is never a pass
+        reason = b.unavailable()
+        if reason:
+            fail_input(f"backend {b.name} cannot run: {reason}")
+    if (root / MANIFEST).exists():
+        problems = check_hashes(root, [c.name for c in cases])
+        if problems:
+            fail_input(f"fixtures differ from {root / MANIFEST} (`parity fixtures verify` says more):\n  " + "\n  ".join(problems))
+    else:
+        err.print(f"note: {escape(str(root))} has no {MANIFEST}: fixture files are not hash-checked", highlight=False)
+    for c in cases:
+        try:
+            c.check()
+        except CaseError as e:
+            fail_input(str(e))
     if report and report.suffix not in (".md", ".html"):
         fail_input(f"--report must end in .md or .html, got {report.name}")
     stages = list(stage or STAGES)
@@ -110,13 +128,13 @@ def selftest(
         table.add_column(col)
     for m in result["mutants"]:
         ok = "[green]yes[/]" if m["caught"] else "[bold red]NO[/]"
-        table.add_row(m["name"], m["via"], m["fixture"], m["expected_stage"], m["detected_stage"] or "-", m["diagnosis"] or "-", ok)
+        table.add_row(*(escape(str(x)) for x in (m["name"], m["via"], m["fixture"], m["expected_stage"], m["detected_stage"] or "-", m["diagnosis"] or "-")), ok)
     console.print(table)
     caught = sum(m["caught"] for m in result["mutants"])
     console.print(f"{caught}/{len(result['mutants'])} mutant runs caught; false alarms on correct backends "
                   f"({', '.join(result['correct_backends'])}): {result['false_alarms']}")
     for fa in result["false_alarm_details"]:
-        console.print(f"[bold red]false alarm[/] {fa['backend']} on {fa['fixture']} at {fa['stage']}: {fa['message']}", highlight=False)
+        console.print(f"[bold red]false alarm[/] {escape(fa['backend'])} on {fa['fixture']} at {fa['stage']}: {escape(fa['message'])}", highlight=False)
     if json_path:
         write_atomic(json_path, json.dumps(result, indent=2) + "\n")
         console.print(f"JSON written to {json_path}")
@@ -143,10 +161,10 @@ def fixtures_generate(
             messages = generate(fixtures_dir or FIXTURES_DIR, name or None, force, progress=lambda n: progress.advance(task))
         except FixtureError as e:
             progress.stop()
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(1)
     for m in messages:
-        console.print(m, highlight=False)
+        console.print(escape(m), highlight=False)
 
 
 @fixtures_app.command("verify")
@@ -167,9 +185,10 @@ def fixtures_verify(
         problems = verify(root, regenerate=not no_regenerate, progress=lambda _: progress.advance(task))
     if problems:
         for p in problems:
-            err.print(f"[red]✗[/] {p}", highlight=False)
+            err.print(f"[red]✗[/] {escape(p)}", highlight=False)
         raise typer.Exit(1)
-    console.print(f"all fixtures in {root} match the manifest" + ("" if no_regenerate else " and regenerate identically"))
+    console.print(f"all fixtures in {escape(str(root))} match the manifest" + ("" if no_regenerate else
+                  " and regenerate: inputs bit for bit, goldens bit for bit on their platform and within the bound elsewhere"), highlight=False)
 
 
 @app.command()

@@ -241,6 +241,10 @@ def _judged_changes(old: Path, new: Path) -> list[str]:
     new_s = {k: v for k, v in fresh.truth.items() if k.startswith("sens.")}
     if set(old_s) != set(new_s):
         lines.append(f"  ~ {TRUTH_FILE}: sensitivities for different tensors")
+    for k in sorted(set(old_s) & set(new_s)):
+        moved = float(np.abs(old_s[k].astype(np.float64) - new_s[k]).max(initial=0.0))
+        if moved > 0.01 * float(np.abs(old_s[k]).max(initial=0.0)):
+            lines.append(f"  ~ {TRUTH_FILE}: {k} moved by {moved:.3g}, over 1 % of its largest value")
     return lines
 
 

@@ -1,22 +1,34 @@
 """pytest plugin (entry point `parity`): audit a port from its own test suite.
 
+One test item per backend, fixture and stage, so a port's CI (and its JUnit report) shows which stage
+broke, and `-k forward` selects one:
+
+    def test_port_stage(parity_stage):
+        parity_stage.assert_passes()
+
+Or one test for whole audits:
+
     def test_port_trains_like_the_reference(parity):
-        parity.assert_passes()                      # backends and fixtures from the command line
+        parity.assert_passes()
 
     pytest --parity-backend "cmd:./target/release/my-port-adapter" --parity-fixture gqa_padded
 
-A failure names the stage, the tensor, the largest difference, where it is, and the diagnosis.
+There is no default backend: a suite that forgets `--parity-backend` fails, it never audits the
+reference in the port's place. A failure names the stage, the tensor, the largest error, where it
+is, and the diagnosis.
 """
 
 from __future__ import annotations
 
 import pytest
 
+NO_BACKEND = "no backend to audit: pass --parity-backend (mlx, torch, mlx-rs, mutant:NAME or \"cmd:<command line>\")"
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("parity", "mlx-parity audits")
     group.addoption("--parity-backend", action="append", default=None,
-                    help="backend to audit (repeatable): mlx, torch, mlx-rs, mutant:NAME, \"cmd:<command line>\"")
+                    help="backend to audit (repeatable, required): mlx, torch, mlx-rs, mutant:NAME, \"cmd:<command line>\"")
     group.addoption("--parity-fixture", action="append", default=None, help="fixture name (repeatable; default: all bundled)")
     group.addoption("--parity-fixtures-dir", default=None, help="folder of fixtures (default: the bundled ones)")
     group.addoption("--parity-timeout", type=float, default=300.0, help="seconds per stage for cmd: backends")
@@ -26,48 +38,111 @@ class ParityAuditFailed(AssertionError):
     pass
 
 
+def _root(fixtures_dir):
+    from pathlib import Path
+
+    from harness.case import FIXTURES_DIR
+
+    return Path(fixtures_dir) if fixtures_dir else FIXTURES_DIR
+
+
+def _audit_once(config, backend: str, case):
+    """Audits are cached per session: every stage item of one (backend, fixture) shares one run."""
+    from harness.audit import audit
+    from harness.backends import get_backend
+
+    cache = config.stash.setdefault(_CACHE, {})
+    key = (backend, str(case.path))
+    if key not in cache:
+        b = get_backend(backend, config.getoption("--parity-timeout"))
+        reason = b.unavailable()
+        if reason:
+            raise ParityAuditFailed(f"backend {b.name} cannot run: {reason}")
+        case.check()
+        cache[key] = audit(b, case)
+    return cache[key]
+
+
+_CACHE = pytest.StashKey[dict]()
+
+
 class Parity:
-    """The `parity` fixture: run audits and assert they pass, with a message worth reading."""
+    """The `parity` fixture: run whole audits and assert they pass, with a message worth reading."""
 
     def __init__(self, config):
+        self.config = config
         self.backends = config.getoption("--parity-backend")
         self.fixtures = config.getoption("--parity-fixture")
         self.fixtures_dir = config.getoption("--parity-fixtures-dir")
-        self.timeout = config.getoption("--parity-timeout")
 
-    def audit(self, backends: list[str] | None = None, fixtures: list[str] | None = None, stages=None):
-        from pathlib import Path
+    def audit(self, backends: list[str] | None = None, fixtures: list[str] | None = None):
+        from harness.case import find_case, list_cases
 
-        from harness.audit import audit
-        from harness.backends import get_backend
-        from harness.case import FIXTURES_DIR, find_case, list_cases
-        from harness.stages import STAGES
-
-        root = Path(self.fixtures_dir) if self.fixtures_dir else FIXTURES_DIR
-        names = fixtures or self.fixtures
+        chosen = backends or self.backends
+        if not chosen:
+            raise ParityAuditFailed(NO_BACKEND)
+        root, names = _root(self.fixtures_dir), fixtures or self.fixtures
         cases = [find_case(n, root) for n in names] if names else list_cases(root)
-        chosen = backends or self.backends or ["mlx"]
-        return [audit(get_backend(b, self.timeout), c, stages or STAGES) for b in chosen for c in cases]
+        if not cases:
+            raise ParityAuditFailed(f"no fixtures in {root}")
+        return [_audit_once(self.config, b, c) for b in chosen for c in cases]
 
-    def assert_passes(self, backends: list[str] | None = None, fixtures: list[str] | None = None, stages=None):
-        results = self.audit(backends, fixtures, stages)
+    def assert_passes(self, backends: list[str] | None = None, fixtures: list[str] | None = None):
+        results = self.audit(backends, fixtures)
         failed = [r for r in results if r.verdict != "pass"]
         if failed:
             raise ParityAuditFailed("\n".join(explain(r) for r in failed))
         return results
 
 
-def explain(result) -> str:
+class StageCheck:
+    """The `parity_stage` fixture: one stage of one fixture for one backend."""
+
+    def __init__(self, config, backend: str | None, fixture: str | None, stage: str | None):
+        self.config, self.backend, self.fixture, self.stage = config, backend, fixture, stage
+
+    def assert_passes(self):
+        from harness.case import find_case
+
+        if self.backend is None:
+            raise ParityAuditFailed(NO_BACKEND)
+        result = _audit_once(self.config, self.backend, find_case(self.fixture, _root(self.config.getoption("--parity-fixtures-dir"))))
+        stage = next(s for s in result.stages if s.name == self.stage)
+        if stage.status != "pass":
+            raise ParityAuditFailed(explain_stage(result, stage))
+        return stage
+
+
+def pytest_generate_tests(metafunc):
+    if "parity_stage" not in metafunc.fixturenames:
+        return
+    from harness.case import list_cases
+    from harness.stages import STAGES
+
+    config = metafunc.config
+    backends = config.getoption("--parity-backend")
+    if not backends:
+        metafunc.parametrize("parity_stage", [(None, None, None)], ids=["no-backend"], indirect=True)
+        return
+    names = config.getoption("--parity-fixture") or [c.name for c in list_cases(_root(config.getoption("--parity-fixtures-dir")))]
+    params = [(b, f, s) for b in backends for f in names for s in STAGES]
+    metafunc.parametrize("parity_stage", params, ids=[f"{b}-{f}-{s}" for b, f, s in params], indirect=True)
+
+
+@pytest.fixture
+def parity_stage(request) -> StageCheck:
+    backend, fixture, stage = getattr(request, "param", (None, None, None))
+    return StageCheck(request.config, backend, fixture, stage)
+
+
+def explain_stage(result, st) -> str:
     from harness.report import format_evidence
 
-    st = result.first_failure()
-    if st is None:
-        return f"{result.backend} on {result.fixture}: skipped ({result.stages[0].message})"
-    lines = [f"{result.backend} on {result.fixture}: stage {st.name} fails"]
+    lines = [f"{result.backend} on {result.fixture}: stage {st.name} {'fails' if st.status == 'fail' else 'was skipped'}"]
     w = st.worst()
     if w is not None:
-        lines.append(f"  tensor {w.name}: " + (w.problem or f"max abs diff {w.max_abs:.3g}, max rel diff {w.max_rel:.3g} at {w.where}, "
-                                                            f"{w.mismatched}/{w.total} elements outside {w.tolerance}"))
+        lines.append(f"  tensor {w.name}: " + (w.problem or f"max abs error {w.max_abs:.3g} at {w.where}, margin {w.ratio:.3g}, "
+                                                            f"{w.mismatched}/{w.total} elements past the bound ({w.tolerance})"))
     else:
         lines.append(f"  {st.message}")
     if st.diagnosis:
@@ -75,6 +150,13 @@ def explain(result) -> str:
         if st.diagnosis.evidence:
             lines.append(f"  evidence: {format_evidence(st.diagnosis.evidence)}")
     return "\n".join(lines)
+
+
+def explain(result) -> str:
+    st = result.first_failure()
+    if st is None:
+        return f"{result.backend} on {result.fixture}: skipped ({result.stages[0].message})"
+    return explain_stage(result, st)
 
 
 @pytest.fixture

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .audit import AuditResult
 from .stages import STAGES
 
-JSON_SCHEMA_VERSION = 1
+JSON_SCHEMA_VERSION = 2  # 2: errors are measured against the float64 truth; "margin" per stage
 STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow"}
 SHORT = {"weight_mapping": "weights", "forward": "forward", "shifted_slices": "shift", "loss": "loss",
          "gradients": "grads", "optimizer": "optim", "trajectory": "traject", "checkpoint": "ckpt"}
@@ -41,21 +42,23 @@ def print_results(console: Console, results: list[AuditResult], verbose: bool = 
         table.add_column(SHORT.get(s, s), justify="center")
     table.add_column("verdict")
     for r in results:
-        cells = [f"[{STYLE[s.status]}]{s.status}[/]" for s in r.stages]
-        table.add_row(r.fixture, r.backend, *cells, f"[{STYLE[r.verdict]}]{r.verdict}[/]")
+        cells = [f"[{STYLE[s.status]}]{s.status}[/]" + (f" {s.margin:.2f}" if s.status != "skip" and not s.message.startswith(("the port", "timed out")) and s.tensors else "")
+                 for s in r.stages]
+        table.add_row(escape(r.fixture), escape(r.backend), *cells, f"[{STYLE[r.verdict]}]{r.verdict}[/]")
     console.print(table)
+    console.print("each cell: status and margin, the largest error / bound of the stage (at most 1 passes)", highlight=False)
     for r in results:
         for s in r.stages:
             if s.status == "pass":
                 continue
-            console.print(f"[{STYLE[s.status]}]{s.status}[/] {r.backend} on {r.fixture}, stage {s.name}: {s.message}", highlight=False)
+            console.print(f"[{STYLE[s.status]}]{s.status}[/] {escape(r.backend)} on {escape(r.fixture)}, stage {s.name}: {escape(s.message)}", highlight=False)
             if s.diagnosis:
-                console.print(f"    [bold]diagnosis[/] ({s.diagnosis.code}): {s.diagnosis.summary}", highlight=False)
+                console.print(f"    [bold]diagnosis[/] ({escape(s.diagnosis.code)}): {escape(s.diagnosis.summary)}", highlight=False)
                 if s.diagnosis.evidence:
-                    console.print(f"    evidence: {format_evidence(s.diagnosis.evidence)}", highlight=False)
+                    console.print(f"    evidence: {escape(format_evidence(s.diagnosis.evidence))}", highlight=False)
             if verbose:
                 for t in s.failures:
-                    console.print(f"    {t.describe()}", highlight=False)
+                    console.print(f"    {escape(t.describe())}", highlight=False)
             if not verbose and s.status == "fail":
                 break  # later stages inherit the first failure; -v shows them all
     passed = sum(r.verdict == "pass" for r in results)

@@ -1,6 +1,7 @@
 """The `parity` command: exit codes, JSON, the table, and `parity train` on its embedded default."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -77,3 +78,73 @@ def test_train_rejects_bad_data_with_its_line(tmp_path):
     data.write_text('{"text": "ok", "auth_weight": 0.5, "prov_entropy": 1}\n{"text": "bad", "auth_weight": 1.5, "prov_entropy": 1}\n')
     r = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1"])
     assert r.exit_code == 2 and "d.jsonl:2" in r.output and "auth_weight 1.5" in r.output
+
+
+def _copy(tmp_path, name="head", manifest=False):
+    root = tmp_path / "fx"
+    shutil.copytree(FIXTURES_DIR / name, root / name)
+    if manifest:
+        shutil.copy(FIXTURES_DIR / "manifest.json", root / "manifest.json")
+    return root
+
+
+def test_audit_refuses_a_golden_with_nan(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    root = _copy(tmp_path)
+    f = root / "head" / "golden.safetensors"
+    g = load_file(str(f))
+    g["forward.logits"][0, 0, 0] = np.nan
+    save_file(g, str(f))
+    r = runner.invoke(app, ["audit", "--fixtures-dir", str(root), "-b", "mlx"])
+    assert r.exit_code == 2, r.output
+    assert "non-finite values in forward.logits" in r.output
+
+
+def test_audit_refuses_a_truncated_golden_in_one_line(tmp_path):
+    root = _copy(tmp_path)
+    f = root / "head" / "golden.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    r = runner.invoke(app, ["audit", "--fixtures-dir", str(root), "-b", "mlx"])
+    assert r.exit_code == 2, r.output
+    assert "not a readable safetensors file" in r.output and "Traceback" not in r.output
+
+
+def test_audit_checks_hashes_against_the_manifest(tmp_path):
+    root = _copy(tmp_path, manifest=True)
+    (root / "head" / "settings.json").write_text((root / "head" / "settings.json").read_text() + " ")
+    r = runner.invoke(app, ["audit", "--fixtures-dir", str(root), "-f", "head", "-b", "mlx"])
+    assert r.exit_code == 2 and "head/settings.json: sha256" in r.output
+
+
+def test_audit_says_when_it_cannot_check_hashes(tmp_path):
+    r = runner.invoke(app, ["audit", "--fixtures-dir", str(_copy(tmp_path)), "-b", "mlx", "-s", "loss"])
+    assert r.exit_code == 0 and "fixture files are not hash-checked" in r.output
+
+
+def test_audit_of_a_named_backend_that_cannot_run_exits_2():
+    r = runner.invoke(app, ["audit", "-f", "head", "-b", "cmd:/nonexistent/adapter"])
+    assert r.exit_code == 2 and "cannot run" in r.output and "/nonexistent/adapter" in r.output
+
+
+def test_audit_table_shows_the_margin():
+    r = runner.invoke(app, ["audit", "-f", "head", "-b", "torch", "-s", "loss"])
+    assert r.exit_code == 0
+    assert re.search(r"pass 0\.\d\d", r.output), r.output
+    assert "largest error / bound" in r.output
+
+
+def test_text_in_square_brackets_is_printed_as_is():
+    from rich.console import Console
+
+    from harness.audit import AuditResult, StageResult
+    from harness.diagnosis import Diagnosis
+    from harness.report import print_results
+
+    console = Console(record=True, width=200)
+    stage = StageResult("weight_mapping", "fail", message="missing: [model.norm.weight]",
+                        diagnosis=Diagnosis("x", "keys [a] and [b]", {"missing": ["lm_head.weight"]}))
+    print_results(console, [AuditResult("head", "cmd:port [v2]", [stage])])
+    text = console.export_text()
+    assert "missing: [model.norm.weight]" in text and "keys [a] and [b]" in text
+    assert "missing = [lm_head.weight]" in text and "cmd:port [v2]" in text

@@ -38,17 +38,22 @@ def test_torch_matches_mlx_directly(case):
 
 
 def test_transformers_oracle_agrees(case):
-    results = check_forward(case.checkpoint, case.batch["input_ids"], base_forward(case))
+    results = check_forward(case.checkpoint, case.batch["input_ids"], case.batch["attention_mask"], *base_forward(case))
     assert results and all(r.passed for r in results), [r.describe() for r in results if not r.passed]
 
 
-def test_transformers_oracle_detects_a_wrong_forward():
+def test_transformers_oracle_detects_a_wrong_forward(monkeypatch):
+    """transformers' logits 0.1 % off (as a wrong checkpoint conversion would make them) fail the check."""
+    from harness import oracle
+
     from .conftest import CASES
 
+    real = oracle.transformers_forward
+    monkeypatch.setattr(oracle, "transformers_forward", lambda *a: (lambda o: o | {"forward.logits": o["forward.logits"] * 1.001})(real(*a)))
     case = CASES["gqa_padded"]
-    golden = base_forward(case)
-    golden["forward.logits"] = golden["forward.logits"] * 1.001
-    assert not all(r.passed for r in check_forward(case.checkpoint, case.batch["input_ids"], golden))
+    reference, truth = base_forward(case)
+    bad = [r for r in check_forward(case.checkpoint, case.batch["input_ids"], case.batch["attention_mask"], reference, truth) if not r.passed]
+    assert [r.name for r in bad] == ["forward.logits"]
 
 
 def test_oracle_hidden_states_are_per_layer():

@@ -57,5 +57,6 @@ def test_a_hanging_stage_times_out():
 
 
 def test_a_missing_program_is_unavailable_not_a_crash():
+    """audit() reports it as skipped; the CLI and the plugin turn a named backend that cannot run into an error."""
     result = audit(get_backend("cmd:/nonexistent/port --flag"), CASES["head"], ("loss",))
     assert result.verdict == "skip" and "not an executable" in result.stages[0].message

@@ -28,3 +28,47 @@ def test_plugin_failure_names_stage_tensor_and_diagnosis(pytester):
 
 def test_plugin_options_are_registered(pytestconfig):
     assert pytestconfig.getoption("--parity-timeout") == pytest.approx(300.0)
+
+
+STAGE_TEST = """
+def test_stage(parity_stage):
+    parity_stage.assert_passes()
+"""
+
+
+def test_plugin_without_a_backend_fails_instead_of_auditing_the_reference(pytester):
+    pytester.makepyfile(PORT_TEST)
+    result = pytester.runpytest("--parity-fixture", "head")
+    result.assert_outcomes(failed=1)
+    assert "no backend to audit" in result.stdout.str()
+
+
+def test_plugin_stage_items_without_a_backend_fail(pytester):
+    pytester.makepyfile(STAGE_TEST)
+    result = pytester.runpytest("--parity-fixture", "head")
+    result.assert_outcomes(failed=1)
+    assert "no backend to audit" in result.stdout.str()
+
+
+def test_plugin_gives_one_item_per_fixture_and_stage(pytester):
+    pytester.makepyfile(STAGE_TEST)
+    result = pytester.runpytest("--parity-backend", "mutant:no_shift", "--parity-fixture", "gqa_padded", "-v",
+                                "--junitxml", str(pytester.path / "junit.xml"))
+    result.assert_outcomes(passed=2, failed=6)  # weights and forward come before the bug and pass
+    out = result.stdout.str()
+    assert "test_stage[mutant:no_shift-gqa_padded-shifted_slices] FAILED" in out
+    assert "test_stage[mutant:no_shift-gqa_padded-forward] PASSED" in out
+    assert (pytester.path / "junit.xml").read_text().count("<testcase") == 8
+
+
+def test_plugin_stage_items_select_with_k(pytester):
+    pytester.makepyfile(STAGE_TEST)
+    result = pytester.runpytest("--parity-backend", "mlx", "--parity-fixture", "head", "-k", "forward")
+    result.assert_outcomes(passed=1, deselected=7)
+
+
+def test_plugin_missing_adapter_fails(pytester):
+    pytester.makepyfile(PORT_TEST)
+    result = pytester.runpytest("--parity-backend", "cmd:/nonexistent/adapter", "--parity-fixture", "head")
+    result.assert_outcomes(failed=1)
+    assert "cannot run" in result.stdout.str()
