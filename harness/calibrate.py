@@ -1,5 +1,5 @@
-"""Measure the noise each tolerance must cover: every backend against every fixture's goldens,
-reported as the share of the tolerance bound used (below 1 passes) and the elements past it.
+"""Measure the noise each tolerance must cover: every backend against every fixture, reported as the
+margin (largest error / bound, at most 1 passes) per stage, and the worst over all fixtures.
 
     python -m harness.calibrate [FIXTURES_DIR] [--backend torch ...]
 """
@@ -21,13 +21,18 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     for name in args.backend or ["torch"]:
         backend = get_backend(name)
+        worst: dict[str, tuple[float, str]] = {}
         for case in list_cases(args.root):
             for st in audit(backend, case).stages:
-                worst = max(st.tensors, key=lambda t: t.ratio, default=None)
+                top = max(st.tensors, key=lambda t: t.ratio, default=None)
                 over = sum(t.mismatched for t in st.tensors)
                 total = sum(t.total for t in st.tensors)
-                print(f"{name:6} {case.name:18} {st.name:15} {st.status:5} bound used {worst.ratio if worst else 0:9.3g} "
-                      f"past bound {over}/{total}  worst {worst.name if worst else '-'}")
+                print(f"{name:6} {case.name:18} {st.name:15} {st.status:5} margin {st.margin:9.3g} "
+                      f"past bound {over}/{total}  worst {top.name if top else '-'}")
+                if st.margin >= worst.get(st.name, (-1.0, ""))[0]:
+                    worst[st.name] = (st.margin, case.name)
+        for stage, (margin, fixture) in worst.items():
+            print(f"{name:6} worst {stage:15} margin {margin:.3g} ({fixture})")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from rich.markup import escape
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 fixtures_app = typer.Typer(help="Generate and verify the golden fixtures.", no_args_is_help=True)
 app.add_typer(fixtures_app, name="fixtures")
-console = Console(stderr=False, width=None if sys.stdout.isatty() else 120)
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
 
 

@@ -110,7 +110,7 @@ def _weights(result, out, case) -> Diagnosis | None:
         return Diagnosis("key_mapping", "parameters hold another key's checkpoint tensor (a rename or swap in the key map)",
                          {"holds": by_value})
     stats = {}
-    for name in wrong[:8]:
+    for name in [w for w in wrong if np.size(actual[w]) and np.size(expected[w])][:8]:
         a, e = _f64(actual[name]), _f64(expected[name])
         corr = float(np.corrcoef(a.ravel(), e.ravel())[0, 1]) if a.size > 1 and a.std() > 0 and e.std() > 0 else 0.0
         stats[name.removeprefix("weights.")] = {"mean": round(float(a.mean()), 5), "std": round(float(a.std()), 5),

@@ -18,7 +18,7 @@ runner = CliRunner()
 def test_json_schema_carries_diagnosis():
     r = audit(get_backend("mutant:padding_counted"), CASES["gqa_padded"])
     data = results_json([r])
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     loss = next(s for s in data["results"][0]["stages"] if s["name"] == "loss")
     assert loss["status"] == "fail" and loss["diagnosis"]["code"] == "padding_counted"
     assert {"code", "summary", "evidence"} <= set(loss["diagnosis"])

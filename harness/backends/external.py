@@ -53,13 +53,23 @@ def set_stages(folder: Path, case, stages: list[str]) -> None:
     tmp.replace(folder / "request.json")
 
 
-def read_response(folder: Path, stage: str) -> StageOutput:
+def response_limit(case) -> int:
+    """The largest response file read: a few times everything a stage could honestly hold (all
+    weights, or all goldens). A port that writes more is broken, and reading it would only hurt."""
+    sizes = sum(f.stat().st_size for f in case.path.rglob("*") if f.is_file())
+    sizes += sum(f.stat().st_size for f in Path(case.checkpoint).resolve().rglob("*") if f.is_file())
+    return 4 * sizes + 64 * 2**20
+
+
+def read_response(folder: Path, stage: str, limit: int | None = None) -> StageOutput:
     err = folder / f"{stage}.error"
     if err.exists():
-        return StageOutput(error=f"the port reported: {err.read_text().strip()[:2000]}")
+        return StageOutput(error=f"the port reported: {err.read_text(errors='replace').strip()[:2000]}")
     f = folder / f"{stage}.safetensors"
     if not f.exists():
         return StageOutput(error=f"the port wrote no {f.name}")
+    if limit is not None and f.stat().st_size > limit:
+        return StageOutput(error=f"the port's {f.name} holds {f.stat().st_size:,} bytes, more than the {limit:,} any stage needs: not read")
     try:
         tensors = load_file(str(f))
     except (SafetensorError, OSError, ValueError) as e:
@@ -68,9 +78,11 @@ def read_response(folder: Path, stage: str) -> StageOutput:
     m = folder / f"{stage}.json"
     if m.exists():
         try:
-            meta = json.loads(m.read_text())
+            meta = json.loads(m.read_text(errors="replace"))
         except json.JSONDecodeError as e:
             return StageOutput(error=f"the port's {m.name} is not JSON: {e}")
+        if not isinstance(meta, dict):
+            return StageOutput(error=f"the port's {m.name} is not a JSON object")
     return StageOutput({k: np.asarray(v) for k, v in tensors.items()}, meta)
 
 
@@ -91,6 +103,7 @@ class ExternalBackend(Backend):
 
     def run(self, case, stages=STAGES) -> dict[str, StageOutput]:
         results = {}
+        self.limit = response_limit(case)
         with tempfile.TemporaryDirectory(prefix="parity-cmd-") as tmp:
             request = Path(tmp) / "request"
             write_request(case, request)
@@ -114,7 +127,7 @@ class ExternalBackend(Backend):
             tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
             how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with status {proc.returncode}"
             return StageOutput(error=f"the port {how}: {tail}")
-        out = read_response(response, stage)
+        out = read_response(response, stage, getattr(self, "limit", None))
         out.meta["seconds"] = round(time.monotonic() - start, 3)
         return out
 
