@@ -3,10 +3,11 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from harness.case import FIXTURES_DIR
-from harness.fixtures import FixtureError, generate, verify
+from harness.fixtures import FixtureError, diff_fixture, generate, verify
 
 
 def test_manifest_hashes_match():
@@ -67,4 +68,53 @@ def test_changed_goldens_are_not_overwritten_without_force(copy):
     assert f.read_bytes() == tampered, "a refused regeneration changed the file"
     messages = generate(copy, ["head"], force=True)
     assert messages[0].startswith("head: replaced (--force)") and "golden.safetensors" in messages[0]
+    assert verify(copy, regenerate=False) == []
+
+
+def _shift_golden(folder, name, delta):
+    """Another platform's regeneration: the golden moved by `delta`, the truth (golden + offset) not."""
+    from safetensors.numpy import load_file, save_file
+
+    g, t = load_file(str(folder / "golden.safetensors")), load_file(str(folder / "truth.safetensors"))
+    g[name] = (g[name].astype(np.float64) + delta).astype(np.float32)
+    t[f"offset.{name}"] = (t[f"offset.{name}"].astype(np.float64) - delta).astype(np.float32)
+    save_file(g, str(folder / "golden.safetensors"))
+    save_file(t, str(folder / "truth.safetensors"))
+
+
+def test_goldens_from_another_platform_are_judged_not_hashed(tmp_path):
+    """Where the platform differs from the manifest's, regenerated goldens pass when they are within the
+    bound of the stored truth (another CPU's rounding) and fail when they are not (a real change)."""
+    old, near, far = tmp_path / "old", tmp_path / "near", tmp_path / "far"
+    for d in (old, near, far):
+        shutil.copytree(FIXTURES_DIR / "head", d)
+    name = "forward.logits"
+    _shift_golden(near, name, 2.0**-23 * np.sign(np.arange(4 * 16 * 96).reshape(4, 16, 96) % 3 - 1))
+    _shift_golden(far, name, 1e-3)
+    assert diff_fixture(old, near, same_platform=False) == []
+    assert diff_fixture(old, near, same_platform=True), "on the same platform any changed bit counts"
+    assert any("forward outside the bound" in line for line in diff_fixture(old, far, same_platform=False))
+
+
+def test_a_killed_generate_leaves_the_old_set(copy, monkeypatch):
+    """generate --force builds the whole set in a staging copy: killed half way, nothing has changed."""
+    from harness import fixtures
+
+    before = fixtures.fixture_files(copy)
+    before["manifest.json"] = fixtures.sha256(copy / "manifest.json")
+    real, calls = fixtures.build_fixture, []
+
+    def dies_on_the_second(spec, out):
+        calls.append(spec.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(spec, out)
+        (out / "settings.json").write_text((out / "settings.json").read_text() + " ")  # a changed fixture
+
+    monkeypatch.setattr(fixtures, "build_fixture", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        generate(copy, ["gqa_padded", "head"], force=True)
+    after = fixtures.fixture_files(copy)
+    after["manifest.json"] = fixtures.sha256(copy / "manifest.json")
+    assert after == before
     assert verify(copy, regenerate=False) == []
