@@ -72,7 +72,11 @@ def corrupt(out: StageOutput, how: str, name: str, data) -> StageOutput:
         t[name] = v.astype(bool)
     elif how in ("nan", "inf"):
         v = v.astype(np.float32).copy()
-        v.reshape(-1)[data.draw(st.integers(0, max(v.size - 1, 0)))] = np.nan if how == "nan" else -np.inf
+        judged = np.ones(v.shape, bool)
+        if name.startswith("forward."):  # padded positions are not judged in forward (they never reach the loss)
+            judged = np.broadcast_to(CASE.batch["attention_mask"].astype(bool)[..., None], v.shape)
+        where = np.flatnonzero(judged)
+        v.reshape(-1)[where[data.draw(st.integers(0, max(where.size - 1, 0)))]] = np.nan if how == "nan" else -np.inf
         t[name] = v
     elif how == "drop":
         del t[name]
@@ -89,7 +93,20 @@ def corrupt(out: StageOutput, how: str, name: str, data) -> StageOutput:
     return StageOutput(t, dict(out.meta), out.error)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def through_files(out: StageOutput, stage: str, n: int) -> StageOutput:
+    """What a `cmd:` port's response folder gives the harness: written as safetensors and JSON, read back."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix=f"parity-malformed-{n}-") as tmp:
+        folder = Path(tmp)
+        save_file({k: np.ascontiguousarray(v) for k, v in out.tensors.items()}, str(folder / f"{stage}.safetensors"))
+        (folder / f"{stage}.json").write_text(json.dumps(out.meta))
+        return read_response(folder, stage, limit=2**30)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_malformed_stage_fails_alone(data):
     outputs = correct_outputs(CASE)
@@ -100,6 +117,8 @@ def test_a_malformed_stage_fails_alone(data):
     broken = corrupt(outputs[stage], how, name, data)
     if stage == "weight_mapping" and data.draw(st.booleans(), label="bad load report"):
         broken.meta["load_report"] = data.draw(st.sampled_from(["text", 3, ["a"], {"missing": "lm_head.weight"}, {"missing": [1, None]}]))
+    if how not in ("object", "string") and data.draw(st.booleans(), label="through the protocol's files"):
+        broken = through_files(broken, stage, data.draw(st.integers(0, 2**31), label="folder"))
     outputs[stage] = broken
     result = audit(Canned(outputs), CASE)
     by_name = {s.name: s for s in result.stages}
@@ -139,3 +158,16 @@ def test_malformed_response_files_are_the_stages_error(tmp_path, write, message)
     write(tmp_path)
     out = read_response(tmp_path, "loss", limit=4096)
     assert out.error and message in out.error
+
+
+def test_padded_positions_are_not_judged_in_forward():
+    """A port that masks attention the way transformers does computes other values at padded positions;
+    they never reach the loss, so forward passes. The same change at a real token fails."""
+    case = CASES["gqa_padded"]
+    mask = case.batch["attention_mask"].astype(bool)
+    row, col = np.argwhere(~mask)[0]
+    outputs = correct_outputs(case)
+    outputs["forward"].tensors["forward.logits"][row, col] += 1e3
+    assert audit(Canned(outputs), case, ("forward",)).verdict == "pass"
+    outputs["forward"].tensors["forward.logits"][row, col - 1] += 1e-2
+    assert audit(Canned(outputs), case, ("forward",)).verdict == "fail"
