@@ -201,9 +201,22 @@ def _loss(result, out, case) -> Diagnosis | None:
         if _matches(ce, value):
             return Diagnosis(code, summary, {"port_ce": ce, "reference_ce": float(g["loss.ce"]), "explained_ce": value})
     d, gd = out.tensors.get("loss.distrust"), float(g["loss.distrust"])
-    if d is not None and not _matches(d, gd):
-        return Diagnosis("distrust_term", "the Empirical Distrust term differs (alpha, the 1e-8 inside the log, or the batch mean)",
-                         {"port": float(d), "reference": gd})
+    lo = case.settings.loss
+    if d is not None and np.shape(d) == () and not _matches(d, gd):
+        # distrust is proportional to alpha: solve for the alpha the port's number implies
+        alpha = lo.alpha * float(d) / gd if gd else float("nan")
+        evidence = {"port": float(d), "reference": gd, "implied_alpha": alpha, "configured_alpha": lo.alpha}
+        if np.isfinite(alpha) and 2.0 <= alpha <= 3.5:
+            return Diagnosis("distrust_alpha", f"the distrust term implies alpha = {alpha:.4g}, not the configured {lo.alpha:g}", evidence)
+        return Diagnosis("distrust_term", "the Empirical Distrust term differs and no alpha explains it (the 1e-8 inside the log, "
+                         "or a sum where the batch mean belongs)", evidence)
+    judged = {t.name: t for t in result.tensors}
+    total = out.tensors.get("loss.total")
+    ce_ok = "loss.ce" in judged and judged["loss.ce"].passed
+    if ce_ok and d is not None and total is not None and np.shape(total) == () and float(d) != 0 and not judged.get("loss.total", judged["loss.ce"]).passed:
+        lam = (float(total) - ce) / float(d)  # total = ce + lambda * distrust, solved from the port's own numbers
+        return Diagnosis("distrust_lambda", f"the loss implies lambda = {lam:.4g} (total = ce + lambda * distrust), not the configured {lo.lam:g}",
+                         {"implied_lambda": lam, "configured_lambda": lo.lam, "port_total": float(total), "port_ce": ce, "port_distrust": float(d)})
     return None
 
 

@@ -32,6 +32,7 @@ class FixtureSpec:
     max_shard_size: str | None = None  # sharded checkpoint when set
     embed_scale: float = 1.0  # shrink embeddings so RMSNorm's eps matters
     rotary_buffer: bool = False  # add an old-style rotary_emb.inv_freq key, which loading must ignore
+    config_layout: str = "transformers5"  # or "transformers4": rope_theta at the top level, no rope_parameters
 
     def model_config(self) -> dict:
         return {**BASE_MODEL, **self.model}
@@ -50,25 +51,35 @@ SPECS = [
         seed=1,
     ),
     FixtureSpec(
-        "mha_sharded", "multi-head attention from a checkpoint in 4 shards, AdamW without bias correction (MLX's default)",
-        ["sharded_loading", "weights_not_loaded", "bias_correction", "optimizer_disconnected"],
-        seed=2, model=dict(num_key_value_heads=4), settings=dict(optimizer=dict(bias_correction=False)),
+        "mha_sharded", "multi-head attention from a checkpoint in 6 shards, head_dim 16 (not hidden/heads = 8), rope_theta 500000, "
+        "AdamW without bias correction (MLX's default)",
+        ["sharded_loading", "weights_not_loaded", "bias_correction", "optimizer_disconnected", "head_dim_from_hidden", "rope_theta_hardcoded"],
+        seed=2, model=dict(num_key_value_heads=4, head_dim=16, rope_theta=500000.0), settings=dict(optimizer=dict(bias_correction=False)),
         max_shard_size="30KB",
     ),
     FixtureSpec(
-        "tied", "tied input and output embeddings, 4 query heads on 1 kv head, a checkpoint with a legacy rotary buffer",
-        ["tied_embeddings_ignored", "gqa_head_mapping", "rotary_buffer_loaded"],
-        seed=3, model=dict(tie_word_embeddings=True, num_key_value_heads=1), rotary_buffer=True,
+        "tied", "tied input and output embeddings, 4 query heads on 1 kv head, a checkpoint with a legacy rotary buffer, "
+        "config.json in the transformers 4 layout (rope_theta 1e6 at the top level)",
+        ["tied_embeddings_ignored", "gqa_head_mapping", "rotary_buffer_loaded", "config_layout", "rope_theta_hardcoded"],
+        seed=3, model=dict(tie_word_embeddings=True, num_key_value_heads=1, rope_theta=1e6), rotary_buffer=True,
+        config_layout="transformers4",
     ),
     FixtureSpec(
-        "lora", "LoRA adapters on q/k/v/o of the last layer (rank 4), loaded mid-training so both adapter matrices have gradients",
-        ["trainable_set_mismatch", "lora_scale", "optimizer_disconnected"],
-        seed=4, settings=dict(trainable="lora", lora=dict(rank=4, layers=1, scale=2.0)),
+        "lora", "LoRA adapters on q/k/v/o of the last layer (rank 4), loaded mid-training so both adapter matrices have gradients; "
+        "distrust alpha 2.3 and lambda 0.5",
+        ["trainable_set_mismatch", "lora_scale", "optimizer_disconnected", "distrust_alpha", "distrust_lambda"],
+        seed=4, settings=dict(trainable="lora", lora=dict(rank=4, layers=1, scale=2.0), loss={"alpha": 2.3, "lambda": 0.5}),
     ),
     FixtureSpec(
-        "head", "only lm_head and the final norm train (what the seed's Rust port trains)",
-        ["trainable_set_mismatch", "key_prefix", "forward_only"],
-        seed=5, settings=dict(trainable="head"),
+        "head", "only lm_head and the final norm train (what the seed's Rust port trains); distrust lambda 0.25",
+        ["trainable_set_mismatch", "key_prefix", "forward_only", "distrust_lambda"],
+        seed=5, settings=dict(trainable="head", loss={"lambda": 0.25}),
+    ),
+    FixtureSpec(
+        "gqa_single", "grouped-query attention (4 query heads on 2 kv heads) with batch size 1, head_dim 12, rope_theta 50000, "
+        "rms_norm_eps 1e-6",
+        ["gqa_head_mapping", "head_dim_from_hidden", "rope_theta_hardcoded", "rmsnorm_eps_hardcoded"],
+        seed=10, model=dict(head_dim=12, rope_theta=50000.0, rms_norm_eps=1e-6), batch_size=1, pad=(0,),
     ),
     FixtureSpec(
         "clip_accum_warmup", "global-norm clipping that is active, 2 accumulated micro-batches, warmup then cosine, 6 updates",

@@ -75,6 +75,12 @@ def build_inputs(spec: FixtureSpec, out: Path) -> None:
     _initial_weights(model, spec)
     kwargs = {"max_shard_size": spec.max_shard_size} if spec.max_shard_size else {}
     model.save_pretrained(out / "checkpoint", **kwargs)
+    if spec.config_layout == "transformers4":  # rope settings at the top level, as transformers 4 wrote them
+        f = out / "checkpoint" / "config.json"
+        cfg = json.loads(f.read_text())
+        cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+        cfg["rope_scaling"] = None
+        f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if spec.rotary_buffer:
         from safetensors.torch import load_file, save_file as save_torch
 

@@ -215,13 +215,20 @@ MUTANTS = {m.name: m for m in [
            ("tied",), "tied_embeddings_ignored", config=lambda c: dataclasses.replace(c, tie_word_embeddings=False),
            loader=load_silently, origin="DESIGN 8"),
     Mutant("rmsnorm_eps_hardcoded", "RMSNorm eps hard-coded to MLX's 1e-5 instead of the config's value", "forward",
-           ("small_eps_bias",), "rmsnorm_eps", config=lambda c: dataclasses.replace(c, rms_norm_eps=1e-5), origin="DESIGN 7"),
-    Mutant("gqa_tiled_heads", "grouped-query kv heads tiled instead of repeated", "forward", ("gqa_padded",),
+           ("small_eps_bias", "gqa_single"), "rmsnorm_eps", config=lambda c: dataclasses.replace(c, rms_norm_eps=1e-5), origin="DESIGN 7"),
+    Mutant("gqa_tiled_heads", "grouped-query kv heads tiled instead of repeated", "forward", ("gqa_padded", "gqa_single"),
            "gqa_head_mapping", model_hook=tile_kv_heads),
     Mutant("rope_traditional", "RoPE on interleaved pairs (traditional) instead of rotated halves", "forward", ("gqa_padded",),
            "rope_convention", model_hook=traditional_rope),
     Mutant("lora_scale_ignored", "LoRA scale ignored (1 instead of the configured 2)", "forward", ("lora",), "lora_scale",
            settings=lambda s: dataclasses.replace(s, lora=dataclasses.replace(s.lora, scale=1.0))),
+    Mutant("rope_theta_hardcoded", "RoPE base hard-coded to 10000 instead of the config's rope_theta (or read only where one "
+           "transformers version writes it)", "forward", ("mha_sharded", "tied", "gqa_single"), "forward_divergence",
+           config=lambda c: dataclasses.replace(c, rope_theta=10000.0)),
+    Mutant("distrust_alpha_default", "distrust alpha hard-coded to the default 2.7", "loss", ("lora",), "distrust_alpha",
+           settings=lambda s: dataclasses.replace(s, loss=dataclasses.replace(s.loss, alpha=2.7))),
+    Mutant("distrust_lambda_one", "distrust weight lambda hard-coded to 1", "loss", ("lora", "head"), "distrust_lambda",
+           settings=lambda s: dataclasses.replace(s, loss=dataclasses.replace(s.loss, lam=1.0))),
     Mutant("no_shift", "slices not shifted: each position predicts its own token", "shifted_slices", ("gqa_padded",),
            "labels_not_shifted", trainer=NoShift, unshifted_targets=True, origin="seed #2, DESIGN 2"),
     Mutant("padding_counted", "padding tokens counted in the cross-entropy", "loss", ("gqa_padded",), "padding_counted",
@@ -284,8 +291,9 @@ class MutantBackend(MLXBackend):
         return self._session(m.trainer(model, settings, lora), report.to_dict())
 
     def resume(self, case, path: Path):
-        base = Trainer.load_checkpoint(path)
-        trainer = self.mutant.trainer(base.model, base.settings)
-        if not self.mutant.reset_optimizer_on_resume:
-            trainer.optimizer = base.optimizer
+        trainer = Trainer.load_checkpoint(path)
+        if self.mutant.reset_optimizer_on_resume:  # a fresh trainer around the loaded model: new moments and step
+            trainer = self.mutant.trainer(trainer.model, trainer.settings)
+        else:  # the mutant's methods on the loaded state, adapters and optimizer as saved
+            trainer.__class__ = self.mutant.trainer
         return self._session(trainer, {})

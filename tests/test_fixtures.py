@@ -118,3 +118,28 @@ def test_a_killed_generate_leaves_the_old_set(copy, monkeypatch):
     after["manifest.json"] = fixtures.sha256(copy / "manifest.json")
     assert after == before
     assert verify(copy, regenerate=False) == []
+
+
+def test_fixtures_vary_every_convention_a_port_could_hard_code():
+    """A port that hard-codes MLX's or transformers' defaults must fail some fixture: each convention
+    takes more than one value across the bundled set."""
+    from harness.case import list_cases
+
+    seen = {k: set() for k in ("rope_theta", "head_dim_is_hidden_over_heads", "rms_norm_eps", "lambda", "alpha",
+                               "bias_correction", "layout", "gqa_batch_size", "accum_with_padding")}
+    for case in list_cases():
+        cfg = json.loads((case.checkpoint / "config.json").read_text())
+        rope = cfg.get("rope_parameters") or {}
+        seen["rope_theta"].add(rope.get("rope_theta", cfg.get("rope_theta")))
+        seen["head_dim_is_hidden_over_heads"].add(cfg["head_dim"] == cfg["hidden_size"] // cfg["num_attention_heads"])
+        seen["rms_norm_eps"].add(cfg["rms_norm_eps"])
+        seen["layout"].add("rope_parameters" in cfg)
+        s = case.settings
+        seen["lambda"].add(s.loss.lam)
+        seen["alpha"].add(s.loss.alpha)
+        seen["bias_correction"].add(s.optimizer.bias_correction)
+        if cfg["num_key_value_heads"] < cfg["num_attention_heads"]:
+            seen["gqa_batch_size"].add(min(len(case.batch["input_ids"]), 2))
+        seen["accum_with_padding"].add(s.accum_steps > 1 and bool((case.batch["attention_mask"] == 0).any()))
+    assert all(len(v) > 1 for v in seen.values()), {k: v for k, v in seen.items() if len(v) < 2}
+    assert {1, 2} <= seen["gqa_batch_size"] and True in seen["accum_with_padding"]
