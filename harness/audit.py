@@ -103,6 +103,8 @@ def _group(actual: dict, a_prefix: str, case: Case, e_prefix: str, tol: Toleranc
     act = {k[len(a_prefix):]: v for k, v in actual.items() if k.startswith(a_prefix)}
     stage_rms = _stage_rms(golden, truth, [e_prefix + k for k in exp], mask_for) if truth else 0.0
     params = _initial_parameters(case) if truth and any(".delta." in e_prefix + k for k in exp) else {}
+    # Δθ over N updates carries the rounding of θ at every update (decay, then the step)
+    updates = case.settings.steps if e_prefix.startswith("trajectory.") else 1
     results = []
     for k, e in sorted(exp.items()):
         full = e_prefix + k
@@ -110,9 +112,12 @@ def _group(actual: dict, a_prefix: str, case: Case, e_prefix: str, tol: Toleranc
         if exact:
             results.append(compare(a_prefix + k, act.get(k), e, EXACT if isinstance(tol, TruthBound) else tol, mask=mask_for(full)))
         else:
-            results.append(compare(a_prefix + k, act.get(k), e, tol, truth=truth[f"truth.{full}"],
-                                   sensitivity=truth.get(f"sens.{full}"), stage_rms=stage_rms, mask=mask_for(full),
-                                   param=params.get("weights." + full.split(".delta.", 1)[-1]) if ".delta." in full else None))
+            t = truth[f"truth.{full}"]
+            theta = params.get("weights." + full.split(".delta.", 1)[-1]) if ".delta." in full else None
+            if theta is not None:  # θ before and after: the larger sets the precision Δθ can have
+                theta = updates * np.maximum(np.abs(theta), np.abs(theta + t))
+            results.append(compare(a_prefix + k, act.get(k), e, tol, truth=t, sensitivity=truth.get(f"sens.{full}"),
+                                   stage_rms=stage_rms, mask=mask_for(full), param=theta))
     for k in sorted(set(act) - set(exp)):
         results.append(TensorResult(a_prefix + k, False, problem="not expected: the reference has no such tensor", tolerance=tol.describe()))
     return results

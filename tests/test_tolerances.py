@@ -57,7 +57,7 @@ def _judge_with(case, stage: str, prefix: str, name: str, value) -> "StageResult
     ("loss", "loss.", "loss.ce", 2e-6, 1e-7),
     ("gradients", "grad.", "grad.model.layers.1.mlp.down_proj.weight", 1e-5, 1e-7),
     ("optimizer", "optimizer.", "optimizer.delta.lm_head.weight", 5e-4, 1e-6),
-    ("trajectory", "trajectory.", "trajectory.delta.lm_head.weight", 5e-4, 1e-6),
+    ("trajectory", "trajectory.", "trajectory.delta.lm_head.weight", 1e-3, 1e-6),
 ])
 def test_bound_fails_the_smallest_documented_error_and_passes_rounding(stage, prefix, name, caught, passes):
     case = CASES["gqa_padded"]
