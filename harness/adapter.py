@@ -32,12 +32,17 @@ class Request:
         self.lora_init = folder / self.spec["lora_init"] if self.spec.get("lora_init") else None
         self.settings_dict = self.spec["settings"]
         self.settings = TrainSettings.from_dict(self.settings_dict)
+        inputs = self.spec.get("isolated_inputs")
+        self.golden = load_file(str(folder / inputs)) if inputs else {}  # the reference's logits and gradients
 
 
 def serve(backend, request_dir: Path, response_dir: Path) -> None:
     """Run the requested stages and write `<stage>.safetensors` (+ `.json` metadata, or `.error`)."""
     request = Request(request_dir)
     for stage, out in backend.run(request, request.spec["stages"]).items():
+        if out.unsupported:
+            (response_dir / f"{stage}.unsupported").write_text(out.unsupported)
+            continue
         if out.error:
             (response_dir / f"{stage}.error").write_text(out.error)
             continue

@@ -12,11 +12,11 @@ from .backends import Backend
 from .case import Case
 from .compare import TensorResult, compare
 from .diagnosis import Diagnosis, diagnose
-from .stages import STAGES, StageOutput
+from .stages import ALL_STAGES, ISOLATED_STAGES, StageOutput
 from .truth import needs_truth
 from .tolerances import EXACT, RESUME_SELF_CONSISTENCY, Tolerance, TruthBound, tolerance
 
-PASS, FAIL, SKIP = "pass", "fail", "skip"
+PASS, FAIL, SKIP, NOT_CHECKED = "pass", "fail", "skip", "not checked"
 
 
 @dataclass
@@ -156,6 +156,13 @@ def judge(stage: str, out: StageOutput, case: Case) -> StageResult:
     if out.error:
         res.message = out.error
         return res
+    if out.unsupported:  # an optional request may go unchecked; a core stage may not
+        res.status = NOT_CHECKED if stage in ISOLATED_STAGES else FAIL
+        res.message = f"not implemented by the backend: {out.unsupported}"
+        return res
+    if stage in ISOLATED_STAGES and not any(k.startswith(f"isolated.{stage.removeprefix('isolated_')}.") for k in case.golden):
+        res.status, res.message = NOT_CHECKED, "this fixture has no goldens for the isolated check (regenerate it)"
+        return res
     t, golden = out.tensors, case.golden
     if stage in ("trajectory", "checkpoint") and isinstance(t.get(f"{stage}.loss"), np.ndarray) and t[f"{stage}.loss"].size < 10_000:
         res.series = {"port": [float(x) for x in np.ravel(t[f"{stage}.loss"])], "reference": [float(x) for x in golden["trajectory.loss"]]}
@@ -178,9 +185,14 @@ def judge(stage: str, out: StageOutput, case: Case) -> StageResult:
         for r in resumed:
             r.name = f"{r.name} (resumed vs own uninterrupted run)"
         res.tensors += resumed
+        known = ("checkpoint.delta.", "checkpoint.uninterrupted.delta.")
+        res.tensors += [TensorResult(k, False, problem="not expected: the checkpoint stage has no such tensor", tolerance=tol.describe())
+                        for k in sorted(t) if not k.startswith(known) and k not in ("checkpoint.loss", "checkpoint.uninterrupted.loss")
+                        and not k.startswith("checkpoint.loss")]
     else:
         prefix = {"forward": "forward.", "shifted_slices": "shifted.", "loss": "loss.", "gradients": "grad.",
-                  "optimizer": "optimizer.", "trajectory": "trajectory."}[stage]
+                  "optimizer": "optimizer.", "trajectory": "trajectory.", "isolated_loss": "isolated.loss.",
+                  "isolated_optimizer": "isolated.optimizer."}[stage]
         res.tensors = _group(t, prefix, case, prefix, tol, mask_for=forward_mask(case))
     if not res.tensors and not res.message:
         res.message = "nothing to compare"
@@ -190,7 +202,7 @@ def judge(stage: str, out: StageOutput, case: Case) -> StageResult:
     return res
 
 
-def audit(backend: Backend, case: Case, stages=STAGES) -> AuditResult:
+def audit(backend: Backend, case: Case, stages=ALL_STAGES) -> AuditResult:
     reason = backend.unavailable()
     if reason:
         return AuditResult(case.name, backend.name, [StageResult(s, SKIP, message=reason) for s in stages])

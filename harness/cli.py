@@ -33,7 +33,7 @@ def fail_input(message: str) -> None:
 def audit(
     fixture: Optional[list[str]] = typer.Option(None, "--fixture", "-f", help="Fixture name (repeatable); default: every bundled fixture."),
     backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="Backend (repeatable): mlx, torch; default: every available one."),
-    stage: Optional[list[str]] = typer.Option(None, "--stage", "-s", help="Only these stages (repeatable); default: all eight."),
+    stage: Optional[list[str]] = typer.Option(None, "--stage", "-s", help="Only these stages (repeatable); default: all eight and the isolated checks."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this path."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write a Markdown (.md) or self-contained HTML (.html) report with plots."),
     fixtures_dir: Path = typer.Option(None, "--fixtures-dir", help="Folder of fixtures (default: the bundled ones)."),
@@ -48,7 +48,7 @@ def audit(
     from .backends import BackendError, default_backends, get_backend
     from .case import FIXTURES_DIR, CaseError, find_case, list_cases
     from .report import print_results, results_json
-    from .stages import STAGES
+    from .stages import ALL_STAGES as STAGES
 
     from .fixtures import MANIFEST, check_hashes
 

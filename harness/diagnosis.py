@@ -399,8 +399,35 @@ def _checkpoint(result, out, case) -> Diagnosis | None:
                      "optimizer state (m, v, step) or parameters not restored exactly", evidence)
 
 
+class _IsolatedView:
+    """A case seen by an end-to-end rule: the isolated check's goldens and truth under the end-to-end names."""
+
+    def __init__(self, case, prefix: str):
+        self._case, self._prefix = case, prefix
+        self.golden = case.golden | {k.removeprefix("isolated."): v for k, v in case.golden.items() if k.startswith(prefix)}
+        self.truth = case.truth | {k.replace("isolated.", "", 1): v for k, v in case.truth.items() if "isolated." + prefix.removeprefix("isolated.") in k}
+
+    def __getattr__(self, name):
+        return getattr(self._case, name)
+
+
+def _isolated(rule, prefix: str):
+    """Run an end-to-end stage's rule on an isolated check: the same causes, solved on the reference's inputs."""
+    def run(result, out, case):
+        from copy import copy
+
+        renamed = copy(result)
+        renamed.tensors = [copy(t) for t in result.tensors]
+        for t in renamed.tensors:
+            t.name = t.name.removeprefix("isolated.")
+        view_out = type(out)({k.removeprefix("isolated."): v for k, v in out.tensors.items()}, out.meta, out.error)
+        return rule(renamed, view_out, _IsolatedView(case, prefix))
+    return run
+
+
 RULES = {"weight_mapping": _weights, "forward": _forward, "shifted_slices": _shifted, "loss": _loss,
-         "gradients": _gradients, "optimizer": _optimizer, "trajectory": _trajectory, "checkpoint": _checkpoint}
+         "gradients": _gradients, "optimizer": _optimizer, "trajectory": _trajectory, "checkpoint": _checkpoint,
+         "isolated_loss": _isolated(_loss, "isolated.loss."), "isolated_optimizer": _isolated(_optimizer, "isolated.optimizer.")}
 
 
 def localise(result) -> Diagnosis:

@@ -18,12 +18,12 @@ from .audit import audit
 from .case import FIXTURES_DIR, Case
 from .fixture_specs import SPECS, FixtureSpec
 from .oracle import check_forward
-from .stages import STAGES
+from .stages import ISOLATED_STAGES, STAGES
 from .tolerances import TOLERANCES
 
 MANIFEST = "manifest.json"
 AGREEMENT = "agreement.json"
-GOLDEN_PREFIXES = ("forward.", "shifted.", "loss.", "grad.", "optimizer.", "trajectory.")
+GOLDEN_PREFIXES = ("forward.", "shifted.", "loss.", "grad.", "optimizer.", "trajectory.", "isolated.")
 
 
 class FixtureError(RuntimeError):
@@ -177,6 +177,12 @@ def build_goldens(case: Case, require_agreement: bool = True, progress=None) -> 
         raise FixtureError(f"{name}: the MLX reference failed: {errors}")
     golden = {k: v for o in outputs.values() for k, v in o.tensors.items() if k.startswith(GOLDEN_PREFIXES)}
     save_tensors(golden, str(out / "golden.safetensors"))
+    isolated = MLXBackend().run(Case(out), ISOLATED_STAGES)  # on the goldens just written
+    errors = {s: o.error or o.unsupported for s, o in isolated.items() if o.error or o.unsupported}
+    if errors:
+        raise FixtureError(f"{name}: the MLX reference failed the isolated checks: {errors}")
+    golden |= {k: v for o in isolated.values() for k, v in o.tensors.items()}
+    save_tensors(golden, str(out / "golden.safetensors"))
     say("truth: the torch twin in float64")
     try:
         save_tensors(build_truth(Case(out), golden), str(out / TRUTH_FILE))
@@ -247,7 +253,8 @@ def _judged_changes(old: Path, new: Path) -> list[str]:
 
     lines = []
     stored, fresh = Case(old), Case(new)
-    by_stage = {"forward": "forward.", "loss": "loss.", "gradients": "grad.", "optimizer": "optimizer.", "trajectory": "trajectory."}
+    by_stage = {"forward": "forward.", "loss": "loss.", "gradients": "grad.", "optimizer": "optimizer.", "trajectory": "trajectory.",
+                "isolated_loss": "isolated.loss.", "isolated_optimizer": "isolated.optimizer."}
     for stage, prefix in by_stage.items():
         r = judge(stage, StageOutput({k: v for k, v in fresh.golden.items() if k.startswith(prefix)}), stored)
         if r.status != "pass":

@@ -32,8 +32,7 @@ from .backends.mlx_backend import MLXBackend, MLXSession
 class NoShift(Trainer):
     """Each position is trained to predict its own token."""
 
-    def _loss(self, batch):
-        logits = self.model(batch["input_ids"])
+    def _loss_from_logits(self, logits, batch):
         ce = L.cross_entropy(logits, batch["input_ids"], batch["attention_mask"].astype(mx.float32))
         d = L.distrust(batch["auth_weight"], batch["prov_entropy"], self.settings.loss.alpha)
         return ce + self.settings.loss.lam * d, ce, d
@@ -42,8 +41,7 @@ class NoShift(Trainer):
 class PaddingCounted(Trainer):
     """The cross-entropy averages over padding tokens too."""
 
-    def _loss(self, batch):
-        logits = self.model(batch["input_ids"])
+    def _loss_from_logits(self, logits, batch):
         logits_s, targets, mask = L.shifted_slices(logits, batch["input_ids"], batch["attention_mask"])
         ce = L.cross_entropy(logits_s, targets, mx.ones_like(mask))
         d = L.distrust(batch["auth_weight"], batch["prov_entropy"], self.settings.loss.alpha)

@@ -117,7 +117,7 @@ def pytest_generate_tests(metafunc):
     if "parity_stage" not in metafunc.fixturenames:
         return
     from harness.case import list_cases
-    from harness.stages import STAGES
+    from harness.stages import ALL_STAGES as STAGES
 
     config = metafunc.config
     backends = config.getoption("--parity-backend")

@@ -7,16 +7,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from .audit import AuditResult
-from .stages import STAGES
+from .stages import ALL_STAGES
 
 JSON_SCHEMA_VERSION = 2  # 2: errors are measured against the float64 truth; "margin" per stage
-STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow"}
+STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow", "not checked": "yellow"}
 SHORT = {"weight_mapping": "weights", "forward": "forward", "shifted_slices": "shift", "loss": "loss",
-         "gradients": "grads", "optimizer": "optim", "trajectory": "traject", "checkpoint": "ckpt"}
+         "gradients": "grads", "optimizer": "optim", "trajectory": "traject", "checkpoint": "ckpt",
+         "isolated_loss": "iso loss", "isolated_optimizer": "iso optim"}
 
 
 def results_json(results: list[AuditResult]) -> dict:
-    return {"schema_version": JSON_SCHEMA_VERSION, "stages": list(STAGES), "results": [r.to_dict() for r in results]}
+    return {"schema_version": JSON_SCHEMA_VERSION, "stages": list(ALL_STAGES), "results": [r.to_dict() for r in results]}
 
 
 def format_evidence(evidence: dict, limit: int = 400) -> str:
@@ -47,9 +48,13 @@ def print_results(console: Console, results: list[AuditResult], verbose: bool = 
         table.add_row(escape(r.fixture), escape(r.backend), *cells, f"[{STYLE[r.verdict]}]{r.verdict}[/]")
     console.print(table)
     console.print("each cell: status and margin, the largest error / bound of the stage (at most 1 passes)", highlight=False)
+    unchecked: dict[str, set] = {}
     for r in results:
         for s in r.stages:
             if s.status == "pass":
+                continue
+            if s.status == "not checked" and not verbose:
+                unchecked.setdefault(f"{r.backend}: {s.name} ({s.message})", set()).add(r.fixture)
                 continue
             console.print(f"[{STYLE[s.status]}]{s.status}[/] {escape(r.backend)} on {escape(r.fixture)}, stage {s.name}: {escape(s.message)}", highlight=False)
             if s.diagnosis:
@@ -61,5 +66,7 @@ def print_results(console: Console, results: list[AuditResult], verbose: bool = 
                     console.print(f"    {escape(t.describe())}", highlight=False)
             if not verbose and s.status == "fail":
                 break  # later stages inherit the first failure; -v shows them all
+    for what, fixtures in unchecked.items():
+        console.print(f"[yellow]not checked[/] {escape(what)} on {len(fixtures)} fixture(s)", highlight=False)
     passed = sum(r.verdict == "pass" for r in results)
     console.print(f"{passed}/{len(results)} audits passed")

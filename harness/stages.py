@@ -14,6 +14,13 @@ from typing import Protocol
 import numpy as np
 
 STAGES = ("weight_mapping", "forward", "shifted_slices", "loss", "gradients", "optimizer", "trajectory", "checkpoint")
+# Optional requests: one piece judged on the reference's own inputs, so a bug upstream cannot mask it.
+ISOLATED_STAGES = ("isolated_loss", "isolated_optimizer")
+ALL_STAGES = STAGES + ISOLATED_STAGES
+
+
+class Unsupported(Exception):
+    """A backend that does not implement an optional request: reported as not checked, never as a pass."""
 
 
 @dataclass
@@ -23,6 +30,7 @@ class StageOutput:
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     error: str | None = None
+    unsupported: str | None = None  # the backend's own word that it does not implement the request
 
 
 class Session(Protocol):
@@ -38,6 +46,9 @@ class Session(Protocol):
     def step(self, batch: dict) -> dict[str, float]: ...
     def optimizer_state(self) -> dict: ...
     def save_checkpoint(self, path: Path) -> None: ...
+    # optional (isolated requests); raise Unsupported when not implemented
+    def loss_from_logits(self, logits: np.ndarray, batch: dict) -> dict[str, float]: ...
+    def update_from_gradients(self, grads: dict[str, np.ndarray]) -> None: ...
 
 
 class SessionFactory(Protocol):
@@ -130,9 +141,29 @@ def checkpoint(s: Session, case, factory: SessionFactory) -> StageOutput:
     return StageOutput(out)
 
 
+def isolated_loss(s: Session, case) -> StageOutput:
+    """The loss parts of the reference's own logits."""
+    parts = s.loss_from_logits(case.golden["forward.logits"], case.batch)
+    return StageOutput({f"isolated.loss.{k}": np.array(parts[k], dtype=_prec(s)) for k in ("ce", "distrust", "total")})
+
+
+def isolated_optimizer(s: Session, case) -> StageOutput:
+    """One update (clip, AdamW at step 0) from the reference's own gradients, from a fresh load."""
+    names = s.trainable_names()
+    before = {k: _f32(v).copy() for k, v in s.parameters().items() if k in names}
+    s.update_from_gradients({k.removeprefix("grad."): v for k, v in case.golden.items() if k.startswith("grad.") and k.removeprefix("grad.") in names})
+    after, state = s.parameters(), s.optimizer_state()
+    out = {f"isolated.optimizer.delta.{k}": _f32(after[k]) - before[k] for k in before}
+    out.update({f"isolated.optimizer.m.{k}": _f32(v) for k, v in state["m"].items()})
+    out.update({f"isolated.optimizer.v.{k}": _f32(v) for k, v in state["v"].items()})
+    out["isolated.optimizer.step"] = np.array(state["step"], dtype=np.int64)
+    return StageOutput(out)
+
+
 # Stages that leave the session unchanged share one; the others each start from a fresh load.
 READ_ONLY = {"weight_mapping": weight_mapping, "forward": forward, "shifted_slices": shifted_slices, "loss": loss, "gradients": gradients}
-TRAINING = {"optimizer": optimizer, "trajectory": trajectory}
+TRAINING = {"optimizer": optimizer, "trajectory": trajectory, "isolated_optimizer": isolated_optimizer}
+READ_ONLY["isolated_loss"] = isolated_loss
 
 
 def compute(factory: SessionFactory, case, stages=STAGES) -> dict[str, StageOutput]:
@@ -150,6 +181,8 @@ def compute(factory: SessionFactory, case, stages=STAGES) -> dict[str, StageOutp
                 results[stage] = checkpoint(factory.open(case, strict=False), case, factory)
             else:
                 results[stage] = TRAINING[stage](factory.open(case, strict=False), case)
+        except Unsupported as e:
+            results[stage] = StageOutput(unsupported=str(e))
         except Exception as e:  # reported as this stage's failure, with the message
             results[stage] = StageOutput(error=f"{type(e).__name__}: {e}")
     return results

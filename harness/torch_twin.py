@@ -272,9 +272,10 @@ class TwinTrainer:
         with torch.no_grad():
             return self.model(torch.as_tensor(np.asarray(input_ids, dtype=np.int64)))
 
-    def _loss(self, batch):
+    def _loss(self, batch, logits=None):
         ids, mask, w, h = self._batch(batch)
-        logits, _ = self.model(ids)
+        if logits is None:
+            logits, _ = self.model(ids)
         target_mask = mask[:, 1:]
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         ce = (nll * target_mask.reshape(-1)).sum() / target_mask.sum()
@@ -285,6 +286,16 @@ class TwinTrainer:
     def loss(self, batch) -> dict[str, float]:
         with torch.no_grad():
             return {k: v.item() for k, v in self._loss(batch).items()}
+
+    def loss_from_logits(self, logits, batch) -> dict[str, float]:
+        """The loss parts of given logits (the isolated loss check)."""
+        with torch.no_grad():
+            given = torch.as_tensor(np.asarray(logits, dtype=np.float32)).to(self.dtype)
+            return {k: v.item() for k, v in self._loss(batch, given).items()}
+
+    def update_from_gradients(self, grads) -> None:
+        """One update with given gradients (the isolated optimizer check)."""
+        self._update({k: torch.as_tensor(np.asarray(v, dtype=np.float32)).to(self.dtype) for k, v in grads.items()})
 
     def gradients(self, batch):
         parts = self._loss(batch)
@@ -304,7 +315,11 @@ class TwinTrainer:
             acc = g if acc is None else {k: acc[k] + g[k] for k in acc}
             for k in sums:
                 sums[k] += parts[k]
-        grads = {k: g / n for k, g in acc.items()} if n > 1 else acc
+        self._update({k: g / n for k, g in acc.items()} if n > 1 else acc)
+        return {k: v / n for k, v in sums.items()}
+
+    def _update(self, grads) -> None:
+        """Clip (globally), then AdamW; `grad_offset`, when set, is added first."""
         if self.grad_offset is not None:
             grads = {k: g + self.grad_offset[k] for k, g in grads.items()}
         if self.settings.clip_norm is not None:
@@ -312,7 +327,6 @@ class TwinTrainer:
             coef = torch.clamp(self.settings.clip_norm / (total + 1e-6), max=1.0)
             grads = {k: g * coef for k, g in grads.items()}
         self._adamw(grads)
-        return {k: v / n for k, v in sums.items()}
 
     @torch.no_grad()
     def _adamw(self, grads):

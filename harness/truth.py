@@ -18,9 +18,9 @@ from .stages import StageOutput
 from .tolerances import tolerance
 
 TRUTH_FILE = "truth.safetensors"
-TRUTH_STAGES = ("forward", "loss", "gradients", "optimizer", "trajectory")
-SENSITIVE_STAGES = ("optimizer", "trajectory")
-JUDGED_PREFIXES = ("forward.", "loss.", "grad.", "optimizer.", "trajectory.")
+TRUTH_STAGES = ("forward", "loss", "gradients", "optimizer", "trajectory", "isolated_loss", "isolated_optimizer")
+SENSITIVE_STAGES = ("optimizer", "trajectory", "isolated_optimizer")
+JUDGED_PREFIXES = ("forward.", "loss.", "grad.", "optimizer.", "trajectory.", "isolated.")
 
 
 def needs_truth(name: str, golden: np.ndarray) -> bool:

@@ -101,9 +101,20 @@ class Trainer:
 
     # --- numerics -------------------------------------------------------------------------
     def _loss(self, batch):
-        logits = self.model(batch["input_ids"])
+        return self._loss_from_logits(self.model(batch["input_ids"]), batch)
+
+    def _loss_from_logits(self, logits, batch):
         parts = L.loss_parts(logits, batch, self.settings.loss)
         return parts["total"], parts["ce"], parts["distrust"]
+
+    def loss_from_logits(self, logits: np.ndarray, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        """The loss parts of given logits: the loss judged on its own, on the reference's logits."""
+        total, ce, d = self._loss_from_logits(mx.array(np.asarray(logits, dtype=np.float32)), to_mx_batch(batch))
+        return {"ce": ce.item(), "distrust": d.item(), "total": total.item()}
+
+    def update_from_gradients(self, grads: dict[str, np.ndarray]) -> None:
+        """One update (clip, then AdamW) with given gradients: the optimizer judged on its own."""
+        self.apply(self.clip(tree_unflatten([(k, mx.array(np.asarray(v, dtype=np.float32))) for k, v in grads.items()])))
 
     def loss(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         total, ce, d = self._loss(to_mx_batch(batch))

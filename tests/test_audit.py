@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.stages import STAGES
+from harness.stages import ALL_STAGES as STAGES
 
 from .conftest import CASES, audited
 

@@ -10,7 +10,7 @@ import pytest
 from harness.audit import audit
 from harness.backends import get_backend
 from harness.backends.external import ExternalBackend, example_adapter_backend
-from harness.stages import STAGES
+from harness.stages import ALL_STAGES as STAGES
 
 from .conftest import CASES
 

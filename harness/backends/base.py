@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..stages import STAGES, Session, StageOutput, compute
+from ..stages import STAGES, Session, StageOutput, Unsupported, compute
 
 
 class BackendError(ValueError):
@@ -77,3 +77,13 @@ class TrainerSession:
 
     def save_checkpoint(self, path: Path):
         self.t.save_checkpoint(path)
+
+    def loss_from_logits(self, logits, batch):
+        if not hasattr(self.t, "loss_from_logits"):
+            raise Unsupported(f"{type(self.t).__name__} does not compute the loss from given logits")
+        return self.t.loss_from_logits(logits, batch)
+
+    def update_from_gradients(self, grads):
+        if not hasattr(self.t, "update_from_gradients"):
+            raise Unsupported(f"{type(self.t).__name__} does not apply given gradients")
+        self.t.update_from_gradients(grads)

@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from ..stages import STAGES, StageOutput
+from ..stages import ISOLATED_STAGES, STAGES, StageOutput
 from ..tensorio import save_tensors
 from .base import Backend
 
@@ -29,13 +29,19 @@ DEFAULT_TIMEOUT_S = 300.0
 EXAMPLE_ADAPTER = Path(__file__).resolve().parents[2] / "examples" / "reference_adapter.py"
 
 
-def write_request(case, folder: Path) -> None:
-    """The request folder: the checkpoint, the batch, the adapters, and request.json."""
+ISOLATED_INPUTS = "isolated_inputs.safetensors"
+
+
+def write_request(case, folder: Path, isolated: bool = False) -> None:
+    """The request folder: the checkpoint, the batch, the adapters, the reference's own inputs for the
+    isolated checks (its logits and gradients), and request.json."""
     folder.mkdir(parents=True)
     shutil.copytree(case.checkpoint, folder / "checkpoint")
     save_tensors(case.batch, folder / "batch.safetensors")
     if case.lora_init is not None:
         shutil.copy(case.lora_init, folder / "lora_init.safetensors")
+    if isolated:
+        save_tensors({k: v for k, v in case.golden.items() if k == "forward.logits" or k.startswith("grad.")}, folder / ISOLATED_INPUTS)
 
 
 def set_stages(folder: Path, case, stages: list[str]) -> None:
@@ -47,6 +53,7 @@ def set_stages(folder: Path, case, stages: list[str]) -> None:
         "batch": "batch.safetensors",
         "lora_init": "lora_init.safetensors" if case.lora_init is not None else None,
         "settings": case.settings_dict,
+        "isolated_inputs": ISOLATED_INPUTS if (folder / ISOLATED_INPUTS).exists() else None,
     }
     tmp = folder / "request.json.partial"
     tmp.write_text(json.dumps(request, indent=2))
@@ -62,6 +69,9 @@ def response_limit(case) -> int:
 
 
 def read_response(folder: Path, stage: str, limit: int | None = None) -> StageOutput:
+    unsupported = folder / f"{stage}.unsupported"
+    if unsupported.exists():
+        return StageOutput(unsupported=unsupported.read_text(errors="replace").strip()[:2000] or "the port does not implement it")
     err = folder / f"{stage}.error"
     if err.exists():
         return StageOutput(error=f"the port reported: {err.read_text(errors='replace').strip()[:2000]}")
@@ -106,7 +116,7 @@ class ExternalBackend(Backend):
         self.limit = response_limit(case)
         with tempfile.TemporaryDirectory(prefix="parity-cmd-") as tmp:
             request = Path(tmp) / "request"
-            write_request(case, request)
+            write_request(case, request, isolated=any(s in ISOLATED_STAGES for s in stages))
             for stage in stages:
                 response = Path(tmp) / f"response-{stage}"
                 response.mkdir()

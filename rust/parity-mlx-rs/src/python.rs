@@ -102,6 +102,14 @@ fn batch_from(py: Python<'_>, batch: &Bound<'_, PyAny>) -> PyResult<Batch> {
     Batch::new(ids, &ids_shape, mask, &mask_shape, w, &w_shape, h, &h_shape).map_err(to_py_err)
 }
 
+/// A float32 MLX array from any numeric numpy-like object.
+fn float_array(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Array> {
+    let (_, vals, shape) = host_f64(py, obj, name)?;
+    let data: Vec<f32> = vals.iter().map(|&v| v as f32).collect();
+    let dims: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+    Ok(Array::from_slice(&data, &dims))
+}
+
 fn ids_array(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Array> {
     let (ids, shape) = host_ids(py, obj, name)?;
     if shape.len() != 2 {
@@ -172,6 +180,24 @@ impl PyTrainer {
     fn loss<'py>(&self, py: Python<'py>, batch: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
         let b = batch_from(py, batch)?;
         loss_dict(py, self.inner.loss(&b).map_err(to_py_err)?)
+    }
+
+    /// `{"ce", "distrust", "total"}` of given logits `[B, T, V]` and a batch dict (the isolated loss check).
+    fn loss_from_logits<'py>(&self, py: Python<'py>, logits: &Bound<'py, PyAny>, batch: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+        let b = batch_from(py, batch)?;
+        let l = float_array(py, logits, "logits")?;
+        loss_dict(py, self.inner.loss_from_logits(&l, &b).map_err(to_py_err)?)
+    }
+
+    /// One update (clip, AdamW) with given gradients `{name: array}` (the isolated optimizer check).
+    fn update_from_gradients<'py>(&mut self, py: Python<'py>, grads: &Bound<'py, PyDict>) -> PyResult<()> {
+        let mut g = std::collections::HashMap::new();
+        for (k, v) in grads.iter() {
+            let name: String = k.extract()?;
+            let a = float_array(py, &v, &name)?;
+            g.insert(name, a);
+        }
+        self.inner.update_from_gradients(g).map_err(to_py_err)
     }
 
     /// `(loss dict, {name: d total / d param})` over the trainable set; no update.

@@ -181,9 +181,19 @@ fn loss_arrays(
     lambda: f64,
     no_shift: bool,
 ) -> std::result::Result<Vec<Array>, Exception> {
+    loss_of_logits(&model.forward(&args.0)?, args, alpha, lambda, no_shift)
+}
+
+/// `[total, ce, distrust]` of given logits: the loss on its own (the isolated loss check).
+fn loss_of_logits(
+    logits: &Array,
+    args: &(Array, Array, Array, Array),
+    alpha: f64,
+    lambda: f64,
+    no_shift: bool,
+) -> std::result::Result<Vec<Array>, Exception> {
     let (ids, mask, w, h) = args;
-    let logits = model.forward(ids)?;
-    let (ls, targets, m) = shifted_slices(&logits, ids, mask, no_shift)?;
+    let (ls, targets, m) = shifted_slices(logits, ids, mask, no_shift)?;
     let ce = cross_entropy(&ls, &targets, &m)?;
     let d = distrust(w, h, alpha)?;
     let total = ops::add(&ce, ops::multiply(Array::from_f32(lambda as f32), &d)?)?;
@@ -429,6 +439,21 @@ impl Trainer {
         Ok(LossParts { total: scalar(&v[0])?, ce: scalar(&v[1])?, distrust: scalar(&v[2])? })
     }
 
+    /// The loss parts of given logits `[B, T, V]` (the isolated loss check).
+    pub fn loss_from_logits(&self, logits: &Array, batch: &Batch) -> Result<LossParts> {
+        let l = &self.settings.loss;
+        validate_loss_scalars(l.alpha, l.lambda)?;
+        let v = loss_of_logits(logits, &batch.arrays(), l.alpha, l.lambda, self.no_shift())?;
+        eval(v.iter())?;
+        Ok(LossParts { total: scalar(&v[0])?, ce: scalar(&v[1])?, distrust: scalar(&v[2])? })
+    }
+
+    /// One update (clip, then AdamW) with given gradients by name (the isolated optimizer check).
+    pub fn update_from_gradients(&mut self, mut grads: HashMap<String, Array>) -> Result<()> {
+        self.clip(&mut grads)?;
+        self.apply_adamw(&grads)
+    }
+
     /// Loss parts and d(total)/d(trainable) of one (micro-)batch, by name.
     fn value_and_grad(&mut self, batch: &Batch) -> Result<(LossParts, HashMap<String, Array>)> {
         let l = &self.settings.loss;
@@ -555,8 +580,15 @@ impl Trainer {
                 *g = ops::divide(&*g, &k)?;
             }
         }
+        self.clip(&mut grads)?;
+        self.apply_adamw(&grads)?;
+        let k = n as f64;
+        Ok(LossParts { ce: ce / k, distrust: d / k, total: tot / k })
+    }
+
+    /// `optim.clip_grad_norm` when `clip_norm` is set: the squared norms summed in module-tree order.
+    fn clip(&self, grads: &mut HashMap<String, Array>) -> Result<()> {
         if let Some(max_norm) = self.settings.clip_norm {
-            // optim.clip_grad_norm: the squared norms summed in module-tree order.
             let order = self.model.ordered_names();
             let mut acc = Array::from_f32(0.0);
             for name in order.iter().filter(|n| grads.contains_key(*n)) {
@@ -571,9 +603,7 @@ impl Trainer {
                 *g = ops::multiply(&*g, &normalizer)?;
             }
         }
-        self.apply_adamw(&grads)?;
-        let k = n as f64;
-        Ok(LossParts { ce: ce / k, distrust: d / k, total: tot / k })
+        Ok(())
     }
 
     /// MLX's `optim.AdamW.apply_single`, both bias-correction conventions, schedule read at the
