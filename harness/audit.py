@@ -79,8 +79,17 @@ class AuditResult:
     def first_failure(self) -> StageResult | None:
         return next((s for s in self.stages if s.status == FAIL), None)
 
+    def findings(self):
+        """(distinct findings, inherited failures): harness/findings.py."""
+        from .findings import analyse
+
+        return analyse(self.stages)
+
     def to_dict(self) -> dict:
-        return {"fixture": self.fixture, "backend": self.backend, "verdict": self.verdict, "stages": [s.to_dict() for s in self.stages]}
+        found, inherited = self.findings()
+        return {"fixture": self.fixture, "backend": self.backend, "verdict": self.verdict,
+                "findings": [f.to_dict() for f in found], "inherited": [i.to_dict() for i in inherited],
+                "stages": [s.to_dict() for s in self.stages]}
 
 
 def _stage_rms(golden: dict, truth: dict, names: list[str], mask_for) -> float:

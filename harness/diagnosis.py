@@ -241,6 +241,13 @@ def _optimizer(result, out, case) -> Diagnosis | None:
     deltas = [k for k in g if k.startswith("optimizer.delta.")]
     if not deltas:
         return None
+    set_problems = [f for f in result.failures if f.problem and f.problem.startswith(("absent", "not expected"))]
+    if set_problems and len(set_problems) == len(result.failures):  # every difference is a tensor too few or too many
+        absent = sorted({f.name.split(".", 2)[-1] for f in set_problems if f.problem.startswith("absent")})
+        extra = sorted({f.name.split(".", 2)[-1] for f in set_problems if f.problem.startswith("not expected")})
+        return Diagnosis("trainable_set_mismatch", f"the update covers a different set of parameters: {len(absent)} of the "
+                         f"reference's tensors absent, {len(extra)} extra; the ones both update agree",
+                         {"absent": absent[:20], "extra": extra[:20]})
     moved = [k for k in deltas if k in t and np.any(t[k])]
     has_state = any(k.startswith("optimizer.m.") and np.any(v) for k, v in t.items())
     if not moved:

@@ -153,10 +153,16 @@ def explain_stage(result, st) -> str:
 
 
 def explain(result) -> str:
-    st = result.first_failure()
-    if st is None:
-        return f"{result.backend} on {result.fixture}: skipped ({result.stages[0].message})"
-    return explain_stage(result, st)
+    """Every distinct finding of a failing audit, and which failures follow from them."""
+    found, inherited = result.findings()
+    if not found:
+        st = result.first_failure()
+        return explain_stage(result, st) if st else f"{result.backend} on {result.fixture}: skipped ({result.stages[0].message})"
+    by_name = {s.name: s for s in result.stages}
+    text = "\n".join(explain_stage(result, by_name[f.stage]) for f in found)
+    if inherited:
+        text += "\n  inherited: " + "; ".join(f"{i.stage} (from {', '.join(i.from_stages)})" for i in inherited)
+    return text
 
 
 @pytest.fixture

@@ -50,23 +50,32 @@ def print_results(console: Console, results: list[AuditResult], verbose: bool = 
     console.print("each cell: status and margin, the largest error / bound of the stage (at most 1 passes)", highlight=False)
     unchecked: dict[str, set] = {}
     for r in results:
+        by_name = {s.name: s for s in r.stages}
         for s in r.stages:
-            if s.status == "pass":
-                continue
-            if s.status == "not checked" and not verbose:
+            if s.status == "not checked":
                 unchecked.setdefault(f"{r.backend}: {s.name} ({s.message})", set()).add(r.fixture)
-                continue
-            console.print(f"[{STYLE[s.status]}]{s.status}[/] {escape(r.backend)} on {escape(r.fixture)}, stage {s.name}: {escape(s.message)}", highlight=False)
-            if s.diagnosis:
-                console.print(f"    [bold]diagnosis[/] ({escape(s.diagnosis.code)}): {escape(s.diagnosis.summary)}", highlight=False)
-                if s.diagnosis.evidence:
-                    console.print(f"    evidence: {escape(format_evidence(s.diagnosis.evidence))}", highlight=False)
-            if verbose:
+        skipped = [s for s in r.stages if s.status == "skip"]
+        if skipped:
+            console.print(f"[yellow]skip[/] {escape(r.backend)} on {escape(r.fixture)}: {escape(skipped[0].message)}", highlight=False)
+        found, inherited = r.findings()
+        for f in found:  # the distinct findings; what follows from them is named, not repeated
+            s = by_name[f.stage]
+            console.print(f"[bold red]fail[/] {escape(r.backend)} on {escape(r.fixture)}, stage {s.name}: {escape(s.message)}", highlight=False)
+            console.print(f"    [bold]diagnosis[/] ({escape(f.code)}): {escape(f.summary)}", highlight=False)
+            if f.evidence:
+                console.print(f"    evidence: {escape(format_evidence(f.evidence))}", highlight=False)
+        origins: dict[tuple, list[str]] = {}
+        for i in inherited:
+            origins.setdefault(tuple(i.from_stages), []).append(i.stage)
+        for origin, followers in origins.items():
+            console.print(f"    inherited: {', '.join(followers)} fail as a consequence of {', '.join(origin)}", highlight=False)
+        if verbose:
+            for s in r.stages:
                 for t in s.failures:
                     console.print(f"    {escape(t.describe())}", highlight=False)
-            if not verbose and s.status == "fail":
-                break  # later stages inherit the first failure; -v shows them all
     for what, fixtures in unchecked.items():
         console.print(f"[yellow]not checked[/] {escape(what)} on {len(fixtures)} fixture(s)", highlight=False)
+    if any(r.findings()[1] for r in results) and not verbose:
+        console.print("(-v lists every failing tensor of every stage)", highlight=False)
     passed = sum(r.verdict == "pass" for r in results)
     console.print(f"{passed}/{len(results)} audits passed")

@@ -96,8 +96,19 @@ def _table_rows(results: list[AuditResult]) -> tuple[list[str], list[list[str]]]
     return header, rows
 
 
-def _first_failures(results: list[AuditResult]) -> list[tuple[AuditResult, StageResult]]:
-    return [(r, r.first_failure()) for r in results if r.first_failure() is not None]
+def _failed(results: list[AuditResult]) -> list[tuple[AuditResult, list[tuple[StageResult, object]], list]]:
+    """Each failing audit with its findings (and their stage results) and its inherited failures."""
+    out = []
+    for r in results:
+        found, inherited = r.findings()
+        if found or inherited:
+            by_name = {s.name: s for s in r.stages}
+            out.append((r, [(by_name[f.stage], f) for f in found], inherited))
+    return out
+
+
+def _inherited_text(inherited) -> str:
+    return "; ".join(f"{i.stage} (from {', '.join(i.from_stages)})" for i in inherited)
 
 
 def write_report(path: Path, results: list[AuditResult]) -> None:
@@ -116,16 +127,19 @@ def render_markdown(results: list[AuditResult], files: Path, base: Path) -> str:
     lines = ["# parity audit", "", f"Machine: {_machine()}. {sum(r.verdict == 'pass' for r in results)}/{len(results)} audits passed.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    failures = _first_failures(results)
+    failures = _failed(results)
     if failures:
         files.mkdir(parents=True, exist_ok=True)
-    for i, (r, st) in enumerate(failures):
-        lines += ["", f"## {r.backend} on {r.fixture}: fails at `{st.name}`", "", f"- {st.message}"]
-        if st.diagnosis:
-            lines += [f"- **Diagnosis** (`{st.diagnosis.code}`): {st.diagnosis.summary}"]
-            if st.diagnosis.evidence:
-                lines += [f"- Evidence: {format_evidence(st.diagnosis.evidence, 800)}"]
-        lines += [f"- Tolerance: {st.tolerance}"]
+    for i, (r, found, inherited) in enumerate(failures):
+        lines += ["", f"## {r.backend} on {r.fixture}: {len(found)} finding(s)"]
+        for st, f in found:
+            lines += ["", f"### `{st.name}`: {f.code} (isolated to `{f.piece}`)", "", f"- {st.message}",
+                      f"- **Diagnosis** (`{f.code}`): {f.summary}"]
+            if f.evidence:
+                lines += [f"- Evidence: {format_evidence(f.evidence, 800)}"]
+            lines += [f"- Tolerance: {st.tolerance}"]
+        if inherited:
+            lines += ["", f"Inherited failures (they follow from the findings above): {_inherited_text(inherited)}."]
         for j, (caption, png) in enumerate(plots(r)):
             f = files / f"{i:02d}-{j}.png"
             f.write_bytes(png)
@@ -144,14 +158,17 @@ def render_html(results: list[AuditResult]) -> str:
              "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     parts += ["<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows]
     parts.append("</table>")
-    for r, st in _first_failures(results):
-        parts.append(f"<h2>{html.escape(r.backend)} on {html.escape(r.fixture)}: fails at <code>{st.name}</code></h2>")
-        parts.append(f"<p>{html.escape(st.message)}</p>")
-        if st.diagnosis:
-            parts.append(f"<p><b>Diagnosis</b> (<code>{st.diagnosis.code}</code>): {html.escape(st.diagnosis.summary)}</p>")
-            if st.diagnosis.evidence:
-                parts.append(f"<p>Evidence: {html.escape(format_evidence(st.diagnosis.evidence, 800))}</p>")
-        parts.append(f"<p>Tolerance: {html.escape(st.tolerance)}</p>")
+    for r, found, inherited in _failed(results):
+        parts.append(f"<h2>{html.escape(r.backend)} on {html.escape(r.fixture)}: {len(found)} finding(s)</h2>")
+        for st, f in found:
+            parts.append(f"<h3><code>{st.name}</code>: {html.escape(f.code)} (isolated to <code>{html.escape(f.piece)}</code>)</h3>")
+            parts.append(f"<p>{html.escape(st.message)}</p>")
+            parts.append(f"<p><b>Diagnosis</b> (<code>{html.escape(f.code)}</code>): {html.escape(f.summary)}</p>")
+            if f.evidence:
+                parts.append(f"<p>Evidence: {html.escape(format_evidence(f.evidence, 800))}</p>")
+            parts.append(f"<p>Tolerance: {html.escape(st.tolerance)}</p>")
+        if inherited:
+            parts.append(f"<p>Inherited failures (they follow from the findings above): {html.escape(_inherited_text(inherited))}.</p>")
         for caption, png in plots(r):
             data = base64.b64encode(png).decode()
             parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>")

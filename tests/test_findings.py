@@ -1,0 +1,65 @@
+"""Findings, not cascades: each bug of a port is one finding at the smallest piece that shows it, and the
+failures that follow from it are marked inherited, even when several bugs hide each other end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from harness.audit import audit
+from harness.backends import get_backend
+from harness.findings import analyse
+from harness.mutants import MUTANTS, Mutant, MutantBackend, _opt
+
+from .conftest import CASES
+
+
+def _summary(result):
+    found, inherited = result.findings()
+    return [(f.stage, f.code) for f in found], {i.stage: i.from_stages for i in inherited}
+
+
+def test_a_forward_bug_is_one_finding_and_the_rest_inherit_it():
+    found, inherited = _summary(audit(get_backend("mutant:rope_theta_hardcoded"), CASES["mha_sharded"]))
+    assert found == [("forward", "forward_divergence")]
+    assert inherited == {s: ["forward"] for s in ("loss", "gradients", "optimizer", "trajectory", "checkpoint")}
+
+
+def test_a_loss_bug_is_found_in_the_isolated_loss_and_explains_the_end_to_end_failures():
+    found, inherited = _summary(audit(get_backend("mutant:distrust_lambda_one"), CASES["lora"]))
+    assert found == [("isolated_loss", "distrust_lambda")]
+    assert inherited["loss"] == ["isolated_loss"] and inherited["trajectory"] == ["isolated_loss"]
+
+
+def test_a_bug_no_isolated_check_holds_is_found_where_it_first_shows():
+    """Accumulation summed: the isolated optimizer (given gradients, no accumulation) passes, so the
+    end-to-end optimizer stage is the finding."""
+    found, inherited = _summary(audit(get_backend("mutant:accumulation_sum"), CASES["accum_head"]))
+    assert found == [("optimizer", "accumulation_scaling")]
+    assert inherited == {"trajectory": ["optimizer"], "checkpoint": ["optimizer"]}
+
+
+def test_two_bugs_at_once_are_two_findings():
+    """RoPE base hard-coded and AdamW eps wrong: end to end the forward bug masks the optimizer's;
+    the isolated optimizer check still names it."""
+    both = dataclasses.replace(MUTANTS["rope_theta_hardcoded"], name="rope+eps", settings=_opt(eps=1e-7))
+    found, _ = _summary(audit(MutantBackend(both), CASES["mha_sharded"]))
+    assert found == [("forward", "forward_divergence"), ("isolated_optimizer", "adam_eps")]
+
+
+def test_three_bugs_at_once_are_three_findings():
+    three = Mutant("rope+lambda+resume", "three bugs", "forward", ("tied",), "forward_divergence",
+                   config=lambda c: dataclasses.replace(c, rope_theta=10000.0),
+                   settings=lambda s: dataclasses.replace(s, loss=dataclasses.replace(s.loss, lam=0.0)),
+                   reset_optimizer_on_resume=True)
+    found, _ = _summary(audit(MutantBackend(three), CASES["tied"]))
+    assert [f[0] for f in found] == ["forward", "checkpoint", "isolated_loss"]
+    assert dict(found)["isolated_loss"] == "distrust_lambda" and dict(found)["checkpoint"] == "resume_state_lost"
+
+
+def test_one_cause_seen_by_two_checks_is_one_finding():
+    found, _ = _summary(audit(get_backend("mutant:no_shift"), CASES["gqa_padded"]))
+    assert found == [("shifted_slices", "labels_not_shifted")]
+
+
+def test_a_correct_backend_has_no_findings():
+    assert analyse(audit(get_backend("torch"), CASES["head"]).stages) == ([], [])
