@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reference.weights import IGNORED_KEYS
-
 from .backends import Backend
 from .case import Case
 from .compare import TensorResult, compare
@@ -111,7 +109,7 @@ def _group(actual: dict, a_prefix: str, case: Case, e_prefix: str, tol: Toleranc
     exp = {k[len(e_prefix):]: v for k, v in golden.items() if k.startswith(e_prefix)}
     act = {k[len(a_prefix):]: v for k, v in actual.items() if k.startswith(a_prefix)}
     stage_rms = _stage_rms(golden, truth, [e_prefix + k for k in exp], mask_for) if truth else 0.0
-    params = _initial_parameters(case) if truth and any(".delta." in e_prefix + k for k in exp) else {}
+    params = case.initial_weights if truth and any(".delta." in e_prefix + k for k in exp) else {}
     # Δθ over N updates carries the rounding of θ at every update (decay, then the step)
     updates = case.settings.steps if e_prefix.startswith("trajectory.") else 1
     results = []
@@ -130,26 +128,6 @@ def _group(actual: dict, a_prefix: str, case: Case, e_prefix: str, tol: Toleranc
     for k in sorted(set(act) - set(exp)):
         results.append(TensorResult(a_prefix + k, False, problem="not expected: the reference has no such tensor", tolerance=tol.describe()))
     return results
-
-
-def _initial_parameters(case: Case) -> dict[str, np.ndarray]:
-    """θ₀ of every parameter, for judging changes Δθ; computed once per case."""
-    if "_initial" not in case.__dict__:
-        case.__dict__["_initial"] = expected_weights(case)
-    return case.__dict__["_initial"]
-
-
-def expected_weights(case: Case) -> dict[str, np.ndarray]:
-    """What every parameter must hold after loading: the checkpoint tensors (and initial adapters)."""
-    from reference.weights import checkpoint_files
-    from safetensors.numpy import load_file
-
-    tensors: dict[str, np.ndarray] = {}
-    for f in checkpoint_files(case.checkpoint):
-        tensors.update({k: v for k, v in load_file(str(f)).items() if not IGNORED_KEYS.search(k)})
-    if case.lora_init is not None:
-        tensors.update(load_file(str(case.lora_init)))
-    return {f"weights.{k}": v for k, v in tensors.items()}
 
 
 def forward_mask(case: Case):
@@ -176,7 +154,7 @@ def judge(stage: str, out: StageOutput, case: Case) -> StageResult:
     if stage in ("trajectory", "checkpoint") and isinstance(t.get(f"{stage}.loss"), np.ndarray) and t[f"{stage}.loss"].size < 10_000:
         res.series = {"port": [float(x) for x in np.ravel(t[f"{stage}.loss"])], "reference": [float(x) for x in golden["trajectory.loss"]]}
     if stage == "weight_mapping":
-        res.tensors = _group(t, "weights.", case, "weights.", tol, expected=expected_weights(case))
+        res.tensors = _group(t, "weights.", case, "weights.", tol, expected=case.initial_weights)
         report = out.meta.get("load_report") or {}
         if not isinstance(report, dict):
             res.message = f"the load report is not a JSON object: {str(report)[:200]}"

@@ -99,6 +99,19 @@ class Case:
         return _finite(self.path / "golden.safetensors", _load(self.path / "golden.safetensors"))
 
     @cached_property
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        """`weights.<name>`: the checkpoint's tensors (and initial adapters), what loading must give and
+        θ₀ for judging parameter changes."""
+        from reference.weights import IGNORED_KEYS, checkpoint_files
+
+        tensors: dict[str, np.ndarray] = {}
+        for f in checkpoint_files(self.checkpoint):
+            tensors.update({k: v for k, v in _load(f).items() if not IGNORED_KEYS.search(k)})
+        if self.lora_init is not None:
+            tensors.update(_load(self.lora_init))
+        return {f"weights.{k}": v for k, v in tensors.items()}
+
+    @cached_property
     def truth(self) -> dict[str, np.ndarray]:
         f = self.path / "truth.safetensors"
         if not f.exists():

@@ -78,8 +78,6 @@ def _common_affix(names: list[str]) -> str:
 
 # --- weight_mapping ------------------------------------------------------------------------------
 def _weights(result, out, case) -> Diagnosis | None:
-    from .audit import expected_weights
-
     report = out.meta.get("load_report") or {}
     missing, unexpected = report.get("missing") or [], report.get("unexpected") or []
     if missing and unexpected:
@@ -89,7 +87,7 @@ def _weights(result, out, case) -> Diagnosis | None:
                                  {"prefix": pre, "missing": missing[:5], "unexpected": unexpected[:5]})
         return Diagnosis("key_mapping", f"{len(missing)} parameters unfilled and {len(unexpected)} checkpoint keys unused",
                          {"missing": missing[:10], "unexpected": unexpected[:10]})
-    expected = expected_weights(case)
+    expected = case.initial_weights
     actual = {k: v for k, v in out.tensors.items() if k.startswith("weights.")}
     extra = sorted(set(actual) - set(expected))
     if "weights.lm_head.weight" in extra and case.settings and _tied(case):
@@ -307,9 +305,7 @@ def _optimizer(result, out, case) -> Diagnosis | None:
 
 
 def _initial(case, name: str) -> np.ndarray | None:
-    from .audit import expected_weights
-
-    return expected_weights(case).get(f"weights.{name}")
+    return case.initial_weights.get(f"weights.{name}")
 
 
 def _fit_to_parameters(t, g, prefix: str, case) -> float | None:

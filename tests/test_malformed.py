@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from harness.audit import audit, expected_weights
+from harness.audit import audit
 from harness.backends.base import Backend
 from harness.backends.external import read_response
 from harness.stages import ALL_STAGES as STAGES, StageOutput
@@ -29,7 +29,7 @@ PREFIX = {"forward": "forward.", "shifted_slices": "shifted.", "loss": "loss.", 
 
 def correct_outputs(case) -> dict[str, StageOutput]:
     g = case.golden
-    out = {"weight_mapping": StageOutput(dict(expected_weights(case)), {"load_report": {"missing": [], "unexpected": [], "mismatched": []}})}
+    out = {"weight_mapping": StageOutput(dict(case.initial_weights), {"load_report": {"missing": [], "unexpected": [], "mismatched": []}})}
     for stage, prefix in PREFIX.items():
         out[stage] = StageOutput({k: v.copy() for k, v in g.items() if k.startswith(prefix)})
     ckpt = {k.replace("trajectory.", "checkpoint.", 1): v.copy() for k, v in g.items() if k.startswith("trajectory.")}
