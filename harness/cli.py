@@ -124,13 +124,16 @@ def selftest(
         task = progress.add_task("self-test", total=st.count_jobs(protocol, extra))
         result = st.run(protocol, progress=lambda what: progress.update(task, advance=1, description=what[:60]), extra=extra)
     table = Table(title="parity selftest")
-    for col in ("mutant", "via", "fixture", "expected stage", "caught at", "diagnosis", "caught"):
+    for col in ("mutant", "via", "fixture", "expected stage", "caught at", "diagnosis", "caught", "a finding"):
         table.add_column(col)
     for m in result["mutants"]:
         ok = "[green]yes[/]" if m["caught"] else "[bold red]NO[/]"
-        table.add_row(*(escape(str(x)) for x in (m["name"], m["via"], m["fixture"], m["expected_stage"], m["detected_stage"] or "-", m["diagnosis"] or "-")), ok)
+        named = "[green]yes[/]" if m["named_as_finding"] else "[yellow]no[/]"
+        table.add_row(*(escape(str(x)) for x in (m["name"], m["via"], m["fixture"], m["expected_stage"], m["detected_stage"] or "-", m["diagnosis"] or "-")), ok, named)
     console.print(table)
     caught = sum(m["caught"] for m in result["mutants"])
+    named = sum(m["named_as_finding"] for m in result["mutants"])
+    console.print(f"{named}/{len(result['mutants'])} named as one of the audit's findings (harness/findings.py)")
     console.print(f"{caught}/{len(result['mutants'])} mutant runs caught; false alarms on correct backends "
                   f"({', '.join(result['correct_backends'])}): {result['false_alarms']}")
     for fa in result["false_alarm_details"]:

@@ -21,22 +21,30 @@ class MutantRun:
     detected_stage: str | None
     diagnosis: str | None
     summary: str
+    findings: list[str]  # "stage:code" of the audit's distinct findings (harness/findings.py)
 
     @property
     def caught(self) -> bool:
         return self.detected_stage == self.expected_stage and self.diagnosis == self.expected_diagnosis
 
+    @property
+    def named(self) -> bool:
+        """The injected bug is one of the audit's findings, with its cause (not only inherited)."""
+        return any(f.endswith(":" + self.expected_diagnosis) for f in self.findings)
+
     def to_dict(self) -> dict:
         return {"name": self.name, "fixture": self.fixture, "via": self.via, "expected_stage": self.expected_stage,
                 "expected_diagnosis": self.expected_diagnosis, "detected_stage": self.detected_stage,
-                "diagnosis": self.diagnosis, "summary": self.summary, "caught": self.caught}
+                "diagnosis": self.diagnosis, "summary": self.summary, "caught": self.caught,
+                "findings": self.findings, "named_as_finding": self.named}
 
 
 def judge_mutant(result: AuditResult, name: str, via: str, stage: str, diagnosis: str) -> MutantRun:
     first = result.first_failure()
     return MutantRun(name, result.fixture, via, stage, diagnosis, first.name if first else None,
                      first.diagnosis.code if first and first.diagnosis else None,
-                     first.diagnosis.summary if first and first.diagnosis else "passed every stage")
+                     first.diagnosis.summary if first and first.diagnosis else "passed every stage",
+                     [f"{f.stage}:{f.code}" for f in result.findings()[0]])
 
 
 def mutant_backends(protocol: bool) -> list[tuple[object, Backend, str]]:

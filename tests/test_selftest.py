@@ -17,4 +17,5 @@ def test_selftest_passes_and_writes_its_json(tmp_path):
     for m in data["mutants"]:
         assert {"name", "expected_stage", "detected_stage", "diagnosis", "caught"} <= set(m)
         assert m["caught"], m
+        assert m["named_as_finding"], m  # the bug is a finding of its own, not only the first failure
     assert "mutant runs caught" in res.output
