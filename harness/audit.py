@@ -12,7 +12,7 @@ from .compare import TensorResult, compare
 from .diagnosis import Diagnosis, diagnose
 from .stages import ALL_STAGES, ISOLATED_STAGES, StageOutput
 from .truth import needs_truth
-from .tolerances import EXACT, RESUME_SELF_CONSISTENCY, Tolerance, TruthBound, tolerance
+from .tolerances import EXACT, RESUME_SELF_CONSISTENCY, Tolerance, TruthBound, stage_rms, tolerance
 
 PASS, FAIL, SKIP, NOT_CHECKED = "pass", "fail", "skip", "not checked"
 
@@ -90,17 +90,6 @@ class AuditResult:
                 "stages": [s.to_dict() for s in self.stages]}
 
 
-def _stage_rms(golden: dict, truth: dict, names: list[str], mask_for) -> float:
-    """The reference's rms error against the truth over every element of a stage."""
-    sq, n = 0.0, 0
-    for k in names:
-        if f"truth.{k}" not in truth or not np.issubdtype(golden[k].dtype, np.floating):
-            continue
-        err = (golden[k].astype(np.float64) - truth[f"truth.{k}"])[np.broadcast_to(mask_for(k), golden[k].shape)]
-        sq, n = sq + float((err**2).sum()), n + err.size
-    return float(np.sqrt(sq / n)) if n else 0.0
-
-
 def _group(actual: dict, a_prefix: str, case: Case, e_prefix: str, tol: Tolerance, expected: dict | None = None,
            mask_for=lambda name: True) -> list[TensorResult]:
     """Compare every expected `e_prefix*` tensor with `a_prefix*`; names the backend adds are failures too.
@@ -108,7 +97,8 @@ def _group(actual: dict, a_prefix: str, case: Case, e_prefix: str, tol: Toleranc
     golden, truth = (case.golden, case.truth) if expected is None else (expected, {})
     exp = {k[len(e_prefix):]: v for k, v in golden.items() if k.startswith(e_prefix)}
     act = {k[len(a_prefix):]: v for k, v in actual.items() if k.startswith(a_prefix)}
-    stage_rms = _stage_rms(golden, truth, [e_prefix + k for k in exp], mask_for) if truth else 0.0
+    rms = stage_rms((golden[e_prefix + k], truth[f"truth.{e_prefix}{k}"], mask_for(e_prefix + k))
+                    for k in exp if f"truth.{e_prefix}{k}" in truth)
     params = case.initial_weights if truth and any(".delta." in e_prefix + k for k in exp) else {}
     # Δθ over N updates carries the rounding of θ at every update (decay, then the step)
     updates = case.settings.steps if e_prefix.startswith("trajectory.") else 1
@@ -124,7 +114,7 @@ def _group(actual: dict, a_prefix: str, case: Case, e_prefix: str, tol: Toleranc
             if theta is not None:  # θ before and after: the larger sets the precision Δθ can have
                 theta = updates * np.maximum(np.abs(theta), np.abs(theta + t))
             results.append(compare(a_prefix + k, act.get(k), e, tol, truth=t, sensitivity=truth.get(f"sens.{full}"),
-                                   stage_rms=stage_rms, mask=mask_for(full), param=theta))
+                                   stage_rms=rms, mask=mask_for(full), param=theta))
     for k in sorted(set(act) - set(exp)):
         results.append(TensorResult(a_prefix + k, False, problem="not expected: the reference has no such tensor", tolerance=tol.describe()))
     return results

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .compare import TensorResult, compare
-from .tolerances import tolerance
+from .tolerances import stage_rms, tolerance
 
 
 def transformers_forward(checkpoint: Path, input_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -34,7 +34,6 @@ def check_forward(checkpoint: Path, input_ids: np.ndarray, mask: np.ndarray, ref
     bound set by the reference's own float32 error, at real (unpadded) tokens."""
     tol = tolerance("forward")
     m = mask.astype(bool)[..., None]
-    err = np.concatenate([(reference[k].astype(np.float64) - truth[k])[np.broadcast_to(m, truth[k].shape)] for k in reference])
-    stage_rms = float(np.sqrt(np.mean(err**2)))
-    return [compare(name, value, reference[name], tol, truth=truth[name], stage_rms=stage_rms, mask=m)
+    rms = stage_rms((reference[k], truth[k], m) for k in reference)
+    return [compare(name, value, reference[name], tol, truth=truth[name], stage_rms=rms, mask=m)
             for name, value in transformers_forward(checkpoint, input_ids).items()]

@@ -80,6 +80,18 @@ class TruthBound:
         return self.multiple * noise + sens + self.floor_ulps * ULP32 * scale
 
 
+def stage_rms(pairs) -> float:
+    """The reference's rms error against the truth over every element of a stage: `pairs` of
+    (reference, truth, mask or None), the mask selecting the judged elements."""
+    sq, n = 0.0, 0
+    for reference, truth, mask in pairs:
+        err = np.asarray(reference, np.float64) - np.asarray(truth, np.float64)
+        if mask is not None:
+            err = err[np.broadcast_to(np.asarray(mask, bool), err.shape)]
+        sq, n = sq + float((err**2).sum()), n + err.size
+    return float(np.sqrt(sq / n)) if n else 0.0
+
+
 Tolerance = Exact | TruthBound
 EXACT = Exact()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .stages import StageOutput
-from .tolerances import tolerance
+from .tolerances import stage_rms, tolerance
 
 TRUTH_FILE = "truth.safetensors"
 TRUTH_STAGES = ("forward", "loss", "gradients", "optimizer", "trajectory", "isolated_loss", "isolated_optimizer")
@@ -47,9 +47,8 @@ def gradient_bounds(case, golden: dict, truth: dict) -> dict[str, np.ndarray]:
     uses) are exact in every port, so they are not perturbed."""
     tol = tolerance("gradients")
     names = [k for k in golden if k.startswith("grad.")]
-    err = np.concatenate([(golden[k].astype(np.float64) - truth[k]).ravel() for k in names]) if names else np.zeros(0)
-    stage_rms = float(np.sqrt(np.mean(err**2))) if err.size else 0.0
-    return {k.removeprefix("grad."): np.where((golden[k] == 0) & (truth[k] == 0), 0.0, tol.bound(golden[k], truth[k], None, stage_rms))
+    rms = stage_rms((golden[k], truth[k], None) for k in names)
+    return {k.removeprefix("grad."): np.where((golden[k] == 0) & (truth[k] == 0), 0.0, tol.bound(golden[k], truth[k], None, rms))
             for k in names}
 
 
