@@ -109,6 +109,31 @@ class Block(torch.nn.Module):
         o = torch.softmax(scores, dim=-1) @ v
         return self.attn.wo(o.transpose(1, 2).reshape(B, T, H * hd))
 
+    def pieces(self, g, cos, sin):
+        """Each piece of the block from the given values of its inputs (the isolated forward check)."""
+        c, (B, T, _) = self.c, g["input"].shape
+        hd, H, K = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        rope = lambda x: x * cos + rotate_half(x) * sin  # noqa: E731
+        expand = lambda x: x.repeat_interleave(H // K, dim=1)  # noqa: E731
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        ffn = self.ffn
+        return {
+            "input_norm": self.attn_norm(g["input"]),
+            "q": self.attn.wq(g["input_norm"]).view(B, T, H, hd).transpose(1, 2),
+            "k": self.attn.wk(g["input_norm"]).view(B, T, K, hd).transpose(1, 2),
+            "v": self.attn.wv(g["input_norm"]).view(B, T, K, hd).transpose(1, 2),
+            "q_rope": rope(g["q"]), "k_rope": rope(g["k"]),
+            "scores": (g["q_rope"] @ expand(g["k_rope"]).transpose(-1, -2)) / math.sqrt(hd),
+            "probs": torch.softmax(g["scores"].masked_fill(~causal, float("-inf")), dim=-1),
+            "attn": (g["probs"] @ expand(g["v"])).transpose(1, 2).reshape(B, T, H * hd),
+            "o_proj": self.attn.wo(g["attn"]),
+            "post_norm": self.ffn_norm(g["input"] + g["o_proj"]),
+            "gate": ffn.w_gate(g["post_norm"]), "up": ffn.w_up(g["post_norm"]),
+            "act": F.silu(g["gate"]) * g["up"],
+            "down": ffn.w_down(g["act"]),
+            "output": self(g["input"], cos, sin),
+        }
+
     def forward(self, h, cos, sin):
         h = h + self.attention(self.attn_norm(h), cos, sin)
         x = self.ffn_norm(h)
@@ -140,6 +165,18 @@ class TwinLlama(torch.nn.Module):
         x = self.final_norm(h)
         logits = x @ self.tok_emb.weight.T if self.head is None else self.head(x)
         return logits, hidden
+
+
+    def pieces(self, ids, g):
+        cos, sin = self.rope(ids.shape[1])
+        out = {"embed": self.tok_emb(ids)}
+        for i, block in enumerate(self.blocks):
+            inputs = {k.removeprefix(f"layer.{i}."): v for k, v in g.items() if k.startswith(f"layer.{i}.")}
+            inputs["input"] = g["embed"] if i == 0 else g[f"layer.{i - 1}.output"]
+            out |= {f"layer.{i}.{k}": v for k, v in block.pieces(inputs, cos, sin).items()}
+        out["head.norm"] = self.final_norm(g[f"layer.{len(self.blocks) - 1}.output"])
+        out["head.logits"] = g["head.norm"] @ self.tok_emb.weight.T if self.head is None else self.head(g["head.norm"])
+        return out
 
 
 def lr_at(settings: TrainSettings, s: int) -> float:
@@ -292,6 +329,12 @@ class TwinTrainer:
         with torch.no_grad():
             given = torch.as_tensor(np.asarray(logits, dtype=np.float32)).to(self.dtype)
             return {k: v.item() for k, v in self._loss(batch, given).items()}
+
+    def pieces(self, input_ids, given) -> dict[str, torch.Tensor]:
+        """The forward's pieces, each from the given values of its inputs (the isolated forward check)."""
+        with torch.no_grad():
+            g = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)).to(self.dtype) for k, v in given.items()}
+            return self.model.pieces(torch.as_tensor(np.asarray(input_ids, dtype=np.int64)), g)
 
     def update_from_gradients(self, grads) -> None:
         """One update with given gradients (the isolated optimizer check)."""

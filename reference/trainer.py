@@ -112,6 +112,14 @@ class Trainer:
         total, ce, d = self._loss_from_logits(mx.array(np.asarray(logits, dtype=np.float32)), to_mx_batch(batch))
         return {"ce": ce.item(), "distrust": d.item(), "total": total.item()}
 
+    def pieces(self, input_ids: np.ndarray, given: dict[str, np.ndarray] | None = None) -> dict[str, mx.array]:
+        """The forward pass in pieces: the model's own chain, or each piece from given values of its
+        inputs (the forward judged piece by piece, on the reference's values)."""
+        ids = mx.array(np.asarray(input_ids, dtype=np.int32))
+        out = self.model.pieces(ids, None if given is None else {k: mx.array(np.asarray(v, dtype=np.float32)) for k, v in given.items()})
+        mx.eval(out)
+        return out
+
     def update_from_gradients(self, grads: dict[str, np.ndarray]) -> None:
         """One update (clip, then AdamW) with given gradients: the optimizer judged on its own."""
         self.apply(self.clip(tree_unflatten([(k, mx.array(np.asarray(v, dtype=np.float32))) for k, v in grads.items()])))

@@ -40,6 +40,14 @@ class MlxRsSession(TrainerSession):
         logits, hidden = self.t.forward(np.ascontiguousarray(input_ids, dtype=np.int32))
         return logits, list(hidden)
 
+    def pieces(self, input_ids, given):
+        """Every piece of the forward pass ({name: float32 array}), each from the given values of its
+        inputs (`harness/pieces.py`); `given=None` gives the port's own chain."""
+        if given is not None:
+            given = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in given.items()}
+        out = self.t.pieces(np.ascontiguousarray(input_ids, dtype=np.int32), given)
+        return {k: np.asarray(v) for k, v in out.items()}
+
     def shifted(self, input_ids, attention_mask):
         return self.t.shifted(np.ascontiguousarray(input_ids, dtype=np.int32), np.ascontiguousarray(attention_mask, dtype=np.int32))
 

@@ -3,11 +3,14 @@
 //!
 //! Every operation mirrors the MLX reference (`reference/model.py`) op for op, so that float32 results
 //! agree to the last bits where MLX's kernels allow: `x @ W.T (+ b)`, `mx.fast.rms_norm`,
-//! `mx.fast.rope` (non-traditional), `mx.fast.scaled_dot_product_attention` with a causal mask,
-//! `silu(x) = x * sigmoid(x)`.
+//! `mx.fast.rope` (non-traditional), attention written out (scores, causal softmax, mix; kv heads
+//! repeated for the query heads), `silu(x) = x * sigmoid(x)`. The forward pass and its pieces (the
+//! isolated forward check, `pieces`) share these functions.
+use std::collections::HashMap;
+
 use mlx_rs::{
     error::Exception,
-    fast::{self, ScaledDotProductAttentionMask},
+    fast,
     macros::ModuleParameters,
     module::{ModuleParameters as _, Param},
     ops, random, Array,
@@ -126,6 +129,75 @@ impl Embedding {
     }
 }
 
+/// Pieces of the forward pass by name (`harness/pieces.py`): `embed`, `layer.{i}.<piece>`, `head.norm`,
+/// `head.logits`; inside one layer the bare piece names, with `input` the residual entering it.
+pub type Pieces = HashMap<String, Array>;
+
+/// The pieces of one decoder layer, in the order the layer computes them.
+pub const LAYER_PIECES: [&str; 16] = [
+    "input_norm",
+    "q",
+    "k",
+    "v",
+    "q_rope",
+    "k_rope",
+    "scores",
+    "probs",
+    "attn",
+    "o_proj",
+    "post_norm",
+    "gate",
+    "up",
+    "act",
+    "down",
+    "output",
+];
+
+/// The layer pieces that the pieces computed from given values read (all but `down`, which only the
+/// own chain's `output` reads, and `output`, which the model reads as the next layer's `input`).
+const LAYER_PIECES_READ: [&str; 14] = [
+    "input_norm",
+    "q",
+    "k",
+    "v",
+    "q_rope",
+    "k_rope",
+    "scores",
+    "probs",
+    "attn",
+    "o_proj",
+    "post_norm",
+    "gate",
+    "up",
+    "act",
+];
+
+/// `p[key]`; a missing key is an error naming `{prefix}{key}`.
+fn lookup<'a>(p: &'a Pieces, prefix: &str, key: &str) -> R<&'a Array> {
+    p.get(key).ok_or_else(|| Exception::custom(format!("the given pieces lack '{prefix}{key}'")))
+}
+
+/// One layer's pieces as they are computed: each reads its inputs from the own chain, or from the given
+/// values when there are any (`x = own if given is None else given` in the reference).
+struct Chain<'g> {
+    own: Pieces,
+    given: Option<&'g Pieces>,
+    /// The layer's name prefix (`layer.{i}.`), for errors.
+    prefix: &'g str,
+}
+
+impl Chain<'_> {
+    fn x(&self, key: &str) -> R<&Array> {
+        lookup(self.given.unwrap_or(&self.own), self.prefix, key)
+    }
+
+    fn put(&mut self, key: &str, value: Array) {
+        self.own.insert(key.to_string(), value);
+    }
+}
+
+/// Causal self-attention in the pieces the isolated checks judge one by one: project, rotate, score,
+/// weigh, mix. Written out rather than fused (as the reference is), so each piece is a value.
 #[derive(Debug, Clone, ModuleParameters)]
 #[module(root = mlx_rs)]
 pub struct Attention {
@@ -162,21 +234,63 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Array) -> R<Array> {
-        let (b, t) = (x.shape()[0], x.shape()[1]);
-        let heads = |y: Array, n: i32| -> R<Array> {
-            y.reshape(&[b, t, n, self.head_dim])?.transpose_axes(&[0, 2, 1, 3])
-        };
-        let q = heads(self.q_proj.forward(x)?, self.n_heads)?;
-        let k = heads(self.k_proj.forward(x)?, self.n_kv)?;
-        let v = heads(self.v_proj.forward(x)?, self.n_kv)?;
-        // RoPE reads positions from axis -2, hence [B, H, T, D]; the fused attention shares kv heads.
-        let q = fast::rope(&q, self.head_dim, false, self.rope_theta, 1.0, 0, None)?;
-        let k = fast::rope(&k, self.head_dim, false, self.rope_theta, 1.0, 0, None)?;
-        let scale = (self.head_dim as f64).powf(-0.5) as f32;
-        let o = fast::scaled_dot_product_attention(&q, &k, &v, scale, ScaledDotProductAttentionMask::Causal, None)?;
-        let o = o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, t, -1])?;
-        self.o_proj.forward(&o)
+    /// `head_dim ** -0.5`, computed in double precision as Python does, then rounded to float32.
+    pub fn scale(&self) -> f32 {
+        (self.head_dim as f64).powf(-0.5) as f32
+    }
+
+    /// `[B, T, n * D]` -> `[B, n, T, D]`.
+    fn heads(&self, y: &Array, n: i32) -> R<Array> {
+        let (b, t) = (y.shape()[0], y.shape()[1]);
+        y.reshape(&[b, t, n, self.head_dim])?.transpose_axes(&[0, 2, 1, 3])
+    }
+
+    /// q `[B, H, T, D]`, k and v `[B, K, T, D]`.
+    pub fn project(&self, x: &Array) -> R<(Array, Array, Array)> {
+        Ok((
+            self.heads(&self.q_proj.forward(x)?, self.n_heads)?,
+            self.heads(&self.k_proj.forward(x)?, self.n_kv)?,
+            self.heads(&self.v_proj.forward(x)?, self.n_kv)?,
+        ))
+    }
+
+    /// Non-traditional RoPE (HF's rotate_half), base `rope_theta`, offset 0. It reads positions from
+    /// axis -2, hence `[B, heads, T, D]`.
+    pub fn rope(&self, x: &Array) -> R<Array> {
+        fast::rope(x, self.head_dim, false, self.rope_theta, 1.0, 0, None)
+    }
+
+    /// Query head h reads kv head `h / (H / K)`: each kv head repeated, not the heads tiled.
+    pub fn kv_for_queries(&self, kv: &Array) -> R<Array> {
+        Array::repeat_axis::<f32>(kv.clone(), self.n_heads / self.n_kv, 1)
+    }
+
+    /// `scale * q k^T`, `[B, H, T, T]`, before the mask.
+    pub fn scores(&self, q: &Array, k: &Array) -> R<Array> {
+        let q = ops::multiply(q, Array::from_f32(self.scale()))?;
+        ops::matmul(&q, self.kv_for_queries(k)?.transpose_axes(&[0, 1, 3, 2])?)
+    }
+
+    /// Softmax over keys with the causal mask: query t sees keys 0..=t.
+    pub fn probs(scores: &Array) -> R<Array> {
+        let t = scores.shape()[scores.ndim() - 1];
+        let pos = Array::arange::<_, i32>(None, t, None)?;
+        let causal = pos.reshape(&[1, t])?.le(pos.reshape(&[t, 1])?)?;
+        let masked = ops::select(&causal, scores, Array::from_f32(f32::NEG_INFINITY))?;
+        ops::softmax_axis(&masked, -1, None)
+    }
+
+    /// The heads' weighted values, merged: `[B, T, H * D]`, the input of o_proj.
+    pub fn mix(&self, probs: &Array, v: &Array) -> R<Array> {
+        let o = ops::matmul(probs, self.kv_for_queries(v)?)?;
+        let (b, t) = (o.shape()[0], o.shape()[2]);
+        o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, t, -1])
+    }
+
+    pub fn forward(&self, x: &Array) -> R<Array> {
+        let (q, k, v) = self.project(x)?;
+        let probs = Self::probs(&self.scores(&self.rope(&q)?, &self.rope(&k)?)?)?;
+        self.o_proj.forward(&self.mix(&probs, &v)?)
     }
 }
 
@@ -202,10 +316,13 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Array) -> R<Array> {
-        let g = self.gate_proj.forward(x)?;
-        let silu = ops::multiply(&g, ops::sigmoid(&g)?)?;
-        self.down_proj.forward(&ops::multiply(&silu, self.up_proj.forward(x)?)?)
+    /// `silu(gate) * up`, `silu(x) = x * sigmoid(x)`.
+    pub fn activation(gate: &Array, up: &Array) -> R<Array> {
+        ops::multiply(ops::multiply(gate, ops::sigmoid(gate)?)?, up)
+    }
+
+    pub fn forward(&self, x: &Array) -> R<Array> {
+        self.down_proj.forward(&Self::activation(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
     }
 }
 
@@ -232,7 +349,44 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, h: &Array) -> R<Array> {
+    /// Every piece of the layer (`LAYER_PIECES`, and `input`). Without `given`: the layer's own chain
+    /// from `h`. With `given` (the reference's pieces, bare names, `input` included): each piece from
+    /// the given values of its inputs, and `output` the whole layer from `given["input"]`, so a bug
+    /// stays in the piece it is in.
+    pub fn pieces(&self, h: &Array, given: Option<&Pieces>) -> R<Pieces> {
+        self.pieces_named(h, given, "")
+    }
+
+    /// `pieces`, naming a missing given piece with `prefix`.
+    fn pieces_named(&self, h: &Array, given: Option<&Pieces>, prefix: &str) -> R<Pieces> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let mut c = Chain { own: Pieces::from([("input".to_string(), h.clone())]), given, prefix };
+        c.put("input_norm", self.input_layernorm.forward(c.x("input")?)?);
+        let (q, k, v) = a.project(c.x("input_norm")?)?;
+        c.put("q", q);
+        c.put("k", k);
+        c.put("v", v);
+        c.put("q_rope", a.rope(c.x("q")?)?);
+        c.put("k_rope", a.rope(c.x("k")?)?);
+        c.put("scores", a.scores(c.x("q_rope")?, c.x("k_rope")?)?);
+        c.put("probs", Attention::probs(c.x("scores")?)?);
+        c.put("attn", a.mix(c.x("probs")?, c.x("v")?)?);
+        c.put("o_proj", a.o_proj.forward(c.x("attn")?)?);
+        let residual = ops::add(c.x("input")?, c.x("o_proj")?)?;
+        c.put("post_norm", self.post_attention_layernorm.forward(&residual)?);
+        c.put("gate", m.gate_proj.forward(c.x("post_norm")?)?);
+        c.put("up", m.up_proj.forward(c.x("post_norm")?)?);
+        c.put("act", Mlp::activation(c.x("gate")?, c.x("up")?)?);
+        c.put("down", m.down_proj.forward(c.x("act")?)?);
+        let output = match given {
+            None => ops::add(&residual, c.x("down")?)?,
+            Some(g) => self.forward(lookup(g, prefix, "input")?)?,
+        };
+        c.put("output", output);
+        Ok(c.own)
+    }
+
+    pub fn forward(&self, h: &Array) -> R<Array> {
         let h = ops::add(h, self.self_attn.forward(&self.input_layernorm.forward(h)?)?)?;
         ops::add(&h, self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)
     }
@@ -289,12 +443,83 @@ impl LlamaForCausalLM {
             h = layer.forward(&h)?;
             hidden.push(h.clone());
         }
-        let h = self.model.norm.forward(&h)?;
-        let logits = match &self.lm_head {
-            Some(head) if !self.tie_word_embeddings => head.forward(&h)?,
-            _ => self.model.embed_tokens.as_linear(&h)?,
-        };
-        Ok((logits, hidden))
+        Ok((self.head(&self.model.norm.forward(&h)?)?, hidden))
+    }
+
+    /// Logits of the final-normed residual: lm_head, or the embedding transposed when tied.
+    pub fn head(&self, x: &Array) -> R<Array> {
+        match &self.lm_head {
+            Some(head) if !self.tie_word_embeddings => head.forward(x),
+            _ => self.model.embed_tokens.as_linear(x),
+        }
+    }
+
+    /// The forward pass in its pieces (`embed`, `layer.{i}.<piece>`, `head.norm`, `head.logits`): the
+    /// own chain, or with `given` each piece from the given values of its inputs (`given_names` lists
+    /// the ones read; other keys are ignored).
+    pub fn pieces(&self, ids: &Array, given: Option<&Pieces>) -> R<Pieces> {
+        let mut own = Pieces::new();
+        let mut h = self.model.embed_tokens.forward(ids)?;
+        own.insert("embed".into(), h.clone());
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let prefix = format!("layer.{i}.");
+            let inputs = match given {
+                None => None,
+                Some(g) => {
+                    let mut inputs: Pieces = g
+                        .iter()
+                        .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|p| (p.to_string(), v.clone())))
+                        .collect();
+                    inputs.insert("input".into(), lookup(g, "", &Self::layer_input(i))?.clone());
+                    Some(inputs)
+                }
+            };
+            for (k, v) in layer.pieces_named(&h, inputs.as_ref(), &prefix)? {
+                if k != "input" {
+                    own.insert(format!("{prefix}{k}"), v);
+                }
+            }
+            h = own[&format!("{prefix}output")].clone();
+        }
+        let last = Self::layer_input(self.model.layers.len());
+        let norm = self.model.norm.forward(match given {
+            None => &h,
+            Some(g) => lookup(g, "", &last)?,
+        })?;
+        own.insert("head.norm".into(), norm);
+        let logits = self.head(lookup(given.unwrap_or(&own), "", "head.norm")?)?;
+        own.insert("head.logits".into(), logits);
+        Ok(own)
+    }
+
+    /// The residual entering layer `i` (after layer `i - 1`), by piece name.
+    fn layer_input(i: usize) -> String {
+        if i == 0 {
+            "embed".into()
+        } else {
+            format!("layer.{}.output", i - 1)
+        }
+    }
+
+    /// The given pieces that `pieces` reads: `embed`, each layer's pieces but `down`, `head.norm`.
+    pub fn given_names(&self) -> Vec<String> {
+        let mut out = vec!["embed".to_string()];
+        for i in 0..self.model.layers.len() {
+            out.extend(LAYER_PIECES_READ.iter().map(|p| format!("layer.{i}.{p}")));
+            out.push(format!("layer.{i}.output"));
+        }
+        out.push("head.norm".into());
+        out
+    }
+
+    /// Every piece name, in the order the forward pass computes them.
+    pub fn piece_names(&self) -> Vec<String> {
+        let mut out = vec!["embed".to_string()];
+        for i in 0..self.model.layers.len() {
+            out.extend(LAYER_PIECES.iter().map(|p| format!("layer.{i}.{p}")));
+        }
+        out.extend(["head.norm".to_string(), "head.logits".to_string()]);
+        out
     }
 
     pub fn forward(&self, ids: &Array) -> R<Array> {
@@ -359,5 +584,121 @@ impl LlamaForCausalLM {
         }
         debug_assert_eq!(out.len(), self.parameters().flatten().len());
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trainer::host_vec;
+
+    /// A tiny random model: hidden 16, 2 layers, 4 query heads on 2 kv heads, head_dim 4; optionally
+    /// tied, with biases, and with LoRA on the last layer (lora_b random, so the adapter is live).
+    fn tiny(tied: bool, bias: bool, lora: bool) -> LlamaForCausalLM {
+        let cfg = serde_json::json!({"model_type": "llama", "vocab_size": 24, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5, "rope_theta": 500.0, "tie_word_embeddings": tied, "attention_bias": bias,
+            "mlp_bias": bias});
+        let mut m = LlamaForCausalLM::new(&ModelConfig::from_value(&cfg).unwrap(), 7).unwrap();
+        if bias {
+            for (k, p) in m.parameters_mut().flatten() {
+                if k.ends_with(".bias") {
+                    let shape = p.shape().to_vec();
+                    *p = uniform(k.len() as u64, 0.5, &shape).unwrap();
+                }
+            }
+        }
+        if lora {
+            m.add_lora(1, 2, 2.0, 3).unwrap();
+            let a = &mut m.model.layers[1].self_attn;
+            for (i, lin) in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj].into_iter().enumerate() {
+                let shape = lin.lora_b.value.as_ref().unwrap().shape().to_vec();
+                lin.lora_b = Param::new(Some(uniform(100 + i as u64, 0.3, &shape).unwrap()));
+            }
+        }
+        m
+    }
+
+    fn ids() -> Array {
+        let v: Vec<i32> = (0..14).map(|i| (i * 5 + 2) % 24).collect();
+        Array::from_slice(&v, &[2, 7])
+    }
+
+    fn host(a: &Array) -> Vec<f32> {
+        host_vec::<f32>(a).unwrap()
+    }
+
+    #[test]
+    fn pieces_from_the_own_chain_reproduce_it_and_the_forward() {
+        for (tied, bias, lora) in [(false, false, false), (true, true, true)] {
+            let m = tiny(tied, bias, lora);
+            let chain = m.pieces(&ids(), None).unwrap();
+            let mut names: Vec<String> = chain.keys().cloned().collect();
+            names.sort();
+            let mut expected = m.piece_names();
+            expected.sort();
+            assert_eq!(names, expected);
+            assert_eq!(chain["layer.0.q"].shape(), &[2, 4, 7, 4]);
+            assert_eq!(chain["layer.0.k_rope"].shape(), &[2, 2, 7, 4]);
+            assert_eq!(chain["layer.1.probs"].shape(), &[2, 4, 7, 7]);
+            assert_eq!(chain["layer.1.attn"].shape(), &[2, 7, 16]);
+            assert_eq!(chain["head.logits"].shape(), &[2, 7, 24]);
+            // Each piece from the chain's own values of its inputs is the chain's value, bit for bit:
+            // the same ops on the same inputs (`output` is the whole layer, the same ops again).
+            let again = m.pieces(&ids(), Some(&chain)).unwrap();
+            for n in m.piece_names() {
+                assert_eq!(host(&chain[&n]), host(&again[&n]), "{n} (tied={tied}, bias={bias}, lora={lora})");
+            }
+            // The chain is the forward pass.
+            let (logits, hidden) = m.forward_with_hidden(&ids()).unwrap();
+            for (i, h) in hidden.iter().enumerate() {
+                assert_eq!(host(h), host(&chain[&format!("layer.{i}.output")]), "layer {i}");
+            }
+            assert_eq!(host(&logits), host(&chain["head.logits"]));
+            // Causal: a query sees no later key.
+            let p = host(&chain["layer.0.probs"]);
+            assert!(p.iter().enumerate().all(|(n, &x)| (n % 7 <= (n / 7) % 7) || x == 0.0));
+        }
+    }
+
+    #[test]
+    fn given_names_are_exactly_what_the_pieces_read() {
+        let m = tiny(false, false, false);
+        let chain = m.pieces(&ids(), None).unwrap();
+        let only: Pieces = m.given_names().into_iter().map(|n| (n.clone(), chain[&n].clone())).collect();
+        m.pieces(&ids(), Some(&only)).unwrap();
+        for n in m.given_names() {
+            let mut less = only.clone();
+            less.remove(&n);
+            let err = m.pieces(&ids(), Some(&less)).err().unwrap();
+            assert_eq!(err.what(), format!("the given pieces lack '{n}'"));
+        }
+    }
+
+    #[test]
+    fn each_piece_reads_the_given_values() {
+        // A changed given input changes the pieces that consume it and no other.
+        let m = tiny(false, false, false);
+        let chain = m.pieces(&ids(), None).unwrap();
+        let mut given = chain.clone();
+        given.insert("layer.1.q_rope".into(), ops::multiply(&chain["layer.1.q_rope"], Array::from_f32(2.0)).unwrap());
+        let out = m.pieces(&ids(), Some(&given)).unwrap();
+        for n in m.piece_names() {
+            assert_eq!(host(&chain[&n]) != host(&out[&n]), n == "layer.1.scores", "{n}");
+        }
+    }
+
+    #[test]
+    fn query_heads_read_repeated_kv_heads() {
+        // Query head h reads kv head h / (H / K): zero kv head 1, and only query heads 2 and 3 score 0.
+        let m = tiny(false, false, false);
+        let a = &m.model.layers[0].self_attn;
+        let q = uniform(5, 1.0, &[1, 4, 3, 4]).unwrap();
+        let live = uniform(6, 1.0, &[1, 1, 3, 4]).unwrap();
+        let k = ops::concatenate(&[live, Array::zeros::<f32>(&[1, 1, 3, 4]).unwrap()], 1).unwrap();
+        let s = host(&a.scores(&q, &k).unwrap());
+        for (h, block) in s.chunks(9).enumerate() {
+            assert_eq!(block.iter().all(|&x| x == 0.0), h >= 2, "head {h}");
+        }
     }
 }

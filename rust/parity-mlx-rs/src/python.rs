@@ -11,6 +11,7 @@ use pyo3::{
 
 use crate::{
     error::Error,
+    model::Pieces,
     settings::TrainSettings,
     trainer::{host_vec, Batch, LossParts, Trainer},
 };
@@ -57,8 +58,13 @@ fn loss_dict<'py>(py: Python<'py>, p: LossParts) -> PyResult<Bound<'py, PyDict>>
     Ok(d)
 }
 
-/// `np.asarray(obj)`: its dtype kind ('i', 'u', 'f', 'b', ...), values as float64, shape.
-fn host_f64(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<(char, Vec<f64>, Vec<usize>)> {
+/// `np.ascontiguousarray(obj, dtype)` of a numeric object, and its original dtype kind ('i', 'u', 'f', 'b').
+fn numeric<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    dtype: &str,
+) -> PyResult<(char, Bound<'py, PyAny>)> {
     let np = py.import("numpy")?;
     let arr = np.call_method1("asarray", (obj,))?;
     let kind: String = arr.getattr("dtype")?.getattr("kind")?.extract()?;
@@ -67,8 +73,13 @@ fn host_f64(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<(cha
         return Err(PyValueError::new_err(format!("{name} must be a numeric array, got dtype kind '{kind}'")));
     }
     let kwargs = PyDict::new(py);
-    kwargs.set_item("dtype", "float64")?;
-    let arr = np.call_method("ascontiguousarray", (arr,), Some(&kwargs))?;
+    kwargs.set_item("dtype", dtype)?;
+    Ok((kind, np.call_method("ascontiguousarray", (arr,), Some(&kwargs))?))
+}
+
+/// `np.asarray(obj)`: its dtype kind ('i', 'u', 'f', 'b', ...), values as float64, shape.
+fn host_f64(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<(char, Vec<f64>, Vec<usize>)> {
+    let (kind, arr) = numeric(py, obj, name, "float64")?;
     let ro: PyReadonlyArrayDyn<f64> = arr.extract()?;
     Ok((kind, ro.as_slice()?.to_vec(), ro.shape().to_vec()))
 }
@@ -108,6 +119,14 @@ fn float_array(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<A
     let data: Vec<f32> = vals.iter().map(|&v| v as f32).collect();
     let dims: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
     Ok(Array::from_slice(&data, &dims))
+}
+
+/// A float32 MLX array straight from a float32 copy of the object (no detour through float64).
+fn f32_array(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Array> {
+    let (_, arr) = numeric(py, obj, name, "float32")?;
+    let ro: PyReadonlyArrayDyn<f32> = arr.extract()?;
+    let dims: Vec<i32> = ro.shape().iter().map(|&d| d as i32).collect();
+    Ok(Array::from_slice(ro.as_slice()?, &dims))
 }
 
 fn ids_array(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Array> {
@@ -163,6 +182,36 @@ impl PyTrainer {
             hs.append(to_numpy(py, h)?)?;
         }
         PyTuple::new(py, [to_numpy(py, &logits)?, hs.into_any()])
+    }
+
+    /// Every piece of the forward pass, `{name: float32 array}`: `embed`, `layer.{i}.<piece>` (input_norm,
+    /// q, k, v, q_rope, k_rope, scores, probs, attn, o_proj, post_norm, gate, up, act, down, output),
+    /// `head.norm`, `head.logits`. Without `given`: the port's own chain. With `given` (`{name: array}`,
+    /// the reference's pieces): each piece from the given values of its inputs, `layer.{i}.output` the
+    /// whole layer from its given input (the isolated forward check). Keys not read are ignored; a
+    /// missing one is a ValueError naming it.
+    #[pyo3(signature = (input_ids, given=None))]
+    fn pieces<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: &Bound<'py, PyAny>,
+        given: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let ids = ids_array(py, input_ids, "input_ids")?;
+        let given = match given {
+            None => None,
+            Some(d) => {
+                let mut g = Pieces::new();
+                for name in self.inner.model.given_names() {
+                    if let Some(v) = d.get_item(&name)? {
+                        let a = f32_array(py, &v, &name)?;
+                        g.insert(name, a);
+                    }
+                }
+                Some(g)
+            }
+        };
+        dict_of_arrays(py, self.inner.pieces(&ids, given.as_ref()).map_err(to_py_err)?)
     }
 
     /// `(targets int32 [B,T-1], target_mask float32 [B,T-1])`.

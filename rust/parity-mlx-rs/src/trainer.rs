@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use crate::{
     config::ModelConfig,
     error::{Error, Result},
-    model::LlamaForCausalLM,
+    model::{LlamaForCausalLM, Pieces},
     settings::{validate_loss_scalars, Inject, Schedule, TrainSettings, Trainable},
     weights::{self, LoadReport},
 };
@@ -417,6 +417,25 @@ impl Trainer {
         all.push(&logits);
         eval(all)?;
         Ok((logits, hidden))
+    }
+
+    /// The forward pass in its pieces (`LlamaForCausalLM::pieces`): the own chain without `given`, else
+    /// each piece from the given values of its inputs (the isolated forward check). Every given piece
+    /// that is read must be there; the error names the missing ones.
+    pub fn pieces(&self, ids: &Array, given: Option<&Pieces>) -> Result<Pieces> {
+        if let Some(g) = given {
+            let missing: Vec<String> = self.model.given_names().into_iter().filter(|n| !g.contains_key(n)).collect();
+            if !missing.is_empty() {
+                return Err(Error::Batch(format!(
+                    "the given pieces lack {} of the forward's inputs: {}",
+                    missing.len(),
+                    missing.join(", ")
+                )));
+            }
+        }
+        let pieces = self.model.pieces(ids, given)?;
+        eval(pieces.values())?;
+        Ok(pieces)
     }
 
     pub fn shifted(&self, ids: &Array, mask: &Array) -> Result<(Array, Array)> {
