@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from .tensorio import save_tensors
 
+from . import pieces
 from .audit import audit
 from .case import FIXTURES_DIR, Case
 from .fixture_specs import SPECS, FixtureSpec
@@ -176,8 +177,13 @@ def build_goldens(case: Case, require_agreement: bool = True, progress=None) -> 
     if errors:
         raise FixtureError(f"{name}: the MLX reference failed: {errors}")
     golden = {k: v for o in outputs.values() for k, v in o.tensors.items() if k.startswith(GOLDEN_PREFIXES)}
+    chain = MLXBackend().open(case).pieces(case.batch["input_ids"], None)  # the reference's forward, piece by piece
+    golden |= {pieces.PREFIX + k: v for k, v in chain.items()}
     save_tensors(golden, str(out / "golden.safetensors"))
     isolated = MLXBackend().run(Case(out), ISOLATED_STAGES)  # on the goldens just written
+    self_check = isolated.get("isolated_forward")
+    if self_check and not self_check.error and any(not np.array_equal(v, golden[k]) for k, v in self_check.tensors.items()):
+        raise FixtureError(f"{name}: the reference's pieces from its own values differ from its chain (not deterministic)")
     errors = {s: o.error or o.unsupported for s, o in isolated.items() if o.error or o.unsupported}
     if errors:
         raise FixtureError(f"{name}: the MLX reference failed the isolated checks: {errors}")
@@ -254,7 +260,7 @@ def _judged_changes(old: Path, new: Path) -> list[str]:
     lines = []
     stored, fresh = Case(old), Case(new)
     by_stage = {"forward": "forward.", "loss": "loss.", "gradients": "grad.", "optimizer": "optimizer.", "trajectory": "trajectory.",
-                "isolated_loss": "isolated.loss.", "isolated_optimizer": "isolated.optimizer."}
+                "isolated_forward": "isolated.forward.", "isolated_loss": "isolated.loss.", "isolated_optimizer": "isolated.optimizer."}
     for stage, prefix in by_stage.items():
         r = judge(stage, StageOutput({k: v for k, v in fresh.golden.items() if k.startswith(prefix)}), stored)
         if r.status != "pass":

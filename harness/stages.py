@@ -13,9 +13,11 @@ from typing import Protocol
 
 import numpy as np
 
+from . import pieces
+
 STAGES = ("weight_mapping", "forward", "shifted_slices", "loss", "gradients", "optimizer", "trajectory", "checkpoint")
 # Optional requests: one piece judged on the reference's own inputs, so a bug upstream cannot mask it.
-ISOLATED_STAGES = ("isolated_loss", "isolated_optimizer")
+ISOLATED_STAGES = ("isolated_forward", "isolated_loss", "isolated_optimizer")
 ALL_STAGES = STAGES + ISOLATED_STAGES
 
 
@@ -49,6 +51,7 @@ class Session(Protocol):
     # optional (isolated requests); raise Unsupported when not implemented
     def loss_from_logits(self, logits: np.ndarray, batch: dict) -> dict[str, float]: ...
     def update_from_gradients(self, grads: dict[str, np.ndarray]) -> None: ...
+    def pieces(self, input_ids: np.ndarray, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
 class SessionFactory(Protocol):
@@ -141,6 +144,12 @@ def checkpoint(s: Session, case, factory: SessionFactory) -> StageOutput:
     return StageOutput(out)
 
 
+def isolated_forward(s: Session, case) -> StageOutput:
+    """Every piece of the forward pass from the reference's own values of its inputs (`harness/pieces.py`)."""
+    out = s.pieces(case.batch["input_ids"], pieces.given(case.golden))
+    return StageOutput({pieces.PREFIX + k: _f32(v) for k, v in out.items()})
+
+
 def isolated_loss(s: Session, case) -> StageOutput:
     """The loss parts of the reference's own logits."""
     parts = s.loss_from_logits(case.golden["forward.logits"], case.batch)
@@ -163,7 +172,7 @@ def isolated_optimizer(s: Session, case) -> StageOutput:
 # Stages that leave the session unchanged share one; the others each start from a fresh load.
 READ_ONLY = {"weight_mapping": weight_mapping, "forward": forward, "shifted_slices": shifted_slices, "loss": loss, "gradients": gradients}
 TRAINING = {"optimizer": optimizer, "trajectory": trajectory, "isolated_optimizer": isolated_optimizer}
-READ_ONLY["isolated_loss"] = isolated_loss
+READ_ONLY |= {"isolated_forward": isolated_forward, "isolated_loss": isolated_loss}
 
 
 def compute(factory: SessionFactory, case, stages=STAGES) -> dict[str, StageOutput]:

@@ -133,6 +133,7 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
 }
 
 # The isolated checks judge one piece on the reference's own inputs, with that piece's bound.
+TOLERANCES[("float32", "isolated_forward")] = TOLERANCES[("float32", "forward")]
 TOLERANCES[("float32", "isolated_loss")] = TOLERANCES[("float32", "loss")]
 TOLERANCES[("float32", "isolated_optimizer")] = TOLERANCES[("float32", "optimizer")]
 

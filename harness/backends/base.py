@@ -83,6 +83,11 @@ class TrainerSession:
             raise Unsupported(f"{type(self.t).__name__} does not compute the loss from given logits")
         return self.t.loss_from_logits(logits, batch)
 
+    def pieces(self, input_ids, given):
+        if not hasattr(self.t, "pieces"):
+            raise Unsupported(f"{type(self.t).__name__} does not compute the forward's pieces from given inputs")
+        return self._np(self.t.pieces(input_ids, given))
+
     def update_from_gradients(self, grads):
         if not hasattr(self.t, "update_from_gradients"):
             raise Unsupported(f"{type(self.t).__name__} does not apply given gradients")

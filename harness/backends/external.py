@@ -20,6 +20,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
+from .. import pieces
 from ..stages import ISOLATED_STAGES, STAGES, StageOutput
 from ..tensorio import save_tensors
 from .base import Backend
@@ -34,14 +35,15 @@ ISOLATED_INPUTS = "isolated_inputs.safetensors"
 
 def write_request(case, folder: Path, isolated: bool = False) -> None:
     """The request folder: the checkpoint, the batch, the adapters, the reference's own inputs for the
-    isolated checks (its logits and gradients), and request.json."""
+    isolated checks (its forward pieces, logits and gradients), and request.json."""
     folder.mkdir(parents=True)
     shutil.copytree(case.checkpoint, folder / "checkpoint")
     save_tensors(case.batch, folder / "batch.safetensors")
     if case.lora_init is not None:
         shutil.copy(case.lora_init, folder / "lora_init.safetensors")
     if isolated:
-        save_tensors({k: v for k, v in case.golden.items() if k == "forward.logits" or k.startswith("grad.")}, folder / ISOLATED_INPUTS)
+        given = {pieces.PREFIX + k: v for k, v in pieces.given(case.golden).items()}
+        save_tensors({k: v for k, v in case.golden.items() if k == "forward.logits" or k.startswith("grad.")} | given, folder / ISOLATED_INPUTS)
 
 
 def set_stages(folder: Path, case, stages: list[str]) -> None:
