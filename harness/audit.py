@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import pieces
 from .backends import Backend
 from .case import Case
 from .compare import TensorResult, compare
@@ -24,8 +25,13 @@ class StageResult:
     tensors: list[TensorResult] = field(default_factory=list)
     message: str = ""
     tolerance: str = ""
-    diagnosis: "Diagnosis | None" = None
+    diagnosis: "Diagnosis | None" = None  # the first of `diagnoses`
+    diagnoses: list = field(default_factory=list)  # every distinct cause the stage's failure shows
     series: dict = field(default_factory=dict)  # per-step losses, for the trajectory plot
+
+    def __post_init__(self):
+        if self.diagnosis is not None and not self.diagnoses:
+            self.diagnoses = [self.diagnosis]
 
     @property
     def margin(self) -> float:
@@ -54,6 +60,7 @@ class StageResult:
             "tolerance": self.tolerance,
             "margin": self.margin,
             "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None,
+            "diagnoses": [d.to_dict() for d in self.diagnoses],
             "series": self.series,
             "compared": len(self.tensors),
             "failed": len(self.failures),
@@ -123,22 +130,28 @@ def _group(actual: dict, a_prefix: str, case: Case, e_prefix: str, tol: Toleranc
 def forward_mask(case: Case):
     """Forward outputs are judged at real tokens only: what a port computes at padded positions never
     reaches the loss (HF-style attention masking changes it and trains identically)."""
-    mask = case.batch["attention_mask"].astype(bool)[..., None]
-    return lambda name: mask if name.startswith("forward.") else True
+    attention = case.batch["attention_mask"]
+    mask = attention.astype(bool)[..., None]
+
+    def where(name: str):
+        if name.startswith(pieces.PREFIX):
+            return pieces.real_tokens(name, attention)
+        return mask if name.startswith("forward.") else True
+    return where
 
 
 def judge(stage: str, out: StageOutput, case: Case) -> StageResult:
     tol = tolerance(stage)
     res = StageResult(stage, FAIL, tolerance=tol.describe())
+    if stage in ISOLATED_STAGES and not any(k.startswith(f"isolated.{stage.removeprefix('isolated_')}.") for k in case.golden):
+        res.status, res.message = NOT_CHECKED, "this fixture has no goldens for the isolated check (regenerate it)"
+        return res
     if out.error:
         res.message = out.error
         return res
     if out.unsupported:  # an optional request may go unchecked; a core stage may not
         res.status = NOT_CHECKED if stage in ISOLATED_STAGES else FAIL
         res.message = f"not implemented by the backend: {out.unsupported}"
-        return res
-    if stage in ISOLATED_STAGES and not any(k.startswith(f"isolated.{stage.removeprefix('isolated_')}.") for k in case.golden):
-        res.status, res.message = NOT_CHECKED, "this fixture has no goldens for the isolated check (regenerate it)"
         return res
     t, golden = out.tensors, case.golden
     if stage in ("trajectory", "checkpoint") and isinstance(t.get(f"{stage}.loss"), np.ndarray) and t[f"{stage}.loss"].size < 10_000:
@@ -168,7 +181,7 @@ def judge(stage: str, out: StageOutput, case: Case) -> StageResult:
                         and not k.startswith("checkpoint.loss")]
     else:
         prefix = {"forward": "forward.", "shifted_slices": "shifted.", "loss": "loss.", "gradients": "grad.",
-                  "optimizer": "optimizer.", "trajectory": "trajectory.", "isolated_loss": "isolated.loss.",
+                  "optimizer": "optimizer.", "trajectory": "trajectory.", "isolated_forward": "isolated.forward.", "isolated_loss": "isolated.loss.",
                   "isolated_optimizer": "isolated.optimizer."}[stage]
         res.tensors = _group(t, prefix, case, prefix, tol, mask_for=forward_mask(case))
     if not res.tensors and not res.message:
@@ -193,8 +206,9 @@ def audit(backend: Backend, case: Case, stages=ALL_STAGES) -> AuditResult:
             r = StageResult(s, FAIL, message=f"could not judge the backend's output: {type(e).__name__}: {e}")
         if r.status == FAIL:
             try:
-                r.diagnosis = diagnose(r, out, case)
+                r.diagnoses = diagnose(r, out, case)
             except Exception as e:  # a rule that raises reports itself, never kills the audit
-                r.diagnosis = Diagnosis("diagnosis_failed", f"the diagnosis rule for {s} raised {type(e).__name__}: {e}", {})
+                r.diagnoses = [Diagnosis("diagnosis_failed", f"the diagnosis rule for {s} raised {type(e).__name__}: {e}", {})]
+            r.diagnosis = r.diagnoses[0]
         results.append(r)
     return AuditResult(case.name, backend.name, results)

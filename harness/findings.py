@@ -22,11 +22,15 @@ _CONSUMES = {
     "optimizer": ("gradients",),
     "trajectory": ("optimizer",),
     "checkpoint": ("trajectory",),
+    "isolated_forward": (),  # each piece from the reference's inputs; its parameters are checked per finding below
     "isolated_loss": (),
-    "isolated_optimizer": ("weight_mapping",),  # it updates the parameters the port loaded
+    "isolated_optimizer": (),  # it updates the parameters the port loaded: checked per finding below
 }
-ISOLATED_BY = {"loss": "isolated_loss", "optimizer": "isolated_optimizer"}
+ISOLATED_BY = {"forward": "isolated_forward", "loss": "isolated_loss", "optimizer": "isolated_optimizer"}
 RESUME_SUFFIX = "(resumed vs own uninterrupted run)"
+# Causes about which tensors exist or move at all, not about their values: no upstream difference makes
+# gradients vanish or an update stay put, so these are findings whatever failed before them.
+STRUCTURAL = {"no_gradients", "zero_gradients", "trainable_set_mismatch", "no_update", "optimizer_not_connected"}
 
 
 def upstream(stage: str) -> list[str]:
@@ -61,13 +65,41 @@ class Inherited:
         return asdict(self)
 
 
-def _finding(st) -> Finding:
+def _findings(st) -> list[Finding]:
     w = st.worst()
     piece = w.name if w is not None else st.name
-    d = st.diagnosis
-    if d is None:
-        return Finding(st.name, piece, "error", st.message)
-    return Finding(st.name, piece, d.code, d.summary, d.evidence)
+    if not st.diagnoses:
+        return [Finding(st.name, piece, "error", st.message)]
+    return [Finding(st.name, ", ".join(d.pieces) if d.pieces else piece, d.code, d.summary, d.evidence) for d in st.diagnoses]
+
+
+def _unloaded(stages) -> set[str]:
+    """Parameter names whose loaded value differs from the checkpoint (weight_mapping's failures)."""
+    wm = next((s for s in stages if s.name == "weight_mapping"), None)
+    if wm is None or wm.status != "fail":
+        return set()
+    return {t.name.removeprefix("weights.") for t in wm.tensors if not t.passed} or {""}  # no tensor named: every parameter suspect
+
+
+def _reads_unloaded(d, unloaded: set[str], stage: str) -> bool:
+    """`parameters` are the prefixes of what a cause's evidence reads ("" for all of them); an update no
+    rule explains may come from any parameter."""
+    reads = [""] if d.code == "unexplained" and stage == "isolated_optimizer" else d.parameters
+    return any(u.startswith(p) for p in reads for u in unloaded)
+
+
+def _follows_structurally(name: str, structural, by_name, failed) -> bool:
+    """A structural cause that an upstream one explains: no update after no gradients, a different
+    trainable set after a different set of loaded parameters."""
+    for up in upstream(name):
+        if up not in failed:
+            continue
+        codes = {d.code for d in by_name[up].diagnoses}
+        if codes & STRUCTURAL:
+            return True
+        if up == "weight_mapping" and {d.code for d in structural} == {"trainable_set_mismatch"} and codes & {"key_mapping", "tied_embeddings_ignored"}:
+            return True
+    return False
 
 
 def analyse(stages) -> tuple[list[Finding], list[Inherited]]:
@@ -84,7 +116,20 @@ def analyse(stages) -> tuple[list[Finding], list[Inherited]]:
         if st.status != "fail":
             continue
         if name == "checkpoint" and any(t.name.endswith(RESUME_SUFFIX) and not t.passed for t in st.tensors):
-            findings.append(_finding(st))  # a resume that differs from the backend's own run: its own bug
+            findings += _findings(st)  # a resume that differs from the backend's own run: its own bug
+            roots[name] = [name]
+            continue
+        if name.startswith("isolated_"):  # each cause on its own: inherited only where it reads a parameter that did not load
+            unloaded = _unloaded(stages)
+            own = [f for f, d in zip(_findings(st), st.diagnoses or [None]) if d is None or not _reads_unloaded(d, unloaded, name)]
+            findings += own
+            if len(own) < len(st.diagnoses or [None]):
+                inherited.append(Inherited(name, ["weight_mapping"]))
+            roots[name] = [name] if own else ["weight_mapping"]
+            continue
+        structural = [d for d in st.diagnoses if d.code in STRUCTURAL]
+        if structural and not _follows_structurally(name, structural, by_name, failed):
+            findings += [f for f, d in zip(_findings(st), st.diagnoses) if d.code in STRUCTURAL]
             roots[name] = [name]
             continue
         causes = [s for s in upstream(name) if s in failed]
@@ -96,7 +141,7 @@ def analyse(stages) -> tuple[list[Finding], list[Inherited]]:
             inherited.append(Inherited(name, origin))
             roots[name] = origin
         else:
-            findings.append(_finding(st))
+            findings += _findings(st)
             roots[name] = [name]
     position = {s.name: i for i, s in enumerate(stages)}
     findings.sort(key=lambda f: position.get(f.stage, 0))

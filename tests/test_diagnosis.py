@@ -36,7 +36,7 @@ def test_swapped_parameters_are_named(tmp_path):
     a, b = "weights.model.layers.0.mlp.gate_proj.weight", "weights.model.layers.0.mlp.up_proj.weight"
     out.tensors[a], out.tensors[b] = out.tensors[b], out.tensors[a]
     result = judge("weight_mapping", out, case)
-    d = diagnose(result, out, case)
+    d = diagnose(result, out, case)[0]
     assert d.code == "key_mapping"
     assert d.evidence["holds"]["model.layers.0.mlp.gate_proj.weight"] == "model.layers.0.mlp.up_proj.weight"
 
@@ -48,7 +48,7 @@ def test_an_unexplained_failure_is_still_localised():
     out.tensors[name] = out.tensors[name].copy()
     out.tensors[name][3, 5] += 0.5
     result = judge("gradients", out, case)
-    d = diagnose(result, out, case)
+    d = diagnose(result, out, case)[0]
     assert d.code == "unexplained"
     assert d.evidence["tensor"] == name and d.evidence["where"] == [3, 5] and "layer 1" in d.summary
 
@@ -57,7 +57,7 @@ def test_a_stage_error_is_its_diagnosis():
     case = CASES["head"]
     out = StageOutput(error="RuntimeError: boom\nstack")
     result = judge("loss", out, case)
-    assert diagnose(result, out, case).code == "stage_error"
+    assert diagnose(result, out, case)[0].code == "stage_error"
 
 
 def test_a_scaled_learning_rate_is_named():

@@ -23,7 +23,7 @@ from .conftest import CASES
 
 CASE = CASES["head"]
 PREFIX = {"forward": "forward.", "shifted_slices": "shifted.", "loss": "loss.", "gradients": "grad.",
-          "optimizer": "optimizer.", "trajectory": "trajectory.", "isolated_loss": "isolated.loss.",
+          "optimizer": "optimizer.", "trajectory": "trajectory.", "isolated_forward": "isolated.forward.", "isolated_loss": "isolated.loss.",
           "isolated_optimizer": "isolated.optimizer."}
 
 

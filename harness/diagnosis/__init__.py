@@ -1,0 +1,51 @@
+"""Why a stage fails: one module per stage, each rule solving the convention a port got wrong from its
+own numbers (never by re-running a known mutation), every code in `codes.CODES`.
+
+A rule returns a Diagnosis, a list of them (the isolated forward check can find several independent
+causes at once), or None; a failure no rule explains still gets a localisation (`localise`).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .codes import CODES
+from .core import Diagnosis
+from .forward import forward
+from .gradients import gradients
+from .isolated import isolated
+from .loss import loss, shifted
+from .optimizer import optimizer
+from .pieces import forward_pieces
+from .trajectory import checkpoint, trajectory
+from .weights import weights
+
+__all__ = ["CODES", "RULES", "Diagnosis", "diagnose", "localise"]
+
+RULES = {"weight_mapping": weights, "forward": forward, "shifted_slices": shifted, "loss": loss,
+         "gradients": gradients, "optimizer": optimizer, "trajectory": trajectory, "checkpoint": checkpoint,
+         "isolated_forward": forward_pieces,
+         "isolated_loss": isolated(loss, "isolated.loss."), "isolated_optimizer": isolated(optimizer, "isolated.optimizer.")}
+
+
+def localise(result) -> Diagnosis:
+    """No rule matched: say where and how large."""
+    w = result.worst()
+    if w is None:
+        return Diagnosis("error", result.message or "the stage failed", {})
+    if w.problem:
+        return Diagnosis("unexplained", f"{w.name}: {w.problem}", {"tensor": w.name})
+    layer = re.search(r"layers?\.(\d+)\.", w.name)
+    return Diagnosis("unexplained", f"no known cause matched; largest error in {w.name}"
+                     + (f" (layer {layer.group(1)})" if layer else ""),
+                     {"tensor": w.name, "max_abs": w.max_abs, "max_rel": w.max_rel, "where": w.where, "mismatched": w.mismatched, "of": w.total})
+
+
+def diagnose(result, out, case) -> list[Diagnosis]:
+    """Every distinct cause this stage's failure shows (at least one: a localisation)."""
+    if out.error:
+        return [Diagnosis("stage_error", out.error.splitlines()[0][:300], {"error": out.error[-2000:]})]
+    rule = RULES.get(result.name)
+    found = rule(result, out, case) if rule else None
+    found = [d for d in (found if isinstance(found, list) else [found]) if d is not None]
+    return found or [localise(result)]

@@ -1,0 +1,59 @@
+"""Every diagnosis code and its one-line meaning: the registry a report, a test or a reader looks up."""
+
+CODES = {
+    # weight_mapping
+    "weights_not_loaded": "the model keeps its initialisation: no checkpoint tensor was loaded",
+    "key_mapping": "parameter names and checkpoint keys do not map one to one (a prefix, a rename, a swap)",
+    "tied_embeddings_ignored": "the config ties lm_head to embed_tokens, the port has a separate lm_head",
+    # forward, end to end (localisation only) and piece by piece (causes solved from the numbers)
+    "forward_divergence": "the forward pass diverges; the isolated forward check names the piece",
+    "rmsnorm_eps": "an RMSNorm's eps, solved from its output, is not the config's rms_norm_eps",
+    "norm_weight": "an RMSNorm output that the configured eps explains without its weight (weight unused or offset)",
+    "bias_missing": "a projection's output lacks the checkpoint's bias",
+    "weight_transposed": "a projection multiplies by the weight untransposed",
+    "lora_scale": "the LoRA branch enters with another scale than alpha/rank",
+    "rope_pairing": "RoPE rotates other pairs of dimensions than the reference (interleaved vs halves)",
+    "rope_base": "RoPE's frequencies imply another base than the config's rope_theta",
+    "rope_position": "RoPE's angles follow another position (an offset, or another axis)",
+    "rope_direction": "RoPE rotates the other way",
+    "attention_scale": "attention logits carry another scale than 1/sqrt(head_dim)",
+    "gqa_head_mapping": "query heads read other kv heads than h // (heads / kv_heads)",
+    "causal_mask": "the attention mask lets a query see other keys than 0..t",
+    "softmax_axis": "attention probabilities are normalised over the wrong axis",
+    "attention_merge": "the heads' outputs are merged in another layout than [B, T, heads·head_dim]",
+    "mlp_activation": "the MLP's activation is another function than SiLU",
+    "gate_up_swapped": "the MLP applies the activation to up_proj instead of gate_proj",
+    "embedding_scale": "token embeddings are scaled",
+    "layer_wiring": "every piece of a layer agrees on the reference's inputs, the layer's own chain does not (residuals, order)",
+    "piece_divergence": "one piece of the forward differs on the reference's inputs, and no solved convention explains it",
+    # shifted_slices and loss
+    "labels_not_shifted": "targets are the input tokens, not the next ones",
+    "padding_counted": "padding positions count in the cross-entropy",
+    "distrust_alpha": "the distrust term implies another alpha than configured",
+    "distrust_lambda": "the total implies another lambda than configured",
+    "distrust_term": "the distrust term differs and no alpha explains it",
+    # gradients
+    "no_gradients": "no gradients at all",
+    "zero_gradients": "every gradient is exactly zero",
+    "trainable_set_mismatch": "the port trains another set of parameters",
+    # optimizer
+    "no_update": "parameters unchanged and no optimizer state: a silent fallback",
+    "optimizer_not_connected": "the optimizer's state advances, the parameters do not change",
+    "accumulation_scaling": "micro-batch gradients summed, not averaged",
+    "clipping_missing": "the gradient was not clipped",
+    "gradient_scale": "the gradient reaching the optimizer is uniformly scaled",
+    "weight_decay_coupled": "weight decay added to the gradient (L2) instead of decoupled",
+    "weight_decay_missing": "decoupled weight decay not applied",
+    "bias_correction": "Adam's bias correction differs from the reference's convention",
+    "schedule_off_by_one": "the learning-rate schedule is read one step late",
+    "learning_rate": "the update is uniformly scaled: another learning rate",
+    "adam_eps": "the update implies another AdamW eps",
+    # trajectory and checkpoint
+    "trajectory_divergence": "a difference that appears only after the first update",
+    "resume_state_lost": "a resumed run differs from the same port's uninterrupted run",
+    # no rule matched, or none could run
+    "unexplained": "no known cause matched; the stage, tensor and size are reported",
+    "error": "the stage failed without output",
+    "stage_error": "the port raised an error in this stage",
+    "diagnosis_failed": "a diagnosis rule raised; the failure stands, its cause is unknown",
+}

@@ -1,0 +1,137 @@
+"""The forward judged piece by piece on the reference's own inputs, and each cause solved from the
+numbers: the port outputs here are built in numpy from the goldens with a known wrong convention (not
+from the mutant catalogue), and the diagnosis must report that convention and its value."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from harness import pieces as P
+from harness.audit import audit, judge
+from harness.backends import get_backend
+from harness.diagnosis import diagnose
+from harness.stages import StageOutput
+
+from .conftest import CASES
+
+CASE = CASES["gqa_padded"]  # 4 query heads on 2 kv heads, head_dim 8, rope_theta 10000, padded rows
+G = {k: v.astype(np.float64) for k, v in P.given(CASE.golden).items()}
+H, K, D, THETA = 4, 2, 8, 10000.0
+
+
+def rope(x, positions, base=THETA):
+    inv = base ** (-np.arange(0, D, 2) / D)
+    ang = np.concatenate([np.outer(positions, inv)] * 2, -1)
+    a, b = x[..., : D // 2], x[..., D // 2:]
+    return x * np.cos(ang) + np.concatenate([-b, a], -1) * np.sin(ang)
+
+
+def diagnoses(piece: str, value: np.ndarray):
+    out = StageOutput({P.PREFIX + k: v.astype(np.float32) for k, v in P.given(CASE.golden).items()})
+    out.tensors[P.PREFIX + piece] = value.astype(np.float32)
+    result = judge("isolated_forward", out, CASE)
+    assert result.status == "fail" and {t.name for t in result.failures} == {P.PREFIX + piece}
+    return diagnose(result, out, CASE)
+
+
+def only(piece, value):
+    found = diagnoses(piece, value)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_the_golden_rope_is_the_textbook_one():
+    """The check below is only meaningful if the numpy RoPE here reproduces the reference's q_rope."""
+    T = G["layer.0.q"].shape[2]
+    np.testing.assert_allclose(rope(G["layer.0.q"], np.arange(T)), G["layer.0.q_rope"], atol=1e-5)
+
+
+def test_rope_positions_offset_by_one():
+    T = G["layer.0.q"].shape[2]
+    d = only("layer.0.q_rope", rope(G["layer.0.q"], np.arange(T) + 1))
+    assert d.code == "rope_position" and "t+1" in d.summary
+
+
+def test_rope_base_is_solved():
+    T = G["layer.1.k"].shape[2]
+    d = only("layer.1.k_rope", rope(G["layer.1.k"], np.arange(T), base=31000.0))
+    assert d.code == "rope_base" and abs(d.evidence["implied_base"] / 31000.0 - 1) < 1e-3
+
+
+def test_attention_scale_is_solved():
+    q, k = G["layer.0.q_rope"], np.repeat(G["layer.0.k_rope"], H // K, axis=1)
+    d = only("layer.0.scores", 0.3 * q @ k.transpose(0, 1, 3, 2))
+    assert d.code == "attention_scale" and abs(d.evidence["implied_scale"] - 0.3) < 1e-5
+
+
+def _softmax(s, axis):
+    e = np.exp(s - np.nanmax(s, axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def test_a_mask_diagonal_moved_is_solved():
+    s = G["layer.1.scores"]
+    T = s.shape[-1]
+    allowed = np.arange(T)[None, :] <= np.arange(T)[:, None] + 1
+    d = only("layer.1.probs", _softmax(np.where(allowed, s, -np.inf), -1))
+    assert d.code == "causal_mask" and "t+1" in d.summary
+
+
+def test_softmax_over_queries_is_named():
+    s = G["layer.0.scores"]
+    T = s.shape[-1]
+    causal = np.arange(T)[None, :] <= np.arange(T)[:, None]
+    d = only("layer.0.probs", np.nan_to_num(_softmax(np.where(causal, s, -np.inf), -2)))
+    assert d.code == "softmax_axis"
+
+
+def test_heads_merged_without_transposing():
+    o = G["layer.0.probs"] @ np.repeat(G["layer.0.v"], H // K, axis=1)  # [B, H, T, D]
+    B, _, T, _ = o.shape
+    assert only("layer.0.attn", o.reshape(B, T, H * D)).code == "attention_merge"
+
+
+def test_gate_and_up_exchanged():
+    up, gate = G["layer.1.up"], G["layer.1.gate"]
+    assert only("layer.1.act", up / (1 + np.exp(-up)) * gate).code == "gate_up_swapped"
+
+
+def test_embeddings_scaled():
+    d = only("embed", G["embed"] * math.sqrt(32))
+    assert d.code == "embedding_scale" and "sqrt(hidden_size)" in d.summary
+
+
+def test_rmsnorm_eps_is_solved_without_the_weight():
+    x = G[f"layer.{P.num_layers(CASE.golden) - 1}.output"]  # head.norm reads the last layer's output
+    w = CASE.initial_weights["weights.model.norm.weight"].astype(np.float64)
+    d = only("head.norm", w * x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-2))
+    assert d.code == "rmsnorm_eps" and abs(d.evidence["implied_eps"] / 1e-2 - 1) < 1e-3
+
+
+def test_a_weight_used_untransposed():
+    x = G["layer.0.input_norm"]
+    W = CASE.initial_weights["weights.model.layers.0.self_attn.q_proj.weight"].astype(np.float64)
+    y = (x @ W).reshape(*x.shape[:2], H, D).transpose(0, 2, 1, 3)
+    assert only("layer.0.q", y).code == "weight_transposed"
+
+
+def test_an_unexplained_piece_is_localised_to_that_piece():
+    v = G["layer.1.down"].copy()
+    v[0, 2, 5] += 0.1
+    d = only("layer.1.down", v)
+    assert d.code == "piece_divergence" and d.pieces == ["layer.1.down"] and d.parameters == ["model.layers.1.mlp.down_proj"]
+
+
+@pytest.mark.parametrize("mutant, fixture, code", [
+    ("rope_traditional", "gqa_padded", "rope_pairing"), ("rope_theta_hardcoded", "tied", "rope_base"),
+    ("attention_scale_wrong", "mha_sharded", "attention_scale"), ("causal_mask_flipped", "tied", "causal_mask"),
+    ("gqa_tiled_heads", "gqa_single", "gqa_head_mapping"), ("mlp_gelu", "head", "mlp_activation"),
+    ("rmsnorm_eps_hardcoded", "gqa_single", "rmsnorm_eps"), ("attention_bias_ignored", "small_eps_bias", "bias_missing"),
+    ("lora_scale_ignored", "lora", "lora_scale"),
+])
+def test_each_forward_bug_is_one_finding_at_its_piece(mutant, fixture, code):
+    found, _ = audit(get_backend(f"mutant:{mutant}"), CASES[fixture]).findings()
+    assert [(f.stage, f.code) for f in found] == [("isolated_forward", code)], found
