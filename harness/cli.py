@@ -110,9 +110,13 @@ def selftest(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the self-test results as JSON."),
     protocol: bool = typer.Option(True, "--protocol/--no-protocol", help="Also run every mutant through the cmd: protocol (slower)."),
 ) -> None:
-    """Prove sensitivity: every mutant caught at its expected stage with its expected diagnosis, no false alarm.
+    """Prove that bugs are found and named: every mutant on every fixture, bugs combined, no false alarm.
 
-    Exit 0 only when all mutants are caught and no correct backend fails.
+    The matrix shows, per mutant and fixture, whether the audit names the injected cause as one of its
+    findings (N), fails without naming it (l), passes (.) or cannot build the bug there (-); bold cells
+    are the fixtures built to expose it. Then bugs injected together, DESIGN.md's porting-bug list, the
+    cmd: protocol and the Rust port's injected bugs. Exit 0 only when every exposing cell and every
+    combined bug is named and no correct backend fails.
     """
     from rich.progress import Progress
     from rich.table import Table
@@ -123,19 +127,39 @@ def selftest(
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("self-test", total=st.count_jobs(protocol, extra))
         result = st.run(protocol, progress=lambda what: progress.update(task, advance=1, description=what[:60]), extra=extra)
-    table = Table(title="parity selftest")
-    for col in ("mutant", "via", "fixture", "expected stage", "caught at", "diagnosis", "caught", "a finding"):
-        table.add_column(col)
-    for m in result["mutants"]:
-        ok = "[green]yes[/]" if m["caught"] else "[bold red]NO[/]"
-        named = "[green]yes[/]" if m["named_as_finding"] else "[yellow]no[/]"
-        table.add_row(*(escape(str(x)) for x in (m["name"], m["via"], m["fixture"], m["expected_stage"], m["detected_stage"] or "-", m["diagnosis"] or "-")), ok, named)
+    fixtures = list(result["matrix"][0]["cells"]) if result["matrix"] else []
+    table = Table(title="parity selftest: the matrix (N named, l localised only, . passed, - not applicable; bold: built to expose it)")
+    table.add_column("mutant")
+    table.add_column("cause")
+    for f in fixtures:
+        table.add_column(f, justify="center")
+    table.add_column("ok")
+    mark = {"named": "N", "localised": "l", "passed": ".", "not applicable": "-"}
+    for row in result["matrix"]:
+        cells = [(f"[bold]{mark[c]}[/]" if f in row["exposing_fixtures"] else mark[c]) for f, c in row["cells"].items()]
+        table.add_row(escape(row["mutant"]), escape(row["expected_diagnosis"]), *cells, "[green]yes[/]" if row["named_where_exposed"] else "[bold red]NO[/]")
     console.print(table)
-    caught = sum(m["caught"] for m in result["mutants"])
-    named = sum(m["named_as_finding"] for m in result["mutants"])
-    console.print(f"{named}/{len(result['mutants'])} named as one of the audit's findings (harness/findings.py)")
-    console.print(f"{caught}/{len(result['mutants'])} mutant runs caught; false alarms on correct backends "
-                  f"({', '.join(result['correct_backends'])}): {result['false_alarms']}")
+    combos = Table(title="bugs together (DESIGN.md's list marked *)")
+    for col in ("fixture", "mutants", "named", "localised only", "missed"):
+        combos.add_column(col)
+    for c in result["combinations"]:
+        by = {k: [m for m, v in c["outcome"].items() if v == k] for k in ("named", "localised", "missed")}
+        combos.add_row(c["fixture"] + (" *" if c["design_list"] else ""), escape(", ".join(c["mutants"])),
+                       *(escape(", ".join(by[k])) or "-" for k in ("named", "localised", "missed")))
+    console.print(combos)
+    if result["mutants"]:
+        runs = Table(title="through the protocol and the Rust port")
+        for col in ("mutant", "via", "fixture", "findings", "named"):
+            runs.add_column(col)
+        for m in result["mutants"]:
+            runs.add_row(escape(m["name"]), m["via"], m["fixture"], escape(", ".join(m["findings"])), "[green]yes[/]" if m["named_as_finding"] else "[bold red]NO[/]")
+        console.print(runs)
+    named = sum(r["named_where_exposed"] for r in result["matrix"])
+    console.print(f"{named}/{len(result['matrix'])} mutants named on every fixture that exposes them; "
+                  f"{sum(c['all_named'] for c in result['combinations'])}/{len(result['combinations'])} combinations with every bug named; "
+                  f"{sum(m['named_as_finding'] for m in result['mutants'])}/{len(result['mutants'])} protocol and Rust runs named")
+    console.print(f"DESIGN.md's list, each bug alone: {', '.join(f'{n}' + ('' if ok else ' (NOT named)') for n, ok in result['design_list_alone'].items())}")
+    console.print(f"false alarms on correct backends ({', '.join(result['correct_backends'])}): {result['false_alarms']}")
     for fa in result["false_alarm_details"]:
         console.print(f"[bold red]false alarm[/] {escape(fa['backend'])} on {fa['fixture']} at {fa['stage']}: {escape(fa['message'])}", highlight=False)
     if json_path:

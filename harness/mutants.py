@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from reference import loss as L
 from reference.config import ModelConfig
-from reference.model import Attention, LlamaForCausalLM
+from reference.model import Attention, Linear, LlamaForCausalLM
 from reference.schedule import make_schedule
 from reference.settings import TrainSettings
 from reference.trainer import Trainer
@@ -29,23 +29,32 @@ from .backends.mlx_backend import MLXBackend, MLXSession
 
 
 # --- trainers with one bug each -----------------------------------------------------------------
-class NoShift(Trainer):
+class _LossBugs(Trainer):
+    """The loss with its conventions as flags, so two loss bugs combine in one trainer."""
+
+    shift, count_padding = True, False
+
+    def _loss_from_logits(self, logits, batch):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.shift:
+            logits, targets, mask = L.shifted_slices(logits, ids, mask)
+        else:
+            targets, mask = ids, mask.astype(mx.float32)
+        ce = L.cross_entropy(logits, targets, mx.ones_like(mask) if self.count_padding else mask)
+        d = L.distrust(batch["auth_weight"], batch["prov_entropy"], self.settings.loss.alpha)
+        return ce + self.settings.loss.lam * d, ce, d
+
+
+class NoShift(_LossBugs):
     """Each position is trained to predict its own token."""
 
-    def _loss_from_logits(self, logits, batch):
-        ce = L.cross_entropy(logits, batch["input_ids"], batch["attention_mask"].astype(mx.float32))
-        d = L.distrust(batch["auth_weight"], batch["prov_entropy"], self.settings.loss.alpha)
-        return ce + self.settings.loss.lam * d, ce, d
+    shift = False
 
 
-class PaddingCounted(Trainer):
+class PaddingCounted(_LossBugs):
     """The cross-entropy averages over padding tokens too."""
 
-    def _loss_from_logits(self, logits, batch):
-        logits_s, targets, mask = L.shifted_slices(logits, batch["input_ids"], batch["attention_mask"])
-        ce = L.cross_entropy(logits_s, targets, mx.ones_like(mask))
-        d = L.distrust(batch["auth_weight"], batch["prov_entropy"], self.settings.loss.alpha)
-        return ce + self.settings.loss.lam * d, ce, d
+    count_padding = True
 
 
 class ForwardOnly(Trainer):
@@ -135,21 +144,56 @@ class BiasCorrectionFrozen(Trainer):
 class _TiledAttention(Attention):
     """Key/value heads expanded by tiling (h uses kv h % n_kv) instead of repeating (h // n_rep)."""
 
+    def kv_for_queries(self, kv):
+        return mx.tile(kv, (1, self.n_heads // self.n_kv, 1, 1))
+
+
+class _ScaleOverD(Attention):
+    """Attention logits scaled by 1/head_dim instead of 1/sqrt(head_dim)."""
+
+    def scores(self, q, k):
+        return (q / self.head_dim) @ self.kv_for_queries(k).transpose(0, 1, 3, 2)
+
+
+class _AntiCausal(Attention):
+    """The causal mask pointing the wrong way: query t sees keys t..T-1 (a transposed triangle)."""
+
+    def probs(self, scores):
+        T = scores.shape[-1]
+        return mx.softmax(mx.where(mx.arange(T)[None, :] >= mx.arange(T)[:, None], scores, -mx.inf), axis=-1)
+
+
+def _attention_class(cls):
+    """Swap each layer's attention for `cls`, on top of any attention bug already injected."""
+    def hook(model) -> None:
+        for layer in model.model.layers:
+            now = type(layer.self_attn)
+            layer.self_attn.__class__ = cls if now is Attention else type(f"{cls.__name__}{now.__name__}", (cls, now), {})
+    return hook
+
+
+class _BiasUnused(Linear):
+    """A projection that holds its checkpoint bias but never adds it."""
+
     def __call__(self, x):
-        B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, T, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, T, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
-        q, k = self.rope(q), self.rope(k)
-        reps = self.n_heads // self.n_kv
-        k, v = mx.tile(k, (1, reps, 1, 1)), mx.tile(v, (1, reps, 1, 1))
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask="causal")
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        y = x @ self.weight.T
+        if self.lora_scale is not None:
+            y = y + self.lora_scale * ((x @ self.lora_a) @ self.lora_b)
+        return y
 
 
-def tile_kv_heads(model) -> None:
+def attention_bias_unused(model) -> None:
     for layer in model.model.layers:
-        layer.self_attn.__class__ = _TiledAttention
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(layer.self_attn, proj).__class__ = _BiasUnused
+
+
+def gelu_mlp(model) -> None:
+    """The MLP's activation is GELU where the checkpoint's config says SiLU."""
+    import mlx.nn as nn
+
+    for layer in model.model.layers:
+        layer.mlp.activation = lambda gate, up: nn.gelu(gate) * up
 
 
 def traditional_rope(model) -> None:
@@ -215,13 +259,21 @@ MUTANTS = {m.name: m for m in [
     Mutant("rmsnorm_eps_hardcoded", "RMSNorm eps hard-coded to MLX's 1e-5 instead of the config's value", "forward",
            ("small_eps_bias", "gqa_single"), "rmsnorm_eps", config=lambda c: dataclasses.replace(c, rms_norm_eps=1e-5), origin="DESIGN 7"),
     Mutant("gqa_tiled_heads", "grouped-query kv heads tiled instead of repeated", "forward", ("gqa_padded", "gqa_single"),
-           "gqa_head_mapping", model_hook=tile_kv_heads),
+           "gqa_head_mapping", model_hook=_attention_class(_TiledAttention)),
     Mutant("rope_traditional", "RoPE on interleaved pairs (traditional) instead of rotated halves", "forward", ("gqa_padded",),
-           "rope_convention", model_hook=traditional_rope),
+           "rope_pairing", model_hook=traditional_rope),
+    Mutant("attention_scale_wrong", "attention logits scaled by 1/head_dim instead of 1/sqrt(head_dim)", "forward",
+           ("gqa_padded", "mha_sharded"), "attention_scale", model_hook=_attention_class(_ScaleOverD)),
+    Mutant("causal_mask_flipped", "the causal mask points the wrong way: each token attends to the ones after it", "forward",
+           ("gqa_padded", "tied"), "causal_mask", model_hook=_attention_class(_AntiCausal), origin="the seed's port (audited)"),
+    Mutant("mlp_gelu", "the MLP uses GELU where the config's hidden_act is SiLU", "forward", ("gqa_padded", "head"),
+           "mlp_activation", model_hook=gelu_mlp),
+    Mutant("attention_bias_ignored", "the checkpoint's q/k/v/o biases never applied (config.attention_bias ignored)", "forward",
+           ("small_eps_bias",), "bias_missing", model_hook=attention_bias_unused),
     Mutant("lora_scale_ignored", "LoRA scale ignored (1 instead of the configured 2)", "forward", ("lora",), "lora_scale",
            settings=lambda s: dataclasses.replace(s, lora=dataclasses.replace(s.lora, scale=1.0))),
     Mutant("rope_theta_hardcoded", "RoPE base hard-coded to 10000 instead of the config's rope_theta (or read only where one "
-           "transformers version writes it)", "forward", ("mha_sharded", "tied", "gqa_single"), "forward_divergence",
+           "transformers version writes it)", "forward", ("mha_sharded", "tied", "gqa_single"), "rope_base",
            config=lambda c: dataclasses.replace(c, rope_theta=10000.0)),
     Mutant("distrust_alpha_default", "distrust alpha hard-coded to the default 2.7", "loss", ("lora",), "distrust_alpha",
            settings=lambda s: dataclasses.replace(s, loss=dataclasses.replace(s.loss, alpha=2.7))),
@@ -260,6 +312,38 @@ MUTANTS = {m.name: m for m in [
 ]}
 
 
+def combine(names: tuple[str, ...]) -> Mutant:
+    """Several bugs in one port: configs, settings and model hooks applied in turn, the trainers' overrides
+    joined in one class (each overrides other methods or other flags), at most one loader."""
+    ms = [MUTANTS[n] for n in names]
+    loaders = [m.loader for m in ms if m.loader]
+    if len(loaders) > 1:
+        raise ValueError(f"{' and '.join(m.name for m in ms if m.loader)} each replace the loader: a port has only one")
+    trainers = tuple(dict.fromkeys(m.trainer for m in ms if m.trainer is not Trainer))
+
+    def chain(fns):
+        fns = [f for f in fns if f]
+        if not fns:
+            return None
+
+        def run(x):
+            for f in fns:
+                x = f(x)
+            return x
+        return run
+
+    def hooks(model):
+        for m in ms:
+            if m.model_hook:
+                m.model_hook(model)
+
+    return Mutant("+".join(names), "; ".join(m.description for m in ms), ms[0].expected_stage, (), ms[0].expected_diagnosis,
+                  trainer=type("Combined", trainers, {}) if len(trainers) > 1 else (trainers[0] if trainers else Trainer),
+                  config=chain([m.config for m in ms]), settings=chain([m.settings for m in ms]), loader=loaders[0] if loaders else None,
+                  model_hook=hooks if any(m.model_hook for m in ms) else None, unshifted_targets=any(m.unshifted_targets for m in ms),
+                  reset_optimizer_on_resume=any(m.reset_optimizer_on_resume for m in ms))
+
+
 class _UnshiftedSession(MLXSession):
     def shifted(self, input_ids, attention_mask):
         return np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.float32)
@@ -289,9 +373,9 @@ class MutantBackend(MLXBackend):
         return self._session(m.trainer(model, settings, lora), report.to_dict())
 
     def resume(self, case, path: Path):
-        trainer = Trainer.load_checkpoint(path)
+        trainer = self.mutant.trainer.load_checkpoint(path)  # the mutant's own __init__ (its optimizer), the saved state
+        if self.mutant.model_hook:  # the saved config carries a mutated config; a hooked module is rebuilt plain
+            self.mutant.model_hook(trainer.model)
         if self.mutant.reset_optimizer_on_resume:  # a fresh trainer around the loaded model: new moments and step
             trainer = self.mutant.trainer(trainer.model, trainer.settings)
-        else:  # the mutant's methods on the loaded state, adapters and optimizer as saved
-            trainer.__class__ = self.mutant.trainer
         return self._session(trainer, {})

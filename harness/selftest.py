@@ -1,5 +1,15 @@
-"""`parity selftest`: prove the harness's sensitivity. Every mutant must be caught at its expected
-stage with its expected diagnosis, and no correct backend may fail (no false alarm)."""
+"""`parity selftest`: prove the harness's sensitivity and that it names causes, not only failures.
+
+- The matrix: every mutant on every fixture. Where a fixture exposes the bug (the mutant's `fixtures`,
+  by construction) its expected cause must be one of the audit's findings; elsewhere the cell says
+  whether the fixture happened to expose it (named / localised only) or not (passed).
+- Combinations: two, three and more bugs in one port; each must be named as its own finding.
+- DESIGN.md's porting-bug list (the your_ai port's): each bug alone is in the matrix; together they run
+  in the largest sets one port can carry (bugs that replace the same loader are alternatives).
+- The same mutants through the cmd: protocol, the Rust port's injected bugs, and no false alarm on any
+  correct backend.
+Detection and injection are independent: harness/diagnosis never imports this catalogue.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +18,29 @@ from dataclasses import dataclass
 from .audit import AuditResult, audit
 from .backends import Backend, default_backends
 from .case import find_case, list_cases
-from .mutants import MUTANTS, MutantBackend
+from .mutants import MUTANTS, MutantBackend, combine
+
+# (fixture, mutants injected together)
+COMBINATIONS = [
+    ("gqa_padded", ("attention_scale_wrong", "causal_mask_flipped")),
+    ("gqa_padded", ("rope_traditional", "gqa_tiled_heads", "mlp_gelu")),
+    ("gqa_single", ("rope_theta_hardcoded", "rmsnorm_eps_hardcoded", "adam_eps_mismatch")),
+    ("small_eps_bias", ("attention_bias_ignored", "weight_decay_coupled")),
+    ("lora", ("lora_scale_ignored", "distrust_alpha_default", "optimizer_disconnected")),
+    ("clip_accum_warmup", ("no_shift", "schedule_off_by_one")),
+    ("head", ("distrust_lambda_one", "mlp_gelu", "forward_only")),
+    ("gqa_padded", ("attention_scale_wrong", "causal_mask_flipped", "rope_traditional", "gqa_tiled_heads", "mlp_gelu", "adam_eps_mismatch")),
+]
+# DESIGN.md's list ("Porting bugs the harness must catch and name"), number -> mutant.
+DESIGN_BUGS = {1: "weights_not_loaded", 2: "no_shift", 3: "forward_only", 4: "optimizer_disconnected", 5: "key_prefix",
+               6: "bias_correction_flipped", 7: "rmsnorm_eps_hardcoded", 8: "tied_embeddings_ignored", 9: "padding_counted"}
+# All of them in one port, as far as one port can hold them: 1, 5 and 8 each replace the loader, and a
+# disconnected optimizer (4) leaves no update whose bias correction (6) could show, so they split in three.
+DESIGN_TOGETHER = [
+    ("small_eps_bias", ("weights_not_loaded", "no_shift", "padding_counted", "forward_only", "optimizer_disconnected", "rmsnorm_eps_hardcoded")),
+    ("small_eps_bias", ("key_prefix", "no_shift", "padding_counted", "forward_only", "bias_correction_flipped", "rmsnorm_eps_hardcoded")),
+    ("tied", ("tied_embeddings_ignored", "no_shift", "padding_counted", "optimizer_disconnected", "rope_theta_hardcoded")),
+]
 
 
 @dataclass
@@ -24,13 +56,13 @@ class MutantRun:
     findings: list[str]  # "stage:code" of the audit's distinct findings (harness/findings.py)
 
     @property
-    def caught(self) -> bool:
-        return self.detected_stage == self.expected_stage and self.diagnosis == self.expected_diagnosis
-
-    @property
     def named(self) -> bool:
         """The injected bug is one of the audit's findings, with its cause (not only inherited)."""
         return any(f.endswith(":" + self.expected_diagnosis) for f in self.findings)
+
+    @property
+    def caught(self) -> bool:
+        return self.named
 
     def to_dict(self) -> dict:
         return {"name": self.name, "fixture": self.fixture, "via": self.via, "expected_stage": self.expected_stage,
@@ -47,42 +79,88 @@ def judge_mutant(result: AuditResult, name: str, via: str, stage: str, diagnosis
                      [f"{f.stage}:{f.code}" for f in result.findings()[0]])
 
 
-def mutant_backends(protocol: bool) -> list[tuple[object, Backend, str]]:
-    """(mutant, backend, via) for every in-process mutant, the same through cmd:, and the Rust ones."""
-    out = [(m, MutantBackend(m), "in-process") for m in MUTANTS.values()]
-    if protocol:
-        from .backends.external import example_adapter_backend
+def cell(result: AuditResult, diagnosis: str) -> str:
+    """named (the cause is a finding), localised (the audit fails, the cause is not named), passed, or
+    not applicable (the bug cannot be built for this fixture: every stage is the same error)."""
+    found = result.findings()[0]
+    if result.stages and all(s.diagnosis is not None and s.diagnosis.code == "stage_error" for s in result.stages) \
+            and len({s.message for s in result.stages}) == 1:
+        return "not applicable"
+    if any(f.code == diagnosis for f in found):
+        return "named"
+    return "localised" if result.verdict == "fail" else "passed"
 
-        out += [(m, example_adapter_backend(m.name), "cmd") for m in MUTANTS.values()]
-    return out
+
+def matrix(progress=None) -> list[dict]:
+    """Every mutant on every fixture."""
+    rows = []
+    cases = list_cases()
+    for m in MUTANTS.values():
+        backend = MutantBackend(m)
+        cells = {}
+        for case in cases:
+            cells[case.name] = cell(audit(backend, case), m.expected_diagnosis)
+            if progress:
+                progress(f"matrix {m.name} on {case.name}")
+        rows.append({"mutant": m.name, "expected_diagnosis": m.expected_diagnosis, "exposing_fixtures": list(m.fixtures), "cells": cells,
+                     "named_where_exposed": all(cells.get(f) == "named" for f in m.fixtures),
+                     "exposed_by": sorted(f for f, c in cells.items() if c != "passed")})
+    return rows
+
+
+def together(fixture: str, names: tuple[str, ...]) -> dict:
+    """Several bugs in one port: which were named, which only localised, which missed."""
+    result = audit(MutantBackend(combine(names)), find_case(fixture))
+    found = {f.code for f in result.findings()[0]}
+    outcome = {n: "named" if MUTANTS[n].expected_diagnosis in found else ("localised" if result.verdict == "fail" else "missed") for n in names}
+    return {"fixture": fixture, "mutants": list(names), "outcome": outcome, "findings": [f"{f.stage}:{f.code}" for f in result.findings()[0]],
+            "all_named": all(v == "named" for v in outcome.values())}
+
+
+def mutant_backends(protocol: bool) -> list[tuple[object, Backend, str]]:
+    """(mutant, backend, via) for the cmd: protocol run of every mutant."""
+    if not protocol:
+        return []
+    from .backends.external import example_adapter_backend
+
+    return [(m, example_adapter_backend(m.name), "cmd") for m in MUTANTS.values()]
 
 
 def run(protocol: bool = True, progress=None, extra: list | None = None) -> dict:
     """extra: (name, backend, via, expected_stage, expected_diagnosis, fixtures) for backends beyond the catalogue."""
+    say = progress or (lambda what: None)
+    rows = matrix(say)
+    combos = []
+    for fixture, names in COMBINATIONS + DESIGN_TOGETHER:
+        combos.append(together(fixture, names) | {"design_list": (fixture, names) in DESIGN_TOGETHER})
+        say(f"together {'+'.join(names)[:40]} on {fixture}")
     mutants: list[MutantRun] = []
-    jobs = [(m.name, b, via, m.expected_stage, m.expected_diagnosis, m.fixtures) for m, b, via in mutant_backends(protocol)]
+    jobs = [(m.name, b, via, m.expected_stage, m.expected_diagnosis, m.fixtures[:1]) for m, b, via in mutant_backends(protocol)]
     jobs += extra or []
     for name, backend, via, stage, diag, fixtures in jobs:
         for f in fixtures:
             mutants.append(judge_mutant(audit(backend, find_case(f)), name, via, stage, diag))
-            if progress:
-                progress(f"{via} {name} on {f}")
+            say(f"{via} {name} on {f}")
     correct = []
     for backend in default_backends():
         if backend.unavailable():
             continue
         for case in list_cases():
             correct.append(audit(backend, case))
-            if progress:
-                progress(f"{backend.name} on {case.name}")
+            say(f"{backend.name} on {case.name}")
     false_alarms = [r for r in correct if r.verdict == "fail"]
+    design = {n: next(r for r in rows if r["mutant"] == m)["named_where_exposed"] for n, m in DESIGN_BUGS.items()}
     return {
+        "matrix": rows,
+        "combinations": combos,
+        "design_list_alone": design,
         "mutants": [m.to_dict() for m in mutants],
         "false_alarms": len(false_alarms),
         "false_alarm_details": [{"fixture": r.fixture, "backend": r.backend, "stage": r.first_failure().name,
                                  "message": r.first_failure().message} for r in false_alarms],
         "correct_backends": sorted({r.backend for r in correct}),
-        "passed": all(m.caught for m in mutants) and not false_alarms,
+        "passed": (all(r["named_where_exposed"] for r in rows) and all(c["all_named"] for c in combos)
+                   and all(m.caught for m in mutants) and not false_alarms),
     }
 
 
@@ -97,6 +175,7 @@ def rust_mutants() -> list:
 
 
 def count_jobs(protocol: bool, extra: list | None = None) -> int:
-    n = sum(len(m.fixtures) for m in MUTANTS.values()) * (2 if protocol else 1)
+    n = len(MUTANTS) * len(list_cases()) + len(COMBINATIONS) + len(DESIGN_TOGETHER)
+    n += len(MUTANTS) if protocol else 0
     n += sum(len(e[5]) for e in extra or [])
     return n + sum(len(list_cases()) for b in default_backends() if not b.unavailable())
