@@ -11,7 +11,7 @@ from .backends import Backend
 from .case import Case
 from .compare import TensorResult, compare
 from .diagnosis import Diagnosis, diagnose
-from .stages import ALL_STAGES, ISOLATED_STAGES, StageOutput
+from .stages import ALL_STAGES, ISOLATED_STAGES, PREFIX, StageOutput
 from .truth import needs_truth
 from .tolerances import EXACT, RESUME_SELF_CONSISTENCY, Tolerance, TruthBound, stage_rms, tolerance
 
@@ -108,7 +108,7 @@ def _group(actual: dict, a_prefix: str, case: Case, e_prefix: str, tol: Toleranc
                     for k in exp if f"truth.{e_prefix}{k}" in truth)
     params = case.initial_weights if truth and any(".delta." in e_prefix + k for k in exp) else {}
     # Δθ over N updates carries the rounding of θ at every update (decay, then the step)
-    updates = case.settings.steps if e_prefix.startswith("trajectory.") else 1
+    updates = case.settings.steps if e_prefix.startswith(("trajectory.", "isolated.schedule.")) else 1
     results = []
     for k, e in sorted(exp.items()):
         full = e_prefix + k
@@ -180,9 +180,7 @@ def judge(stage: str, out: StageOutput, case: Case) -> StageResult:
                         for k in sorted(t) if not k.startswith(known) and k not in ("checkpoint.loss", "checkpoint.uninterrupted.loss")
                         and not k.startswith("checkpoint.loss")]
     else:
-        prefix = {"forward": "forward.", "shifted_slices": "shifted.", "loss": "loss.", "gradients": "grad.",
-                  "optimizer": "optimizer.", "trajectory": "trajectory.", "isolated_forward": "isolated.forward.", "isolated_loss": "isolated.loss.",
-                  "isolated_optimizer": "isolated.optimizer."}[stage]
+        prefix = PREFIX[stage]
         res.tensors = _group(t, prefix, case, prefix, tol, mask_for=forward_mask(case))
     if not res.tensors and not res.message:
         res.message = "nothing to compare"

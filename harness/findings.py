@@ -25,8 +25,10 @@ _CONSUMES = {
     "isolated_forward": (),  # each piece from the reference's inputs; its parameters are checked per finding below
     "isolated_loss": (),
     "isolated_optimizer": (),  # it updates the parameters the port loaded: checked per finding below
+    "isolated_schedule": (),
 }
-ISOLATED_BY = {"forward": "isolated_forward", "loss": "isolated_loss", "optimizer": "isolated_optimizer"}
+_ISOLATED_AFTER = {"isolated_schedule": "isolated_optimizer"}  # N updates repeat the one judged alone
+ISOLATED_BY = {"forward": "isolated_forward", "loss": "isolated_loss", "optimizer": "isolated_optimizer", "trajectory": "isolated_schedule"}
 RESUME_SUFFIX = "(resumed vs own uninterrupted run)"
 # Causes about which tensors exist or move at all, not about their values: no upstream difference makes
 # gradients vanish or an update stay put, so these are findings whatever failed before them.
@@ -84,7 +86,7 @@ def _unloaded(stages) -> set[str]:
 def _reads_unloaded(d, unloaded: set[str], stage: str) -> bool:
     """`parameters` are the prefixes of what a cause's evidence reads ("" for all of them); an update no
     rule explains may come from any parameter."""
-    reads = [""] if d.code == "unexplained" and stage == "isolated_optimizer" else d.parameters
+    reads = [""] if d.code == "unexplained" and stage in ("isolated_optimizer", "isolated_schedule") else d.parameters
     return any(u.startswith(p) for p in reads for u in unloaded)
 
 
@@ -121,11 +123,20 @@ def analyse(stages) -> tuple[list[Finding], list[Inherited]]:
             continue
         if name.startswith("isolated_"):  # each cause on its own: inherited only where it reads a parameter that did not load
             unloaded = _unloaded(stages)
-            own = [f for f, d in zip(_findings(st), st.diagnoses or [None]) if d is None or not _reads_unloaded(d, unloaded, name)]
+            before = _ISOLATED_AFTER.get(name)
+            follows = before in failed  # an update no convention explains after a first update that already failed
+            own, origin = [], []
+            for f, d in zip(_findings(st), st.diagnoses or [None]):
+                if d is not None and _reads_unloaded(d, unloaded, name):
+                    origin.append("weight_mapping")
+                elif d is not None and follows and d.code == "unexplained":
+                    origin += roots.get(before, [before])
+                else:
+                    own.append(f)
             findings += own
-            if len(own) < len(st.diagnoses or [None]):
-                inherited.append(Inherited(name, ["weight_mapping"]))
-            roots[name] = [name] if own else ["weight_mapping"]
+            if origin:
+                inherited.append(Inherited(name, list(dict.fromkeys(origin))))
+            roots[name] = [name] if own else list(dict.fromkeys(origin))
             continue
         structural = [d for d in st.diagnoses if d.code in STRUCTURAL]
         if structural and not _follows_structurally(name, structural, by_name, failed):

@@ -19,7 +19,7 @@ from .audit import audit
 from .case import FIXTURES_DIR, Case
 from .fixture_specs import SPECS, FixtureSpec
 from .oracle import check_forward
-from .stages import ISOLATED_STAGES, STAGES
+from .stages import ISOLATED_STAGES, PREFIX, STAGES
 from .tolerances import TOLERANCES
 
 MANIFEST = "manifest.json"
@@ -259,8 +259,7 @@ def _judged_changes(old: Path, new: Path) -> list[str]:
 
     lines = []
     stored, fresh = Case(old), Case(new)
-    by_stage = {"forward": "forward.", "loss": "loss.", "gradients": "grad.", "optimizer": "optimizer.", "trajectory": "trajectory.",
-                "isolated_forward": "isolated.forward.", "isolated_loss": "isolated.loss.", "isolated_optimizer": "isolated.optimizer."}
+    by_stage = {s: p for s, p in PREFIX.items() if s != "shifted_slices"}  # the judged stages
     for stage, prefix in by_stage.items():
         r = judge(stage, StageOutput({k: v for k, v in fresh.golden.items() if k.startswith(prefix)}), stored)
         if r.status != "pass":

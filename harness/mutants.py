@@ -121,7 +121,53 @@ class ScheduleOffByOne(Trainer):
             self.optimizer._schedulers["learning_rate"] = lambda s: sched(s + 1)
 
 
+class _EpsInsideSqrt(optim.AdamW):
+    """m̂ / sqrt(v̂ + eps): eps under the square root, where AdamW adds it after."""
+
+    def apply_single(self, gradient, parameter, state):
+        lr = self.learning_rate.astype(gradient.dtype)
+        b1, b2 = self.betas
+        parameter = parameter * (1 - lr * self.weight_decay)
+        m = state["m"] = b1 * state["m"] + (1 - b1) * gradient
+        v = state["v"] = b2 * state["v"] + (1 - b2) * mx.square(gradient)
+        if self.bias_correction:
+            m, v = m / (1 - b1**self.step), v / (1 - b2**self.step)
+        return parameter - lr * m / mx.sqrt(v + self.eps)
+
+
+class _OptimizerBugs(Trainer):
+    """A trainer whose AdamW carries the `optimizer_bug` mixins of every class in its MRO, so two
+    optimizer bugs combine in one optimizer."""
+
+    def __init__(self, model, settings, lora_init=None):
+        super().__init__(model, settings, lora_init)
+        mixins = [c.__dict__["optimizer_bug"] for c in type(self).__mro__ if "optimizer_bug" in c.__dict__]
+        mixins = tuple(sorted(mixins, key=lambda m: not getattr(m, "wraps", False)))  # those that call super() first
+        o = settings.optimizer
+        self.optimizer = type("AdamWWithBugs", mixins + (optim.AdamW,), {})(
+            learning_rate=make_schedule(o, settings.schedule), betas=list(o.betas), eps=o.eps,
+            weight_decay=o.weight_decay, bias_correction=o.bias_correction)
+
+
+class EpsInsideSqrt(_OptimizerBugs):
+    """AdamW with eps inside the square root of the denominator."""
+
+    optimizer_bug = _EpsInsideSqrt
+
+
+class ClippingPerTensor(Trainer):
+    """Each gradient tensor clipped to the norm on its own, where the reference clips the global norm."""
+
+    def clip(self, grads):
+        if self.settings.clip_norm is None:
+            return grads
+        c = self.settings.clip_norm
+        return tree_map(lambda g: g * mx.minimum(1.0, c / (mx.sqrt(mx.sum(g * g)) + 1e-12)), grads)
+
+
 class _FrozenBiasCorrection(optim.AdamW):
+    wraps = True  # changes the step, then runs whatever update follows it
+
     def apply_single(self, gradient, parameter, state):
         step = self.state["step"]
         self.state["step"] = mx.array(1, mx.uint64)
@@ -131,14 +177,10 @@ class _FrozenBiasCorrection(optim.AdamW):
             self.state["step"] = step
 
 
-class BiasCorrectionFrozen(Trainer):
+class BiasCorrectionFrozen(_OptimizerBugs):
     """Bias correction always computed for t = 1: right at the first update, wrong after."""
 
-    def __init__(self, model, settings, lora_init=None):
-        super().__init__(model, settings, lora_init)
-        o = settings.optimizer
-        self.optimizer = _FrozenBiasCorrection(learning_rate=make_schedule(o, settings.schedule), betas=list(o.betas), eps=o.eps,
-                                               weight_decay=o.weight_decay, bias_correction=o.bias_correction)
+    optimizer_bug = _FrozenBiasCorrection
 
 
 class _TiledAttention(Attention):
@@ -295,6 +337,10 @@ MUTANTS = {m.name: m for m in [
            ("gqa_padded", "mha_sharded"), "bias_correction",
            settings=lambda s: _opt(bias_correction=not s.optimizer.bias_correction)(s), origin="DESIGN 6"),
     Mutant("adam_eps_mismatch", "AdamW eps 1e-7 instead of 1e-8", "optimizer", ("gqa_padded",), "adam_eps", settings=_opt(eps=1e-7)),
+    Mutant("adam_eps_inside_sqrt", "AdamW's eps under the square root: m̂/sqrt(v̂ + eps)", "optimizer", ("gqa_padded",),
+           "adam_eps_placement", trainer=EpsInsideSqrt),
+    Mutant("clipping_per_tensor", "each gradient tensor clipped on its own instead of the global norm", "optimizer",
+           ("clip_accum_warmup",), "clipping_per_tensor", trainer=ClippingPerTensor),
     Mutant("weight_decay_missing", "weight decay not applied", "optimizer", ("small_eps_bias",), "weight_decay_missing",
            settings=_opt(weight_decay=0.0)),
     Mutant("weight_decay_coupled", "weight decay added to the gradient (Adam + L2) instead of decoupled", "optimizer",
@@ -306,7 +352,7 @@ MUTANTS = {m.name: m for m in [
     Mutant("accumulation_sum", "accumulated gradients summed, not averaged", "optimizer", ("accum_head",), "accumulation_scaling",
            trainer=AccumulationSum),
     Mutant("bias_correction_frozen", "bias correction computed for t = 1 at every step", "trajectory", ("gqa_padded",),
-           "trajectory_divergence", trainer=BiasCorrectionFrozen),
+           "bias_correction_step", trainer=BiasCorrectionFrozen),
     Mutant("resume_loses_optimizer_state", "a resumed run starts with fresh AdamW moments and step", "checkpoint",
            ("gqa_padded", "trajectory_long"), "resume_state_lost", reset_optimizer_on_resume=True),
 ]}

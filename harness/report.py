@@ -13,7 +13,7 @@ JSON_SCHEMA_VERSION = 2  # 2: errors are measured against the float64 truth; "ma
 STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow", "not checked": "yellow"}
 SHORT = {"weight_mapping": "weights", "forward": "forward", "shifted_slices": "shift", "loss": "loss",
          "gradients": "grads", "optimizer": "optim", "trajectory": "traject", "checkpoint": "ckpt",
-         "isolated_loss": "iso loss", "isolated_optimizer": "iso optim"}
+         "isolated_forward": "iso fwd", "isolated_loss": "iso loss", "isolated_optimizer": "iso optim", "isolated_schedule": "iso sched"}
 
 
 def results_json(results: list[AuditResult]) -> dict:

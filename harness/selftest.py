@@ -28,6 +28,7 @@ COMBINATIONS = [
     ("small_eps_bias", ("attention_bias_ignored", "weight_decay_coupled")),
     ("lora", ("lora_scale_ignored", "distrust_alpha_default", "optimizer_disconnected")),
     ("clip_accum_warmup", ("no_shift", "schedule_off_by_one")),
+    ("clip_accum_warmup", ("clipping_per_tensor", "adam_eps_inside_sqrt", "bias_correction_frozen")),
     ("head", ("distrust_lambda_one", "mlp_gelu", "forward_only")),
     ("gqa_padded", ("attention_scale_wrong", "causal_mask_flipped", "rope_traditional", "gqa_tiled_heads", "mlp_gelu", "adam_eps_mismatch")),
 ]

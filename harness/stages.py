@@ -17,8 +17,12 @@ from . import pieces
 
 STAGES = ("weight_mapping", "forward", "shifted_slices", "loss", "gradients", "optimizer", "trajectory", "checkpoint")
 # Optional requests: one piece judged on the reference's own inputs, so a bug upstream cannot mask it.
-ISOLATED_STAGES = ("isolated_forward", "isolated_loss", "isolated_optimizer")
+ISOLATED_STAGES = ("isolated_forward", "isolated_loss", "isolated_optimizer", "isolated_schedule")
 ALL_STAGES = STAGES + ISOLATED_STAGES
+# The names each stage's outputs carry (weight_mapping's and checkpoint's are judged apart).
+PREFIX = {"forward": "forward.", "shifted_slices": "shifted.", "loss": "loss.", "gradients": "grad.", "optimizer": "optimizer.",
+          "trajectory": "trajectory.", "isolated_forward": "isolated.forward.", "isolated_loss": "isolated.loss.",
+          "isolated_optimizer": "isolated.optimizer.", "isolated_schedule": "isolated.schedule."}
 
 
 class Unsupported(Exception):
@@ -169,9 +173,23 @@ def isolated_optimizer(s: Session, case) -> StageOutput:
     return StageOutput(out)
 
 
+def isolated_schedule(s: Session, case) -> StageOutput:
+    """`steps` updates from a fresh load, each with the reference's own gradients (the same every step):
+    the schedule, the bias correction's step and the state carried between updates, on given inputs."""
+    names = s.trainable_names()
+    before = {k: _f32(v).copy() for k, v in s.parameters().items() if k in names}
+    grads = {k.removeprefix("grad."): v for k, v in case.golden.items() if k.startswith("grad.") and k.removeprefix("grad.") in names}
+    for _ in range(case.settings.steps):
+        s.update_from_gradients(grads)
+    after = s.parameters()
+    out = {f"isolated.schedule.delta.{k}": _f32(after[k]) - before[k] for k in before}
+    out["isolated.schedule.step"] = np.array(s.optimizer_state()["step"], dtype=np.int64)
+    return StageOutput(out)
+
+
 # Stages that leave the session unchanged share one; the others each start from a fresh load.
 READ_ONLY = {"weight_mapping": weight_mapping, "forward": forward, "shifted_slices": shifted_slices, "loss": loss, "gradients": gradients}
-TRAINING = {"optimizer": optimizer, "trajectory": trajectory, "isolated_optimizer": isolated_optimizer}
+TRAINING = {"optimizer": optimizer, "trajectory": trajectory, "isolated_optimizer": isolated_optimizer, "isolated_schedule": isolated_schedule}
 READ_ONLY |= {"isolated_forward": isolated_forward, "isolated_loss": isolated_loss}
 
 

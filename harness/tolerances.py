@@ -136,6 +136,7 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
 TOLERANCES[("float32", "isolated_forward")] = TOLERANCES[("float32", "forward")]
 TOLERANCES[("float32", "isolated_loss")] = TOLERANCES[("float32", "loss")]
 TOLERANCES[("float32", "isolated_optimizer")] = TOLERANCES[("float32", "optimizer")]
+TOLERANCES[("float32", "isolated_schedule")] = TOLERANCES[("float32", "trajectory")]
 
 # A resumed run must equal the same backend's uninterrupted run bit for bit.
 RESUME_SELF_CONSISTENCY = EXACT

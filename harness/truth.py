@@ -18,8 +18,9 @@ from .stages import StageOutput
 from .tolerances import stage_rms, tolerance
 
 TRUTH_FILE = "truth.safetensors"
-TRUTH_STAGES = ("forward", "loss", "gradients", "optimizer", "trajectory", "isolated_forward", "isolated_loss", "isolated_optimizer")
-SENSITIVE_STAGES = ("optimizer", "trajectory", "isolated_optimizer")
+TRUTH_STAGES = ("forward", "loss", "gradients", "optimizer", "trajectory", "isolated_forward", "isolated_loss", "isolated_optimizer",
+                "isolated_schedule")
+SENSITIVE_STAGES = ("optimizer", "trajectory", "isolated_optimizer", "isolated_schedule")
 JUDGED_PREFIXES = ("forward.", "loss.", "grad.", "optimizer.", "trajectory.", "isolated.")
 
 

@@ -6,6 +6,7 @@ before incrementing it, so the first update uses lr(0).
 
 from __future__ import annotations
 
+import mlx.core as mx
 import mlx.optimizers as optim
 
 from .settings import OptimizerSettings, ScheduleSettings
@@ -19,3 +20,9 @@ def make_schedule(opt: OptimizerSettings, sched: ScheduleSettings):
         return cosine
     warmup = optim.linear_schedule(sched.warmup_init, opt.lr, sched.warmup_steps)
     return optim.join_schedules([warmup, cosine], [sched.warmup_steps])
+
+
+def lr_at(opt: OptimizerSettings, sched: ScheduleSettings, step: int) -> float:
+    """The learning rate of the update that follows `step` earlier updates."""
+    schedule = make_schedule(opt, sched)
+    return float(schedule(mx.array(step))) if callable(schedule) else float(schedule)

@@ -23,7 +23,7 @@ def test_audit_json_has_the_documented_keys(tmp_path):
     assert [(x["fixture"], x["backend"], x["verdict"]) for x in data["results"]] == [("head", "mlx", "pass"), ("head", "torch", "pass")]
     stages = data["results"][0]["stages"]
     assert [s["name"] for s in stages] == ["weight_mapping", "forward", "shifted_slices", "loss", "gradients", "optimizer", "trajectory",
-                                           "checkpoint", "isolated_forward", "isolated_loss", "isolated_optimizer"]
+                                           "checkpoint", "isolated_forward", "isolated_loss", "isolated_optimizer", "isolated_schedule"]
     assert all(s["status"] == "pass" and s["tolerance"] and s["tensors"] for s in stages)
     t = stages[1]["tensors"][0]
     assert {"name", "max_abs", "max_rel", "where", "mismatched", "tolerance"} <= set(t)

@@ -17,14 +17,11 @@ from safetensors.numpy import save_file
 from harness.audit import audit
 from harness.backends.base import Backend
 from harness.backends.external import read_response
-from harness.stages import ALL_STAGES as STAGES, StageOutput
+from harness.stages import ALL_STAGES as STAGES, PREFIX, StageOutput
 
 from .conftest import CASES
 
 CASE = CASES["head"]
-PREFIX = {"forward": "forward.", "shifted_slices": "shifted.", "loss": "loss.", "gradients": "grad.",
-          "optimizer": "optimizer.", "trajectory": "trajectory.", "isolated_forward": "isolated.forward.", "isolated_loss": "isolated.loss.",
-          "isolated_optimizer": "isolated.optimizer."}
 
 
 def correct_outputs(case) -> dict[str, StageOutput]:

@@ -135,3 +135,33 @@ def test_an_unexplained_piece_is_localised_to_that_piece():
 def test_each_forward_bug_is_one_finding_at_its_piece(mutant, fixture, code):
     found, _ = audit(get_backend(f"mutant:{mutant}"), CASES[fixture]).findings()
     assert [(f.stage, f.code) for f in found] == [("isolated_forward", code)], found
+
+
+def _gradient_diagnosis(change):
+    case = CASES["gqa_padded"]
+    out = StageOutput({k: v.copy() for k, v in case.golden.items() if k.startswith("grad.")})
+    change(out.tensors)
+    result = judge("gradients", out, case)
+    assert result.status == "fail"
+    return diagnose(result, out, case)[0]
+
+
+def test_a_transposed_gradient_is_named():
+    name = "grad.model.layers.0.self_attn.q_proj.weight"
+    d = _gradient_diagnosis(lambda t: t.__setitem__(name, np.ascontiguousarray(t[name].T)))
+    assert d.code == "gradient_layout" and d.evidence["transposed"] == [name.removeprefix("grad.")]
+
+
+def test_a_gradient_with_its_heads_in_another_order_is_named():
+    name = "grad.model.layers.1.self_attn.q_proj.weight"  # [heads·head_dim, hidden]: heads 0 and 1 exchanged
+    d = _gradient_diagnosis(lambda t: t.__setitem__(name, np.concatenate([t[name][D:2 * D], t[name][:D], t[name][2 * D:]])))
+    assert d.code == "gradient_layout" and d.evidence["reordered"] == [name.removeprefix("grad.")]
+
+
+def test_gradients_under_each_others_names_are_named():
+    a, b = "grad.model.layers.0.mlp.gate_proj.weight", "grad.model.layers.0.mlp.up_proj.weight"
+
+    def swap(t):
+        t[a], t[b] = t[b], t[a]
+    d = _gradient_diagnosis(swap)
+    assert d.code == "gradient_names" and d.evidence["holds"][a.removeprefix("grad.")] == b.removeprefix("grad.")

@@ -54,18 +54,18 @@ def test_plugin_gives_one_item_per_fixture_and_stage(pytester):
     pytester.makepyfile(STAGE_TEST)
     result = pytester.runpytest("--parity-backend", "mutant:no_shift", "--parity-fixture", "gqa_padded", "-v",
                                 "--junitxml", str(pytester.path / "junit.xml"))
-    # weights and forward come before the bug; the isolated forward and optimizer checks, on the reference's inputs, pass
-    result.assert_outcomes(passed=4, failed=7)
+    # weights and forward come before the bug; the isolated forward, optimizer and schedule checks, on the reference's inputs, pass
+    result.assert_outcomes(passed=5, failed=7)
     out = result.stdout.str()
     assert "test_stage[mutant:no_shift-gqa_padded-shifted_slices] FAILED" in out
     assert "test_stage[mutant:no_shift-gqa_padded-forward] PASSED" in out
-    assert (pytester.path / "junit.xml").read_text().count("<testcase") == 11
+    assert (pytester.path / "junit.xml").read_text().count("<testcase") == 12
 
 
 def test_plugin_stage_items_select_with_k(pytester):
     pytester.makepyfile(STAGE_TEST)
     result = pytester.runpytest("--parity-backend", "mlx", "--parity-fixture", "head", "-k", "forward")
-    result.assert_outcomes(passed=2, deselected=9)  # forward and isolated_forward
+    result.assert_outcomes(passed=2, deselected=10)  # forward and isolated_forward
 
 
 def test_plugin_missing_adapter_fails(pytester):

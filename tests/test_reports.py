@@ -36,7 +36,7 @@ def test_failing_trajectory_report_shows_divergence():
     r = audit(get_backend("mutant:bias_correction_frozen"), CASES["gqa_padded"])
     assert any("trajectory" in c for c, _ in plots(r))
     page = render_html([r])
-    assert "data:image/png;base64," in page and "trajectory_divergence" in page
+    assert "data:image/png;base64," in page and "bias_correction_step" in page
 
 
 def test_passing_audit_has_no_failure_plots():

@@ -17,6 +17,7 @@ from .isolated import isolated
 from .loss import loss, shifted
 from .optimizer import optimizer
 from .pieces import forward_pieces
+from .schedule import schedule
 from .trajectory import checkpoint, trajectory
 from .weights import weights
 
@@ -25,7 +26,8 @@ __all__ = ["CODES", "RULES", "Diagnosis", "diagnose", "localise"]
 RULES = {"weight_mapping": weights, "forward": forward, "shifted_slices": shifted, "loss": loss,
          "gradients": gradients, "optimizer": optimizer, "trajectory": trajectory, "checkpoint": checkpoint,
          "isolated_forward": forward_pieces,
-         "isolated_loss": isolated(loss, "isolated.loss."), "isolated_optimizer": isolated(optimizer, "isolated.optimizer.")}
+         "isolated_loss": isolated(loss, "isolated.loss."), "isolated_optimizer": isolated(optimizer, "isolated.optimizer."),
+         "isolated_schedule": schedule}
 
 
 def localise(result) -> Diagnosis:

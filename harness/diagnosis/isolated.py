@@ -19,8 +19,8 @@ class _IsolatedView:
 
 # Optimizer causes read from ratios of the update or from its structure: a weight that did not load moves
 # them only through the weight-decay term (lr·wd·θ, a small part of an Adam step), so they stand on their own.
-WEIGHT_FREE = {"no_update", "optimizer_not_connected", "trainable_set_mismatch", "accumulation_scaling", "clipping_missing",
-               "gradient_scale", "bias_correction", "schedule_off_by_one", "learning_rate",
+WEIGHT_FREE = {"no_update", "optimizer_not_connected", "trainable_set_mismatch", "accumulation_scaling", "clipping_missing", "clipping_per_tensor",
+               "gradient_scale", "bias_correction", "bias_correction_step", "schedule_off_by_one", "learning_rate",
                "labels_not_shifted", "padding_counted", "distrust_alpha", "distrust_lambda", "distrust_term"}
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from reference.schedule import lr_at
+
 from .core import Diagnosis, close, f64, initial, ratio
 
 def optimizer(result, out, case) -> Diagnosis | None:
@@ -28,54 +30,79 @@ def optimizer(result, out, case) -> Diagnosis | None:
                          f"reference's tensors absent, {len(extra)} extra; the ones both update {shared}",
                          {"absent": absent[:20], "extra": extra[:20]})
     # Moments first: they see the gradient the optimizer was given (after clipping and accumulation).
-    m_ratios = [ratio(t[k], g[k]) for k in g if k.startswith("optimizer.m.") and k in t]
+    found = []
+    m_keys = [k for k in g if k.startswith("optimizer.m.") and k in t]
+    m_ratios = [ratio(t[k], g[k]) for k in m_keys]
     med = [r for r, spread in m_ratios if np.isfinite(r)]
-    if med:
+    per_tensor = _per_tensor_clipping(m_keys, m_ratios, g, s)
+    if per_tensor:
+        found.append(per_tensor)
+    elif med:
         r_m = float(np.median(med))
         uniform = all(spread < 0.02 * abs(r) for r, spread in m_ratios if np.isfinite(r))
         if uniform and not close(r_m, 1.0, 0.005):
             n = s.accum_steps
             if n > 1 and close(r_m, float(n)):
-                return Diagnosis("accumulation_scaling", f"moments are {r_m:.3g}× the reference's = accum_steps: micro-batch gradients summed, not averaged",
-                                 {"moment_ratio": r_m, "accum_steps": n})
-            if s.clip_norm is not None and r_m > 1:
-                return Diagnosis("clipping_missing", f"moments are a uniform {r_m:.3g}× the reference's: the gradient was not clipped to norm {s.clip_norm}",
-                                 {"moment_ratio": r_m, "clip_norm": s.clip_norm})
-            return Diagnosis("gradient_scale", f"moments are a uniform {r_m:.3g}× the reference's: the gradient fed to the optimizer is scaled",
-                             {"moment_ratio": r_m})
-        if not uniform and s.optimizer.weight_decay > 0:
+                found.append(Diagnosis("accumulation_scaling", f"moments are {r_m:.3g}× the reference's = accum_steps: micro-batch gradients summed, not averaged",
+                                       {"moment_ratio": r_m, "accum_steps": n}))
+            elif s.clip_norm is not None and r_m > 1:
+                found.append(Diagnosis("clipping_missing", f"moments are a uniform {r_m:.3g}× the reference's: the gradient was not clipped to norm {s.clip_norm}",
+                                       {"moment_ratio": r_m, "clip_norm": s.clip_norm}))
+            else:
+                found.append(Diagnosis("gradient_scale", f"moments are a uniform {r_m:.3g}× the reference's: the gradient fed to the optimizer is scaled",
+                                       {"moment_ratio": r_m}))
+        elif not uniform and s.optimizer.weight_decay > 0:
             coupled = _coupled_decay(t, g, case)
             if coupled:
-                return coupled
-    # Then the update itself.
-    o = s.optimizer
+                return [coupled]  # its update has no decoupled decay by construction: one cause, not two
+    # Then the update itself, against the update the reference's conventions make of the port's own moments
+    # (the goldens, when the port reports none), so a gradient bug above does not read as an update bug.
+    found += _update(t, g, case, deltas)
+    return found or None
+
+
+def _expected_update(t, g, case, deltas) -> dict:
+    o = case.settings.optimizer
+    lr = _lr0(case)
+    b1, b2 = o.betas
+    c1, c2 = (1 - b1, np.sqrt(1 - b2)) if o.bias_correction else (1.0, 1.0)
+    out = {}
+    for k in deltas:
+        name = k.removeprefix("optimizer.delta.")
+        m, v, p = t.get(f"optimizer.m.{name}"), t.get(f"optimizer.v.{name}"), initial(case, name)
+        if m is None or v is None or p is None or np.shape(m) != np.shape(g[k]) or np.shape(v) != np.shape(g[k]):
+            out[k] = f64(g[k])
+        else:
+            out[k] = -lr * (o.weight_decay * f64(p) + (f64(m) / c1) / (np.sqrt(np.maximum(f64(v), 0)) / c2 + o.eps))
+    return out
+
+
+def _update(t, g, case, deltas) -> list[Diagnosis]:
+    s, o = case.settings, case.settings.optimizer
     b1, b2 = o.betas
     c = (1 - b1) / np.sqrt(1 - b2)  # uncorrected / corrected at t = 1
-    ratios = [ratio(t[k], g[k])[0] for k in deltas if k in t]
-    r = float(np.median([x for x in ratios if np.isfinite(x)]))
+    expected = _expected_update(t, g, case, deltas)
+    ratios = [ratio(t[k], expected[k])[0] for k in deltas if k in t and np.shape(t[k]) == np.shape(expected[k])]
+    ratios = [x for x in ratios if np.isfinite(x)]
+    if not ratios:
+        return []
+    r = float(np.median(ratios))
     evidence = {"update_ratio": round(r, 4), "bias_correction_factor_t1": round(float(c), 4)}
     if o.bias_correction and close(r, c):
-        return Diagnosis("bias_correction", "the update is (1-β1)/√(1-β2) = %.3g× the reference's: bias correction missing" % c, evidence)
+        return [Diagnosis("bias_correction", "the update is (1-β1)/√(1-β2) = %.3g× the reference's: bias correction missing" % c, evidence)]
     if not o.bias_correction and close(r, 1 / c):
-        return Diagnosis("bias_correction", "the update is √(1-β2)/(1-β1) = %.3g× the reference's: bias correction applied where the reference has none" % (1 / c), evidence)
-    from ..torch_twin import lr_at
-
-    lr0, lr1 = lr_at(s, 0), lr_at(s, 1)
+        return [Diagnosis("bias_correction", "the update is √(1-β2)/(1-β1) = %.3g× the reference's: bias correction applied where the reference has none" % (1 / c), evidence)]
+    lr0, lr1 = lr_at(s.optimizer, s.schedule, 0), lr_at(s.optimizer, s.schedule, 1)
     if lr0 > 0 and not close(lr1, lr0, 1e-3) and close(r, lr1 / lr0, 0.01):
-        return Diagnosis("schedule_off_by_one", f"the update is lr(1)/lr(0) = {lr1 / lr0:.3g}× the reference's: the schedule is read one step late",
-                         evidence | {"lr0": lr0, "lr1": lr1})
-    decay = _decay_missing(t, g, case)
+        return [Diagnosis("schedule_off_by_one", f"the update is lr(1)/lr(0) = {lr1 / lr0:.3g}× the reference's: the schedule is read one step late",
+                          evidence | {"lr0": lr0, "lr1": lr1})]
+    decay = _decay_missing(t, expected, case)
     if decay:
-        return decay
-    if not close(r, 1.0, 0.002):
-        spread = float(np.ptp([x for x in ratios if np.isfinite(x)]))
-        if spread < 0.01 * abs(r):
-            return Diagnosis("learning_rate", f"the update is a uniform {r:.4g}× the reference's: the learning rate differs", evidence)
+        return [decay]
+    if not close(r, 1.0, 0.002) and float(np.ptp(ratios)) < 0.01 * abs(r):
+        return [Diagnosis("learning_rate", f"the update is a uniform {r:.4g}× the reference's: the learning rate differs", evidence)]
     eps = _eps_estimate(t, g, case)
-    if eps:
-        return eps
-    return None
-
+    return [eps] if eps else []
 
 
 def _fit_to_parameters(t, g, prefix: str, case) -> float | None:
@@ -89,6 +116,25 @@ def _fit_to_parameters(t, g, prefix: str, case) -> float | None:
         num += float((resid * p).sum())
         den += float((p * p).sum())
     return num / den if den else None
+
+
+def _per_tensor_clipping(m_keys, m_ratios, g, s) -> Diagnosis | None:
+    """Each tensor's moment ratio equals min(1, c/‖g_i‖) / min(1, c/‖g‖): clipped tensor by tensor."""
+    if s.clip_norm is None or not m_keys:
+        return None
+    grads = {k: f64(g.get("grad." + k.removeprefix("optimizer.m."), np.zeros(0))) for k in m_keys}
+    total = float(np.sqrt(sum((x * x).sum() for x in grads.values())))
+    if total == 0 or any(x.size == 0 for x in grads.values()):
+        return None
+    c = s.clip_norm
+    expected = [min(1.0, c / max(float(np.linalg.norm(x)), 1e-30)) / min(1.0, c / total) for x in grads.values()]
+    if len(set(np.round(expected, 3))) < 2:
+        return None  # indistinguishable from a uniform scale here
+    if all(np.isfinite(r) and spread < 0.02 * abs(r) and close(r, e, 0.01) for (r, spread), e in zip(m_ratios, expected)):
+        return Diagnosis("clipping_per_tensor", f"each tensor's moments are min(1, {c}/‖g_i‖) / min(1, {c}/‖g‖) × the reference's: "
+                         "every gradient tensor clipped on its own, not by the global norm",
+                         {"global_norm": total, "clip_norm": c, "ratios": {k.removeprefix("optimizer.m."): round(r, 4) for k, (r, _) in list(zip(m_keys, m_ratios))[:6]}})
+    return None
 
 
 def _decay_missing(t, g, case) -> Diagnosis | None:
@@ -112,9 +158,7 @@ def _coupled_decay(t, g, case) -> Diagnosis | None:
 
 
 def _lr0(case) -> float:
-    from ..torch_twin import lr_at
-
-    return lr_at(case.settings, 0)
+    return lr_at(case.settings.optimizer, case.settings.schedule, 0)
 
 
 def _eps_estimate(t, g, case) -> Diagnosis | None:
@@ -123,20 +167,36 @@ def _eps_estimate(t, g, case) -> Diagnosis | None:
     lr = _lr0(case)
     b1, b2 = o.betas
     c1, c2 = (1 - b1, np.sqrt(1 - b2)) if o.bias_correction else (1.0, 1.0)
-    estimates = []
+    estimates, inside = [], []
     for k in (k for k in g if k.startswith("optimizer.delta.") and k in t):
         name = k.removeprefix("optimizer.delta.")
         p = initial(case, name)
-        m, v = g.get(f"optimizer.m.{name}"), g.get(f"optimizer.v.{name}")
+        # the port's own moments where it reports them: the eps is solved from its update and its state
+        m, v = t.get(f"optimizer.m.{name}", g.get(f"optimizer.m.{name}")), t.get(f"optimizer.v.{name}", g.get(f"optimizer.v.{name}"))
         if p is None or m is None or v is None:
             continue
+        if np.shape(m) != np.shape(p) or np.shape(v) != np.shape(p) or np.shape(t[k]) != np.shape(p):
+            continue
         adam = -(f64(t[k]) + lr * o.weight_decay * f64(p)) / lr  # = m̂ / (√v̂ + eps)
-        mh, vh = f64(m) / c1, np.sqrt(f64(v)) / c2
-        ok = (np.abs(adam) > 1e-3) & (vh > 0)
-        estimates.append((mh[ok] / adam[ok] - vh[ok]))
-    if not estimates:
-        return None
-    est = float(np.median(np.concatenate(estimates)))
+        mh, vh = f64(m) / c1, np.sqrt(np.maximum(f64(v), 0)) / c2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # Δθ is a float32 difference of parameters: its rounding, carried into m̂/adam, must leave eps resolvable
+            sigma = np.abs(mh / adam**2) * (2.0**-23 * (np.abs(f64(p)) + np.abs(f64(t[k]))) / lr)
+            ok = (np.abs(adam) > 1e-3) & (vh > 0) & (sigma < 0.2 * o.eps)
+        estimates.append((mh[ok] / adam[ok] - vh[ok]))  # eps after the square root (AdamW)
+        inside.append((mh[ok] / adam[ok]) ** 2 - vh[ok] ** 2)  # eps under it: m̂ / sqrt(v̂ + eps)
+    after, under = (np.concatenate(x) if x else np.zeros(0) for x in (estimates, inside))
+    if after.size < 10:
+        return None  # no element where eps is resolvable above float32 rounding
+    est = float(np.median(after))
+    # The right placement gives the same eps at every element; the wrong one drifts with v̂.
+    sig = np.abs(after) > 0.1 * max(abs(est), o.eps)
+    if sig.sum() >= 10:
+        spread = {name: float(np.subtract(*np.quantile(x[sig], [0.75, 0.25])) / abs(np.median(x[sig]))) for name, x in (("after", after), ("under", under))}
+        eps_under = float(np.median(under[sig]))
+        if spread["under"] < 0.2 < spread["after"] and eps_under > 0:
+            return Diagnosis("adam_eps_placement", f"the update implies eps under the square root, m̂/sqrt(v̂ + {eps_under:.2g}): "
+                             f"AdamW adds eps = {o.eps:g} after it", {"eps_under_sqrt": eps_under, "relative_spread": spread, "configured_eps": o.eps})
     if est > 0 and abs(np.log10(est) - np.log10(o.eps)) > 0.3:
         return Diagnosis("adam_eps", f"the update implies AdamW eps ≈ {est:.2g}, not the configured {o.eps:g}", {"estimated_eps": est, "configured_eps": o.eps})
     return None

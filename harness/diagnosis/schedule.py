@@ -1,0 +1,78 @@
+"""isolated_schedule: N updates with the same given gradients, solved for the conventions that only
+show after the first update: the step the bias correction uses and the step the schedule is read at.
+
+With a constant gradient g, Adam's moments are closed-form: m_k = g(1−β1^k), v_k = g²(1−β2^k), so where
+|g| ≫ eps every convention's total update is sign(g)·Σ_k lr(k−1+offset)·f(k) with f the correction
+factor the convention applies. The port's update over the reference's picks out the pair that produced
+it; weight decay (lr·wd·θ per step, a small part) is not modelled, so matches are taken to 0.5 %.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reference.schedule import lr_at
+
+from .core import Diagnosis, f64
+
+CONVENTIONS = {
+    "t": "bias correction at the update's own step t",
+    "none": "no bias correction",
+    "t=1": "bias correction computed for t = 1 at every update",
+    "t+1": "bias correction for step t + 1 (the counter read after it grows)",
+}
+
+
+def _factor(bc: str, k: int, b1: float, b2: float) -> float:
+    """How much of sign(g) the k-th update (k = 1..N) applies under a bias-correction convention."""
+    raw = (1 - b1**k) / np.sqrt(1 - b2**k)  # m_k / sqrt(v_k) for |g| = 1
+    step = {"t": k, "t=1": 1, "t+1": k + 1}.get(bc)
+    return raw if step is None else raw * np.sqrt(1 - b2**step) / (1 - b1**step)
+
+
+def _total(case, bc: str, offset: int) -> float:
+    s, o = case.settings, case.settings.optimizer
+    return sum(lr_at(o, s.schedule, k - 1 + offset) * _factor(bc, k, *o.betas) for k in range(1, s.steps + 1))
+
+
+def schedule(result, out, case) -> Diagnosis | list[Diagnosis] | None:
+    s, o, g, t = case.settings, case.settings.optimizer, case.golden, out.tensors
+    names = [k.removeprefix("isolated.schedule.delta.") for k in g if k.startswith("isolated.schedule.delta.")]
+    shared = [n for n in names if f"isolated.schedule.delta.{n}" in t and f"grad.{n}" in g]
+    if not shared or not any(np.any(t[f"isolated.schedule.delta.{n}"]) for n in shared):
+        return None  # nothing moved: the one-update check names why
+    grads = {n: f64(g[f"grad.{n}"]) for n in shared}
+    if s.clip_norm is not None:  # the same clip factor every update
+        norm = float(np.sqrt(sum((x * x).sum() for x in grads.values())))
+        grads = {n: x * min(1.0, s.clip_norm / norm) if norm > 0 else x for n, x in grads.items()}
+    # where Adam's update is sign(g) whatever eps and wherever it enters (after the square root, or under it)
+    floor = max(1e4 * o.eps, 1e2 * np.sqrt(o.eps))
+    if sum(int((np.abs(x) > floor).sum()) for x in grads.values()) < 20:
+        floor = 1e4 * o.eps
+    port, ref = [], []
+    for n in shared:
+        big = np.abs(grads[n]) > floor
+        a, e = f64(t[f"isolated.schedule.delta.{n}"]), f64(g[f"isolated.schedule.delta.{n}"])
+        if a.shape == e.shape:
+            keep = big & (np.abs(e) > 0)
+            port.append(a[keep])
+            ref.append(e[keep])
+    if not port or not np.concatenate(port).size:
+        return None
+    r = float(np.median(np.concatenate(port) / np.concatenate(ref)))
+    own = ("t" if o.bias_correction else "none", 0)
+    base = _total(case, *own)
+    fits = sorted(((abs(_total(case, bc, off) / base - r), bc, off) for bc in CONVENTIONS for off in (0, 1)))
+    err, bc, off = fits[0]
+    evidence = {"update_ratio": round(r, 5), "steps": s.steps, "implied_bias_correction": CONVENTIONS[bc], "implied_schedule_offset": off}
+    if err > 0.005 * abs(r) or (bc, off) == own:
+        return None
+    found = []
+    if bc != own[0]:
+        code = "bias_correction" if {bc, own[0]} == {"t", "none"} else "bias_correction_step"
+        found.append(Diagnosis(code, f"over {s.steps} updates of the same gradient the port's update is {r:.4g}× the reference's: "
+                               f"{CONVENTIONS[bc]}, where the reference has {CONVENTIONS[own[0]]}", evidence))
+    if off:
+        found.append(Diagnosis("schedule_off_by_one", f"over {s.steps} updates the learning rates summed are those of steps 1..{s.steps}, "
+                               f"not 0..{s.steps - 1}: the schedule is read one step late", evidence))
+    return found
