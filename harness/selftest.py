@@ -122,7 +122,7 @@ def mutant_backends(protocol: bool) -> list[tuple[object, Backend, str]]:
     """(mutant, backend, via) for the cmd: protocol run of every mutant."""
     if not protocol:
         return []
-    from .backends.external import example_adapter_backend
+    from .protocol.client import example_adapter_backend
 
     return [(m, example_adapter_backend(m.name), "cmd") for m in MUTANTS.values()]
 

@@ -9,7 +9,7 @@ import pytest
 
 from harness.audit import audit
 from harness.backends import get_backend
-from harness.backends.external import ExternalBackend, example_adapter_backend
+from harness.protocol.client import ExternalBackend, example_adapter_backend
 from harness.stages import ALL_STAGES as STAGES
 
 from .conftest import CASES

@@ -7,7 +7,7 @@ import pytest
 
 from harness.audit import audit
 from harness.backends import get_backend
-from harness.backends.external import read_response
+from harness.protocol.client import read_response
 from harness.stages import ISOLATED_STAGES, StageOutput
 
 from .conftest import CASES

@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from harness.audit import audit
 from harness.backends.base import Backend
-from harness.backends.external import read_response
+from harness.protocol.client import read_response
 from harness.stages import ALL_STAGES as STAGES, PREFIX, StageOutput
 
 from .conftest import CASES

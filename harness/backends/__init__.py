@@ -20,9 +20,9 @@ def registry() -> dict[str, type[Backend]]:
 
 def get_backend(name: str, timeout: float | None = None, in_process: bool = False) -> Backend:
     """A backend by name. `in_process` asks for the extension backend itself rather than its
-    per-stage isolated form (what `harness.adapter` serves)."""
+    per-stage isolated form (what `harness.protocol.server` serves)."""
     if name.startswith("cmd:"):
-        from .external import DEFAULT_TIMEOUT_S, ExternalBackend
+        from ..protocol.client import DEFAULT_TIMEOUT_S, ExternalBackend
 
         command = name[4:].strip()
         if not command:
@@ -36,7 +36,7 @@ def get_backend(name: str, timeout: float | None = None, in_process: bool = Fals
             raise BackendError(f"unknown mutant {mutant!r}; known: {', '.join(MUTANTS)}")
         return MutantBackend(MUTANTS[mutant])
     if name == "mlx-rs" or name.startswith("mlx-rs:"):
-        from .external import DEFAULT_TIMEOUT_S
+        from ..protocol.client import DEFAULT_TIMEOUT_S
         from .mlx_rs import RUST_INJECTIONS, MlxRsBackend, MlxRsInProcess
 
         inject = name.split(":", 1)[1] if ":" in name else None

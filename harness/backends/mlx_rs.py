@@ -1,6 +1,6 @@
 """The mlx-rs port (`rust/`, the `parity_mlx_rs` extension) as a backend.
 
-`mlx-rs` runs each stage in its own process through `harness.adapter`, with the same time limit as a
+`mlx-rs` runs each stage in its own process through `harness.protocol.server`, with the same time limit as a
 `cmd:` port, so a crash in Rust code is that stage's finding, not the audit's end. `mlx-rs:INJECTION`
 runs the port with one of its built-in porting bugs switched on (the seed's four "before" failures).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import TrainerBackend, TrainerSession
-from .external import DEFAULT_TIMEOUT_S, ExternalBackend
+from ..protocol.client import DEFAULT_TIMEOUT_S, ExternalBackend
 
 # injection -> (stage that must catch it, expected diagnosis, fixtures that expose it)
 RUST_INJECTIONS = {
@@ -53,7 +53,7 @@ class MlxRsSession(TrainerSession):
 
 
 class MlxRsInProcess(TrainerBackend):
-    """The extension in this process (what `harness.adapter` serves to the isolated backend)."""
+    """The extension in this process (what `harness.protocol.server` serves to the isolated backend)."""
 
     def __init__(self, inject: str | None = None):
         self.inject = inject
@@ -83,7 +83,7 @@ class MlxRsBackend(ExternalBackend):
 
     def __init__(self, inject: str | None = None, timeout: float = DEFAULT_TIMEOUT_S):
         name = "mlx-rs" + (f":{inject}" if inject else "")
-        super().__init__(f"{shlex.quote(sys.executable)} -m harness.adapter {name}", timeout=timeout, name=name)
+        super().__init__(f"{shlex.quote(sys.executable)} -m harness.protocol.server {name}", timeout=timeout, name=name)
 
     def unavailable(self) -> str | None:
         return None if extension_built() else NOT_BUILT

@@ -1,6 +1,6 @@
 """Serve an in-process backend over the external-program protocol (docs/protocol.md).
 
-    python -m harness.adapter BACKEND REQUEST_DIR RESPONSE_DIR
+    python -m harness.protocol.server BACKEND REQUEST_DIR RESPONSE_DIR
 
 Used to run a backend in its own process, one stage at a time and with a time limit, exactly as a
 foreign port is run: the worked example adapter and the isolated mlx-rs extension go through it.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors.numpy import load_file
 
-from .tensorio import save_tensors
+from .tensors import save_tensors
 
 
 class Request:
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("request", type=Path)
     ap.add_argument("response", type=Path)
     args = ap.parse_args(argv)
-    from .backends import get_backend
+    from ..backends import get_backend
 
     serve(get_backend(args.backend, in_process=True), args.request, args.response)
     return 0

@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from .. import pieces
+from ..backends.base import Backend
 from ..stages import ISOLATED_STAGES, STAGES, StageOutput
-from ..tensorio import save_tensors
-from .base import Backend
+from .tensors import save_tensors
 
 PROTOCOL = "mlx-parity/1"
 DEFAULT_TIMEOUT_S = 300.0
