@@ -166,13 +166,14 @@ def run(protocol: bool = True, progress=None, extra: list | None = None) -> dict
 
 
 def rust_mutants() -> list:
-    """The mlx-rs port's injected failures, when the extension is built (issue: the Rust side)."""
-    from .backends.mlx_rs import RUST_INJECTIONS, MlxRsBackend
+    """The mlx-rs port's injected failures, through its Python extension and its Rust adapter binary (when built)."""
+    from .backends.mlx_rs import RUST_INJECTIONS, MlxRsBackend, MlxRsBinaryBackend
 
-    if MlxRsBackend().unavailable():
-        return []
-    return [(f"mlx-rs:{name}", MlxRsBackend(inject=name), "mlx-rs", stage, diag, fixtures)
-            for name, (stage, diag, fixtures) in RUST_INJECTIONS.items()]
+    out = []
+    for via, cls in (("mlx-rs", MlxRsBackend), ("mlx-rs-bin", MlxRsBinaryBackend)):
+        if cls().unavailable() is None:
+            out += [(f"{via}:{name}", cls(inject=name), via, stage, diag, fixtures) for name, (stage, diag, fixtures) in RUST_INJECTIONS.items()]
+    return out
 
 
 def count_jobs(protocol: bool, extra: list | None = None) -> int:

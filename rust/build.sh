@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the mlx-rs port (Python extension `parity_mlx_rs`) and install it into the project's .venv.
+# Build the mlx-rs port (Python extension `parity_mlx_rs`) and install it into the project's .venv,
+# and its protocol adapter binary (rust/target/release/parity-mlx-rs-adapter).
 #
 #   rust/build.sh            # from anywhere; PARITY_VENV overrides the venv (default <repo>/.venv)
 #
@@ -55,7 +56,13 @@ cd "$HERE/parity-mlx-rs"
 log "maturin develop --release (first build compiles mlx-c: a few minutes)"
 "$VENV/bin/python" -m maturin develop --release >&2
 
-# 5. Smoke: the extension loads next to mlx.core and shares its MLX.
+# 5. The same port as a protocol adapter binary on the parity-adapter kit (rust/target/release/).
+cd "$HERE"
+log "cargo build --release --bin parity-mlx-rs-adapter"
+cargo build --release --quiet -p parity-mlx-rs --features adapter --bin parity-mlx-rs-adapter
+"$HERE/target/release/parity-mlx-rs-adapter" 2>/dev/null && die "the adapter binary accepted no arguments"
+
+# 6. Smoke: the extension loads next to mlx.core and shares its MLX.
 "$VENV/bin/python" - <<'PY'
 import mlx.core as mx
 import parity_mlx_rs

@@ -169,7 +169,9 @@ def test_a_raising_diagnosis_rule_reports_itself(monkeypatch):
 @pytest.mark.parametrize("write, message", [
     (lambda d: (d / "loss.safetensors").write_bytes(b"\x00\x01garbage"), "unreadable"),
     (lambda d: (save_file({"loss.ce": np.zeros((), np.float32)}, str(d / "loss.safetensors")), (d / "loss.json").write_text("{nope")), "not JSON"),
-    (lambda d: (save_file({"loss.ce": np.zeros((), np.float32)}, str(d / "loss.safetensors")), (d / "loss.json").write_text("[1, 2]")), "not a JSON object"),
+    (lambda d: (save_file({"loss.ce": np.zeros((), np.float32)}, str(d / "loss.safetensors")), (d / "loss.json").write_text("[1, 2]")), "is not of type 'object'"),
+    (lambda d: (save_file({"loss.ce": np.zeros((), np.float32)}, str(d / "loss.safetensors")),
+                (d / "loss.json").write_text('{"load_report": {"missing": "lm_head.weight"}}')), "breaks the protocol's schema"),
     (lambda d: (d / "loss.safetensors").write_bytes(b"\x00" * 5000), "more than the"),
     (lambda d: None, "wrote no loss.safetensors"),
     (lambda d: (d / "loss.error").write_bytes(b"\xff\xfe panic in port"), "the port reported"),

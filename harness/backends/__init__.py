@@ -35,6 +35,14 @@ def get_backend(name: str, timeout: float | None = None, in_process: bool = Fals
         if mutant not in MUTANTS:
             raise BackendError(f"unknown mutant {mutant!r}; known: {', '.join(MUTANTS)}")
         return MutantBackend(MUTANTS[mutant])
+    if name == "mlx-rs-bin" or name.startswith("mlx-rs-bin:"):
+        from ..protocol.client import DEFAULT_TIMEOUT_S
+        from .mlx_rs import RUST_INJECTIONS, MlxRsBinaryBackend
+
+        inject = name.split(":", 1)[1] if ":" in name else None
+        if inject is not None and inject not in RUST_INJECTIONS:
+            raise BackendError(f"unknown mlx-rs injection {inject!r}; known: {', '.join(RUST_INJECTIONS)}")
+        return MlxRsBinaryBackend(inject, timeout or DEFAULT_TIMEOUT_S)
     if name == "mlx-rs" or name.startswith("mlx-rs:"):
         from ..protocol.client import DEFAULT_TIMEOUT_S
         from .mlx_rs import RUST_INJECTIONS, MlxRsBackend, MlxRsInProcess
@@ -50,10 +58,10 @@ def get_backend(name: str, timeout: float | None = None, in_process: bool = Fals
 
 
 def default_backends() -> list[Backend]:
-    """Every backend that can run here: mlx, torch, and mlx-rs when its extension is built."""
+    """Every backend that can run here: mlx, torch, and the mlx-rs port (through its Python extension
+    and through its Rust adapter binary) when built."""
     backends = [cls() for cls in registry().values()]
-    mlx_rs = get_backend("mlx-rs")
-    return backends + ([mlx_rs] if mlx_rs.unavailable() is None else [])
+    return backends + [b for b in (get_backend("mlx-rs"), get_backend("mlx-rs-bin")) if b.unavailable() is None]
 
 
 __all__ = ["Backend", "BackendError", "TrainerBackend", "get_backend", "default_backends", "registry"]

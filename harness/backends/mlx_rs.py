@@ -26,6 +26,7 @@ RUST_INJECTIONS = {
     "optimizer_disconnected": ("optimizer", "optimizer_not_connected", ("gqa_padded",)),
 }
 NOT_BUILT = "the mlx-rs extension (parity_mlx_rs) is not built: run `make rust`"
+ADAPTER_BINARY = Path(__file__).resolve().parents[2] / "rust" / "target" / "release" / "parity-mlx-rs-adapter"
 
 
 def extension_built() -> bool:
@@ -76,6 +77,18 @@ class MlxRsInProcess(TrainerBackend):
         import parity_mlx_rs
 
         return MlxRsSession(parity_mlx_rs.Trainer.from_checkpoint(str(path)), {})
+
+
+class MlxRsBinaryBackend(ExternalBackend):
+    """The port's own Rust adapter binary (rust/parity-mlx-rs/src/bin, on the parity-adapter kit):
+    the protocol exactly as a Rust port author runs it, no Python in the port's process."""
+
+    def __init__(self, inject: str | None = None, timeout: float = DEFAULT_TIMEOUT_S):
+        command = shlex.quote(str(ADAPTER_BINARY)) + (f" --inject {shlex.quote(inject)}" if inject else "")
+        super().__init__(command, timeout=timeout, name="mlx-rs-bin" + (f":{inject}" if inject else ""))
+
+    def unavailable(self) -> str | None:
+        return None if ADAPTER_BINARY.exists() else f"the mlx-rs adapter binary ({ADAPTER_BINARY.name}) is not built: run `make rust`"
 
 
 class MlxRsBackend(ExternalBackend):

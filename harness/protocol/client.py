@@ -23,6 +23,7 @@ from safetensors.numpy import load_file
 from .. import pieces
 from ..backends.base import Backend
 from ..stages import ISOLATED_STAGES, STAGES, StageOutput
+from .schemas import problems
 from .tensors import save_tensors
 
 PROTOCOL = "mlx-parity/1"
@@ -57,6 +58,9 @@ def set_stages(folder: Path, case, stages: list[str]) -> None:
         "settings": case.settings_dict,
         "isolated_inputs": ISOLATED_INPUTS if (folder / ISOLATED_INPUTS).exists() else None,
     }
+    wrong = problems("request", request)
+    if wrong:  # the harness's own request: a bug here, not the port's
+        raise ValueError(f"request.json breaks harness/protocol/schema/request.json {wrong[0]}")
     tmp = folder / "request.json.partial"
     tmp.write_text(json.dumps(request, indent=2))
     tmp.replace(folder / "request.json")
@@ -93,8 +97,9 @@ def read_response(folder: Path, stage: str, limit: int | None = None) -> StageOu
             meta = json.loads(m.read_text(errors="replace"))
         except json.JSONDecodeError as e:
             return StageOutput(error=f"the port's {m.name} is not JSON: {e}")
-        if not isinstance(meta, dict):
-            return StageOutput(error=f"the port's {m.name} is not a JSON object")
+        wrong = problems("stage-meta", meta)
+        if wrong:
+            return StageOutput(error=f"the port's {m.name} breaks the protocol's schema (harness/protocol/schema/stage-meta.json) {wrong[0]}")
     return StageOutput({k: np.asarray(v) for k, v in tensors.items()}, meta)
 
 

@@ -11,6 +11,7 @@ pub mod settings;
 pub mod trainer;
 pub mod weights;
 
+#[cfg(feature = "python")]
 mod python;
 
 pub use trainer::Trainer;

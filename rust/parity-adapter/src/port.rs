@@ -1,0 +1,87 @@
+//! What a port implements. Names are the checkpoint's (Hugging Face) parameter names everywhere.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Batch, Error, RequestFolder, Result, Tensor, Tensors};
+
+/// What loading did, in checkpoint names. `missing`: parameters of the port's model that no checkpoint
+/// tensor filled (a parameter the checkpoint has no name for, such as a bias it lacks, goes here under
+/// the name the port would give it); `unexpected`: checkpoint keys the port did not use; `mismatched`:
+/// `"<name>: checkpoint [a, b] vs model [c, d]"`, one per shape disagreement; `ignored`: checkpoint keys
+/// skipped on purpose (buffers such as `rotary_emb.inv_freq`), not a problem. Empty lists when all is well.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub missing: Vec<String>,
+    pub unexpected: Vec<String>,
+    pub mismatched: Vec<String>,
+    pub ignored: Vec<String>,
+}
+
+/// The loss of one batch: the cross-entropy over real next-token targets, the distrust term, and
+/// `total = ce + lambda · distrust`. Under accumulation, the mean over the micro-batches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Loss {
+    pub ce: f32,
+    pub distrust: f32,
+    pub total: f32,
+}
+
+/// AdamW's state after the updates so far, for the trainable parameters: first and second moments
+/// (checkpoint names) and the number of updates applied.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OptimizerState {
+    pub step: i64,
+    pub m: Tensors,
+    pub v: Tensors,
+}
+
+fn unsupported<T>(what: &str) -> Result<T> {
+    Err(Error::Unsupported(format!("this port does not implement {what}")))
+}
+
+/// A loaded model and its trainer. Each stage starts from a fresh `load` (or a `resume`), so a port
+/// must be deterministic from the request alone: seed whatever it initialises.
+pub trait Port: Sized {
+    /// Load the request's checkpoint and settings (and LoRA adapters, when `lora_init` is given).
+    /// Never strict: a key that does not map goes in the load report, and the stages still run.
+    fn load(request: &RequestFolder) -> Result<Self>;
+    /// A fresh port from a folder `save` wrote: parameters, optimizer state and step exactly restored.
+    fn resume(request: &RequestFolder, dir: &Path) -> Result<Self>;
+    fn load_report(&self) -> LoadReport;
+    /// Every parameter of the model (trainable or not), float32, by checkpoint name. A port with tied
+    /// embeddings has no `lm_head.weight`; LoRA adapters are `<module>.lora_a` [in, r] and `.lora_b` [r, out].
+    fn parameters(&self) -> Result<Tensors>;
+    /// The parameters the optimizer updates (all, the head, or the adapters, as `settings.trainable` says).
+    fn trainable_names(&self) -> Vec<String>;
+    /// Logits [B, T, V] and the residual stream after each decoder layer [B, T, hidden].
+    fn forward(&mut self, input_ids: &Tensor) -> Result<(Tensor, Vec<Tensor>)>;
+    /// The next-token targets and their mask, int32 and float32 [B, T−1]: `input_ids[:, 1:]` and
+    /// `attention_mask[:, 1:]` in the reference. A port that does not shift returns what it trains on.
+    fn shifted(&mut self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<(Tensor, Tensor)>;
+    fn loss(&mut self, batch: &Batch) -> Result<Loss>;
+    /// The loss and the gradient of `total` for every trainable parameter, on the whole batch
+    /// (micro-batches averaged when `accum_steps` > 1), before clipping.
+    fn gradients(&mut self, batch: &Batch) -> Result<(Loss, Tensors)>;
+    /// One update: the batch split in order into `accum_steps` micro-batches, gradients averaged,
+    /// clipped when `clip_norm` is set, one AdamW step at the schedule's current learning rate.
+    fn step(&mut self, batch: &Batch) -> Result<Loss>;
+    fn optimizer_state(&self) -> Result<OptimizerState>;
+    /// Everything `resume` needs, into `dir`: a path in a scratch folder that does not exist yet.
+    fn save(&self, dir: &Path) -> Result<()>;
+
+    /// Optional: every piece of the forward from the given values of its inputs (docs/protocol.md,
+    /// "The forward's pieces"). `given` holds the reference's pieces without the `isolated.forward.` prefix.
+    fn pieces(&mut self, _input_ids: &Tensor, _given: &Tensors) -> Result<Tensors> {
+        unsupported("the forward's pieces")
+    }
+    /// Optional: the loss of given logits [B, T, V] on the batch.
+    fn loss_from_logits(&mut self, _logits: &Tensor, _batch: &Batch) -> Result<Loss> {
+        unsupported("the loss of given logits")
+    }
+    /// Optional: one update with given gradients (clip, then AdamW at the current step; no accumulation).
+    fn update_from_gradients(&mut self, _grads: &Tensors) -> Result<()> {
+        unsupported("an update from given gradients")
+    }
+}

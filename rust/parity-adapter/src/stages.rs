@@ -1,0 +1,184 @@
+//! Every stage's outputs from a `Port`, named as the harness compares them (harness/stages.py is the
+//! same orchestration in Python; docs/protocol.md lists every name and shape).
+
+use std::path::PathBuf;
+
+use crate::{Batch, Error, Loss, Port, RequestFolder, Result, Tensor, Tensors};
+
+pub const STAGES: [&str; 8] = ["weight_mapping", "forward", "shifted_slices", "loss", "gradients", "optimizer", "trajectory", "checkpoint"];
+pub const ISOLATED_STAGES: [&str; 4] = ["isolated_forward", "isolated_loss", "isolated_optimizer", "isolated_schedule"];
+/// Stages that leave the port unchanged share one load; the others each start from a fresh one.
+const READ_ONLY: [&str; 7] = ["weight_mapping", "forward", "shifted_slices", "loss", "gradients", "isolated_forward", "isolated_loss"];
+
+/// One stage's answer: its tensors, and metadata (the load report) where the stage has any.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Output {
+    pub tensors: Tensors,
+    pub meta: Option<serde_json::Value>,
+}
+
+fn loss_tensors(prefix: &str, l: Loss) -> Tensors {
+    [("ce", l.ce), ("distrust", l.distrust), ("total", l.total)]
+        .into_iter()
+        .map(|(k, x)| (format!("{prefix}.{k}"), Tensor::scalar(x)))
+        .collect()
+}
+
+fn trainable<P: Port>(p: &P) -> Result<Tensors> {
+    let names = p.trainable_names();
+    let mut all = p.parameters()?;
+    names.iter().map(|n| all.remove(n).map(|t| (n.clone(), t)).ok_or_else(|| Error::failed(format!("trainable {n} is not a parameter")))).collect()
+}
+
+fn deltas<P: Port>(p: &P, before: &Tensors, prefix: &str) -> Result<Tensors> {
+    let after = p.parameters()?;
+    before
+        .iter()
+        .map(|(k, b)| {
+            let a = after.get(k).ok_or_else(|| Error::failed(format!("{k} is gone after the update")))?;
+            Ok((format!("{prefix}.delta.{k}"), a.minus(b)?))
+        })
+        .collect()
+}
+
+fn state<P: Port>(p: &P, prefix: &str, out: &mut Tensors) -> Result<()> {
+    let s = p.optimizer_state()?;
+    out.extend(s.m.into_iter().map(|(k, t)| (format!("{prefix}.m.{k}"), t)));
+    out.extend(s.v.into_iter().map(|(k, t)| (format!("{prefix}.v.{k}"), t)));
+    out.insert(format!("{prefix}.step"), Tensor::i64(vec![], vec![s.step])?);
+    Ok(())
+}
+
+/// `steps` updates: the change of every trainable parameter since `initial`, and the losses.
+fn run<P: Port>(p: &mut P, batch: &Batch, steps: usize, initial: &Tensors, prefix: &str) -> Result<(Tensors, Vec<f32>)> {
+    let losses = (0..steps).map(|_| p.step(batch).map(|l| l.total)).collect::<Result<Vec<_>>>()?;
+    Ok((deltas(p, initial, prefix)?, losses))
+}
+
+fn losses(name: &str, values: Vec<f32>) -> Result<(String, Tensor)> {
+    Ok((name.to_string(), Tensor::f32(vec![values.len()], values)?))
+}
+
+fn given_gradients<P: Port>(p: &P, inputs: &Tensors) -> Tensors {
+    let names = p.trainable_names();
+    inputs.iter().filter_map(|(k, t)| k.strip_prefix("grad.").filter(|n| names.iter().any(|m| m == n)).map(|n| (n.to_string(), t.clone()))).collect()
+}
+
+/// A scratch folder for the checkpoint stage, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Self> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!("parity-adapter-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0); // best effort: a temp folder left behind is harmless
+    }
+}
+
+/// Run one stage. `shared` holds the load the read-only stages share (opened on first use).
+pub fn run_stage<P: Port>(req: &RequestFolder, stage: &str, shared: &mut Option<P>) -> Result<Output> {
+    let batch = req.batch()?;
+    let mut out = Tensors::new();
+    if READ_ONLY.contains(&stage) && shared.is_none() {
+        *shared = Some(P::load(req)?);
+    }
+    match stage {
+        "weight_mapping" => {
+            let p = shared.as_ref().expect("opened above");
+            out.extend(p.parameters()?.into_iter().map(|(k, t)| (format!("weights.{k}"), t)));
+            return Ok(Output { tensors: out, meta: Some(serde_json::json!({ "load_report": p.load_report() })) });
+        }
+        "forward" => {
+            let (logits, hidden) = shared.as_mut().expect("opened above").forward(&batch.input_ids)?;
+            out.insert("forward.logits".into(), logits);
+            out.extend(hidden.into_iter().enumerate().map(|(i, h)| (format!("forward.hidden.{i}"), h)));
+        }
+        "shifted_slices" => {
+            let (targets, mask) = shared.as_mut().expect("opened above").shifted(&batch.input_ids, &batch.attention_mask)?;
+            out.insert("shifted.targets".into(), targets);
+            out.insert("shifted.mask".into(), mask);
+        }
+        "loss" => out = loss_tensors("loss", shared.as_mut().expect("opened above").loss(&batch)?),
+        "gradients" => {
+            let (_, grads) = shared.as_mut().expect("opened above").gradients(&batch)?;
+            out.extend(grads.into_iter().map(|(k, t)| (format!("grad.{k}"), t)));
+        }
+        "optimizer" => {
+            let mut p = P::load(req)?;
+            let before = trainable(&p)?;
+            let l = p.step(&batch)?;
+            out = deltas(&p, &before, "optimizer")?;
+            state(&p, "optimizer", &mut out)?;
+            out.insert("optimizer.loss".into(), Tensor::scalar(l.total));
+        }
+        "trajectory" => {
+            let mut p = P::load(req)?;
+            let initial = trainable(&p)?;
+            let (d, l) = run(&mut p, &batch, req.steps()?, &initial, "trajectory")?;
+            out = d;
+            out.extend([losses("trajectory.loss", l)?]);
+        }
+        "checkpoint" => {
+            let (n, k) = (req.steps()?, req.checkpoint_at()?);
+            if k > n {
+                return Err(Error::failed(format!("checkpoint_at {k} is after the last update {n}")));
+            }
+            let mut p = P::load(req)?;
+            let initial = trainable(&p)?;
+            let mut all = (0..k).map(|_| p.step(&batch).map(|l| l.total)).collect::<Result<Vec<_>>>()?;
+            let scratch = Scratch::new()?;
+            let saved = scratch.0.join("checkpoint");
+            p.save(&saved)?;
+            drop(p);
+            let mut resumed = P::resume(req, &saved)?;
+            let (d, rest) = run(&mut resumed, &batch, n - k, &initial, "checkpoint")?;
+            all.extend(rest);
+            out = d;
+            out.extend([losses("checkpoint.loss", all)?]);
+            let mut fresh = P::load(req)?;
+            let initial = trainable(&fresh)?;
+            let (d, l) = run(&mut fresh, &batch, n, &initial, "checkpoint.uninterrupted")?;
+            out.extend(d);
+            out.extend([losses("checkpoint.uninterrupted.loss", l)?]);
+        }
+        "isolated_forward" => {
+            let given: Tensors = req.isolated_inputs()?.into_iter()
+                .filter_map(|(k, t)| k.strip_prefix("isolated.forward.").map(|n| (n.to_string(), t)))
+                .collect();
+            let pieces = shared.as_mut().expect("opened above").pieces(&batch.input_ids, &given)?;
+            out.extend(pieces.into_iter().map(|(k, t)| (format!("isolated.forward.{k}"), t)));
+        }
+        "isolated_loss" => {
+            let inputs = req.isolated_inputs()?;
+            let logits = inputs.get("forward.logits").ok_or_else(|| Error::failed("isolated_inputs has no forward.logits"))?;
+            out = loss_tensors("isolated.loss", shared.as_mut().expect("opened above").loss_from_logits(logits, &batch)?);
+        }
+        "isolated_optimizer" => {
+            let mut p = P::load(req)?;
+            let before = trainable(&p)?;
+            let grads = given_gradients(&p, &req.isolated_inputs()?);
+            p.update_from_gradients(&grads)?;
+            out = deltas(&p, &before, "isolated.optimizer")?;
+            state(&p, "isolated.optimizer", &mut out)?;
+        }
+        "isolated_schedule" => {
+            let mut p = P::load(req)?;
+            let before = trainable(&p)?;
+            let grads = given_gradients(&p, &req.isolated_inputs()?);
+            for _ in 0..req.steps()? {
+                p.update_from_gradients(&grads)?;
+            }
+            out = deltas(&p, &before, "isolated.schedule")?;
+            out.insert("isolated.schedule.step".into(), Tensor::i64(vec![], vec![p.optimizer_state()?.step])?);
+        }
+        other => return Err(Error::Unsupported(format!("unknown stage {other:?}"))),
+    }
+    Ok(Output { tensors: out, meta: None })
+}

@@ -1,0 +1,59 @@
+//! A toy port for the kit's tests: one parameter vector, a fixed update, nothing of a real model.
+
+use std::path::Path;
+
+use parity_adapter::*;
+
+/// θ ← θ − lr·(step + 1); the loss is the sum of θ. Deterministic, so resume must equal the uninterrupted run.
+pub struct Toy {
+    pub theta: Vec<f32>,
+    pub step: i64,
+}
+
+impl Port for Toy {
+    fn load(_: &RequestFolder) -> Result<Self> {
+        Ok(Toy { theta: vec![1.0, 2.0, 3.0], step: 0 })
+    }
+    fn resume(_: &RequestFolder, dir: &Path) -> Result<Self> {
+        let t = read_tensors(&dir.join("state.safetensors"))?;
+        Ok(Toy { theta: t["theta"].to_f32(), step: t["step"].to_f32()[0] as i64 })
+    }
+    fn load_report(&self) -> LoadReport {
+        LoadReport { missing: vec!["model.extra.bias".into()], ..Default::default() }
+    }
+    fn parameters(&self) -> Result<Tensors> {
+        Ok([("theta".to_string(), Tensor::f32(vec![3], self.theta.clone())?)].into())
+    }
+    fn trainable_names(&self) -> Vec<String> {
+        vec!["theta".into()]
+    }
+    fn forward(&mut self, ids: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        Ok((Tensor::f32(ids.shape.clone(), vec![0.5; ids.len()])?, vec![]))
+    }
+    fn shifted(&mut self, ids: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((ids.clone(), Tensor::f32(mask.shape.clone(), mask.to_f32())?))
+    }
+    fn loss(&mut self, _: &Batch) -> Result<Loss> {
+        let s = self.theta.iter().sum();
+        Ok(Loss { ce: s, distrust: 0.0, total: s })
+    }
+    fn gradients(&mut self, b: &Batch) -> Result<(Loss, Tensors)> {
+        Ok((self.loss(b)?, [("theta".to_string(), Tensor::f32(vec![3], vec![1.0; 3])?)].into()))
+    }
+    fn step(&mut self, b: &Batch) -> Result<Loss> {
+        let l = self.loss(b)?;
+        self.step += 1;
+        let lr = 0.1 * self.step as f32;
+        self.theta.iter_mut().for_each(|x| *x -= lr);
+        Ok(l)
+    }
+    fn optimizer_state(&self) -> Result<OptimizerState> {
+        Ok(OptimizerState { step: self.step, ..Default::default() })
+    }
+    fn save(&self, dir: &Path) -> Result<()> {
+        assert!(!dir.exists(), "the kit hands save a fresh path");
+        std::fs::create_dir_all(dir)?;
+        let t: Tensors = [("theta".to_string(), Tensor::f32(vec![3], self.theta.clone())?), ("step".to_string(), Tensor::i64(vec![], vec![self.step])?)].into();
+        write_tensors(&dir.join("state.safetensors"), &t)
+    }
+}
