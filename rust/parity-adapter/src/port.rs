@@ -61,8 +61,8 @@ pub trait Port: Sized {
     /// `attention_mask[:, 1:]` in the reference. A port that does not shift returns what it trains on.
     fn shifted(&mut self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<(Tensor, Tensor)>;
     fn loss(&mut self, batch: &Batch) -> Result<Loss>;
-    /// The loss and the gradient of `total` for every trainable parameter, on the whole batch
-    /// (micro-batches averaged when `accum_steps` > 1), before clipping.
+    /// The loss and the gradient of `total` for every trainable parameter: the whole batch in one pass
+    /// (no accumulation, no clipping, no update).
     fn gradients(&mut self, batch: &Batch) -> Result<(Loss, Tensors)>;
     /// One update: the batch split in order into `accum_steps` micro-batches, gradients averaged,
     /// clipped when `clip_norm` is set, one AdamW step at the schedule's current learning rate.
