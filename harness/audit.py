@@ -11,6 +11,7 @@ from .backends import Backend
 from .case import Case
 from .compare import TensorResult, compare
 from .diagnosis import Diagnosis, diagnose
+from .findings import analyse
 from .stages import ALL_STAGES, ISOLATED_STAGES, PREFIX, StageOutput
 from .truth import needs_truth
 from .tolerances import EXACT, RESUME_SELF_CONSISTENCY, Tolerance, TruthBound, stage_rms, tolerance
@@ -86,8 +87,6 @@ class AuditResult:
 
     def findings(self):
         """(distinct findings, inherited failures): harness/findings.py."""
-        from .findings import analyse
-
         return analyse(self.stages)
 
     def to_dict(self) -> dict:

@@ -262,6 +262,30 @@ def load_with_prefix(model, path, strict):
     return LoadReport()
 
 
+def load_swapped(model, path, strict):
+    """gate_proj and up_proj exchanged in the key map: each loads the other's checkpoint tensor."""
+    swap = {"gate_proj": "up_proj", "up_proj": "gate_proj"}
+    tensors = read_checkpoint(path)
+    renamed = {}
+    for k, v in tensors.items():
+        parts = k.split(".")
+        renamed[".".join(swap.get(p, p) for p in parts)] = v
+    params = dict(tree_flatten(model.parameters()))
+    loaded, _ = match(params, renamed, model.config)
+    model.update(tree_unflatten(list(loaded.items())))
+    return LoadReport()
+
+
+def rope_offset_one(model) -> None:
+    """RoPE applied at positions 1..T instead of 0..T-1 (an offset meant for a KV cache, left on)."""
+    import mlx.nn as nn
+
+    for layer in model.model.layers:
+        a = layer.self_attn
+        rope = nn.RoPE(a.head_dim, traditional=False, base=model.config.rope_theta)
+        a.rope = lambda x, rope=rope: rope(x, offset=1)
+
+
 def load_silently(model, path, strict):
     load_weights(model, path, strict=False)
     return LoadReport()
@@ -304,6 +328,10 @@ MUTANTS = {m.name: m for m in [
            "gqa_head_mapping", model_hook=_attention_class(_TiledAttention)),
     Mutant("rope_traditional", "RoPE on interleaved pairs (traditional) instead of rotated halves", "forward", ("gqa_padded",),
            "rope_pairing", model_hook=traditional_rope),
+    Mutant("rope_offset", "RoPE rotates position t as t + 1", "forward", ("gqa_padded", "gqa_single"), "rope_position",
+           model_hook=rope_offset_one),
+    Mutant("gate_up_swapped_keys", "gate_proj and up_proj load each other's checkpoint tensors", "weight_mapping",
+           ("gqa_padded", "head"), "key_mapping", loader=load_swapped),
     Mutant("attention_scale_wrong", "attention logits scaled by 1/head_dim instead of 1/sqrt(head_dim)", "forward",
            ("gqa_padded", "mha_sharded"), "attention_scale", model_hook=_attention_class(_ScaleOverD)),
     Mutant("causal_mask_flipped", "the causal mask points the wrong way: each token attends to the ones after it", "forward",

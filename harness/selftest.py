@@ -30,6 +30,7 @@ COMBINATIONS = [
     ("clip_accum_warmup", ("no_shift", "schedule_off_by_one")),
     ("clip_accum_warmup", ("clipping_per_tensor", "adam_eps_inside_sqrt", "bias_correction_frozen")),
     ("head", ("distrust_lambda_one", "mlp_gelu", "forward_only")),
+    ("head", ("gate_up_swapped_keys", "rope_offset", "distrust_lambda_one")),
     ("gqa_padded", ("attention_scale_wrong", "causal_mask_flipped", "rope_traditional", "gqa_tiled_heads", "mlp_gelu", "adam_eps_mismatch")),
 ]
 # DESIGN.md's list ("Porting bugs the harness must catch and name"), number -> mutant.
