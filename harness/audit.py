@@ -103,8 +103,13 @@ def _group(actual: dict, a_prefix: str, case: Case, e_prefix: str, tol: Toleranc
     golden, truth = (case.golden, case.truth) if expected is None else (expected, {})
     exp = {k[len(e_prefix):]: v for k, v in golden.items() if k.startswith(e_prefix)}
     act = {k[len(a_prefix):]: v for k, v in actual.items() if k.startswith(a_prefix)}
-    rms = stage_rms((golden[e_prefix + k], truth[f"truth.{e_prefix}{k}"], mask_for(e_prefix + k))
-                    for k in exp if f"truth.{e_prefix}{k}" in truth)
+    judged = [k for k in exp if f"truth.{e_prefix}{k}" in truth]
+    rms = stage_rms((golden[e_prefix + k], truth[f"truth.{e_prefix}{k}"], mask_for(e_prefix + k)) for k in judged)
+    # The forward's pieces: one kind (every layer's `output`, every layer's `q`) is one computation, and a
+    # whole layer rounds far more than one softmax: each kind's noise is at least its own rms over the layers.
+    kind = pieces.piece_of if e_prefix == pieces.PREFIX else (lambda k: "")
+    kind_rms = {g: max(rms, stage_rms((golden[e_prefix + k], truth[f"truth.{e_prefix}{k}"], mask_for(e_prefix + k))
+                                      for k in judged if kind(k) == g)) for g in {kind(k) for k in judged}}
     params = case.initial_weights if truth and any(".delta." in e_prefix + k for k in exp) else {}
     # Δθ over N updates carries the rounding of θ at every update (decay, then the step)
     updates = case.settings.steps if e_prefix.startswith(("trajectory.", "isolated.schedule.")) else 1
@@ -120,7 +125,7 @@ def _group(actual: dict, a_prefix: str, case: Case, e_prefix: str, tol: Toleranc
             if theta is not None:  # θ before and after: the larger sets the precision Δθ can have
                 theta = updates * np.maximum(np.abs(theta), np.abs(theta + t))
             results.append(compare(a_prefix + k, act.get(k), e, tol, truth=t, sensitivity=truth.get(f"sens.{full}"),
-                                   stage_rms=rms, mask=mask_for(full), param=theta))
+                                   stage_rms=kind_rms.get(kind(k), rms), mask=mask_for(full), param=theta))
     for k in sorted(set(act) - set(exp)):
         results.append(TensorResult(a_prefix + k, False, problem="not expected: the reference has no such tensor", tolerance=tol.describe()))
     return results

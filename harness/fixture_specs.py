@@ -32,7 +32,8 @@ class FixtureSpec:
     max_shard_size: str | None = None  # sharded checkpoint when set
     embed_scale: float = 1.0  # shrink embeddings so RMSNorm's eps matters
     rotary_buffer: bool = False  # add an old-style rotary_emb.inv_freq key, which loading must ignore
-    config_layout: str = "transformers5"  # or "transformers4": rope_theta at the top level, no rope_parameters
+    config_layout: str = "transformers5"  # or "transformers4": rope_theta (and rope_scaling) at the top level
+    model_type: str = "llama"  # the family transformers builds the checkpoint with: llama, mistral, qwen2
 
     def model_config(self) -> dict:
         return {**BASE_MODEL, **self.model}
@@ -104,5 +105,24 @@ SPECS = [
         ["optimizer_state_lost_on_resume", "schedule_off_by_one", "bias_correction"],
         seed=8, settings=dict(steps=8, checkpoint_at=5,
                               schedule=dict(kind="warmup_cosine", warmup_steps=3, warmup_init=1e-4, decay_steps=5, end_lr=0.0)),
+    ),
+    # Model families: each small (B=2), each checked against transformers' own class for its model_type.
+    FixtureSpec(
+        "llama3_rope", "Llama 3.x RoPE scaling (llama3: factor 8, low 1, high 4, original context 128, so the four frequencies "
+        "fall in all three bands), config in the transformers 4 layout (rope_scaling at the top level)",
+        ["rope_scaling_ignored", "config_layout", "rope_position"],
+        seed=11, model=dict(rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                                                 high_freq_factor=4.0, original_max_position_embeddings=128), max_position_embeddings=256),
+        batch_size=2, pad=(0, 3), config_layout="transformers4",
+    ),
+    FixtureSpec(
+        "qwen2", "Qwen2: biases on q/k/v but not on o_proj, rope_theta 1e6, untied head",
+        ["bias_ignored", "o_proj_bias_added", "rope_theta_hardcoded"],
+        seed=12, model_type="qwen2", model=dict(rope_theta=1e6, rms_norm_eps=1e-6), batch_size=2, pad=(0, 5),
+    ),
+    FixtureSpec(
+        "mistral", "Mistral (model_type mistral, no sliding window), rope_theta 1e6, 4 query heads on 1 kv head",
+        ["model_type", "gqa_head_mapping", "rope_theta_hardcoded"],
+        seed=13, model_type="mistral", model=dict(rope_theta=1e6, num_key_value_heads=1, sliding_window=None), batch_size=2, pad=(0, 2),
     ),
 ]

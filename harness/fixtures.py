@@ -67,20 +67,24 @@ def _initial_weights(model, spec: FixtureSpec) -> None:
 def build_inputs(spec: FixtureSpec, out: Path) -> None:
     """The checkpoint (transformers' save_pretrained), batch, settings and adapters of one fixture."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
 
-    model = LlamaForCausalLM(LlamaConfig(**spec.model_config())).float()
+    cfg = dict(spec.model_config())
+    rope = cfg.pop("rope_parameters", None) or {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
+    cfg.pop("rope_theta")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.model_type, rope_parameters=rope, **cfg)).float()
     _initial_weights(model, spec)
     kwargs = {"max_shard_size": spec.max_shard_size} if spec.max_shard_size else {}
     model.save_pretrained(out / "checkpoint", **kwargs)
     if spec.config_layout == "transformers4":  # rope settings at the top level, as transformers 4 wrote them
         f = out / "checkpoint" / "config.json"
         cfg = json.loads(f.read_text())
-        cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
-        cfg["rope_scaling"] = None
+        rope = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = rope.pop("rope_theta")
+        cfg["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
         f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if spec.rotary_buffer:
         from safetensors.torch import load_file, save_file as save_torch

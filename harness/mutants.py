@@ -278,12 +278,9 @@ def load_swapped(model, path, strict):
 
 def rope_offset_one(model) -> None:
     """RoPE applied at positions 1..T instead of 0..T-1 (an offset meant for a KV cache, left on)."""
-    import mlx.nn as nn
-
     for layer in model.model.layers:
         a = layer.self_attn
-        rope = nn.RoPE(a.head_dim, traditional=False, base=model.config.rope_theta)
-        a.rope = lambda x, rope=rope: rope(x, offset=1)
+        a.rope = lambda x, rope=a.rope: rope(x, offset=1)
 
 
 def load_silently(model, path, strict):
@@ -328,7 +325,10 @@ MUTANTS = {m.name: m for m in [
            "gqa_head_mapping", model_hook=_attention_class(_TiledAttention)),
     Mutant("rope_traditional", "RoPE on interleaved pairs (traditional) instead of rotated halves", "forward", ("gqa_padded",),
            "rope_pairing", model_hook=traditional_rope),
-    Mutant("rope_offset", "RoPE rotates position t as t + 1", "forward", ("gqa_padded", "gqa_single"), "rope_position",
+    Mutant("rope_scaling_ignored", "the config's RoPE scaling (Llama 3's llama3 type) ignored: plain rope_theta frequencies",
+           "forward", ("llama3_rope",), "rope_scaling", config=lambda c: dataclasses.replace(c, rope_type="default", rope_scaling=())),
+    Mutant("rope_offset", "RoPE rotates position t as t + 1: invisible end to end (q·kᵀ depends on the difference of positions), "
+           "a break of the protocol's contract that only the forward's pieces show", "isolated_forward", ("gqa_padded", "gqa_single"), "rope_position",
            model_hook=rope_offset_one),
     Mutant("gate_up_swapped_keys", "gate_proj and up_proj load each other's checkpoint tensors", "weight_mapping",
            ("gqa_padded", "head"), "key_mapping", loader=load_swapped),

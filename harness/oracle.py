@@ -1,4 +1,5 @@
-"""Hugging Face transformers' LlamaForCausalLM as a third, trusted forward oracle."""
+"""Hugging Face transformers' own model class for the checkpoint's model_type (LlamaForCausalLM,
+MistralForCausalLM, Qwen2ForCausalLM) as a third, trusted forward oracle."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from .tolerances import stage_rms, tolerance
 def transformers_forward(checkpoint: Path, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Logits and the residual stream after layers 0..L-2 (transformers' last hidden state is normed)."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
 
-    model = LlamaForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager", dtype=torch.float32)
     model.eval()
     with torch.no_grad():
         out = model(torch.as_tensor(np.asarray(input_ids, dtype=np.int64)), output_hidden_states=True)

@@ -72,6 +72,24 @@ class Proj(torch.nn.Module):
         return y
 
 
+def scaled_inv_freq(inv: torch.Tensor, c: ModelConfig) -> torch.Tensor:
+    """The config's RoPE scaling applied to the plain frequencies (written from transformers' rope init
+    functions, apart from the reference's numpy version)."""
+    p = dict(c.rope_scaling)
+    if c.rope_type == "linear":
+        return inv / p["factor"]
+    if c.rope_type != "llama3":
+        return inv
+    old_ctx = p["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / p["low_freq_factor"], old_ctx / p["high_freq_factor"]
+    wavelen = 2 * math.pi / inv
+    out = torch.where(wavelen > low_wavelen, inv / p["factor"], inv)
+    smooth = (old_ctx / wavelen - p["low_freq_factor"]) / (p["high_freq_factor"] - p["low_freq_factor"])
+    smoothed = (1 - smooth) * out / p["factor"] + smooth * out
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, out)
+
+
 def rotate_half(x):
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
@@ -83,10 +101,10 @@ class Block(torch.nn.Module):
         self.c = c
         hd = c.head_dim
         self.attn = torch.nn.Module()
-        self.attn.wq = Proj(c.hidden_size, c.num_attention_heads * hd, c.attention_bias)
-        self.attn.wk = Proj(c.hidden_size, c.num_key_value_heads * hd, c.attention_bias)
-        self.attn.wv = Proj(c.hidden_size, c.num_key_value_heads * hd, c.attention_bias)
-        self.attn.wo = Proj(c.num_attention_heads * hd, c.hidden_size, c.attention_bias)
+        self.attn.wq = Proj(c.hidden_size, c.num_attention_heads * hd, c.qkv_bias)
+        self.attn.wk = Proj(c.hidden_size, c.num_key_value_heads * hd, c.qkv_bias)
+        self.attn.wv = Proj(c.hidden_size, c.num_key_value_heads * hd, c.qkv_bias)
+        self.attn.wo = Proj(c.num_attention_heads * hd, c.hidden_size, c.o_bias)
         self.ffn = torch.nn.Module()
         self.ffn.w_gate = Proj(c.hidden_size, c.intermediate_size, c.mlp_bias)
         self.ffn.w_up = Proj(c.hidden_size, c.intermediate_size, c.mlp_bias)
@@ -151,7 +169,7 @@ class TwinLlama(torch.nn.Module):
 
     def rope(self, T: int):
         d, dtype = self.c.head_dim, self.tok_emb.weight.dtype
-        inv_freq = 1.0 / (self.c.rope_theta ** (torch.arange(0, d, 2, dtype=dtype) / d))
+        inv_freq = scaled_inv_freq(1.0 / (self.c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)), self.c).to(dtype)
         angles = torch.outer(torch.arange(T, dtype=dtype), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()

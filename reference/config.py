@@ -6,9 +6,16 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 
 class ConfigError(ValueError):
     """A config.json this trainer cannot represent faithfully."""
+
+
+FAMILIES = ("llama", "mistral", "qwen2")  # one architecture: they differ in config keys and biases only
+ROPE_SCALING = {"default": (), "linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass(frozen=True)
@@ -23,24 +30,52 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6  # LlamaConfig's default (MLX's RMSNorm default is 1e-5)
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False  # LlamaConfig's default (mlx-lm's is True)
-    attention_bias: bool = False
+    qkv_bias: bool = False  # q/k/v projections (Llama: attention_bias; Qwen2: always)
+    o_bias: bool = False  # o_proj (Llama: attention_bias; Qwen2: never)
     mlp_bias: bool = False
+    model_type: str = "llama"
+    rope_type: str = "default"
+    rope_scaling: tuple[tuple[str, float], ...] = ()  # the parameters ROPE_SCALING names for rope_type
 
     @property
     def n_rep(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    def rope_inv_freq(self) -> np.ndarray:
+        """RoPE's angle per position for each rotated pair, float64 (transformers' rope init functions)."""
+        inv = self.rope_theta ** (-np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
+        p = dict(self.rope_scaling)
+        if self.rope_type == "linear":
+            return inv / p["factor"]
+        if self.rope_type == "llama3":
+            factor, low, high, ctx = p["factor"], p["low_freq_factor"], p["high_freq_factor"], p["original_max_position_embeddings"]
+            wavelen = 2 * np.pi / inv
+            scaled = np.where(wavelen > ctx / low, inv / factor, inv)  # long wavelengths slowed by the factor
+            smooth = (ctx / wavelen - low) / (high - low)
+            medium = (wavelen >= ctx / high) & (wavelen <= ctx / low)  # between the two: interpolated
+            return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+        return inv
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         model_type = d.get("model_type", "llama")
-        if model_type != "llama":
-            raise ConfigError(f"model_type {model_type!r} is not supported (only 'llama')")
+        if model_type not in FAMILIES:
+            raise ConfigError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+        if model_type == "mistral" and d.get("sliding_window") is not None:
+            raise ConfigError(f"sliding_window={d['sliding_window']!r}: sliding-window attention is not supported (only sliding_window null)")
+        if model_type == "qwen2" and d.get("use_sliding_window"):
+            raise ConfigError("use_sliding_window=true: sliding-window attention is not supported")
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
-        rope = d.get("rope_parameters") or {}
-        rope_type = rope.get("rope_type", "default")
-        if rope_type != "default" or d.get("rope_scaling"):
-            raise ConfigError(f"rope scaling is not supported (rope_type={rope_type!r}, rope_scaling={d.get('rope_scaling')!r})")
+        # transformers 5 keeps RoPE in rope_parameters; transformers 4 wrote rope_theta and rope_scaling at the top level
+        rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_SCALING:
+            raise ConfigError(f"rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_SCALING)})")
+        missing = [k for k in ROPE_SCALING[rope_type] if k not in rope]
+        if missing:
+            raise ConfigError(f"rope_type {rope_type!r} needs {missing[0]!r} in rope_parameters (or rope_scaling)")
+        qwen2 = model_type == "qwen2"
         try:
             heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
@@ -55,8 +90,12 @@ class ModelConfig:
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=bool(d.get("attention_bias", False)),
-                mlp_bias=bool(d.get("mlp_bias", False)),
+                qkv_bias=True if qwen2 else bool(d.get("attention_bias", False)),
+                o_bias=False if qwen2 else bool(d.get("attention_bias", False)),
+                mlp_bias=False if qwen2 else bool(d.get("mlp_bias", False)),
+                model_type=model_type,
+                rope_type=rope_type,
+                rope_scaling=tuple((k, float(rope[k])) for k in ROPE_SCALING[rope_type]),
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks the required key {e.args[0]!r}") from None
@@ -80,7 +119,13 @@ class ModelConfig:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
     def to_hf_dict(self) -> dict:
-        """The config as Hugging Face writes it, so a checkpoint we save loads in transformers."""
-        d = asdict(self)
-        d.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu")
+        """The config as transformers 5 writes it, so a checkpoint we save loads in transformers."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("qkv_bias", "o_bias", "rope_theta", "rope_type", "rope_scaling")}
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+        scaling = {k: int(v) if k == "original_max_position_embeddings" else v for k, v in self.rope_scaling}  # transformers wants a count
+        d.update(architectures=[arch], hidden_act="silu", rope_parameters={"rope_type": self.rope_type, "rope_theta": self.rope_theta, **scaling})
+        if self.model_type != "qwen2":
+            d["attention_bias"] = self.qkv_bias
+        if self.model_type == "mistral":
+            d["sliding_window"] = None  # MistralConfig's default is a window of 4096
         return d

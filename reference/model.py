@@ -42,6 +42,18 @@ class Linear(nn.Module):
         return y
 
 
+class ScaledRoPE(nn.Module):
+    """RoPE with the config's scaled frequencies (linear, llama3): MLX's fused rope given the periods."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dims = cfg.head_dim
+        self._periods = mx.array(1.0 / cfg.rope_inv_freq(), dtype=mx.float32)  # private: not a parameter
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._periods)
+
+
 class Attention(nn.Module):
     """Causal self-attention in the pieces the isolated checks judge one by one (`pieces.py` names them):
     project, rotate, score, weigh, mix. Written out rather than fused, so each piece is a value."""
@@ -49,13 +61,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        d, b = cfg.hidden_size, cfg.attention_bias
+        d, b = cfg.hidden_size, cfg.qkv_bias
         self.q_proj = Linear(d, self.n_heads * self.head_dim, b)
         self.k_proj = Linear(d, self.n_kv * self.head_dim, b)
         self.v_proj = Linear(d, self.n_kv * self.head_dim, b)
-        self.o_proj = Linear(self.n_heads * self.head_dim, d, b)
+        self.o_proj = Linear(self.n_heads * self.head_dim, d, cfg.o_bias)
         # RoPE reads positions from axis -2, hence [B, H, T, D]; it rotates the halves (HF's rotate_half).
-        self.rope = nn.RoPE(self.head_dim, traditional=False, base=cfg.rope_theta)
+        self.rope = nn.RoPE(self.head_dim, traditional=False, base=cfg.rope_theta) if cfg.rope_type == "default" else ScaledRoPE(cfg)
         self.scale = self.head_dim**-0.5
 
     def _heads(self, y: mx.array, n: int) -> mx.array:

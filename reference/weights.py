@@ -59,7 +59,7 @@ def name_map(cfg: ModelConfig) -> dict[str, str]:
         p = f"model.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             keys.append(p + f"self_attn.{proj}.weight")
-            if cfg.attention_bias:
+            if cfg.o_bias if proj == "o_proj" else cfg.qkv_bias:
                 keys.append(p + f"self_attn.{proj}.bias")
         for proj in ("gate_proj", "up_proj", "down_proj"):
             keys.append(p + f"mlp.{proj}.weight")

@@ -177,8 +177,9 @@ def test_missing_shard_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "mistral"}, "model_type"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope scaling"),
+    ({"model_type": "gemma"}, "model_type"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "needs 'factor'"),
     ({"num_key_value_heads": 3}, "not a multiple"),
     ({"hidden_size": None}, "hidden_size|int"),
 ])

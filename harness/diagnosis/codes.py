@@ -15,6 +15,7 @@ CODES = {
     "rope_pairing": "RoPE rotates other pairs of dimensions than the reference (interleaved vs halves)",
     "rope_base": "RoPE's frequencies imply another base than the config's rope_theta",
     "rope_position": "RoPE's angles follow another position (an offset, or another axis)",
+    "rope_scaling": "RoPE's frequencies are the unscaled ones where the config scales them (llama3, linear)",
     "rope_direction": "RoPE rotates the other way",
     "attention_scale": "attention logits carry another scale than 1/sqrt(head_dim)",
     "gqa_head_mapping": "query heads read other kv heads than h // (heads / kv_heads)",

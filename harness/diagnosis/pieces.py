@@ -197,8 +197,9 @@ def _rope(pc: _Piece) -> Diagnosis | None:
                        for i in range(D // 2)] for t in range(T)])  # [T, D/2]
     step = np.angle(np.exp(1j * np.diff(per_t, axis=0)))  # the angle added per position, wrapped
     freq = np.nanmedian(step, axis=0)  # [D/2]
-    theta = pc.cfg["rope_theta"]
-    expected = theta ** (-np.arange(0, D, 2) / D)
+    theta, model = pc.cfg["rope_theta"], ModelConfig.from_file(pc.case.checkpoint)
+    plain = theta ** (-np.arange(0, D, 2) / D)
+    expected = model.rope_inv_freq() if model.head_dim == D else plain  # the config's scaling applied
     evidence = {"pairing": "halves (rotate_half)" if halves else "interleaved (traditional)"}
     if not halves:
         return Diagnosis("rope_pairing", f"{pc.piece} rotates interleaved pairs (2i, 2i+1); the reference rotates halves (i, i+D/2)", evidence)
@@ -206,9 +207,14 @@ def _rope(pc: _Piece) -> Diagnosis | None:
         return Diagnosis("rope_direction", f"{pc.piece} rotates by −angle: sin enters with the opposite sign", evidence)
     i = np.arange(D // 2)
     usable = (i > 0) & (np.abs(freq) * (T - 1) > 1e-2) & np.isfinite(freq)
+    resolved = usable | (i == 0)
+    if model.rope_type != "default" and np.allclose(freq[resolved], plain[resolved], rtol=1e-3) and not np.allclose(freq[resolved], expected[resolved], rtol=1e-3):
+        return Diagnosis("rope_scaling", f"{pc.piece}'s frequencies are rope_theta's unscaled ones: the config's {model.rope_type} scaling "
+                         f"({', '.join(f'{k} {v:g}' for k, v in model.rope_scaling)}) is not applied",
+                         evidence | {"frequencies": [round(float(f), 6) for f in freq], "expected": [round(float(f), 6) for f in expected]})
     base = float(np.median(np.abs(freq[usable]) ** (-D / (2 * i[usable])))) if usable.any() else float("nan")
     evidence |= {"implied_base": base, "configured_rope_theta": theta, "frequencies": [round(float(f), 6) for f in freq[:4]]}
-    if np.isfinite(base) and abs(math.log(base / theta)) > 0.05:
+    if model.rope_type == "default" and np.isfinite(base) and abs(math.log(base / theta)) > 0.05:
         return Diagnosis("rope_base", f"{pc.piece}'s frequencies imply a RoPE base of {base:.4g}, not the config's rope_theta = {theta:g}", evidence)
     position = np.unwrap(per_t[:, 0]) / expected[0]  # the fastest pair turns 1 rad per position: unwrapped, the position
     offset = position - np.arange(T)

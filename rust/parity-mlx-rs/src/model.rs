@@ -213,24 +213,29 @@ pub struct Attention {
     pub n_kv: i32,
     pub head_dim: i32,
     pub rope_theta: f32,
+    /// A scaled RoPE's periods (`1 / inv_freq`, `[head_dim / 2]` float32), which `fast::rope` takes as
+    /// `freqs` in place of `base`; `None` for the unscaled RoPE of base `rope_theta`.
+    pub rope_freqs: Option<Array>,
 }
 
 impl Attention {
     fn new(cfg: &ModelConfig, seed: &mut u64) -> R<Self> {
-        let (d, b, hd) = (cfg.hidden_size, cfg.attention_bias, cfg.head_dim);
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (qkv_b, o_b) = (cfg.qkv_bias, cfg.o_bias);
         let mut next = || {
             *seed += 1;
             *seed
         };
         Ok(Attention {
-            q_proj: Linear::new(d, cfg.num_attention_heads * hd, b, next())?,
-            k_proj: Linear::new(d, cfg.num_key_value_heads * hd, b, next())?,
-            v_proj: Linear::new(d, cfg.num_key_value_heads * hd, b, next())?,
-            o_proj: Linear::new(cfg.num_attention_heads * hd, d, b, next())?,
+            q_proj: Linear::new(d, cfg.num_attention_heads * hd, qkv_b, next())?,
+            k_proj: Linear::new(d, cfg.num_key_value_heads * hd, qkv_b, next())?,
+            v_proj: Linear::new(d, cfg.num_key_value_heads * hd, qkv_b, next())?,
+            o_proj: Linear::new(cfg.num_attention_heads * hd, d, o_b, next())?,
             n_heads: cfg.num_attention_heads,
             n_kv: cfg.num_key_value_heads,
             head_dim: hd,
             rope_theta: cfg.rope_theta as f32,
+            rope_freqs: cfg.rope_freqs().map(|f| Array::from_slice(&f, &[hd / 2])),
         })
     }
 
@@ -254,10 +259,14 @@ impl Attention {
         ))
     }
 
-    /// Non-traditional RoPE (HF's rotate_half), base `rope_theta`, offset 0. It reads positions from
-    /// axis -2, hence `[B, heads, T, D]`.
+    /// Non-traditional RoPE (HF's rotate_half), offset 0: base `rope_theta`, or for a scaled RoPE
+    /// (linear, llama3) no base and the scaled periods as `freqs` (MLX takes exactly one of the two).
+    /// It reads positions from axis -2, hence `[B, heads, T, D]`.
     pub fn rope(&self, x: &Array) -> R<Array> {
-        fast::rope(x, self.head_dim, false, self.rope_theta, 1.0, 0, None)
+        match &self.rope_freqs {
+            None => fast::rope(x, self.head_dim, false, self.rope_theta, 1.0, 0, None),
+            Some(freqs) => fast::rope(x, self.head_dim, false, None::<f32>, 1.0, 0, freqs),
+        }
     }
 
     /// Query head h reads kv head `h / (H / K)`: each kv head repeated, not the heads tiled.
@@ -685,6 +694,88 @@ mod tests {
         let out = m.pieces(&ids(), Some(&given)).unwrap();
         for n in m.piece_names() {
             assert_eq!(host(&chain[&n]) != host(&out[&n]), n == "layer.1.scores", "{n}");
+        }
+    }
+
+    fn config(extra: serde_json::Value) -> ModelConfig {
+        let mut cfg = serde_json::json!({"vocab_size": 24, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+            "rope_theta": 500.0});
+        cfg.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        ModelConfig::from_value(&cfg).unwrap()
+    }
+
+    #[test]
+    fn qwen2_has_qkv_biases_and_no_o_proj_bias_and_loads_by_the_same_names() {
+        let cfg = config(serde_json::json!({"model_type": "qwen2", "attention_bias": true}));
+        let m = LlamaForCausalLM::new(&cfg, 7).unwrap();
+        let params = m.parameters().flatten();
+        for i in 0..2 {
+            for (proj, bias) in [("q_proj", true), ("k_proj", true), ("v_proj", true), ("o_proj", false)] {
+                let k = format!("model.layers.{i}.self_attn.{proj}.bias");
+                assert_eq!(params.contains_key(k.as_str()), bias, "{k}");
+            }
+            for proj in ["gate_proj", "up_proj", "down_proj"] {
+                assert!(!params.contains_key(format!("model.layers.{i}.mlp.{proj}.bias").as_str()));
+            }
+        }
+        assert_eq!(params["model.layers.1.self_attn.k_proj.bias"].shape(), &[8]);
+        // The checkpoint name map lists exactly the model's parameters, for every family.
+        for cfg in [
+            cfg,
+            config(serde_json::json!({})),
+            config(serde_json::json!({"attention_bias": true, "mlp_bias": true})),
+            config(serde_json::json!({"model_type": "mistral", "attention_bias": true, "tie_word_embeddings": true})),
+        ] {
+            let m = LlamaForCausalLM::new(&cfg, 7).unwrap();
+            let mut want: Vec<String> = m.parameters().flatten().keys().map(|k| k.to_string()).collect();
+            want.sort();
+            let mut got: Vec<String> = crate::weights::name_map(&cfg).into_values().collect();
+            got.sort();
+            assert_eq!(got, want, "{:?}", cfg.model_type);
+            let mut ordered = m.ordered_names();
+            ordered.sort();
+            assert_eq!(ordered, want);
+            // And a checkpoint of the model's own tensors loads with nothing missing or left over.
+            let tensors: HashMap<String, Array> =
+                m.parameters().flatten().into_iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            let (loaded, report) = crate::weights::match_tensors(&m, tensors, &cfg);
+            assert!(report.ok(), "{}", report.describe());
+            assert_eq!(loaded.len(), want.len());
+        }
+    }
+
+    #[test]
+    fn scaled_rope_passes_periods_as_freqs() {
+        let x = uniform(9, 1.0, &[1, 2, 5, 4]).unwrap();
+        let plain = tiny(false, false, false);
+        let a = &plain.model.layers[0].self_attn;
+        assert!(a.rope_freqs.is_none());
+        // Linear scaling by 4 rotates position p as the unscaled RoPE rotates p / 4 (MLX's `scale`).
+        let lin = LlamaForCausalLM::new(
+            &config(serde_json::json!({"rope_scaling": {"rope_type": "linear", "factor": 4.0}})),
+            7,
+        )
+        .unwrap();
+        let l = &lin.model.layers[0].self_attn;
+        assert_eq!(l.rope_freqs.as_ref().unwrap().shape(), &[2]);
+        let want = fast::rope(&x, 4, false, 500.0f32, 0.25, 0, None).unwrap();
+        let got = l.rope(&x).unwrap();
+        for (g, w) in host(&got).iter().zip(host(&want)) {
+            assert!((g - w).abs() <= 1e-5, "{g} vs {w}");
+        }
+        assert_ne!(host(&got), host(&a.rope(&x).unwrap()));
+        // llama3 with factor 1 leaves every frequency as it is: the unscaled RoPE, to rounding.
+        let l3 = LlamaForCausalLM::new(
+            &config(serde_json::json!({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0,
+                "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8}})),
+            7,
+        )
+        .unwrap();
+        let got = l3.model.layers[0].self_attn.rope(&x).unwrap();
+        for (g, w) in host(&got).iter().zip(host(&a.rope(&x).unwrap())) {
+            assert!((g - w).abs() <= 1e-5, "{g} vs {w}");
         }
     }
 

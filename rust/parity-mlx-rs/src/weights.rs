@@ -55,9 +55,11 @@ pub fn name_map(cfg: &ModelConfig) -> BTreeMap<String, String> {
     }
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}.");
-        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+        for (proj, bias) in
+            [("q_proj", cfg.qkv_bias), ("k_proj", cfg.qkv_bias), ("v_proj", cfg.qkv_bias), ("o_proj", cfg.o_bias)]
+        {
             keys.push(format!("{p}self_attn.{proj}.weight"));
-            if cfg.attention_bias {
+            if bias {
                 keys.push(format!("{p}self_attn.{proj}.bias"));
             }
         }
