@@ -1,4 +1,5 @@
-"""A byte-level tokenizer and JSONL batches of text with provenance (auth_weight, prov_entropy)."""
+"""Tokenizers (a checkpoint's own tokenizer.json, or bytes for the built-in default model) and JSONL
+batches of text with provenance (auth_weight, prov_entropy)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,49 @@ def encode(text: str) -> list[int]:
 
 def decode(ids) -> str:
     return bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", errors="replace")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted past PAD/BOS/EOS: the built-in default model's vocabulary, nobody else's."""
+
+    name, vocab_size, pad_id = "bytes", VOCAB_SIZE, PAD
+
+    def encode(self, text: str) -> list[int]:
+        return encode(text)
+
+
+class FileTokenizer:
+    """A checkpoint's own tokenizer.json through the `tokenizers` library: the ids transformers' fast
+    tokenizer gives for the same text (its special-token template included)."""
+
+    name = "tokenizer.json"
+
+    def __init__(self, path: Path, pad_id: int):
+        from tokenizers import Tokenizer
+
+        self.path, self.pad_id = path, pad_id
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self.vocab_size = self._tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text).ids
+
+
+def tokenizer_for(checkpoint: Path | None) -> ByteTokenizer | FileTokenizer:
+    """The tokenizer a checkpoint's model reads text with: its tokenizer.json, or bytes for the built-in
+    default model (checkpoints that `parity train` saved say which in trainer.json)."""
+    if checkpoint is None:
+        return ByteTokenizer()
+    checkpoint = Path(checkpoint)
+    meta = checkpoint / "trainer.json"
+    if meta.exists() and json.loads(meta.read_text()).get("tokenizer") == ByteTokenizer.name:
+        return ByteTokenizer()
+    if (checkpoint / "tokenizer.json").exists():
+        cfg = json.loads((checkpoint / "config.json").read_text()) if (checkpoint / "config.json").exists() else {}
+        pad = next((cfg[k] for k in ("pad_token_id", "eos_token_id") if isinstance(cfg.get(k), int)), 0)  # padding is masked: any id in the vocabulary
+        return FileTokenizer(checkpoint / "tokenizer.json", pad)
+    raise ValueError(f"{checkpoint} has no tokenizer.json, so text cannot become this model's token ids: copy the "
+                     "checkpoint's tokenizer.json next to its config.json (the byte tokenizer is only for the built-in default model)")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -47,13 +91,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def make_batch(rows: list[dict], seq_len: int) -> dict[str, np.ndarray]:
+def make_batch(rows: list[dict], seq_len: int, tokenizer: ByteTokenizer | FileTokenizer | None = None) -> dict[str, np.ndarray]:
     """Tokenise, truncate to seq_len, right-pad."""
+    tokenizer = tokenizer or ByteTokenizer()
     B = len(rows)
-    ids = np.full((B, seq_len), PAD, np.int32)
+    ids = np.full((B, seq_len), tokenizer.pad_id, np.int32)
     mask = np.zeros((B, seq_len), np.int32)
     for i, r in enumerate(rows):
-        toks = encode(r["text"])[:seq_len]
+        toks = tokenizer.encode(r["text"])[:seq_len]
         ids[i, : len(toks)] = toks
         mask[i, : len(toks)] = 1
     return {"input_ids": ids, "attention_mask": mask,
@@ -61,7 +106,8 @@ def make_batch(rows: list[dict], seq_len: int) -> dict[str, np.ndarray]:
             "prov_entropy": np.array([r["prov_entropy"] for r in rows], np.float32)}
 
 
-def batch_for_step(rows: list[dict], step: int, batch_size: int, seq_len: int, seed: int) -> dict[str, np.ndarray]:
+def batch_for_step(rows: list[dict], step: int, batch_size: int, seq_len: int, seed: int,
+                   tokenizer: ByteTokenizer | FileTokenizer | None = None) -> dict[str, np.ndarray]:
     """The batch of update `step`: epochs over a seeded permutation, so a resumed run sees the same data."""
     per_epoch = max(1, len(rows) // batch_size)
     epoch, k = divmod(step, per_epoch)
@@ -69,4 +115,4 @@ def batch_for_step(rows: list[dict], step: int, batch_size: int, seq_len: int, s
     picked = [rows[i] for i in order[k * batch_size : (k + 1) * batch_size]]
     if len(picked) < batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(rows)} records")
-    return make_batch(picked, seq_len)
+    return make_batch(picked, seq_len, tokenizer)

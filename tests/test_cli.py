@@ -5,6 +5,7 @@ import re
 import shutil
 
 import numpy as np
+import pytest
 
 from typer.testing import CliRunner
 
@@ -149,3 +150,32 @@ def test_text_in_square_brackets_is_printed_as_is():
     text = console.export_text()
     assert "missing: [model.norm.weight]" in text and "keys [a] and [b]" in text
     assert "missing = [lm_head.weight]" in text and "cmd:port [v2]" in text
+
+
+def test_train_reads_text_with_the_checkpoints_tokenizer_or_says_it_cannot(tmp_path):
+    from rich.console import Console
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from reference.data import FileTokenizer, make_batch, tokenizer_for
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES_DIR / "head" / "checkpoint", ckpt)
+    quiet = Console(quiet=True)
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        run_training(checkpoint=ckpt, data=None, out=tmp_path / "a", settings_path=None, steps=1, batch_size=2, seq_len=8,
+                     save_every=1, resume=None, seed=0, console=quiet)
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+    words = {"[UNK]": 5, "the": 6, "cat": 7}
+    tok = Tokenizer(WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(ckpt / "tokenizer.json"))
+    t = tokenizer_for(ckpt)
+    assert isinstance(t, FileTokenizer)
+    batch = make_batch([{"text": "the cat sat", "auth_weight": 0.5, "prov_entropy": 1.0}], 5, t)
+    assert batch["input_ids"][0, :3].tolist() == [6, 7, 5] and batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0]]
+    run_training(checkpoint=ckpt, data=None, out=tmp_path / "b", settings_path=None, steps=1, batch_size=2, seq_len=8,
+                 save_every=1, resume=None, seed=0, console=quiet)
+    saved = tmp_path / "b" / "step-000001"
+    assert (saved / "tokenizer.json").exists() and isinstance(tokenizer_for(saved), FileTokenizer)

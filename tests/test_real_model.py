@@ -54,3 +54,31 @@ def test_one_padding_token_counted_fails_the_real_model(smollm2):
     bug = Mutant("one_pad_token", "one padding token counted", "loss", (), "padding_counted", trainer=OnePaddingTokenCounted)
     result = audit(MutantBackend(bug), smollm2, ("loss",))
     assert result.stages[0].status == "fail", result.stages[0].message
+
+
+def test_training_the_real_model_reads_text_with_its_own_tokenizer(smollm2, tmp_path):
+    """`parity train --checkpoint` on SmolLM2 tokenises with the checkpoint's tokenizer.json (not bytes) and
+    its first update starts at the cross-entropy transformers computes on the same batch."""
+    import numpy as np
+    import torch
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reference.data import DEFAULT_DATA, batch_for_step, read_jsonl, tokenizer_for
+    from reference.train_cli import run_training
+
+    ckpt, rows = smollm2.checkpoint, read_jsonl(DEFAULT_DATA)
+    ours, theirs = tokenizer_for(ckpt), AutoTokenizer.from_pretrained(ckpt)
+    for r in rows[:5]:
+        assert ours.encode(r["text"]) == theirs(r["text"])["input_ids"]
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"trainable": "head", "optimizer": {"lr": 1e-4}}))
+    first, _ = run_training(checkpoint=ckpt, data=None, out=tmp_path / "run", settings_path=settings, steps=1, batch_size=2,
+                            seq_len=32, save_every=1, resume=None, seed=0, console=Console(quiet=True))
+    batch = batch_for_step(rows, 0, 2, 32, 0, ours)
+    ids, mask = torch.as_tensor(batch["input_ids"], dtype=torch.long), torch.as_tensor(batch["attention_mask"])
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.item()
+    assert np.isclose(first, expected, rtol=1e-4), (first, expected)
+    assert (tmp_path / "run" / "step-000001" / "tokenizer.json").exists()  # a resumed run reads text the same way
