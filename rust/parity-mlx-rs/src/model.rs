@@ -153,24 +153,9 @@ pub const LAYER_PIECES: [&str; 16] = [
     "output",
 ];
 
-/// The layer pieces that the pieces computed from given values read (all but `down`, which only the
-/// own chain's `output` reads, and `output`, which the model reads as the next layer's `input`).
-const LAYER_PIECES_READ: [&str; 14] = [
-    "input_norm",
-    "q",
-    "k",
-    "v",
-    "q_rope",
-    "k_rope",
-    "scores",
-    "probs",
-    "attn",
-    "o_proj",
-    "post_norm",
-    "gate",
-    "up",
-    "act",
-];
+/// The layer pieces that the pieces computed from given values read: all but the last two, `down`
+/// (only the own chain's `output` reads it) and `output` (the model reads it as the next layer's `input`).
+const LAYER_PIECES_READ: &[&str] = LAYER_PIECES.split_at(LAYER_PIECES.len() - 2).0;
 
 /// `p[key]`; a missing key is an error naming `{prefix}{key}`.
 fn lookup<'a>(p: &'a Pieces, prefix: &str, key: &str) -> R<&'a Array> {
