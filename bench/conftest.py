@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import bench as B  # imports harness first: the fast BLAS is bound before MLX works
+from mlx_parity.harness import bench as B  # imports harness first: the fast BLAS is bound before MLX works
 
 
 def pytest_addoption(parser):

@@ -14,7 +14,7 @@ What any adapter does, in any language:
 4. write RESPONSE_DIR/<stage>.safetensors with the stage's named tensors (the table in
    docs/protocol.md), RESPONSE_DIR/weight_mapping.json with the load report, or
    RESPONSE_DIR/<stage>.error if the port knows it failed; exit 0.
-Here steps 2-4 are the reference's: `harness.protocol.server.serve` runs its stages and writes the files.
+Here steps 2-4 are the reference's: `mlx_parity.harness.protocol.server.serve` runs its stages and writes the files.
 """
 
 import argparse
@@ -24,13 +24,13 @@ from pathlib import Path
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mutant", help="inject one of harness.mutants' porting bugs")
+    ap.add_argument("--mutant", help="inject one of mlx_parity.harness.mutants' porting bugs")
     ap.add_argument("request", type=Path)
     ap.add_argument("response", type=Path)
     args = ap.parse_args()
 
-    from harness.protocol.server import serve
-    from harness.backends import get_backend
+    from mlx_parity.harness.protocol.server import serve
+    from mlx_parity.harness.backends import get_backend
 
     serve(get_backend(f"mutant:{args.mutant}" if args.mutant else "mlx"), args.request, args.response)
     return 0

@@ -1,5 +1,5 @@
 """The parity harness: backends, stages, tolerances, comparison, fixtures, audit and CLI."""
 
-from reference.blas import activate as _activate_blas  # first: a fast BLAS before any module loads mlx.core
+from mlx_parity.reference.blas import activate as _activate_blas  # first: a fast BLAS before any module loads mlx.core
 
 _activate_blas()

@@ -52,8 +52,8 @@ class Size:
     seq_len: int
 
     def config(self):
-        from reference.config import ModelConfig
-        from reference.data import VOCAB_SIZE
+        from mlx_parity.reference.config import ModelConfig
+        from mlx_parity.reference.data import VOCAB_SIZE
 
         return ModelConfig(vocab_size=VOCAB_SIZE, hidden_size=self.hidden, intermediate_size=self.intermediate,
                            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
@@ -81,7 +81,7 @@ def param_count(size: Size) -> int:
 
 def make_batch(size: Size, seed: int = 0) -> dict[str, np.ndarray]:
     """A full batch (no padding) of random byte tokens with provenance values in range."""
-    from reference.data import OFFSET, VOCAB_SIZE
+    from mlx_parity.reference.data import OFFSET, VOCAB_SIZE
 
     rng = np.random.default_rng(seed)
     return {
@@ -96,7 +96,7 @@ def ensure_checkpoint(size: Size, root: Path) -> Path:
     """The size's initial Hugging Face checkpoint under `root` (built once, seed 0)."""
     out = root / f"llama-{size.name}"
     if not (out / "config.json").exists():
-        from reference.train_cli import init_checkpoint
+        from mlx_parity.reference.train_cli import init_checkpoint
 
         init_checkpoint(size.config(), out, seed=0)
     return out
@@ -124,7 +124,7 @@ def backend_threads(backend: str) -> int | None:
         import torch
 
         return torch.get_num_threads()
-    from reference.blas import active
+    from mlx_parity.reference.blas import active
 
     return active().threads
 
@@ -138,11 +138,11 @@ class Runner:
         self.t = self.load()
 
     def load(self):
-        from reference.settings import TrainSettings
+        from mlx_parity.reference.settings import TrainSettings
 
         settings = TrainSettings.from_dict(SETTINGS)
         if self.backend == "mlx":
-            from reference.trainer import Trainer
+            from mlx_parity.reference.trainer import Trainer
 
             return Trainer.from_pretrained(self.checkpoint, settings)[0]
         if self.backend == "torch":
@@ -236,7 +236,7 @@ def _pytest(args: list[str], env: dict, out: Path, log) -> tuple[dict | None, st
 def run(quick: bool = False, backends: list[str] | None = None, sizes: list[str] | None = None, threads: int | None = None,
         json_path: Path | None = None, report_path: Path | None = None, stages: bool | None = None, log=print) -> dict:
     """Run the suite as described in the module docstring; returns the JSON-able results."""
-    from reference import blas
+    from mlx_parity.reference import blas
 
     started = time.time()
     threads = threads or os.cpu_count() or 1

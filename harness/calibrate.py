@@ -1,7 +1,7 @@
 """Measure the noise each tolerance must cover: every backend against every fixture, reported as the
 margin (largest error / bound, at most 1 passes) per stage, and the worst over all fixtures.
 
-    python -m harness.calibrate [FIXTURES_DIR] [--backend torch ...]
+    python -m mlx_parity.harness.calibrate [FIXTURES_DIR] [--backend torch ...]
 """
 
 from __future__ import annotations

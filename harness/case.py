@@ -23,7 +23,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from reference.settings import TrainSettings
+from mlx_parity.reference.settings import TrainSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = REPO_ROOT / "fixtures"
@@ -102,7 +102,7 @@ class Case:
     def initial_weights(self) -> dict[str, np.ndarray]:
         """`weights.<name>`: the checkpoint's tensors (and initial adapters), what loading must give and
         θ₀ for judging parameter changes."""
-        from reference.weights import IGNORED_KEYS, checkpoint_files
+        from mlx_parity.reference.weights import IGNORED_KEYS, checkpoint_files
 
         tensors: dict[str, np.ndarray] = {}
         for f in checkpoint_files(self.checkpoint):

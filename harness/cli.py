@@ -232,7 +232,7 @@ def train(
     seed: int = typer.Option(0),
 ) -> None:
     """Train the MLX reference: on the embedded default, or on your own config, weights and data."""
-    from reference.train_cli import run_training
+    from mlx_parity.reference.train_cli import run_training
 
     try:
         run_training(checkpoint=checkpoint, data=data, out=out, settings_path=settings, steps=steps, batch_size=batch_size,
@@ -255,7 +255,7 @@ def bench(
     from . import bench as B
 
     if blas:
-        from reference.blas import report as blas_report
+        from mlx_parity.reference.blas import report as blas_report
 
         console.print_json(json.dumps(blas_report()))
         return

@@ -132,8 +132,8 @@ def base_forward(case: Case) -> tuple[dict[str, np.ndarray], dict[str, np.ndarra
     reference's in float32 and the twin's float64 truth."""
     import torch
 
-    from reference.settings import TrainSettings
-    from reference.trainer import Trainer
+    from mlx_parity.reference.settings import TrainSettings
+    from mlx_parity.reference.trainer import Trainer
 
     from .backends.mlx_backend import MLXSession
     from .torch_twin import TwinTrainer
@@ -152,7 +152,7 @@ def build_fixture(spec: FixtureSpec, out: Path) -> dict:
     """Build one fixture into `out`; raise FixtureError unless the torch twin and transformers agree.
     MLX runs on the reference BLAS its wheel bundles meanwhile: plain loops, the same on every x86 CPU,
     so regeneration reproduces the goldens bit for bit there (OpenBLAS picks kernels per CPU)."""
-    from reference.blas import reference_blas
+    from mlx_parity.reference.blas import reference_blas
 
     with reference_blas():
         return _build_fixture(spec, out)

@@ -17,13 +17,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from reference import loss as L
-from reference.config import ModelConfig
-from reference.model import Attention, Linear, LlamaForCausalLM
-from reference.schedule import make_schedule
-from reference.settings import TrainSettings
-from reference.trainer import Trainer
-from reference.weights import LoadReport, load_weights, match, read_checkpoint
+from mlx_parity.reference import loss as L
+from mlx_parity.reference.config import ModelConfig
+from mlx_parity.reference.model import Attention, Linear, LlamaForCausalLM
+from mlx_parity.reference.schedule import make_schedule
+from mlx_parity.reference.settings import TrainSettings
+from mlx_parity.reference.trainer import Trainer
+from mlx_parity.reference.weights import LoadReport, load_weights, match, read_checkpoint
 
 from .backends.mlx_backend import MLXBackend, MLXSession
 

@@ -41,15 +41,15 @@ class ParityAuditFailed(AssertionError):
 def _root(fixtures_dir):
     from pathlib import Path
 
-    from harness.case import FIXTURES_DIR
+    from mlx_parity.harness.case import FIXTURES_DIR
 
     return Path(fixtures_dir) if fixtures_dir else FIXTURES_DIR
 
 
 def _audit_once(config, backend: str, case):
     """Audits are cached per session: every stage item of one (backend, fixture) shares one run."""
-    from harness.audit import audit
-    from harness.backends import get_backend
+    from mlx_parity.harness.audit import audit
+    from mlx_parity.harness.backends import get_backend
 
     cache = config.stash.setdefault(_CACHE, {})
     key = (backend, str(case.path))
@@ -76,7 +76,7 @@ class Parity:
         self.fixtures_dir = config.getoption("--parity-fixtures-dir")
 
     def audit(self, backends: list[str] | None = None, fixtures: list[str] | None = None):
-        from harness.case import find_case, list_cases
+        from mlx_parity.harness.case import find_case, list_cases
 
         chosen = backends or self.backends
         if not chosen:
@@ -102,7 +102,7 @@ class StageCheck:
         self.config, self.backend, self.fixture, self.stage = config, backend, fixture, stage
 
     def assert_passes(self):
-        from harness.case import find_case
+        from mlx_parity.harness.case import find_case
 
         if self.backend is None:
             raise ParityAuditFailed(NO_BACKEND)
@@ -116,8 +116,8 @@ class StageCheck:
 def pytest_generate_tests(metafunc):
     if "parity_stage" not in metafunc.fixturenames:
         return
-    from harness.case import list_cases
-    from harness.stages import ALL_STAGES as STAGES
+    from mlx_parity.harness.case import list_cases
+    from mlx_parity.harness.stages import ALL_STAGES as STAGES
 
     config = metafunc.config
     backends = config.getoption("--parity-backend")
@@ -136,7 +136,7 @@ def parity_stage(request) -> StageCheck:
 
 
 def explain_stage(result, st) -> str:
-    from harness.report import format_evidence
+    from mlx_parity.harness.report import format_evidence
 
     lines = [f"{result.backend} on {result.fixture}: stage {st.name} {'fails' if st.status == 'fail' else 'was skipped'}"]
     w = st.worst()

@@ -8,7 +8,7 @@ a cache folder (it is too large to commit: ~40 MB of goldens) with LoRA on the l
 batch of real text through the model's own tokenizer, 2 accumulated micro-batches, active clipping,
 lambda = 0.5 and AdamW without bias correction.
 
-    python -m harness.real_model [--cache DIR] [--force]    # or: make real
+    python -m mlx_parity.harness.real_model [--cache DIR] [--force]    # or: make real
 """
 
 from __future__ import annotations

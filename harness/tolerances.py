@@ -23,7 +23,7 @@ Two kinds, kept here and nowhere else:
   precision is that of θ, whatever the size of Δθ.
 
 Noise: the largest margin (error / bound) measured for correct backends (torch twin in float32, MLX
-under OpenBLAS, mlx-rs) over the bundled fixtures: `python -m harness.calibrate`.
+under OpenBLAS, mlx-rs) over the bundled fixtures: `python -m mlx_parity.harness.calibrate`.
 Smallest bug: the smallest injected change `tests/test_tolerances.py` shows the bound still fails.
 """
 

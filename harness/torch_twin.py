@@ -3,7 +3,7 @@
 Written apart from `reference/` on purpose: its own module names (`blocks.0.attn.wq`), its own name map
 from checkpoint keys, attention written out with repeated kv heads, RoPE from `rotate_half`, AdamW by
 hand in both bias-correction conventions. A golden value is trusted only when this twin and the MLX
-reference agree. It exposes the same methods as `reference.trainer.Trainer`.
+reference agree. It exposes the same methods as `mlx_parity.reference.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from reference.config import ModelConfig
-from reference.loss import validate_batch
-from reference.settings import SettingsError, TrainSettings
-from reference.weights import IGNORED_KEYS, LoadReport, WeightLoadError, checkpoint_files
+from mlx_parity.reference.config import ModelConfig
+from mlx_parity.reference.loss import validate_batch
+from mlx_parity.reference.settings import SettingsError, TrainSettings
+from mlx_parity.reference.weights import IGNORED_KEYS, LoadReport, WeightLoadError, checkpoint_files
 
 _LAYER_MAP = {
     "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
@@ -209,7 +209,7 @@ def lr_at(settings: TrainSettings, s: int) -> float:
 
 
 class TwinTrainer:
-    """The twin's trainer; method for method the same surface as `reference.trainer.Trainer`."""
+    """The twin's trainer; method for method the same surface as `mlx_parity.reference.trainer.Trainer`."""
 
     def __init__(self, model: TwinLlama, settings: TrainSettings, lora_init: dict[str, torch.Tensor] | None = None):
         self.model, self.settings = model, settings

@@ -6,9 +6,9 @@ import functools
 
 import pytest
 
-from harness.audit import audit
-from harness.backends import get_backend
-from harness.case import list_cases
+from mlx_parity.harness.audit import audit
+from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.case import list_cases
 
 CASES = {c.name: c for c in list_cases()}
 

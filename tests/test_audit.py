@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.stages import ALL_STAGES as STAGES
+from mlx_parity.harness.stages import ALL_STAGES as STAGES
 
 from .conftest import CASES, audited
 

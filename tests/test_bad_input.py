@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from harness.torch_twin import TwinTrainer
-from reference.config import ConfigError, ModelConfig
-from reference.loss import BatchError, LossSettings
-from reference.settings import SettingsError, TrainSettings
-from reference.trainer import Trainer
-from reference.weights import WeightLoadError
+from mlx_parity.harness.torch_twin import TwinTrainer
+from mlx_parity.reference.config import ConfigError, ModelConfig
+from mlx_parity.reference.loss import BatchError, LossSettings
+from mlx_parity.reference.settings import SettingsError, TrainSettings
+from mlx_parity.reference.trainer import Trainer
+from mlx_parity.reference.weights import WeightLoadError
 
 from .conftest import CASES
 
@@ -65,14 +65,14 @@ def test_invalid_batch_is_a_clear_error(trainer, changes, message):
     (float("inf"), 0.0, "auth_weight holds non-finite"),
 ])
 def test_distrust_rejects_bad_scalars_and_arrays(w, h, message):
-    from reference.loss import distrust
+    from mlx_parity.reference.loss import distrust
 
     with pytest.raises(BatchError, match=message):
         distrust(w, h, 2.7)
 
 
 def test_float32_099_is_099():
-    from reference.loss import validate_distrust_inputs
+    from mlx_parity.reference.loss import validate_distrust_inputs
 
     validate_distrust_inputs(np.float32(0.99), 0.0)
     with pytest.raises(BatchError):
@@ -80,7 +80,7 @@ def test_float32_099_is_099():
 
 
 def test_distrust_accepts_scalars_and_arrays():
-    from reference.loss import distrust
+    from mlx_parity.reference.loss import distrust
 
     assert float(distrust(0.5, 1.0, 2.7)) == pytest.approx(2.7 * (np.log(0.5 + 1e-8) + 1.0) ** 2, rel=1e-6)
     assert float(distrust([0.0, 0.9], [2.0, 0.0], 2.3)) == pytest.approx(np.mean([2.3 * (np.log(1 + 1e-8) + 2) ** 2, 2.3 * np.log(0.1 + 1e-8) ** 2]), rel=1e-6)

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from reference import blas
+from mlx_parity.reference import blas
 
 REPO = Path(__file__).resolve().parent.parent
 LINUX = sys.platform.startswith("linux")
@@ -48,7 +48,7 @@ def test_libmlx_really_calls_the_reported_library():
 
 @pytest.mark.skipif(not LINUX, reason="Linux-only")
 def test_off_falls_back_loudly_and_really_uses_the_bundled_blas():
-    p = _python("import json, reference.blas as b; print(json.dumps(b.report(measure=False)))", PARITY_BLAS="off")
+    p = _python("import json, mlx_parity.reference.blas as b; print(json.dumps(b.report(measure=False)))", PARITY_BLAS="off")
     assert p.returncode == 0, p.stderr
     assert "PARITY_BLAS=off" in p.stderr and "WARNING" in p.stderr, "the fallback must be said on stderr"
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -57,7 +57,7 @@ def test_off_falls_back_loudly_and_really_uses_the_bundled_blas():
 
 @pytest.mark.skipif(not LINUX, reason="Linux-only")
 def test_an_unusable_path_falls_back_loudly():
-    p = _python("import reference.blas as b; print(b.active().fast)", PARITY_BLAS="/nonexistent/libcblas.so")
+    p = _python("import mlx_parity.reference.blas as b; print(b.active().fast)", PARITY_BLAS="/nonexistent/libcblas.so")
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "False"
     assert "could not be used" in p.stderr and "reference BLAS" in p.stderr
@@ -66,7 +66,7 @@ def test_an_unusable_path_falls_back_loudly():
 @pytest.mark.skipif(not LINUX, reason="Linux-only")
 def test_no_candidate_warns_with_the_fix():
     # Hide every candidate: no ngsolve_openblas on the path, no Debian or MKL library.
-    code = ("import reference.blas as b\n"
+    code = ("import mlx_parity.reference.blas as b\n"
             "b._candidates = lambda: []\n"
             "b._STATE = None\n"
             "print(b.activate().fast)")
@@ -100,7 +100,7 @@ def test_torch_beside_mlx_keeps_its_own_blas():
 def test_every_fixture_passes_under_the_active_blas(tmp_path):
     """The reference against every golden fixture, in a fresh process with the default (fast) BLAS."""
     out = tmp_path / "audit.json"
-    p = subprocess.run([sys.executable, "-m", "harness.cli", "audit", "-b", "mlx", "--json", str(out)], cwd=REPO,
+    p = subprocess.run([sys.executable, "-m", "mlx_parity.harness.cli", "audit", "-b", "mlx", "--json", str(out)], cwd=REPO,
                        capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     results = json.loads(out.read_text())["results"]

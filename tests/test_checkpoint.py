@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from harness.torch_twin import TwinTrainer
-from reference.trainer import Trainer
+from mlx_parity.harness.torch_twin import TwinTrainer
+from mlx_parity.reference.trainer import Trainer
 
 from .conftest import CASES
 

@@ -9,9 +9,9 @@ import pytest
 
 from typer.testing import CliRunner
 
-from harness.case import FIXTURES_DIR
-from harness.cli import app
-from reference.train_cli import run_training
+from mlx_parity.harness.case import FIXTURES_DIR
+from mlx_parity.harness.cli import app
+from mlx_parity.reference.train_cli import run_training
 
 runner = CliRunner()
 
@@ -139,9 +139,9 @@ def test_audit_table_shows_the_margin():
 def test_text_in_square_brackets_is_printed_as_is():
     from rich.console import Console
 
-    from harness.audit import AuditResult, StageResult
-    from harness.diagnosis import Diagnosis
-    from harness.report import print_results
+    from mlx_parity.harness.audit import AuditResult, StageResult
+    from mlx_parity.harness.diagnosis import Diagnosis
+    from mlx_parity.harness.report import print_results
 
     console = Console(record=True, width=200)
     stage = StageResult("weight_mapping", "fail", message="missing: [model.norm.weight]",
@@ -158,7 +158,7 @@ def test_train_reads_text_with_the_checkpoints_tokenizer_or_says_it_cannot(tmp_p
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
 
-    from reference.data import FileTokenizer, make_batch, tokenizer_for
+    from mlx_parity.reference.data import FileTokenizer, make_batch, tokenizer_for
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(FIXTURES_DIR / "head" / "checkpoint", ckpt)

@@ -5,11 +5,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from harness.audit import judge
-from harness.backends import get_backend
-from harness.fixtures import base_forward
-from harness.oracle import check_forward, transformers_forward
-from harness.stages import STAGES
+from mlx_parity.harness.audit import judge
+from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.fixtures import base_forward
+from mlx_parity.harness.oracle import check_forward, transformers_forward
+from mlx_parity.harness.stages import STAGES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,7 @@ def test_transformers_oracle_agrees(case):
 
 def test_transformers_oracle_detects_a_wrong_forward(monkeypatch):
     """transformers' logits 0.1 % off (as a wrong checkpoint conversion would make them) fail the check."""
-    from harness import oracle
+    from mlx_parity.harness import oracle
 
     from .conftest import CASES
 

@@ -6,11 +6,11 @@ import shutil
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from harness.audit import audit, judge
-from harness.backends import get_backend
-from harness.case import Case
-from harness.diagnosis import diagnose
-from harness.stages import StageOutput
+from mlx_parity.harness.audit import audit, judge
+from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.case import Case
+from mlx_parity.harness.diagnosis import diagnose
+from mlx_parity.harness.stages import StageOutput
 
 from .conftest import CASES
 
@@ -61,7 +61,7 @@ def test_a_stage_error_is_its_diagnosis():
 
 
 def test_a_scaled_learning_rate_is_named():
-    from harness.mutants import Mutant, MutantBackend, _opt
+    from mlx_parity.harness.mutants import Mutant, MutantBackend, _opt
 
     m = Mutant("lr_x2", "lr doubled", "optimizer", ("gqa_padded",), "learning_rate", settings=lambda s: _opt(lr=s.optimizer.lr * 2)(s))
     first = audit(MutantBackend(m), CASES["gqa_padded"]).first_failure()

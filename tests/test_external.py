@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.audit import audit
-from harness.backends import get_backend
-from harness.protocol.client import ExternalBackend, example_adapter_backend
-from harness.stages import ALL_STAGES as STAGES
+from mlx_parity.harness.audit import audit
+from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.protocol.client import ExternalBackend, example_adapter_backend
+from mlx_parity.harness.stages import ALL_STAGES as STAGES
 
 from .conftest import CASES
 
@@ -29,7 +29,7 @@ def test_example_adapter_passes_every_stage():
 @pytest.mark.parametrize("mutant, fixture", [("no_shift", "gqa_padded"), ("bias_correction_flipped", "mha_sharded"),
                                              ("weights_not_loaded", "gqa_padded")])
 def test_mutant_through_the_protocol_fails_with_its_diagnosis(mutant, fixture):
-    from harness.mutants import MUTANTS
+    from mlx_parity.harness.mutants import MUTANTS
 
     m = MUTANTS[mutant]
     first = audit(example_adapter_backend(mutant), CASES[fixture]).first_failure()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reference.config import ConfigError, ModelConfig
+from mlx_parity.reference.config import ConfigError, ModelConfig
 
 from .conftest import CASES
 

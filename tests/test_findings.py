@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from harness.audit import audit
-from harness.backends import get_backend
-from harness.findings import analyse
-from harness.mutants import MUTANTS, Mutant, MutantBackend, _opt
+from mlx_parity.harness.audit import audit
+from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.findings import analyse
+from mlx_parity.harness.mutants import MUTANTS, Mutant, MutantBackend, _opt
 
 from .conftest import CASES
 

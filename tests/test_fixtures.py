@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from harness.case import FIXTURES_DIR
-from harness.fixtures import FixtureError, diff_fixture, generate, verify
+from mlx_parity.harness.case import FIXTURES_DIR
+from mlx_parity.harness.fixtures import FixtureError, diff_fixture, generate, verify
 
 
 def test_manifest_hashes_match():
@@ -98,7 +98,7 @@ def test_goldens_from_another_platform_are_judged_not_hashed(tmp_path):
 
 def test_a_killed_generate_leaves_the_old_set(copy, monkeypatch):
     """generate --force builds the whole set in a staging copy: killed half way, nothing has changed."""
-    from harness import fixtures
+    from mlx_parity.harness import fixtures
 
     before = fixtures.fixture_files(copy)
     before["manifest.json"] = fixtures.sha256(copy / "manifest.json")
@@ -123,7 +123,7 @@ def test_a_killed_generate_leaves_the_old_set(copy, monkeypatch):
 def test_fixtures_vary_every_convention_a_port_could_hard_code():
     """A port that hard-codes MLX's or transformers' defaults must fail some fixture: each convention
     takes more than one value across the bundled set."""
-    from harness.case import list_cases
+    from mlx_parity.harness.case import list_cases
 
     seen = {k: set() for k in ("rope_theta", "head_dim_is_hidden_over_heads", "rms_norm_eps", "lambda", "alpha",
                                "bias_correction", "layout", "gqa_batch_size", "accum_with_padding")}

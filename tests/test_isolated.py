@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness.audit import audit
-from harness.backends import get_backend
-from harness.protocol.client import read_response
-from harness.stages import ISOLATED_STAGES, StageOutput
+from mlx_parity.harness.audit import audit
+from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.protocol.client import read_response
+from mlx_parity.harness.stages import ISOLATED_STAGES, StageOutput
 
 from .conftest import CASES
 from .test_malformed import Canned, correct_outputs

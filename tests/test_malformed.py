@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from harness.audit import audit
-from harness.backends.base import Backend
-from harness.protocol.client import read_response
-from harness.stages import ALL_STAGES as STAGES, PREFIX, StageOutput
+from mlx_parity.harness.audit import audit
+from mlx_parity.harness.backends.base import Backend
+from mlx_parity.harness.protocol.client import read_response
+from mlx_parity.harness.stages import ALL_STAGES as STAGES, PREFIX, StageOutput
 
 from .conftest import CASES
 
@@ -152,7 +152,7 @@ def test_every_corruption_of_every_stage_fails_alone(how):
 
 
 def test_a_raising_diagnosis_rule_reports_itself(monkeypatch):
-    from harness import diagnosis
+    from mlx_parity.harness import diagnosis
 
     def boom(*a):
         raise ZeroDivisionError("rule bug")

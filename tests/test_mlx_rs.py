@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from harness.audit import audit
-from harness.backends import get_backend
-from harness.backends.mlx_rs import RUST_INJECTIONS, extension_built
+from mlx_parity.harness.audit import audit
+from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.backends.mlx_rs import RUST_INJECTIONS, extension_built
 
 from .conftest import CASES
 
@@ -83,7 +83,7 @@ def test_strict_loading_lists_every_problem(P, tmp_path):
 
 def test_reference_resumes_a_rust_checkpoint_exactly(P, tmp_path):
     """The port writes the reference's checkpoint layout: the reference continues it bit for bit."""
-    from reference.trainer import Trainer
+    from mlx_parity.reference.trainer import Trainer
 
     rust = trainer(P)
     rust.step(CASE.batch)

@@ -3,8 +3,8 @@ on every fixture that exposes it."""
 
 import pytest
 
-from harness.audit import audit
-from harness.mutants import MUTANTS, MutantBackend
+from mlx_parity.harness.audit import audit
+from mlx_parity.harness.mutants import MUTANTS, MutantBackend
 
 from .conftest import CASES
 

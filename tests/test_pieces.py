@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from harness import pieces as P
-from harness.audit import audit, judge
-from harness.backends import get_backend
-from harness.diagnosis import diagnose
-from harness.stages import StageOutput
+from mlx_parity.harness import pieces as P
+from mlx_parity.harness.audit import audit, judge
+from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.diagnosis import diagnose
+from mlx_parity.harness.stages import StageOutput
 
 from .conftest import CASES
 

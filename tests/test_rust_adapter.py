@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.audit import audit
-from harness.backends import get_backend
-from harness.backends.mlx_rs import ADAPTER_BINARY, RUST_INJECTIONS
-from harness.protocol.client import read_response, set_stages, write_request
+from mlx_parity.harness.audit import audit
+from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.backends.mlx_rs import ADAPTER_BINARY, RUST_INJECTIONS
+from mlx_parity.harness.protocol.client import read_response, set_stages, write_request
 
 from .conftest import CASES
 

@@ -4,10 +4,10 @@ import json
 
 from typer.testing import CliRunner
 
-from harness.cli import app
-from harness.fixture_specs import SPECS
-from harness.mutants import MUTANTS
-from harness.selftest import DESIGN_BUGS, DESIGN_TOGETHER
+from mlx_parity.harness.cli import app
+from mlx_parity.harness.fixture_specs import SPECS
+from mlx_parity.harness.mutants import MUTANTS
+from mlx_parity.harness.selftest import DESIGN_BUGS, DESIGN_TOGETHER
 
 
 def test_selftest_passes_and_writes_its_json(tmp_path):

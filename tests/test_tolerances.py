@@ -6,12 +6,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from harness.audit import StageResult, audit, judge
-from harness.stages import StageOutput
-from harness.mutants import Mutant, MutantBackend, _opt
-from harness.tolerances import TOLERANCES, tolerance
-from reference import loss as L
-from reference.trainer import Trainer
+from mlx_parity.harness.audit import StageResult, audit, judge
+from mlx_parity.harness.stages import StageOutput
+from mlx_parity.harness.mutants import Mutant, MutantBackend, _opt
+from mlx_parity.harness.tolerances import TOLERANCES, tolerance
+from mlx_parity.reference import loss as L
+from mlx_parity.reference.trainer import Trainer
 
 from .conftest import CASES
 

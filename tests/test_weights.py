@@ -3,11 +3,11 @@
 import numpy as np
 from safetensors.numpy import load_file
 
-from harness.torch_twin import twin_name
-from reference.config import ModelConfig
-from reference.settings import TrainSettings
-from reference.trainer import Trainer
-from reference.weights import name_map, read_checkpoint
+from mlx_parity.harness.torch_twin import twin_name
+from mlx_parity.reference.config import ModelConfig
+from mlx_parity.reference.settings import TrainSettings
+from mlx_parity.reference.trainer import Trainer
+from mlx_parity.reference.weights import name_map, read_checkpoint
 
 from .conftest import CASES
 

@@ -3,7 +3,7 @@
 Interface (docs/backends.md): `name`, `unavailable()` (None or why it cannot run here) and
 `run(case, stages) -> {stage: StageOutput}`. In-process trainers implement it through
 `TrainerBackend`, which only needs `open(case, strict)` and `resume(case, path)` returning a
-`harness.stages.Session`.
+`mlx_parity.harness.stages.Session`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def registry() -> dict[str, type[Backend]]:
 
 def get_backend(name: str, timeout: float | None = None, in_process: bool = False) -> Backend:
     """A backend by name. `in_process` asks for the extension backend itself rather than its
-    per-stage isolated form (what `harness.protocol.server` serves)."""
+    per-stage isolated form (what `mlx_parity.harness.protocol.server` serves)."""
     if name.startswith("cmd:"):
         from ..protocol.client import DEFAULT_TIMEOUT_S, ExternalBackend
 

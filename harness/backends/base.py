@@ -40,7 +40,7 @@ class TrainerBackend(Backend):
 
 
 class TrainerSession:
-    """A `Session` over a trainer with the surface of `reference.trainer.Trainer`; subclasses say how
+    """A `Session` over a trainer with the surface of `mlx_parity.reference.trainer.Trainer`; subclasses say how
     their arrays become numpy and how they run the forward pass and the shift."""
 
     def __init__(self, trainer, report: dict):

@@ -7,8 +7,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from reference.loss import shifted_slices
-from reference.trainer import Trainer
+from mlx_parity.reference.loss import shifted_slices
+from mlx_parity.reference.trainer import Trainer
 
 from .base import TrainerBackend, TrainerSession
 

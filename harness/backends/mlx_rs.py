@@ -1,6 +1,6 @@
 """The mlx-rs port (`rust/`, the `parity_mlx_rs` extension) as a backend.
 
-`mlx-rs` runs each stage in its own process through `harness.protocol.server`, with the same time limit as a
+`mlx-rs` runs each stage in its own process through `mlx_parity.harness.protocol.server`, with the same time limit as a
 `cmd:` port, so a crash in Rust code is that stage's finding, not the audit's end. `mlx-rs:INJECTION`
 runs the port with one of its built-in porting bugs switched on (the seed's four "before" failures).
 """
@@ -54,7 +54,7 @@ class MlxRsSession(TrainerSession):
 
 
 class MlxRsInProcess(TrainerBackend):
-    """The extension in this process (what `harness.protocol.server` serves to the isolated backend)."""
+    """The extension in this process (what `mlx_parity.harness.protocol.server` serves to the isolated backend)."""
 
     def __init__(self, inject: str | None = None):
         self.inject = inject
@@ -96,7 +96,7 @@ class MlxRsBackend(ExternalBackend):
 
     def __init__(self, inject: str | None = None, timeout: float = DEFAULT_TIMEOUT_S):
         name = "mlx-rs" + (f":{inject}" if inject else "")
-        super().__init__(f"{shlex.quote(sys.executable)} -m harness.protocol.server {name}", timeout=timeout, name=name)
+        super().__init__(f"{shlex.quote(sys.executable)} -m mlx_parity.harness.protocol.server {name}", timeout=timeout, name=name)
 
     def unavailable(self) -> str | None:
         return None if extension_built() else NOT_BUILT

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference.schedule import lr_at
+from mlx_parity.reference.schedule import lr_at
 
 from .core import Diagnosis, close, f64, initial, ratio
 

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from safetensors.numpy import load_file
 
-from reference.config import ModelConfig
+from mlx_parity.reference.config import ModelConfig
 
 from .. import pieces as P
 from .core import Diagnosis, f64

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference.schedule import lr_at
+from mlx_parity.reference.schedule import lr_at
 
 from .core import Diagnosis, f64
 

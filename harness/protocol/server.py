@@ -1,6 +1,6 @@
 """Serve an in-process backend over the external-program protocol (docs/protocol.md).
 
-    python -m harness.protocol.server BACKEND REQUEST_DIR RESPONSE_DIR
+    python -m mlx_parity.harness.protocol.server BACKEND REQUEST_DIR RESPONSE_DIR
 
 Used to run a backend in its own process, one stage at a time and with a time limit, exactly as a
 foreign port is run: the worked example adapter and the isolated mlx-rs extension go through it.
@@ -22,7 +22,7 @@ class Request:
     """A request folder, shaped like a fixture case so any backend's `run` accepts it."""
 
     def __init__(self, folder: Path):
-        from reference.settings import TrainSettings
+        from mlx_parity.reference.settings import TrainSettings
 
         self.path = folder
         self.spec = json.loads((folder / "request.json").read_text())

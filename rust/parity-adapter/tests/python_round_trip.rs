@@ -23,7 +23,7 @@ fn a_harness_request_is_read_and_the_answer_is_read_back() {
     let dir = tempfile::tempdir().unwrap();
     let (req, resp) = (dir.path().join("request"), dir.path().join("response"));
     python(
-        "import sys; from pathlib import Path; from harness.case import find_case; from harness.protocol.client import write_request, set_stages\n\
+        "import sys; from pathlib import Path; from mlx_parity.harness.case import find_case; from mlx_parity.harness.protocol.client import write_request, set_stages\n\
          case = find_case('gqa_padded'); write_request(case, Path(sys.argv[1]), isolated=True); set_stages(Path(sys.argv[1]), case, ['loss', 'weight_mapping', 'isolated_loss'])",
         &[&req],
     );
@@ -40,7 +40,7 @@ fn a_harness_request_is_read_and_the_answer_is_read_back() {
 
     answer::<Toy>(&req, &resp).unwrap();
     let read = python(
-        "import sys; from pathlib import Path; from harness.protocol.client import read_response\n\
+        "import sys; from pathlib import Path; from mlx_parity.harness.protocol.client import read_response\n\
          for s in ('loss', 'weight_mapping', 'isolated_loss'):\n\
          \x20   o = read_response(Path(sys.argv[1]), s)\n\
          \x20   print(s, o.error, o.unsupported, sorted(o.tensors), o.meta.get('load_report'))",
@@ -58,7 +58,7 @@ fn tensors_round_trip_between_numpy_and_the_kit() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
     python(
-        "import sys, numpy as np; from harness.protocol.tensors import save_tensors\n\
+        "import sys, numpy as np; from mlx_parity.harness.protocol.tensors import save_tensors\n\
          save_tensors({'f': np.array([[1.5, -0.0], [3e-39, 7.0]], np.float32), 'i': np.array([-1, 2**31 - 1], np.int32),\n\
          \x20             'l': np.array(2**40, np.int64), 'd': np.array([1e-300]), 't': np.arange(6, dtype=np.float32).reshape(2, 3).T}, sys.argv[1])",
         &[&a],
