@@ -26,6 +26,32 @@ def test_example_adapter_passes_every_stage():
     assert [s.status for s in result.stages] == ["pass"] * len(STAGES), [s.message for s in result.stages]
 
 
+def test_one_process_serves_every_stage_and_still_names_a_bug():
+    """`cmd-once:` sends every stage in one request (one load): the example adapter passes, a mutant fails where
+    it does, and the port ran once (each stage's time is its share of the one run)."""
+    once = get_backend(f"cmd-once:{example_adapter_backend().command}")
+    assert once.one_process and once.name.startswith("cmd-once:")
+    result = audit(once, CASES["lora"])
+    assert [s.status for s in result.stages] == ["pass"] * len(STAGES), [s.message for s in result.stages]
+    bad = ExternalBackend(example_adapter_backend("no_shift").command, one_process=True)
+    first = audit(bad, CASES["gqa_padded"]).first_failure()
+    assert first is not None and first.diagnosis.code == "labels_not_shifted"
+
+
+def test_the_request_links_the_checkpoint_instead_of_copying_it(tmp_path):
+    from mlx_parity.harness.protocol.client import write_request
+
+    case = CASES["mha_sharded"]  # six shards and an index
+    write_request(case, tmp_path / "req")
+    src = sorted(f.name for f in case.checkpoint.iterdir())
+    linked = sorted(f.name for f in (tmp_path / "req" / "checkpoint").iterdir())
+    assert linked == src
+    for name in src:
+        a, b = case.checkpoint / name, tmp_path / "req" / "checkpoint" / name
+        assert b.is_symlink() or b.stat().st_ino == a.stat().st_ino  # the same file, not a copy
+        assert b.read_bytes() == a.read_bytes()
+
+
 @pytest.mark.parametrize("mutant, fixture", [("no_shift", "gqa_padded"), ("bias_correction_flipped", "mha_sharded"),
                                              ("weights_not_loaded", "gqa_padded")])
 def test_mutant_through_the_protocol_fails_with_its_diagnosis(mutant, fixture):

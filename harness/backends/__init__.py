@@ -21,13 +21,13 @@ def registry() -> dict[str, type[Backend]]:
 def get_backend(name: str, timeout: float | None = None, in_process: bool = False) -> Backend:
     """A backend by name. `in_process` asks for the extension backend itself rather than its
     per-stage isolated form (what `mlx_parity.harness.protocol.server` serves)."""
-    if name.startswith("cmd:"):
+    if name.startswith(("cmd:", "cmd-once:")):
         from ..protocol.client import DEFAULT_TIMEOUT_S, ExternalBackend
 
-        command = name[4:].strip()
+        kind, command = (s.strip() for s in name.split(":", 1))
         if not command:
-            raise BackendError("cmd: needs a command line, e.g. \"cmd:./my-port-adapter\"")
-        return ExternalBackend(command, timeout or DEFAULT_TIMEOUT_S)
+            raise BackendError(f"{kind}: needs a command line, e.g. \"{kind}:./my-port-adapter\"")
+        return ExternalBackend(command, timeout or DEFAULT_TIMEOUT_S, one_process=kind == "cmd-once")
     if name.startswith("mutant:"):
         from ..mutants import MUTANTS, MutantBackend
 

@@ -8,6 +8,7 @@ stage's finding and the others are still judged.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -38,13 +39,30 @@ def write_request(case, folder: Path, isolated: bool = False) -> None:
     """The request folder: the checkpoint, the batch, the adapters, the reference's own inputs for the
     isolated checks (its forward pieces, logits and gradients), and request.json."""
     folder.mkdir(parents=True)
-    shutil.copytree(case.checkpoint, folder / "checkpoint")
+    link_tree(Path(case.checkpoint), folder / "checkpoint")
     save_tensors(case.batch, folder / "batch.safetensors")
     if case.lora_init is not None:
         shutil.copy(case.lora_init, folder / "lora_init.safetensors")
     if isolated:
         given = {pieces.PREFIX + k: v for k, v in pieces.given(case.golden).items()}
         save_tensors({k: v for k, v in case.golden.items() if k == "forward.logits" or k.startswith("grad.")} | given, folder / ISOLATED_INPUTS)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """The checkpoint's files linked, not copied: a hard link where the file system allows, else a symbolic
+    link to the resolved file. A multi-GB checkpoint costs nothing; a port that wrote into it would change the
+    fixture's own files, which the next audit's hash check reports."""
+    src = src.resolve()
+    for f in sorted(src.rglob("*")):
+        target = dst / f.relative_to(src)
+        if f.is_dir():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        real = f.resolve()
+        try:
+            os.link(real, target)
+        except OSError:
+            target.symlink_to(real)
 
 
 def set_stages(folder: Path, case, stages: list[str]) -> None:
@@ -104,11 +122,16 @@ def read_response(folder: Path, stage: str, limit: int | None = None) -> StageOu
 
 
 class ExternalBackend(Backend):
-    def __init__(self, command: str, timeout: float = DEFAULT_TIMEOUT_S, name: str | None = None):
+    """A port behind the protocol. By default each stage runs in a fresh process (a stage cannot lean on
+    state another left behind); `one_process` sends every stage in one request, so a port that asks for it
+    loads the checkpoint once (`cmd-once:`), with the time limit of all its stages together."""
+
+    def __init__(self, command: str, timeout: float = DEFAULT_TIMEOUT_S, name: str | None = None, one_process: bool = False):
         self.command = command
         self.argv = shlex.split(command)
         self.timeout = timeout
-        self.name = name or f"cmd:{command}"
+        self.one_process = one_process
+        self.name = name or f"{'cmd-once' if one_process else 'cmd'}:{command}"
 
     def unavailable(self) -> str | None:
         if not self.argv:
@@ -124,6 +147,11 @@ class ExternalBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="parity-cmd-") as tmp:
             request = Path(tmp) / "request"
             write_request(case, request, isolated=any(s in ISOLATED_STAGES for s in stages))
+            if self.one_process and stages:
+                response = Path(tmp) / "response"
+                response.mkdir()
+                set_stages(request, case, list(stages))
+                return self._run_stages(list(stages), request, response)
             for stage in stages:
                 response = Path(tmp) / f"response-{stage}"
                 response.mkdir()
@@ -132,21 +160,27 @@ class ExternalBackend(Backend):
         return results
 
     def _run_stage(self, stage: str, request: Path, response: Path) -> StageOutput:
-        start = time.monotonic()
+        return self._run_stages([stage], request, response)[stage]
+
+    def _run_stages(self, stages: list[str], request: Path, response: Path) -> dict[str, StageOutput]:
+        start, limit = time.monotonic(), self.timeout * len(stages)
+        what = "this stage" if len(stages) == 1 else "these stages"
         try:
             proc = subprocess.run([*self.argv, str(request), str(response)], capture_output=True, text=True,
-                                  timeout=self.timeout, stdin=subprocess.DEVNULL)
+                                  timeout=limit, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            return StageOutput(error=f"timed out after {self.timeout:g} s (the port hangs at this stage)")
+            return {s: StageOutput(error=f"timed out after {limit:g} s (the port hangs at {what})") for s in stages}
         except OSError as e:
-            return StageOutput(error=f"could not start {self.argv[0]!r}: {e}")
+            return {s: StageOutput(error=f"could not start {self.argv[0]!r}: {e}") for s in stages}
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
             how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with status {proc.returncode}"
-            return StageOutput(error=f"the port {how}: {tail}")
-        out = read_response(response, stage, getattr(self, "limit", None))
-        out.meta["seconds"] = round(time.monotonic() - start, 3)
-        return out
+            return {s: StageOutput(error=f"the port {how}: {tail}") for s in stages}
+        seconds = round((time.monotonic() - start) / len(stages), 3)
+        outputs = {s: read_response(response, s, getattr(self, "limit", None)) for s in stages}
+        for out in outputs.values():
+            out.meta["seconds"] = seconds
+        return outputs
 
 
 def example_adapter_backend(mutant: str | None = None) -> ExternalBackend:
