@@ -102,11 +102,16 @@ class Case:
     def initial_weights(self) -> dict[str, np.ndarray]:
         """`weights.<name>`: the checkpoint's tensors (and initial adapters), what loading must give and
         θ₀ for judging parameter changes."""
-        from mlx_parity.reference.weights import IGNORED_KEYS, checkpoint_files
+        import mlx.core as mx
 
-        tensors: dict[str, np.ndarray] = {}
-        for f in checkpoint_files(self.checkpoint):
-            tensors.update({k: v for k, v in _load(f).items() if not IGNORED_KEYS.search(k)})
+        from mlx_parity.reference.weights import IGNORED_KEYS, read_checkpoint
+
+        try:  # through MLX, which reads bfloat16 (numpy does not): float weights as the float32 a port loads them into
+            stored = read_checkpoint(self.checkpoint)
+        except (OSError, ValueError) as e:
+            raise CaseError(f"{self.checkpoint}: {e}") from None
+        tensors = {k: np.array(v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v)
+                   for k, v in stored.items() if not IGNORED_KEYS.search(k)}
         if self.lora_init is not None:
             tensors.update(_load(self.lora_init))
         return {f"weights.{k}": v for k, v in tensors.items()}

@@ -254,10 +254,10 @@ class TwinTrainer:
             name = twin_name(key)
             if name is None or name not in own:
                 report.unexpected.append(key)
-            elif t.shape != own[name].shape or t.dtype != own[name].dtype:
+            elif t.shape != own[name].shape or not (t.is_floating_point() and own[name].is_floating_point()):
                 report.mismatched.append(f"{key}: checkpoint {tuple(t.shape)} {t.dtype}, model {tuple(own[name].shape)} {own[name].dtype}")
             else:
-                state[name] = t
+                state[name] = t.to(own[name].dtype)
         bad = {m.split(":")[0] for m in report.mismatched}
         report.missing = sorted(cls._hf_name(None, n) for n in set(own) - set(state) if cls._hf_name(None, n) not in bad)
         if strict and not report.ok:

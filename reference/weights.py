@@ -1,8 +1,10 @@
 """Checkpoint names → parameters, and strict loading of Hugging Face safetensors (single or sharded).
 
 The name map is the one place that knows checkpoint naming. Loading is strict by default: a key that
-fills no parameter, a parameter no key fills, a shape or dtype mismatch is an error listing all of them,
-so no parameter can silently keep its random initialisation.
+fills no parameter, a parameter no key fills, a shape mismatch or a tensor that is not floating point is an
+error listing all of them, so no parameter can silently keep its random initialisation. bfloat16 and
+float16 checkpoints (the usual dtypes of released models) load into the float32 parameters exactly: the
+float32 master weights mixed-precision training keeps.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def name_map(cfg: ModelConfig) -> dict[str, str]:
             keys.append(p + f"self_attn.{proj}.weight")
             if cfg.o_bias if proj == "o_proj" else cfg.qkv_bias:
                 keys.append(p + f"self_attn.{proj}.bias")
+        if cfg.qk_norm:
+            keys += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
         for proj in ("gate_proj", "up_proj", "down_proj"):
             keys.append(p + f"mlp.{proj}.weight")
             if cfg.mlp_bias:
@@ -120,12 +124,12 @@ def match(model_params: dict[str, mx.array], tensors: dict[str, mx.array], cfg: 
             report.unexpected.append(key)
             continue
         t, p = tensors[key], model_params[target]
-        if t.shape != p.shape or t.dtype != p.dtype:
+        if t.shape != p.shape or not (mx.issubdtype(t.dtype, mx.floating) and mx.issubdtype(p.dtype, mx.floating)):
             report.mismatched.append(
                 f"{key}: checkpoint {tuple(t.shape)} {t.dtype}, model {tuple(p.shape)} {p.dtype}".replace("mlx.core.", "")
             )
             continue
-        loaded[target] = t
+        loaded[target] = t if t.dtype == p.dtype else t.astype(p.dtype)
     report.missing = sorted(set(nmap.values()) - set(loaded) - {k for k in nmap if any(m.startswith(k + ":") for m in report.mismatched)})
     return loaded, report
 

@@ -72,13 +72,34 @@ def test_strict_loading_lists_every_problem(P, tmp_path):
     t = load_file(str(ck / "model.safetensors"))
     t["model.extra.weight"] = np.zeros(3, np.float32)
     del t["lm_head.weight"]
-    t["model.norm.weight"] = t["model.norm.weight"].astype(np.float16)
+    t["model.norm.weight"] = t["model.norm.weight"].astype(np.int32)  # not floating point: no weight
     save_file(t, str(ck / "model.safetensors"))
     with pytest.raises(ValueError) as e:
         P.Trainer(str(ck), json.dumps(CASE.settings_dict))
     assert all(k in str(e.value) for k in ("lm_head.weight", "model.extra.weight", "model.norm.weight"))
     report = P.Trainer(str(ck), json.dumps(CASE.settings_dict), None, False).load_report()
     assert "lm_head.weight" in report["missing"] and report["unexpected"] == ["model.extra.weight"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_checkpoint_loads_into_float32_exactly(P, tmp_path, dtype):
+    """Released models are stored in bfloat16: the port loads them into its float32 (master) weights exactly,
+    as the reference does."""
+    import torch
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+
+    from mlx_parity.reference.settings import TrainSettings
+    from mlx_parity.reference.trainer import Trainer
+
+    ck = tmp_path / "ck"
+    shutil.copytree(CASE.checkpoint, ck)
+    f = ck / "model.safetensors"
+    save_torch({k: v.to(getattr(torch, dtype)) for k, v in load_torch(str(f)).items()}, str(f))
+    rust = P.Trainer(str(ck), json.dumps(CASE.settings_dict)).parameters()
+    ref, _ = Trainer.from_pretrained(ck, TrainSettings.from_dict(CASE.settings_dict))
+    half = {k: v.float().numpy() for k, v in load_torch(str(f)).items()}
+    for k, v in rust.items():
+        assert v.dtype == np.float32 and np.array_equal(v, half[k]) and np.array_equal(v, np.array(ref.parameters()[k])), k
 
 
 def test_reference_resumes_a_rust_checkpoint_exactly(P, tmp_path):

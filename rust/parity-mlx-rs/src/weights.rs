@@ -63,6 +63,10 @@ pub fn name_map(cfg: &ModelConfig) -> BTreeMap<String, String> {
                 keys.push(format!("{p}self_attn.{proj}.bias"));
             }
         }
+        if cfg.qk_norm() {
+            keys.push(format!("{p}self_attn.q_norm.weight"));
+            keys.push(format!("{p}self_attn.k_norm.weight"));
+        }
         for proj in ["gate_proj", "up_proj", "down_proj"] {
             keys.push(format!("{p}mlp.{proj}.weight"));
             if cfg.mlp_bias {
@@ -139,6 +143,11 @@ pub fn read_checkpoint(dir: &Path) -> Result<HashMap<String, Array>> {
     Ok(tensors)
 }
 
+/// The dtypes a checkpoint stores weights in: any of them loads into a float32 parameter.
+fn is_float(d: Dtype) -> bool {
+    matches!(d, Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float32 | Dtype::Float64)
+}
+
 pub fn dtype_name(d: Dtype) -> &'static str {
     match d {
         Dtype::Bool => "bool",
@@ -195,7 +204,7 @@ pub fn match_tensors(
         };
         let t = tensors.remove(&key).unwrap();
         let p = params[target.as_str()];
-        if t.shape() != p.shape() || t.dtype() != p.dtype() {
+        if t.shape() != p.shape() || !(is_float(t.dtype()) && is_float(p.dtype())) {
             report.mismatched.push(format!(
                 "{key}: checkpoint {} {}, model {} {}",
                 shape_str(t.shape()),
@@ -206,6 +215,8 @@ pub fn match_tensors(
             mismatched_keys.insert(key);
             continue;
         }
+        // bfloat16 and float16 checkpoints load into the float32 parameters (master weights): exact.
+        let t = if t.dtype() == p.dtype() { t } else { t.as_dtype(p.dtype()).expect("a float cast") };
         loaded.insert(Rc::from(target.as_str()), t);
     }
     let mut missing: Vec<String> = nmap
