@@ -62,7 +62,8 @@ def real_tokens(name: str, attention_mask: np.ndarray) -> np.ndarray:
     return m[..., None]
 
 
-_MODULES = {"input_norm": ("input_layernorm",), "q": ("self_attn.q_proj",), "k": ("self_attn.k_proj",), "v": ("self_attn.v_proj",),
+_MODULES = {"input_norm": ("input_layernorm",), "q": ("self_attn.q_proj", "self_attn.q_norm"),
+            "k": ("self_attn.k_proj", "self_attn.k_norm"), "v": ("self_attn.v_proj",),
             "o_proj": ("self_attn.o_proj",), "post_norm": ("post_attention_layernorm",), "gate": ("mlp.gate_proj",),
             "up": ("mlp.up_proj",), "down": ("mlp.down_proj",), "output": ("",)}
 

@@ -26,6 +26,7 @@ _LAYER_MAP = {
     "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
     "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "ffn.w_gate", "mlp.up_proj": "ffn.w_up",
     "mlp.down_proj": "ffn.w_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn.q_head_norm", "self_attn.k_norm": "attn.k_head_norm",
 }
 
 
@@ -105,6 +106,9 @@ class Block(torch.nn.Module):
         self.attn.wk = Proj(c.hidden_size, c.num_key_value_heads * hd, c.qkv_bias)
         self.attn.wv = Proj(c.hidden_size, c.num_key_value_heads * hd, c.qkv_bias)
         self.attn.wo = Proj(c.num_attention_heads * hd, c.hidden_size, c.o_bias)
+        if c.qk_norm:  # Qwen3: each query and key head normed over its own dimensions
+            self.attn.q_head_norm = RMSNorm(hd, c.rms_norm_eps)
+            self.attn.k_head_norm = RMSNorm(hd, c.rms_norm_eps)
         self.ffn = torch.nn.Module()
         self.ffn.w_gate = Proj(c.hidden_size, c.intermediate_size, c.mlp_bias)
         self.ffn.w_up = Proj(c.hidden_size, c.intermediate_size, c.mlp_bias)
@@ -112,12 +116,18 @@ class Block(torch.nn.Module):
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
+    def heads(self, x, which: str):
+        """[B, T, n·hd] -> [B, n, T, hd]; Qwen3's q and k heads normed first (in [B, T, n, hd], as transformers)."""
+        c, (B, T, _) = self.c, x.shape
+        y = x.view(B, T, -1, c.head_dim)
+        if c.qk_norm and which in ("q", "k"):
+            y = getattr(self.attn, f"{which}_head_norm")(y)
+        return y.transpose(1, 2)
+
     def attention(self, x, cos, sin):
         c, (B, T, _) = self.c, x.shape
         hd, H, K = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-        q = self.attn.wq(x).view(B, T, H, hd).transpose(1, 2)
-        k = self.attn.wk(x).view(B, T, K, hd).transpose(1, 2)
-        v = self.attn.wv(x).view(B, T, K, hd).transpose(1, 2)
+        q, k, v = self.heads(self.attn.wq(x), "q"), self.heads(self.attn.wk(x), "k"), self.heads(self.attn.wv(x), "v")
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         k = k.repeat_interleave(H // K, dim=1)  # query head h uses kv head h // n_rep
         v = v.repeat_interleave(H // K, dim=1)
@@ -137,9 +147,9 @@ class Block(torch.nn.Module):
         ffn = self.ffn
         return {
             "input_norm": self.attn_norm(g["input"]),
-            "q": self.attn.wq(g["input_norm"]).view(B, T, H, hd).transpose(1, 2),
-            "k": self.attn.wk(g["input_norm"]).view(B, T, K, hd).transpose(1, 2),
-            "v": self.attn.wv(g["input_norm"]).view(B, T, K, hd).transpose(1, 2),
+            "q": self.heads(self.attn.wq(g["input_norm"]), "q"),
+            "k": self.heads(self.attn.wk(g["input_norm"]), "k"),
+            "v": self.heads(self.attn.wv(g["input_norm"]), "v"),
             "q_rope": rope(g["q"]), "k_rope": rope(g["k"]),
             "scores": (g["q_rope"] @ expand(g["k_rope"]).transpose(-1, -2)) / math.sqrt(hd),
             "probs": torch.softmax(g["scores"].masked_fill(~causal, float("-inf")), dim=-1),
@@ -239,7 +249,8 @@ class TwinTrainer:
     @classmethod
     def from_pretrained(cls, checkpoint, settings: TrainSettings, lora_init=None, strict: bool = True,
                         dtype: torch.dtype = torch.float32):
-        """Load float32 checkpoint tensors; compute in `dtype` (float64 for the truth)."""
+        """Load checkpoint tensors (float32, or bfloat16/float16 cast exactly to float32); compute in `dtype`
+        (float64 for the truth)."""
         c = ModelConfig.from_file(checkpoint)
         model = TwinLlama(c)
         tensors = {}

@@ -13,7 +13,7 @@ class ConfigError(ValueError):
     """A config.json this trainer cannot represent faithfully."""
 
 
-FAMILIES = ("llama", "mistral", "qwen2")  # one architecture: they differ in config keys and biases only
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # one architecture: config keys, biases, and Qwen3's q/k norms
 ROPE_SCALING = {"default": (), "linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
@@ -33,6 +33,7 @@ class ModelConfig:
     qkv_bias: bool = False  # q/k/v projections (Llama: attention_bias; Qwen2: always)
     o_bias: bool = False  # o_proj (Llama: attention_bias; Qwen2: never)
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm over head_dim on each query and key head, before RoPE
     model_type: str = "llama"
     rope_type: str = "default"
     rope_scaling: tuple[tuple[str, float], ...] = ()  # the parameters ROPE_SCALING names for rope_type
@@ -63,8 +64,11 @@ class ModelConfig:
             raise ConfigError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
         if model_type == "mistral" and d.get("sliding_window") is not None:
             raise ConfigError(f"sliding_window={d['sliding_window']!r}: sliding-window attention is not supported (only sliding_window null)")
-        if model_type == "qwen2" and d.get("use_sliding_window"):
+        if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
             raise ConfigError("use_sliding_window=true: sliding-window attention is not supported")
+        sliding = [t for t in d.get("layer_types") or () if t != "full_attention"]
+        if sliding:
+            raise ConfigError(f"layer_types has {sliding[0]!r} layers: only full_attention is supported")
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
         # transformers 5 keeps RoPE in rope_parameters; transformers 4 wrote rope_theta and rope_scaling at the top level
@@ -75,7 +79,7 @@ class ModelConfig:
         missing = [k for k in ROPE_SCALING[rope_type] if k not in rope]
         if missing:
             raise ConfigError(f"rope_type {rope_type!r} needs {missing[0]!r} in rope_parameters (or rope_scaling)")
-        qwen2 = model_type == "qwen2"
+        qwen2, qwen3 = model_type == "qwen2", model_type == "qwen3"
         try:
             heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
@@ -92,7 +96,8 @@ class ModelConfig:
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 qkv_bias=True if qwen2 else bool(d.get("attention_bias", False)),
                 o_bias=False if qwen2 else bool(d.get("attention_bias", False)),
-                mlp_bias=False if qwen2 else bool(d.get("mlp_bias", False)),
+                mlp_bias=False if qwen2 or qwen3 else bool(d.get("mlp_bias", False)),
+                qk_norm=qwen3,
                 model_type=model_type,
                 rope_type=rope_type,
                 rope_scaling=tuple((k, float(rope[k])) for k in ROPE_SCALING[rope_type]),
@@ -120,8 +125,9 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict:
         """The config as transformers 5 writes it, so a checkpoint we save loads in transformers."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("qkv_bias", "o_bias", "rope_theta", "rope_type", "rope_scaling")}
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+        d = {k: v for k, v in asdict(self).items() if k not in ("qkv_bias", "o_bias", "qk_norm", "rope_theta", "rope_type", "rope_scaling")}
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM"}[self.model_type]
         scaling = {k: int(v) if k == "original_max_position_embeddings" else v for k, v in self.rope_scaling}  # transformers wants a count
         d.update(architectures=[arch], hidden_act="silu", rope_parameters={"rope_type": self.rope_type, "rope_theta": self.rope_theta, **scaling})
         if self.model_type != "qwen2":

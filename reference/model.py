@@ -66,6 +66,9 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, self.n_kv * self.head_dim, b)
         self.v_proj = Linear(d, self.n_kv * self.head_dim, b)
         self.o_proj = Linear(self.n_heads * self.head_dim, d, cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
         # RoPE reads positions from axis -2, hence [B, H, T, D]; it rotates the halves (HF's rotate_half).
         self.rope = nn.RoPE(self.head_dim, traditional=False, base=cfg.rope_theta) if cfg.rope_type == "default" else ScaledRoPE(cfg)
         self.scale = self.head_dim**-0.5
@@ -75,8 +78,11 @@ class Attention(nn.Module):
         return y.reshape(B, T, n, self.head_dim).transpose(0, 2, 1, 3)
 
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """q [B, H, T, D], k and v [B, K, T, D]."""
-        return self._heads(self.q_proj(x), self.n_heads), self._heads(self.k_proj(x), self.n_kv), self._heads(self.v_proj(x), self.n_kv)
+        """q [B, H, T, D], k and v [B, K, T, D]; with Qwen3's norms q and k are each head normed (over D)."""
+        q, k = self._heads(self.q_proj(x), self.n_heads), self._heads(self.k_proj(x), self.n_kv)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, self._heads(self.v_proj(x), self.n_kv)
 
     def kv_for_queries(self, kv: mx.array) -> mx.array:
         """Query head h reads kv head h // (H / K): each kv head repeated, not the heads tiled."""

@@ -21,6 +21,25 @@ def test_the_family_fixtures_read_as_their_family():
     assert (qwen2.model_type, qwen2.qkv_bias, qwen2.o_bias) == ("qwen2", True, False)
     assert (mistral.model_type, mistral.qkv_bias, mistral.num_key_value_heads) == ("mistral", False, 1)
     assert llama3.rope_type == "llama3" and dict(llama3.rope_scaling)["factor"] == 8.0
+    qwen3 = ModelConfig.from_file(CASES["qwen3"].checkpoint)
+    assert (qwen3.model_type, qwen3.qk_norm, qwen3.qkv_bias, qwen3.o_bias, qwen3.mlp_bias) == ("qwen3", True, False, False, False)
+
+
+def test_qwen3_norms_each_query_and_key_head_before_rope():
+    """The q/k norms are in the checkpoint, the name map and the q/k pieces: an eps or a missing norm moves `q`."""
+    import mlx.core as mx
+
+    from mlx_parity.reference.model import LlamaForCausalLM
+    from mlx_parity.reference.weights import name_map
+
+    cfg = ModelConfig.from_file(CASES["qwen3"].checkpoint)
+    assert {"model.layers.1.self_attn.q_norm.weight", "model.layers.1.self_attn.k_norm.weight"} <= set(name_map(cfg))
+    attn = LlamaForCausalLM(cfg).model.layers[0].self_attn
+    x = mx.random.normal((1, 3, cfg.hidden_size))
+    q, k, _ = attn.project(x)
+    raw = (x @ attn.q_proj.weight.T).reshape(1, 3, cfg.num_attention_heads, cfg.head_dim).transpose(0, 2, 1, 3)
+    rms = np.sqrt(np.mean(np.array(raw) ** 2, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    np.testing.assert_allclose(np.array(q), np.array(raw) / rms, rtol=1e-5, atol=1e-6)
 
 
 def test_both_layouts_give_one_config():
@@ -46,6 +65,8 @@ def test_rope_frequencies_are_transformers_own(rope):
     ({"model_type": "gemma"}, "model_type"),
     ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window"),
     ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+    ({"model_type": "qwen3", "use_sliding_window": True}, "use_sliding_window"),
+    ({"model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
@@ -56,7 +77,7 @@ def test_what_is_not_supported_is_refused_by_name(config, key):
         ModelConfig.from_dict(BASE | config)
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral", "llama3_rope", "tied", "small_eps_bias"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "llama3_rope", "tied", "small_eps_bias"])
 def test_a_saved_config_reads_back_and_loads_in_transformers(name, tmp_path):
     import json
 

@@ -12,9 +12,10 @@ pub enum ModelType {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
 }
 
-pub const SUPPORTED_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
+pub const SUPPORTED_MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 pub const SUPPORTED_ROPE_TYPES: [&str; 3] = ["default", "linear", "llama3"];
 
 impl ModelType {
@@ -23,6 +24,7 @@ impl ModelType {
             ModelType::Llama => "llama",
             ModelType::Mistral => "mistral",
             ModelType::Qwen2 => "qwen2",
+            ModelType::Qwen3 => "qwen3",
         }
     }
 
@@ -31,6 +33,7 @@ impl ModelType {
             ModelType::Llama => "LlamaForCausalLM",
             ModelType::Mistral => "MistralForCausalLM",
             ModelType::Qwen2 => "Qwen2ForCausalLM",
+            ModelType::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 }
@@ -179,6 +182,11 @@ fn rope_settings(d: &Value) -> Result<(f64, RopeScaling)> {
 }
 
 impl ModelConfig {
+    /// Qwen3's RMSNorm over head_dim on each query and key head, before RoPE (`q_norm`, `k_norm`).
+    pub fn qk_norm(&self) -> bool {
+        self.model_type == ModelType::Qwen3
+    }
+
     pub fn from_value(d: &Value) -> Result<Self> {
         let model_type = match d.get("model_type") {
             None | Some(Value::Null) => ModelType::Llama,
@@ -186,6 +194,7 @@ impl ModelConfig {
                 "llama" => ModelType::Llama,
                 "mistral" => ModelType::Mistral,
                 "qwen2" => ModelType::Qwen2,
+                "qwen3" => ModelType::Qwen3,
                 other => {
                     return Err(Error::Config(format!(
                         "model_type '{other}' is not supported (supported: {})",
@@ -203,15 +212,20 @@ impl ModelConfig {
                     )));
                 }
             }
-            ModelType::Qwen2 => {
+            ModelType::Qwen2 | ModelType::Qwen3 => {
                 if boolean(d, "use_sliding_window", false)? {
-                    return Err(Error::Config(
-                        "qwen2: use_sliding_window=true: sliding-window attention is not supported; only use_sliding_window false"
-                            .into(),
-                    ));
+                    return Err(Error::Config(format!(
+                        "{}: use_sliding_window=true: sliding-window attention is not supported; only use_sliding_window false",
+                        model_type.as_str()
+                    )));
                 }
             }
             ModelType::Llama => {}
+        }
+        if let Some(Value::Array(types)) = d.get("layer_types") {
+            if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
+                return Err(Error::Config(format!("layer_types has {t} layers: only full_attention is supported")));
+            }
         }
         let act = d.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
         if act != "silu" {
@@ -237,6 +251,11 @@ impl ModelConfig {
             ModelType::Llama | ModelType::Mistral => {
                 let attn = boolean(d, "attention_bias", false)?;
                 (attn, attn, boolean(d, "mlp_bias", false)?)
+            }
+            // Qwen3Attention: attention_bias on all four projections; Qwen3MLP without.
+            ModelType::Qwen3 => {
+                let attn = boolean(d, "attention_bias", false)?;
+                (attn, attn, false)
             }
             // Qwen2Attention: q/k/v with a bias, o_proj without; Qwen2MLP without.
             ModelType::Qwen2 => (true, false, false),
@@ -362,6 +381,10 @@ impl ModelConfig {
                 }
             }
             ModelType::Qwen2 => {
+                obj.insert("use_sliding_window".into(), false.into());
+            }
+            ModelType::Qwen3 => {
+                obj.insert("attention_bias".into(), self.qkv_bias.into());
                 obj.insert("use_sliding_window".into(), false.into());
             }
         }

@@ -194,6 +194,11 @@ pub struct Attention {
     pub v_proj: Linear,
     #[param]
     pub o_proj: Linear,
+    /// Qwen3's per-head norms of the queries and keys (`ModelConfig::qk_norm`).
+    #[param]
+    pub q_norm: Option<RmsNorm>,
+    #[param]
+    pub k_norm: Option<RmsNorm>,
     pub n_heads: i32,
     pub n_kv: i32,
     pub head_dim: i32,
@@ -216,6 +221,8 @@ impl Attention {
             k_proj: Linear::new(d, cfg.num_key_value_heads * hd, qkv_b, next())?,
             v_proj: Linear::new(d, cfg.num_key_value_heads * hd, qkv_b, next())?,
             o_proj: Linear::new(cfg.num_attention_heads * hd, d, o_b, next())?,
+            q_norm: if cfg.qk_norm() { Some(RmsNorm::new(hd, cfg.rms_norm_eps)?) } else { None },
+            k_norm: if cfg.qk_norm() { Some(RmsNorm::new(hd, cfg.rms_norm_eps)?) } else { None },
             n_heads: cfg.num_attention_heads,
             n_kv: cfg.num_key_value_heads,
             head_dim: hd,
@@ -235,13 +242,15 @@ impl Attention {
         y.reshape(&[b, t, n, self.head_dim])?.transpose_axes(&[0, 2, 1, 3])
     }
 
-    /// q `[B, H, T, D]`, k and v `[B, K, T, D]`.
+    /// q `[B, H, T, D]`, k and v `[B, K, T, D]`; with Qwen3's norms q and k each head normed over D.
     pub fn project(&self, x: &Array) -> R<(Array, Array, Array)> {
-        Ok((
-            self.heads(&self.q_proj.forward(x)?, self.n_heads)?,
-            self.heads(&self.k_proj.forward(x)?, self.n_kv)?,
-            self.heads(&self.v_proj.forward(x)?, self.n_kv)?,
-        ))
+        let mut q = self.heads(&self.q_proj.forward(x)?, self.n_heads)?;
+        let mut k = self.heads(&self.k_proj.forward(x)?, self.n_kv)?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        Ok((q, k, self.heads(&self.v_proj.forward(x)?, self.n_kv)?))
     }
 
     /// Non-traditional RoPE (HF's rotate_half), offset 0: base `rope_theta`, or for a scaled RoPE
@@ -564,6 +573,10 @@ impl LlamaForCausalLM {
             let a = &layer.self_attn;
             for (n, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
                 lin(&mut out, format!("{p}.self_attn.{n}"), l);
+            }
+            if a.q_norm.is_some() {
+                out.push(format!("{p}.self_attn.q_norm.weight"));
+                out.push(format!("{p}.self_attn.k_norm.weight"));
             }
             let m = &layer.mlp;
             for (n, l) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
