@@ -99,7 +99,8 @@ def _follows_structurally(name: str, structural, by_name, failed) -> bool:
         codes = {d.code for d in by_name[up].diagnoses}
         if codes & STRUCTURAL:
             return True
-        if up == "weight_mapping" and {d.code for d in structural} == {"trainable_set_mismatch"} and codes & {"key_mapping", "tied_embeddings_ignored"}:
+        if up == "weight_mapping" and {d.code for d in structural} == {"trainable_set_mismatch"} and codes & {
+                "key_mapping", "tied_embeddings_ignored", "checkpoint_tensors_unused"}:
             return True
     return False
 

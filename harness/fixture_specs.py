@@ -33,7 +33,8 @@ class FixtureSpec:
     embed_scale: float = 1.0  # shrink embeddings so RMSNorm's eps matters
     rotary_buffer: bool = False  # add an old-style rotary_emb.inv_freq key, which loading must ignore
     config_layout: str = "transformers5"  # or "transformers4": rope_theta (and rope_scaling) at the top level
-    model_type: str = "llama"  # the family transformers builds the checkpoint with: llama, mistral, qwen2
+    model_type: str = "llama"  # the family transformers builds the checkpoint with: llama, mistral, qwen2, qwen3
+    checkpoint_dtype: str = "float32"  # the dtype the checkpoint stores (bfloat16: released models'); training is float32
 
     def model_config(self) -> dict:
         return {**BASE_MODEL, **self.model}
@@ -124,5 +125,17 @@ SPECS = [
         "mistral", "Mistral (model_type mistral, no sliding window), rope_theta 1e6, 4 query heads on 1 kv head",
         ["model_type", "gqa_head_mapping", "rope_theta_hardcoded"],
         seed=13, model_type="mistral", model=dict(rope_theta=1e6, num_key_value_heads=1, sliding_window=None), batch_size=2, pad=(0, 2),
+    ),
+    FixtureSpec(
+        "qwen3", "Qwen3: an RMSNorm over head_dim on every query and key head before RoPE (q_norm, k_norm), no biases, "
+        "rope_theta 1e6, tied embeddings",
+        ["qk_norm_ignored", "rope_theta_hardcoded", "tied_embeddings_ignored"],
+        seed=15, model_type="qwen3", model=dict(rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True), batch_size=2, pad=(0, 3),
+    ),
+    FixtureSpec(
+        "bf16_checkpoint", "a checkpoint stored in bfloat16 (how released models ship), trained with float32 master weights; "
+        "4 query heads on 2 kv heads, rope_theta 5e5",
+        ["checkpoint_dtype", "gqa_head_mapping", "rope_theta_hardcoded"],
+        seed=14, model=dict(rope_theta=5e5), batch_size=2, pad=(0, 4), checkpoint_dtype="bfloat16",
     ),
 ]

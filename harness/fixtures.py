@@ -77,6 +77,7 @@ def build_inputs(spec: FixtureSpec, out: Path) -> None:
     cfg.pop("rope_theta")
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.model_type, rope_parameters=rope, **cfg)).float()
     _initial_weights(model, spec)
+    model.to(getattr(torch, spec.checkpoint_dtype))  # after the float32 init: a bfloat16 copy of the same numbers
     kwargs = {"max_shard_size": spec.max_shard_size} if spec.max_shard_size else {}
     model.save_pretrained(out / "checkpoint", **kwargs)
     if spec.config_layout == "transformers4":  # rope settings at the top level, as transformers 4 wrote them

@@ -56,3 +56,25 @@ def test_hf_defaults_differ_from_mlx_defaults():
     """LlamaConfig's defaults, not MLX's: eps 1e-6 and untied heads when the config is silent."""
     cfg = ModelConfig.from_dict({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2})
     assert cfg.rms_norm_eps == 1e-6 and cfg.tie_word_embeddings is False and cfg.num_key_value_heads == 2 and cfg.head_dim == 4
+
+
+def test_a_bfloat16_checkpoint_loads_exactly_into_float32_in_both_frameworks():
+    """The bf16_checkpoint fixture stores bfloat16 (how released models ship): the reference and the twin load
+    the very same numbers into float32 parameters; numpy cannot read bfloat16, so the truth is torch's cast."""
+    import torch
+    from safetensors.torch import load_file as load_torch
+
+    from mlx_parity.harness.torch_twin import TwinTrainer
+
+    case = CASES["bf16_checkpoint"]
+    stored = load_torch(str(case.checkpoint / "model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    mlx, report = Trainer.from_pretrained(case.checkpoint, TrainSettings())
+    twin, twin_report = TwinTrainer.from_pretrained(case.checkpoint, TrainSettings())
+    assert report.ok and twin_report.ok
+    theirs = {k: v.numpy() for k, v in twin.parameters().items()}
+    for k, t in stored.items():
+        want = t.float().numpy()
+        assert np.array(mlx.parameters()[k]).dtype == np.float32 and np.array_equal(np.array(mlx.parameters()[k]), want), k
+        assert np.array_equal(np.asarray(theirs[k]), want), k
+        assert np.array_equal(case.initial_weights[f"weights.{k}"], want), k

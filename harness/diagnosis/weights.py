@@ -21,6 +21,12 @@ def weights(result, out, case) -> Diagnosis | None:
     expected = case.initial_weights
     actual = {k: v for k, v in out.tensors.items() if k.startswith("weights.")}
     extra = sorted(set(actual) - set(expected))
+    absent = sorted(set(expected) - set(actual))
+    if absent and not extra and not missing and all(f"weights.{u}" in absent for u in unexpected):
+        modules = sorted({k.removeprefix("weights.").rsplit(".", 1)[0].split(".")[-1] for k in absent})
+        return Diagnosis("checkpoint_tensors_unused", f"{len(absent)} checkpoint tensors fill no parameter of the port "
+                         f"({', '.join(modules[:4])}): the port's model leaves these modules out",
+                         {"unused": [a.removeprefix("weights.") for a in absent[:10]], "load_report_unexpected": unexpected[:10]})
     if "weights.lm_head.weight" in extra and case.settings and _tied(case):
         return Diagnosis("tied_embeddings_ignored", "the config ties lm_head to embed_tokens, but the port has a separate lm_head.weight",
                          {"extra": extra, "tie_word_embeddings": True})
