@@ -194,6 +194,39 @@ def fixtures_generate(
         console.print(escape(m), highlight=False)
 
 
+@fixtures_app.command("create")
+def fixtures_create(
+    name: str = typer.Argument(..., help="The new fixture's name (lowercase letters, digits, '_', '-')."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json)."),
+    fixtures_dir: Path = typer.Option(Path("parity-fixtures"), "--fixtures-dir", help="Where to write it, beside the folder's own manifest.json."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Keep the first N decoder layers (default: all)."),
+    vocab: Optional[int] = typer.Option(None, "--vocab", help="Keep N vocabulary rows (default: all): every token the batch uses, then the lowest others, renumbered in order."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text for the batch: JSONL records (text, auth_weight, prov_entropy) or plain lines, through the checkpoint's tokenizer."),
+    token_ids: Optional[Path] = typer.Option(None, "--token-ids", help="Or the batch's token ids: a JSON list of lists, or .npy."),
+    settings: Optional[Path] = typer.Option(None, "--settings", help="settings.json keys over the defaults (LoRA rank 8 on every kept layer, 3 steps)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Rows of the batch."),
+    seq_len: int = typer.Option(32, "--seq-len", help="Tokens per row (longer text is cut, shorter padded)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Store the kept weights as float32, bfloat16 or float16 (default: as stored). Training is float32."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the LoRA adapters and any provenance the text does not give."),
+    force: bool = typer.Option(False, "--force", help="Replace a fixture of that name."),
+) -> None:
+    """A fixture from your own checkpoint: its first layers and vocabulary rows with their real shapes and
+    weights, your text through its tokenizer. Written only when the torch twin and transformers agree with the
+    MLX goldens; audit it with `parity audit --fixtures-dir DIR`."""
+    from .fixture_create import create
+    from .fixtures import FixtureError
+
+    try:
+        path = create(name, checkpoint, fixtures_dir, layers=layers, vocab=vocab, text=text, token_ids=token_ids, settings=settings,
+                      batch_size=batch_size, seq_len=seq_len, dtype=dtype, seed=seed, force=force,
+                      progress=lambda what: err.print(f"{escape(name)}: {escape(what)}", highlight=False))
+    except FixtureError as e:
+        fail_input(str(e))
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    console.print(f"{escape(str(path))}: written ({size / 2**20:.1f} MiB); audit it with "
+                  f"`parity audit --fixtures-dir {escape(str(fixtures_dir))} -f {escape(name)}`", highlight=False)
+
+
 @fixtures_app.command("verify")
 def fixtures_verify(
     fixtures_dir: Path = typer.Option(None, "--fixtures-dir"),
