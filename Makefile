@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup audit test rust rust-test train fixtures verify selftest bench bench-full real
+.PHONY: setup audit test rust rust-test wheel-check train fixtures verify selftest bench bench-full real
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -26,7 +26,11 @@ rust-test: rust  ## the Rust crate's own unit tests
 audit: rust  ## the main job: audit every backend on every bundled fixture
 	.venv/bin/parity audit --json out.json
 
-test: rust-test  ## the Rust crate's unit tests, then the whole pytest suite (the SmolLM2 check included)
+# The real install: the wheel in a fresh venv without torch/transformers audits the fixtures and a port.
+wheel-check: setup
+	bash scripts/wheel-check.sh
+
+test: rust-test wheel-check  ## the Rust crates' unit tests, the wheel's install check, then the whole pytest suite (the SmolLM2 check included)
 	$(PY) -m pytest -q
 
 # SmolLM2-135M, real weights: build the fixture once (about 2 minutes, into ~/.cache/mlx-parity/real), audit every backend on it.

@@ -213,8 +213,9 @@ def activate() -> BlasInfo:
             return info
     tried = "; ".join(info.notes) or "no candidate library found"
     _warn("no fast BLAS found, so MLX uses the reference BLAS bundled with its wheel (float32 matmuls ~30x "
-          f"slower). Tried: {tried}. Fix: `pip install ngsolve-openblas` (Linux x86_64), or "
-          f"`apt-get install libopenblas0-pthread`, or `pip install mkl`, or set {ENV}=/path/to/libcblas.so.")
+          f"slower). Tried: {tried}. Fix: `pip install ngsolve-openblas` (Linux x86_64; it needs libgfortran.so.5: "
+          f"`apt-get install libgfortran5`, or torch's wheel), or `apt-get install libopenblas0-pthread`, or `pip install mkl`, "
+          f"or set {ENV}=/path/to/libcblas.so.")
     return info
 
 

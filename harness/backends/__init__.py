@@ -8,11 +8,33 @@ Interface (docs/backends.md): `name`, `unavailable()` (None or why it cannot run
 
 from __future__ import annotations
 
+import importlib.util
+
+from ..stages import STAGES, StageOutput
 from .base import Backend, BackendError, TrainerBackend
 
+TWIN_MISSING = "torch is not installed: the twin is an extra (pip install 'mlx-parity[twin]'); auditing a port needs only mlx"
 
-def registry() -> dict[str, type[Backend]]:
+
+class MissingBackend(Backend):
+    """A backend whose framework is not installed here: named with the reason, never run."""
+
+    def __init__(self, name: str, reason: str):
+        self.name, self.reason = name, reason
+
+    def unavailable(self) -> str | None:
+        return self.reason
+
+    def run(self, case, stages=STAGES) -> dict[str, StageOutput]:
+        return {s: StageOutput(error=self.reason) for s in stages}
+
+
+def registry() -> dict:
+    """Backend name -> a callable that makes it. torch is optional: without it the twin is a MissingBackend."""
     from .mlx_backend import MLXBackend
+
+    if importlib.util.find_spec("torch") is None:
+        return {"mlx": MLXBackend, "torch": lambda: MissingBackend("torch", TWIN_MISSING)}
     from .torch_backend import TorchBackend
 
     return {"mlx": MLXBackend, "torch": TorchBackend}
@@ -60,7 +82,7 @@ def get_backend(name: str, timeout: float | None = None, in_process: bool = Fals
 def default_backends() -> list[Backend]:
     """Every backend that can run here: mlx, torch, and the mlx-rs port (through its Python extension
     and through its Rust adapter binary) when built."""
-    backends = [cls() for cls in registry().values()]
+    backends = [b for b in (make() for make in registry().values()) if not isinstance(b, MissingBackend)]
     return backends + [b for b in (get_backend("mlx-rs"), get_backend("mlx-rs-bin")) if b.unavailable() is None]
 
 
