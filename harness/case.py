@@ -15,6 +15,7 @@ Layout of `fixtures/<name>/`:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +32,41 @@ FIXTURES_DIR = REPO_ROOT / "fixtures"
 
 class CaseError(ValueError):
     """A fixture folder that is absent, incomplete or unreadable."""
+
+
+class CheckpointWeights(Mapping):
+    """`weights.<name>` -> a checkpoint tensor as numpy, float weights as the float32 a port loads them into
+    (bfloat16 included, which numpy cannot read: MLX reads it). Read from the file on each access (MLX loads
+    lazily, one tensor at a time) and not kept: a real model's weights are never held in full here."""
+
+    def __init__(self, checkpoint: Path, adapters: dict[str, np.ndarray] | None):
+        from mlx_parity.reference.weights import IGNORED_KEYS, checkpoint_files
+
+        import mlx.core as mx
+
+        self._file: dict[str, Path] = {}
+        try:
+            for f in checkpoint_files(checkpoint):
+                for k in mx.load(str(f), format="safetensors"):  # the header only: nothing is read yet
+                    if not IGNORED_KEYS.search(k):
+                        self._file[f"weights.{k}"] = f
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CaseError(f"{checkpoint}: {e}") from None
+        self._adapters = {f"weights.{k}": v for k, v in (adapters or {}).items()}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key in self._adapters:
+            return self._adapters[key]
+        import mlx.core as mx
+
+        v = mx.load(str(self._file[key]), format="safetensors")[key.removeprefix("weights.")]
+        return np.array(v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v)
+
+    def __iter__(self):
+        return iter([*self._file, *(k for k in self._adapters if k not in self._file)])
+
+    def __len__(self) -> int:
+        return len(self._file.keys() | self._adapters.keys())
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
@@ -99,22 +135,10 @@ class Case:
         return _finite(self.path / "golden.safetensors", _load(self.path / "golden.safetensors"))
 
     @cached_property
-    def initial_weights(self) -> dict[str, np.ndarray]:
+    def initial_weights(self) -> "CheckpointWeights":
         """`weights.<name>`: the checkpoint's tensors (and initial adapters), what loading must give and
-        θ₀ for judging parameter changes."""
-        import mlx.core as mx
-
-        from mlx_parity.reference.weights import IGNORED_KEYS, read_checkpoint
-
-        try:  # through MLX, which reads bfloat16 (numpy does not): float weights as the float32 a port loads them into
-            stored = read_checkpoint(self.checkpoint)
-        except (OSError, ValueError) as e:
-            raise CaseError(f"{self.checkpoint}: {e}") from None
-        tensors = {k: np.array(v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v)
-                   for k, v in stored.items() if not IGNORED_KEYS.search(k)}
-        if self.lora_init is not None:
-            tensors.update(_load(self.lora_init))
-        return {f"weights.{k}": v for k, v in tensors.items()}
+        θ₀ for judging parameter changes; each read when asked for, so a real model is not held twice."""
+        return CheckpointWeights(self.checkpoint, None if self.lora_init is None else _load(self.lora_init))
 
     @cached_property
     def truth(self) -> dict[str, np.ndarray]:

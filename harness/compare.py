@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .tolerances import Tolerance
+from .tolerances import Exact, Tolerance
+
+CHUNK = 1 << 22  # elements an exact comparison takes at once: its temporaries stay ~30 MB for any tensor
 
 
 @dataclass
@@ -62,6 +64,8 @@ def compare(name: str, actual, expected, tol: Tolerance, truth=None, sensitivity
     if _kind(actual) != _kind(expected) or (_kind(actual) == "float" and actual.dtype.itemsize < expected.dtype.itemsize):
         res.problem = f"dtype {actual.dtype}, expected {expected.dtype}"
         return res
+    if isinstance(tol, Exact) and truth is None and sensitivity is None:
+        return _exact(res, actual, expected, mask)
     center = expected if truth is None else np.asarray(truth)
     a, e, c = actual.astype(np.float64), expected.astype(np.float64), center.astype(np.float64)
     keep = np.ones(a.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), a.shape)
@@ -95,4 +99,47 @@ def compare(name: str, actual, expected, tol: Tolerance, truth=None, sensitivity
         res.where = [int(i) for i in idx]
         res.expected_at, res.actual_at, res.bound_at = float(e[idx]), float(a[idx]), float(bound[idx])
     res.passed = res.mismatched == 0
+    return res
+
+
+def _exact(res: TensorResult, actual: np.ndarray, expected: np.ndarray, mask) -> TensorResult:
+    """Bit-for-bit equality (the bound is zero everywhere), judged in chunks without float64 copies of the
+    whole tensor: a real model's weights are compared this way, so its embedding costs no gigabytes."""
+    A, E = actual.reshape(-1), expected.reshape(-1)
+    K = None if mask is None else np.broadcast_to(np.asarray(mask, bool), actual.shape).reshape(-1)
+    total = mismatched = bad_e = bad_a = 0
+    max_abs, scale, first_bad, worst = -1.0, 0.0, None, 0
+    for i in range(0, A.size, CHUNK):
+        a, e = A[i : i + CHUNK], E[i : i + CHUNK]
+        keep = np.ones(a.shape, bool) if K is None else K[i : i + CHUNK]
+        bad_e += int((~np.isfinite(e) & keep).sum()) if e.dtype.kind == "f" else 0
+        nonfinite = (~np.isfinite(a) & keep) if a.dtype.kind == "f" else np.zeros(a.shape, bool)
+        if nonfinite.any() and first_bad is None:
+            first_bad = i + int(np.argmax(nonfinite))
+        bad_a += int(nonfinite.sum())
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.where(keep, np.abs(a.astype(np.float64) - e.astype(np.float64)), 0.0)
+        diff[~np.isfinite(diff)] = 0.0  # reported as non-finite above
+        total, mismatched = total + int(keep.sum()), mismatched + int((diff > 0).sum())
+        j = int(np.argmax(diff)) if diff.size else 0
+        if diff.size and diff[j] > max_abs:
+            max_abs, worst = float(diff[j]), i + j
+        if keep.any():
+            scale = max(scale, float(np.abs(e[keep].astype(np.float64)).max()))
+    if bad_e:
+        res.problem, res.mismatched = f"{bad_e} non-finite values in what it is compared with", bad_e
+        return res
+    if bad_a:
+        idx = np.unravel_index(first_bad, actual.shape)
+        res.problem, res.mismatched = f"{bad_a} non-finite values (first at {list(map(int, idx))}: {A[first_bad]})", bad_a
+        return res
+    max_abs = max(max_abs, 0.0)
+    res.total, res.mismatched, res.max_abs = total, mismatched, max_abs
+    res.ratio = float("inf") if mismatched else 0.0
+    res.max_rel = max_abs / scale if scale > 0 else (float("inf") if max_abs > 0 else 0.0)
+    if A.size:
+        idx = np.unravel_index(worst, actual.shape)
+        res.where = [int(k) for k in idx]
+        res.expected_at, res.actual_at, res.bound_at = float(E[worst]), float(A[worst]), 0.0
+    res.passed = mismatched == 0
     return res
