@@ -110,10 +110,13 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
         noise="torch twin 0.19, MLX (OpenBLAS) and mlx-rs 0.13 of the bound; SmolLM2-135M: torch 0.01",
         catches="any loss part 2e-6 off (relative); one padding token of 56 counted in the cross-entropy",
     ),
-    ("float32", "gradients"): TruthBound(
-        multiple=4.0, floor_ulps=8.0, stage_floor=True,
-        noise="torch twin 0.49, MLX (OpenBLAS) and mlx-rs 0.46 of the bound; SmolLM2-135M: torch 0.03",
-        catches="any gradient tensor 1e-5 off (2e-4 for the analytically zero k_proj bias); absent or extra tensors (a trainable-set mismatch)",
+    ("float32", "gradients"): TruthBound(  # 8×: two correct float32 backward passes differ by up to 6.2× the reference's own error
+        multiple=8.0, floor_ulps=8.0, stage_floor=True,
+        noise="torch twin 0.25, MLX (OpenBLAS) and mlx-rs 0.23 of the bound; SmolLM2-135M (30 layers, LoRA on the last 4): torch 0.02; "
+              "SmolLM2's first 4 layers with LoRA on all of them (`parity fixtures create`): torch 0.78, mlx-rs 0.46, where a 4× bound "
+              "failed the correct twin at 1.56 (4 elements of lora_b's gradient, a real model's ill-conditioned sums)",
+        catches="any gradient tensor 2e-5 off on 265 of the bundled fixtures' 282 (1e-4 for the analytically zero k_proj bias); "
+                "absent or extra tensors (a trainable-set mismatch)",
     ),
     ("float32", "optimizer"): TruthBound(
         multiple=4.0, floor_ulps=8.0,
