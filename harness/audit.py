@@ -194,16 +194,24 @@ def judge(stage: str, out: StageOutput, case: Case) -> StageResult:
     return res
 
 
-def audit(backend: Backend, case: Case, stages=ALL_STAGES) -> AuditResult:
+def audit(backend: Backend, case: Case, stages=ALL_STAGES, precision: str = "float32") -> AuditResult:
     reason = backend.unavailable()
     if reason:
         return AuditResult(case.name, backend.name, [StageResult(s, SKIP, message=reason) for s in stages])
-    outputs = backend.run(case, stages)
+    # In process, one stage at a time: its outputs are judged and dropped before the next stage runs, so a real
+    # model's weights are not held once per stage. Another process answers all the stages it was asked for.
+    stream = isinstance(backend, TrainerBackend)
+    source = case
+    outputs = {} if stream else backend.run(case, stages)
+    if precision != "float32":  # the updates' sensitivity to that precision's gradient error (harness/device.py)
+        from .device import precision_case
+
+        case = precision_case(case, precision)
     results = []
     for s in stages:
-        out = outputs.get(s) or StageOutput(error=f"the backend returned nothing for stage {s}")
+        out = (backend.run(source, [s]) if stream else outputs).get(s) or StageOutput(error=f"the backend returned nothing for stage {s}")
         try:
-            r = judge(s, out, case)
+            r = judge(s, out, case, precision, run_to_run=bool(getattr(backend, "nondeterministic", False)))
         except Exception as e:  # a malformed output the checks above did not foresee: this stage's failure
             r = StageResult(s, FAIL, message=f"could not judge the backend's output: {type(e).__name__}: {e}")
         if r.status == FAIL:

@@ -141,13 +141,13 @@ class Case:
         return CheckpointWeights(self.checkpoint, None if self.lora_init is None else _load(self.lora_init))
 
     @cached_property
-    def truth(self) -> dict[str, np.ndarray]:
+    def truth(self) -> "Truth":
         f = self.path / "truth.safetensors"
         if not f.exists():
             raise CaseError(f"{f} is missing: a fixture needs its float64 truth (`parity fixtures generate`)")
-        from .truth import needs_truth, read_truth
+        from .truth import Truth, needs_truth
 
-        truth = read_truth(_finite(f, _load(f)), self.golden)
+        truth = Truth(_finite(f, _load(f)), self.golden)
 
         missing = [k for k, v in self.golden.items() if needs_truth(k, v) and f"truth.{k}" not in truth]
         if missing:

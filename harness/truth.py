@@ -12,6 +12,8 @@ pass may therefore differ there by that much, and no more (harness/tolerances.py
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from .stages import StageOutput
@@ -73,8 +75,26 @@ def build_truth(case, golden: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return offsets | {f"sens.{k}": v.astype(np.float32) for k, v in sens.items()}
 
 
-def read_truth(stored: dict[str, np.ndarray], golden: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`truth.<name>` (float64, golden + offset) and `sens.<name>` from a stored truth file."""
-    truth = {f"truth.{k.removeprefix('offset.')}": golden[k.removeprefix("offset.")].astype(np.float64) + v
-             for k, v in stored.items() if k.startswith("offset.") and k.removeprefix("offset.") in golden}
-    return truth | {k: v for k, v in stored.items() if k.startswith("sens.")}
+class Truth(Mapping):
+    """`truth.<name>` (float64, golden + offset, made when read and not kept: a real model's truth would
+    double the goldens' memory in float64) and `sens.<name>`, from a stored truth file."""
+
+    def __init__(self, stored: dict[str, np.ndarray], golden: dict[str, np.ndarray]):
+        self._offset = {f"truth.{k.removeprefix('offset.')}": v for k, v in stored.items()
+                        if k.startswith("offset.") and k.removeprefix("offset.") in golden}
+        self._sens = {k: v for k, v in stored.items() if k.startswith("sens.")}
+        self._golden = golden
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key in self._sens:
+            return self._sens[key]
+        return self._golden[key.removeprefix("truth.")].astype(np.float64) + self._offset[key]
+
+    def __iter__(self):
+        return iter([*self._offset, *self._sens])
+
+    def __len__(self) -> int:
+        return len(self._offset) + len(self._sens)
+
+    def __or__(self, other: Mapping) -> dict:
+        return dict(self) | dict(other)
