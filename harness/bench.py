@@ -458,3 +458,187 @@ def print_summary(console, out: dict) -> None:
         console.print(f"[yellow]{name} skipped:[/] {why}")
     for name in out["failures"]:
         console.print(f"[red]{name} failed[/] (see the report)")
+
+
+# --- the GPU bench: MLX-CUDA against torch-CUDA (`parity bench --device gpu`, docs/gpu.md) -------------------
+
+GPU_WORKER = BENCH_DIR / "gpu.py"
+GPU_PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISION_LABEL = {"fp32": "float32, TF32 off", "tf32": "float32, TF32 on", "bf16": "bfloat16"}
+
+
+def gpu_precisions(tf32: bool | None) -> list[str]:
+    """`--tf32` on the GPU bench: None (neither flag) measures float32 with TF32 off and on; `--tf32` only
+    on, `--no-tf32` only off; bfloat16 always."""
+    fp32 = ["fp32", "tf32"] if tf32 is None else ["tf32"] if tf32 else ["fp32"]
+    return fp32 + ["bf16"]
+
+
+def _gpu_worker(args: list[str], precision: str, log, timeout: float) -> tuple[list[dict], str]:
+    env = dict(os.environ, MLX_ENABLE_TF32="1" if precision == "tf32" else "0", PYTHONHASHSEED="0")
+    t = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, str(GPU_WORKER), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"  {' '.join(args)}: timed out after {timeout:.0f} s")
+        return [], f"timed out after {timeout:.0f} s"
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    log(f"  {' '.join(args)}: exit {p.returncode} in {time.perf_counter() - t:.1f} s")
+    return rows, ("" if p.returncode == 0 else (p.stdout + p.stderr)[-2000:])
+
+
+def run_gpu(sizes: list[str] | None = None, tf32: bool | None = None, frameworks: list[str] | None = None, steps: int = 5,
+            warmup: int = 2, budget_s: float = 540.0, json_path: Path | None = None, report_path: Path | None = None,
+            log=print, device: str = "gpu", profile: bool = True) -> dict:
+    """MLX-CUDA against torch-CUDA, one worker process per (framework, size, precision) (`bench/gpu.py`),
+    and the dense-matmul peak of each precision; `profile`: the largest size's step GEMMs timed alone in
+    each framework (where a gap comes from). Sizes in order until `budget_s` is spent (the rest are
+    listed as skipped, never silently left out)."""
+    sys.path.insert(0, str(BENCH_DIR))
+    from gpu import GPU_SIZES, PRECISIONS  # noqa: E402  (bench/gpu.py: no package import, runs as a script too)
+
+    sys.path.pop(0)
+    started = time.time()
+    sizes = list(sizes or [s for s in GPU_SIZES if s != "tiny"])
+    precisions = gpu_precisions(tf32)
+    frameworks = list(frameworks or ("torch", "mlx"))
+    bad = [s for s in sizes if s not in GPU_SIZES] + [p for p in precisions if p not in PRECISIONS]
+    if bad:
+        raise ValueError(f"unknown GPU bench size or precision {', '.join(bad)}; sizes: {', '.join(GPU_SIZES)}")
+    peaks: dict[str, dict] = {}
+    rows: list[dict] = []
+    failures: dict[str, str] = {}
+    skipped: list[str] = []
+    log(f"parity bench --device {device}: {', '.join(frameworks)} × {', '.join(sizes)} × {', '.join(precisions)}")
+    if device == "gpu":
+        for prec in precisions:
+            for fw in frameworks:
+                got, text = _gpu_worker([fw, "peak", prec], prec, log, 120)
+                for r in got:
+                    peaks.setdefault(prec, {})[fw] = r["peak"]["tflops"]
+                if text:
+                    failures[f"peak/{fw}/{prec}"] = text
+    for size in sizes:
+        for prec in precisions:
+            for fw in frameworks:
+                if time.time() - started > budget_s:
+                    skipped.append(f"{fw}/{size}/{prec}")
+                    continue
+                got, text = _gpu_worker([fw, size, prec, "--steps", str(steps), "--warmup", str(warmup), "--device", device], prec, log,
+                                        max(60.0, budget_s - (time.time() - started) + 60))
+                rows += [r["result"] for r in got if "result" in r]
+                if text:
+                    failures[f"{fw}/{size}/{prec}"] = text
+    gemms: list[dict] = []
+    if device == "gpu" and profile:
+        for prec in precisions:
+            for fw in frameworks:
+                if time.time() - started > budget_s:
+                    skipped.append(f"gemm:{fw}/{sizes[-1]}/{prec}")
+                    continue
+                got, text = _gpu_worker([fw, f"gemm:{sizes[-1]}", prec], prec, log, 120)
+                gemms += [r["gemm"] for r in got if "gemm" in r]
+                if text:
+                    failures[f"gemm/{fw}/{prec}"] = text
+    for r in rows:
+        peak = max(peaks.get(r["precision"], {}).values(), default=None)
+        r["share_of_peak"] = (r["tflops"] / peak) if peak and "tflops" in r else None
+    table = gpu_table(rows)
+    out = {"device": device, "machine": machine(), "versions": versions(), "gpu": _gpu_name(), "steps": steps, "warmup": warmup,
+           "peak_tflops": peaks, "results": rows, "table": table, "gemm_profile": gemms, "failures": failures, "skipped": skipped,
+           "seconds": round(time.time() - started, 1),
+           "command": "parity " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "parity" else "parity bench --device gpu"}
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(out, indent=2) + "\n")
+    if report_path:
+        report_path.write_text(gpu_markdown(out))
+    return out
+
+
+def _gpu_name() -> str | None:
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+        return p.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def gpu_table(rows: list[dict]) -> list[dict]:
+    """One row per (size, precision): torch's step, each MLX variant's, the best MLX over torch."""
+    out = []
+    keys = []
+    for r in rows:
+        if (r["size"], r["precision"]) not in keys:
+            keys.append((r["size"], r["precision"]))
+    for size, prec in keys:
+        rs = [r for r in rows if r["size"] == size and r["precision"] == prec and "median_s" in r]
+        torch_r = next((r for r in rs if r["framework"] == "torch"), None)
+        mlx_rs = {r["variant"]: r for r in rs if r["framework"] == "mlx"}
+        best = min(mlx_rs.values(), key=lambda r: r["median_s"], default=None)
+        errors = {f"{r['framework']} {r['variant']}": r["error"] for r in rows if r["size"] == size and r["precision"] == prec and "error" in r}
+        out.append({
+            "size": size, "precision": prec, "params": (torch_r or best or {}).get("params"),
+            "tokens": (torch_r or best or {}).get("tokens"),
+            "torch_ms": torch_r and 1e3 * torch_r["median_s"],
+            "mlx_ms": {v: 1e3 * r["median_s"] for v, r in mlx_rs.items()},
+            "best_mlx": best and best["variant"],
+            "ratio": (best["median_s"] / torch_r["median_s"]) if best and torch_r else None,
+            "torch_tokens_s": torch_r and torch_r["tokens_per_s"], "mlx_tokens_s": best and best["tokens_per_s"],
+            "torch_share": torch_r and torch_r.get("share_of_peak"), "mlx_share": best and best.get("share_of_peak"),
+            "errors": errors,
+        })
+    return out
+
+
+def gpu_markdown(out: dict) -> str:
+    def ms(v):
+        return "—" if v is None else f"{v:.1f}"
+
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.0f}%"
+
+    variants = sorted({v for row in out["table"] for v in row["mlx_ms"]})
+    lines = [f"# parity bench --device {out['device']}", "",
+             f"GPU: {out.get('gpu')}; {out['versions']}; {out['steps']} timed steps after {out['warmup']} warm-up steps, median; "
+             f"{out['seconds']} s in all. Command: `{out['command']}`.", "",
+             "Measured dense-matmul peak (8192³, TFLOP/s): " + "; ".join(
+                 f"{PRECISION_LABEL.get(p, p)}: " + ", ".join(f"{fw} {v:.0f}" for fw, v in sorted(d.items())) for p, d in out["peak_tflops"].items()),
+             "", "| size | params | tokens/step | precision | torch ms | " + " | ".join(f"MLX {v} ms" for v in variants)
+             + " | best MLX / torch | torch tokens/s | best MLX tokens/s | torch % of peak | MLX % of peak |",
+             "|" + "---|" * (10 + len(variants))]
+    for r in out["table"]:
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}× ({r['best_mlx']})"
+        tok_t = "—" if r["torch_tokens_s"] is None else f"{r['torch_tokens_s']:,.0f}"
+        tok_m = "—" if r["mlx_tokens_s"] is None else f"{r['mlx_tokens_s']:,.0f}"
+        params = "—" if r["params"] is None else f"{r['params'] / 1e6:.1f}M"
+        cells = [r["size"], params, str(r["tokens"]), PRECISION_LABEL.get(r["precision"], r["precision"]), ms(r["torch_ms"]),
+                 *(ms(r["mlx_ms"].get(v)) for v in variants), ratio, tok_t, tok_m, pct(r["torch_share"]), pct(r["mlx_share"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    prof = out.get("gemm_profile") or []
+    if prof:
+        lines += ["", f"Where the time goes at {prof[0]['size']}: the step's matrix products timed alone, summed (ms per step; "
+                  "the step above minus this is everything else: attention, norms, elementwise, the optimizer, launches):", "",
+                  "| precision | torch GEMMs ms | MLX GEMMs ms | MLX / torch | slowest MLX GEMM vs torch |", "|---|---|---|---|---|"]
+        for prec in dict.fromkeys(g["precision"] for g in prof):
+            by = {g["framework"]: g for g in prof if g["precision"] == prec}
+            if "torch" not in by or "mlx" not in by:
+                continue
+            t, m = by["torch"], by["mlx"]
+            worst = max(zip(m["gemms"], t["gemms"]), key=lambda p: p[0]["ms"] / p[1]["ms"])
+            lines.append(f"| {PRECISION_LABEL.get(prec, prec)} | {t['total_ms']:.1f} | {m['total_ms']:.1f} | {m['total_ms'] / t['total_ms']:.2f}× | "
+                         f"{worst[0]['gemm']} {worst[0]['shape']}: {worst[0]['ms']:.2f} vs {worst[1]['ms']:.2f} ms |")
+    errs = [(r["size"], r["precision"], k, v) for r in out["table"] for k, v in r["errors"].items()]
+    if errs or out["failures"] or out["skipped"]:
+        lines += ["", "Not measured:"]
+        lines += [f"- {s} {p} {k}: {v}" for s, p, k, v in errs]
+        lines += [f"- {k}: worker failed: {v.strip().splitlines()[-1] if v.strip() else '?'}" for k, v in out["failures"].items()]
+        lines += [f"- {k}: skipped (time budget)" for k in out["skipped"]]
+    lines += ["", "Model FLOPs per step: 6 × (parameters except the embedding table) × tokens + 12 × layers × heads × head_dim × T × tokens "
+              "(attention, causal mask not halved); % of peak is that rate over the measured matmul peak of the same precision."]
+    return "\n".join(lines) + "\n"
+
+
+def print_gpu_summary(console, out: dict) -> None:
+    console.print(gpu_markdown(out), markup=False, highlight=False)

@@ -6,6 +6,8 @@ Every compared tensor has a stable name shared by all backends (`forward.hidden.
 
 from __future__ import annotations
 
+import gc
+
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,17 +136,28 @@ def trajectory(s: Session, case) -> StageOutput:
 
 
 def checkpoint(s: Session, case, factory: SessionFactory) -> StageOutput:
-    """Run to `checkpoint_at`, save, resume in a fresh session, finish; also run uninterrupted."""
+    """Run to `checkpoint_at`, save, resume in a fresh session, finish; also run uninterrupted (twice on a
+    nondeterministic device: `checkpoint.repeat.*`, what the resume is judged against, harness/device.py)."""
     k, n = case.settings.checkpoint_at, case.settings.steps
     initial = _trainable(s)
     first = [s.step(case.batch)["total"] for _ in range(k)]
+    precision = _prec(s)
     with tempfile.TemporaryDirectory(prefix="parity-ckpt-") as tmp:
         s.save_checkpoint(Path(tmp) / "ckpt")
+        del s  # one model in memory at a time: a real model's copies add up
+        gc.collect()
         resumed = factory.resume(case, Path(tmp) / "ckpt")
         out = _run(resumed, case, n - k, initial, "checkpoint")
-    out["checkpoint.loss"] = np.concatenate([np.asarray(first, dtype=_prec(s)), out["checkpoint.loss"]])
+    del resumed
+    gc.collect()
+    out["checkpoint.loss"] = np.concatenate([np.asarray(first, dtype=precision), out["checkpoint.loss"]])
     fresh = factory.open(case, strict=False)
     out.update(_run(fresh, case, n, _trainable(fresh), "checkpoint.uninterrupted"))
+    if getattr(factory, "nondeterministic", False):  # a GPU: the uninterrupted run again, its spread is the device's noise
+        del fresh
+        gc.collect()
+        again = factory.open(case, strict=False)
+        out.update(_run(again, case, n, _trainable(again), "checkpoint.repeat"))
     return StageOutput(out)
 
 
@@ -212,4 +225,6 @@ def compute(factory: SessionFactory, case, stages=STAGES) -> dict[str, StageOutp
             results[stage] = StageOutput(unsupported=str(e))
         except Exception as e:  # reported as this stage's failure, with the message
             results[stage] = StageOutput(error=f"{type(e).__name__}: {e}")
+        if stage not in READ_ONLY:
+            gc.collect()  # a trainer's model and closures form cycles: free its copy of the model before the next stage
     return results

@@ -36,3 +36,11 @@ class MLXBackend(TrainerBackend):
 
     def resume(self, case, path: Path) -> MLXSession:
         return MLXSession(Trainer.load_checkpoint(path), {})
+
+    @property
+    def nondeterministic(self) -> bool:
+        """On a GPU (`mx.set_default_device(mx.gpu)`, `harness/device.py`) reductions are not
+        bit-deterministic run to run: the checkpoint stage then measures that spread."""
+        from ..device import current
+
+        return current().nondeterministic

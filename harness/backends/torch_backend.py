@@ -19,16 +19,28 @@ class TorchSession(TrainerSession):
         trainer.grad_offset = grad_offset
 
     def to_numpy(self, x) -> np.ndarray:
-        return np.array(x.detach().numpy(), order="C")
+        return np.array(x.detach().cpu().numpy(), order="C")
 
     def forward(self, input_ids):
         logits, hidden = self.t.forward(input_ids)
-        return logits.numpy(), [h.numpy() for h in hidden]
+        return logits.cpu().numpy(), [h.cpu().numpy() for h in hidden]
 
     def shifted(self, input_ids, attention_mask):
         ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
         mask = torch.as_tensor(np.asarray(attention_mask, dtype=np.float32))
-        return ids[:, 1:].numpy().astype(np.int32), mask[:, 1:].numpy()
+        return ids[:, 1:].cpu().numpy().astype(np.int32), mask[:, 1:].cpu().numpy()
+
+
+def on_device(trainer: TwinTrainer) -> TwinTrainer:
+    """The twin's model and AdamW state on this process's device (`harness/device.py`): on a GPU,
+    tensors read from safetensors files (LoRA adapters, a checkpoint's moments) start on the CPU."""
+    from ..device import current
+
+    if current().name == "gpu":
+        trainer.model.to("cuda")  # moves each Parameter's data in place: the trainable set keeps its references
+        trainer.m = {k: v.to("cuda") for k, v in trainer.m.items()}
+        trainer.v = {k: v.to("cuda") for k, v in trainer.v.items()}
+    return trainer
 
 
 class TorchBackend(TrainerBackend):
@@ -43,7 +55,14 @@ class TorchBackend(TrainerBackend):
 
     def open(self, case, strict: bool = True) -> TorchSession:
         trainer, report = TwinTrainer.from_pretrained(case.checkpoint, case.settings, case.lora_init, strict=strict, dtype=self.dtype)
-        return TorchSession(trainer, report.to_dict(), self.grad_offset)
+        return TorchSession(on_device(trainer), report.to_dict(), self.grad_offset)
 
     def resume(self, case, path: Path) -> TorchSession:
-        return TorchSession(TwinTrainer.load_checkpoint(path), {}, self.grad_offset)
+        return TorchSession(on_device(TwinTrainer.load_checkpoint(path)), {}, self.grad_offset)
+
+    @property
+    def nondeterministic(self) -> bool:
+        """On a GPU the checkpoint stage measures the run-to-run spread (`harness/device.py`)."""
+        from ..device import current
+
+        return current().nondeterministic
