@@ -39,11 +39,20 @@ def audit(
     fixtures_dir: Path = typer.Option(None, "--fixtures-dir", help="Folder of fixtures (default: the bundled ones)."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds each stage of a cmd: backend may take."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every failing tensor and stage, not only the first."),
+    device: str = typer.Option("cpu", "--device", help="Where mlx and torch compute: cpu, or gpu (MLX-CUDA and torch CUDA; docs/gpu.md)."),
+    tf32: bool = typer.Option(False, "--tf32", help="On --device gpu, let float32 matmuls use TF32 and judge with the TF32 bound (default: off, true float32)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Audit on goldens computed now from this Hugging Face checkpoint (kept nowhere), instead of stored fixtures."),
+    data: Optional[Path] = typer.Option(None, "--data", help="With --checkpoint: the batch's text, JSONL records or plain lines, through the checkpoint's tokenizer."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="With --checkpoint: keep the first N layers (default: all)."),
+    vocab: Optional[int] = typer.Option(None, "--vocab", help="With --checkpoint: keep N vocabulary rows (the batch's tokens first)."),
 ) -> None:
-    """Audit backends against the golden fixtures, stage by stage.
+    """Audit backends against the golden fixtures, stage by stage; or, with --checkpoint and --data,
+    against goldens and a float64 truth computed now from your checkpoint (as `parity fixtures create`
+    builds them, in a temporary folder deleted afterwards).
 
     Exit status: 0 when every stage passes, 1 when any fails, 2 for bad input.
     """
+    import contextlib
     from .audit import audit as run_audit
     from .backends import BackendError, default_backends, get_backend
     from .case import FIXTURES_DIR, CaseError, find_case, list_cases
@@ -52,11 +61,33 @@ def audit(
 
     from .fixtures import MANIFEST, check_hashes
 
+    from . import device as D
+
+    from .fixture_create import live_case
+    from .fixtures import FixtureError
+
     root = fixtures_dir or FIXTURES_DIR
+    live = contextlib.ExitStack()
+    if checkpoint is None and (data or layers or vocab):
+        fail_input("--data, --layers and --vocab go with --checkpoint")
+    if checkpoint is not None and (fixture or fixtures_dir or data is None):
+        fail_input("--checkpoint needs --data (the batch's text) and builds its own goldens: not with --fixture or --fixtures-dir")
     try:
-        cases = [find_case(n, root) for n in fixture] if fixture else list_cases(root)
-        backends = [get_backend(b, timeout) for b in backend] if backend else default_backends()
-    except (CaseError, BackendError) as e:
+        dev = D.parse(device, tf32)
+        if dev.name == "gpu":  # the in-process backends only: an external port picks its own device
+            D.check_backends(dev, list(backend or D.IN_PROCESS))
+            D.set_tf32_env(dev.tf32)  # before anything computes: MLX reads it once
+        if checkpoint is not None:
+            say = lambda what: err.print(f"goldens from {escape(str(checkpoint))}: {escape(what)}", highlight=False)  # noqa: E731
+            cases = [live.enter_context(live_case(checkpoint, text=data, layers=layers, vocab=vocab, progress=say))]
+            root = cases[0].path.parent
+        else:
+            cases = [find_case(n, root) for n in fixture] if fixture else list_cases(root)
+        if backend:
+            backends = [get_backend(b, timeout) for b in backend]
+        else:
+            backends = [get_backend(b, timeout) for b in D.IN_PROCESS] if dev.name == "gpu" else default_backends()
+    except (CaseError, BackendError, D.DeviceError, FixtureError) as e:
         fail_input(str(e))
     if not cases:
         fail_input(f"no fixtures in {root}; run `parity fixtures generate`")
@@ -64,11 +95,11 @@ def audit(
         reason = b.unavailable()
         if reason:
             fail_input(f"backend {b.name} cannot run: {reason}")
-    if (root / MANIFEST).exists():
+    if checkpoint is None and (root / MANIFEST).exists():  # goldens built just now have nothing stored to check
         problems = check_hashes(root, [c.name for c in cases])
         if problems:
             fail_input(f"fixtures differ from {root / MANIFEST} (`parity fixtures verify` says more):\n  " + "\n  ".join(problems))
-    else:
+    elif checkpoint is None:
         err.print(f"note: {escape(str(root))} has no {MANIFEST}: fixture files are not hash-checked", highlight=False)
     for c in cases:
         try:
@@ -82,7 +113,14 @@ def audit(
     if unknown:
         fail_input(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
     stages = [s for s in STAGES if s in stages]
-    if not backend:
+    try:
+        frameworks = sorted({"torch" if b.name.startswith("torch") else "mlx" for b in backends} & set(D.IN_PROCESS))
+        D.activate(dev, frameworks)
+    except D.DeviceError as e:
+        fail_input(str(e))
+    if dev.name == "gpu":
+        err.print(f"device: {escape(dev.describe())}", highlight=False)
+    if not backend and dev.name == "cpu":
         from .backends.mlx_rs import NOT_BUILT, extension_built
 
         if not extension_built():
@@ -92,16 +130,20 @@ def audit(
         for b in backends:
             for c in cases:
                 status.update(f"auditing {b.name} on {c.name}…")
-                results.append(run_audit(b, c, stages))
+                results.append(run_audit(b, c, stages, precision=dev.precision))
     print_results(console, results, verbose=verbose)
+    if dev.name == "gpu":
+        console.print(f"device: {escape(dev.describe())}; the checkpoint stage judges the resume against the measured "
+                      "run-to-run spread of two uninterrupted runs, at least 8 ulp, plus each update's sensitivity (docs/gpu.md)", highlight=False)
     if json_path:
-        write_atomic(json_path, json.dumps(results_json(results), indent=2) + "\n")
+        write_atomic(json_path, json.dumps(results_json(results) | {"device": dev.to_dict()}, indent=2) + "\n")
         console.print(f"JSON written to {json_path}")
     if report:
         from .report_page import write_report
 
         write_report(report, results)
         console.print(f"report written to {report}")
+    live.close()
     raise typer.Exit(1 if any(r.verdict == "fail" for r in results) else 0)
 
 
@@ -204,7 +246,7 @@ def fixtures_create(
     text: Optional[Path] = typer.Option(None, "--text", help="Text for the batch: JSONL records (text, auth_weight, prov_entropy) or plain lines, through the checkpoint's tokenizer."),
     token_ids: Optional[Path] = typer.Option(None, "--token-ids", help="Or the batch's token ids: a JSON list of lists, or .npy."),
     settings: Optional[Path] = typer.Option(None, "--settings", help="settings.json keys over the defaults (LoRA rank 8 on every kept layer, 3 steps)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Rows of the batch."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows of the batch (default: the first 4 records, fewer if there are fewer)."),
     seq_len: int = typer.Option(32, "--seq-len", help="Tokens per row (longer text is cut, shorter padded)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Store the kept weights as float32, bfloat16 or float16 (default: as stored). Training is float32."),
     seed: int = typer.Option(0, "--seed", help="Seeds the LoRA adapters and any provenance the text does not give."),
@@ -283,9 +325,31 @@ def bench(
     size: Optional[list[str]] = typer.Option(None, "--size", help="1M, 5M, 20M (repeatable); default: all three."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads per backend process (default: every core)."),
     blas: bool = typer.Option(False, "--blas", help="Only print which BLAS MLX uses here, checked and measured, then exit."),
+    device: str = typer.Option("cpu", "--device", help="cpu (the backends above), or gpu: MLX-CUDA against torch-CUDA at 60M, 250M and 1B parameters (bench/gpu.py, docs/gpu.md)."),
+    tf32: Optional[bool] = typer.Option(None, "--tf32/--no-tf32", help="GPU: float32 with TF32 on only / off only (default: both); bfloat16 always."),
 ) -> None:
     """Time the training step of every backend at three model sizes, each in its own process (bench/)."""
     from . import bench as B
+    from . import device as D
+
+    try:
+        dev = D.parse(device, bool(tf32))
+    except D.DeviceError as e:
+        fail_input(str(e))
+    if dev.name == "gpu":
+        if backend and set(backend) - {"mlx", "torch"}:
+            fail_input("--device gpu benches mlx and torch (MLX-CUDA, torch-CUDA); the mlx-rs port is not benched on the GPU (docs/gpu.md)")
+        why = [f"{fw}: {w}" for fw in (backend or D.IN_PROCESS) if (w := D.gpu_unavailable(fw))]
+        if why:
+            fail_input("--device gpu: " + "; ".join(why))
+        try:
+            out = B.run_gpu(sizes=size, tf32=tf32, frameworks=backend, steps=2 if quick else 5, json_path=json_path,
+                            report_path=report, log=lambda m: err.print(m, highlight=False))
+        except ValueError as e:
+            fail_input(str(e))
+        B.print_gpu_summary(console, out)
+        console.print(f"report written to {report}" + (f", JSON to {json_path}" if json_path else ""))
+        raise typer.Exit(1 if out["failures"] else 0)
 
     if blas:
         from mlx_parity.reference.blas import report as blas_report

@@ -5,7 +5,8 @@ widths, heads and weights) and V rows of the vocabulary (every token the batch u
 other ids), renumbered in their original order; the text goes through the checkpoint's own tokenizer
 before the renumbering. The goldens are built like the bundled ones and the fixture is written only when the torch
 twin and transformers agree with them; it is hashed into the fixture folder's own manifest, so `parity
-audit --fixtures-dir DIR` checks and audits it like a bundled one.
+audit --fixtures-dir DIR` checks and audits it like a bundled one. `parity audit --checkpoint DIR --data
+FILE` builds the same fixture in a temporary folder for one audit (`live_case`) and keeps nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from .protocol.tensors import save_tensors
 from .tolerances import TOLERANCES
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+DEFAULT_BATCH = 4  # rows when --batch-size is not given (fewer if the data has fewer)
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # LoRA on every kept layer: goldens stay small (the adapters' gradients, not the model's) whatever the model.
@@ -117,7 +120,7 @@ def slice_checkpoint(src: Path, dst: Path, layers: int | None, kept: np.ndarray 
             "kept_token_ids": None if kept is None else kept.tolist(), "stored_dtype": sorted(stored), "dtype": dtype or "as stored"}
 
 
-def batch(checkpoint: Path, text: Path | None, token_ids: Path | None, batch_size: int, seq_len: int, V: int,
+def batch(checkpoint: Path, text: Path | None, token_ids: Path | None, batch_size: int | None, seq_len: int, V: int,
           seed: int) -> dict[str, np.ndarray]:
     """B rows of `seq_len` tokens: the first records of `text` through the checkpoint's own tokenizer, or
     given token ids (a JSON list of lists, or .npy); right-padded, with provenance from the records or seeded."""
@@ -132,6 +135,7 @@ def batch(checkpoint: Path, text: Path | None, token_ids: Path | None, batch_siz
         else:
             rows = [{"text": line, "auth_weight": float(rng.uniform(0, 0.99)), "prov_entropy": float(rng.uniform(0, 3))}
                     for line in text.read_text().splitlines() if line.strip()]
+        batch_size = batch_size or min(DEFAULT_BATCH, len(rows))
         if len(rows) < batch_size:
             raise FixtureError(f"{text}: {len(rows)} records, fewer than --batch-size {batch_size}")
         try:
@@ -143,7 +147,9 @@ def batch(checkpoint: Path, text: Path | None, token_ids: Path | None, batch_siz
         b = make_batch(rows[:batch_size], seq_len, tok)
     else:
         ids = np.load(token_ids) if token_ids.suffix == ".npy" else json.loads(token_ids.read_text())
-        rows = [list(map(int, r)) for r in ids][:batch_size]
+        rows = [list(map(int, r)) for r in ids]
+        batch_size = batch_size or min(DEFAULT_BATCH, len(rows))
+        rows = rows[:batch_size]
         if len(rows) < batch_size:
             raise FixtureError(f"{token_ids}: {len(rows)} rows, fewer than --batch-size {batch_size}")
         b = {"input_ids": np.zeros((batch_size, seq_len), np.int32), "attention_mask": np.zeros((batch_size, seq_len), np.int32)}
@@ -195,9 +201,28 @@ def add_to_manifest(root: Path, name: str, source: dict) -> None:
 
 
 def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None, vocab: int | None = None,
-           text: Path | None = None, token_ids: Path | None = None, settings: Path | None = None, batch_size: int = 4,
+           text: Path | None = None, token_ids: Path | None = None, settings: Path | None = None, batch_size: int | None = None,
            seq_len: int = 32, dtype: str | None = None, seed: int = 0, force: bool = False, progress=None) -> Path:
     """Build the fixture in a staging folder and move it into `root` only once every framework agreed."""
+    return _build(name, checkpoint, root, layers=layers, vocab=vocab, text=text, token_ids=token_ids, settings=settings,
+                  batch_size=batch_size, seq_len=seq_len, dtype=dtype, seed=seed, force=force, progress=progress)
+
+
+@contextmanager
+def live_case(checkpoint: Path, *, text: Path | None = None, token_ids: Path | None = None, progress=None, **options):
+    """Goldens computed now, for one audit, and deleted after it (`parity audit --checkpoint`): the same
+    fixture `create` writes, in a temporary folder; the twin's and transformers' margins are measured and
+    reported in its agreement.json, not required (the audit then judges every backend, the twin included)."""
+    with tempfile.TemporaryDirectory(prefix="parity-live-") as tmp:
+        path = _build("live", checkpoint, Path(tmp), text=text, token_ids=token_ids, progress=progress,
+                      require_agreement=False, **options)
+        yield Case(path)
+
+
+def _build(name: str, checkpoint: Path, root: Path, *, layers: int | None = None, vocab: int | None = None,
+           text: Path | None = None, token_ids: Path | None = None, settings: Path | None = None, batch_size: int | None = None,
+           seq_len: int = 32, dtype: str | None = None, seed: int = 0, force: bool = False, progress=None,
+           require_agreement: bool = True) -> Path:
     from mlx_parity.reference.blas import reference_blas
 
     from .case import FIXTURES_DIR
@@ -206,7 +231,7 @@ def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None
     if not NAME.match(name):
         raise FixtureError(f"fixture name {name!r}: lowercase letters, digits, '_' and '-'")
     root = Path(root).resolve()
-    if root == FIXTURES_DIR.resolve():
+    if require_agreement and root == FIXTURES_DIR.resolve():
         raise FixtureError("the bundled fixtures are built by `parity fixtures generate`: give another --fixtures-dir")
     if (root / name).exists() and not force:
         raise FixtureError(f"{root / name} exists: use --force to replace it")
@@ -219,7 +244,7 @@ def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None
         staging = Path(tmp) / name
         say(f"slicing {checkpoint}")
         source = slice_checkpoint(checkpoint, staging / "checkpoint", layers, kept, dtype)
-        source |= {"seed": seed, "batch_size": batch_size, "seq_len": seq_len}
+        source |= {"seed": seed, "batch_size": int(b["input_ids"].shape[0]), "seq_len": seq_len}
         kept_layers, kept_vocab = source["layers"][0], source["vocab"][0]
         save_tensors(renumber(b, kept), str(staging / "batch.safetensors"))
         s = settings_for(settings, kept_layers)
@@ -232,10 +257,11 @@ def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None
             "description": f"from {Path(checkpoint).name}: the first {kept_layers} of {source['layers'][1]} layers, "
                            f"{kept_vocab} of {source['vocab'][1]} tokens, {source['dtype']}"}, indent=2) + "\n")
         with reference_blas():  # goldens reproducible on any CPU of this platform, as the bundled ones
-            build_goldens(Case(staging), require_agreement=True, progress=say)
+            build_goldens(Case(staging), require_agreement=require_agreement, progress=say)
         target = root / name
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(staging), str(target))
-    add_to_manifest(root, name, source)
+    if require_agreement:
+        add_to_manifest(root, name, source)
     return target

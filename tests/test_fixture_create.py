@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,23 @@ def test_the_bundled_folder_and_an_existing_fixture_are_not_overwritten(tmp_path
     (tmp_path / "fx" / "x").mkdir(parents=True)
     with pytest.raises(FixtureError, match="--force"):
         create("x", CASES["gqa_padded"].checkpoint, tmp_path / "fx", token_ids=ids, batch_size=2)
+
+
+def test_audit_on_goldens_computed_now_from_a_checkpoint(tmp_path):
+    """`parity audit --checkpoint --data`: the goldens and truth are built for the audit and kept nowhere; a
+    correct backend passes and a buggy port fails, named."""
+    import tempfile
+
+    src = checkpoint_with_tokenizer(tmp_path, "mistral")
+    text = tmp_path / "text.txt"
+    text.write_text("the cell makes energy and\nparis is a city\n")
+    before = set(Path(tempfile.gettempdir()).glob("parity-live-*"))
+    args = ["audit", "--checkpoint", str(src), "--data", str(text), "--layers", "1"]
+    r = runner.invoke(app, args + ["-b", "mlx", "-b", "torch"])
+    assert r.exit_code == 0, r.output
+    assert "2/2 audits passed" in r.output
+    r = runner.invoke(app, args + ["-b", "mutant:no_shift"])
+    assert r.exit_code == 1 and "labels_not_shifted" in r.output
+    assert set(Path(tempfile.gettempdir()).glob("parity-live-*")) == before  # nothing kept
+    r = runner.invoke(app, ["audit", "--checkpoint", str(src), "-b", "mlx"])
+    assert r.exit_code == 2 and "--data" in r.output
