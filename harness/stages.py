@@ -6,6 +6,7 @@ Every compared tensor has a stable name shared by all backends (`forward.hidden.
 
 from __future__ import annotations
 
+import functools
 import gc
 
 import tempfile
@@ -135,6 +136,22 @@ def trajectory(s: Session, case) -> StageOutput:
     return StageOutput(_run(s, case, case.settings.steps, _trainable(s), "trajectory"))
 
 
+LARGE_CHECKPOINT = 64 * 2**20  # bytes of weights from which a dropped trainer is collected at once
+
+
+def release(case) -> None:
+    """Free a dropped trainer's copy of a large model now: its model and closures form reference cycles,
+    which Python collects only when it next runs its cycle collector. A full collection costs ~0.1 s once
+    torch is loaded, so the bundled toy models (under 1 MB) skip it."""
+    if _weights_bytes(str(case.checkpoint)) >= LARGE_CHECKPOINT:
+        gc.collect()
+
+
+@functools.cache
+def _weights_bytes(checkpoint: str) -> int:
+    return sum(f.stat().st_size for f in Path(checkpoint).glob("*.safetensors"))
+
+
 def checkpoint(s: Session, case, factory: SessionFactory) -> StageOutput:
     """Run to `checkpoint_at`, save, resume in a fresh session, finish; also run uninterrupted (twice on a
     nondeterministic device: `checkpoint.repeat.*`, what the resume is judged against, harness/device.py)."""
@@ -145,17 +162,17 @@ def checkpoint(s: Session, case, factory: SessionFactory) -> StageOutput:
     with tempfile.TemporaryDirectory(prefix="parity-ckpt-") as tmp:
         s.save_checkpoint(Path(tmp) / "ckpt")
         del s  # one model in memory at a time: a real model's copies add up
-        gc.collect()
+        release(case)
         resumed = factory.resume(case, Path(tmp) / "ckpt")
         out = _run(resumed, case, n - k, initial, "checkpoint")
     del resumed
-    gc.collect()
+    release(case)
     out["checkpoint.loss"] = np.concatenate([np.asarray(first, dtype=precision), out["checkpoint.loss"]])
     fresh = factory.open(case, strict=False)
     out.update(_run(fresh, case, n, _trainable(fresh), "checkpoint.uninterrupted"))
     if getattr(factory, "nondeterministic", False):  # a GPU: the uninterrupted run again, its spread is the device's noise
         del fresh
-        gc.collect()
+        release(case)
         again = factory.open(case, strict=False)
         out.update(_run(again, case, n, _trainable(again), "checkpoint.repeat"))
     return StageOutput(out)
@@ -226,5 +243,5 @@ def compute(factory: SessionFactory, case, stages=STAGES) -> dict[str, StageOutp
         except Exception as e:  # reported as this stage's failure, with the message
             results[stage] = StageOutput(error=f"{type(e).__name__}: {e}")
         if stage not in READ_ONLY:
-            gc.collect()  # a trainer's model and closures form cycles: free its copy of the model before the next stage
+            release(case)
     return results
