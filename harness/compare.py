@@ -9,7 +9,7 @@ import numpy as np
 
 from .tolerances import Exact, Tolerance
 
-CHUNK = 1 << 22  # elements an exact comparison takes at once: its temporaries stay ~30 MB for any tensor
+CHUNK = 1 << 20  # elements an exact comparison takes at once: its temporaries stay ~10 MB for any tensor
 
 
 @dataclass

@@ -244,4 +244,7 @@ def compute(factory: SessionFactory, case, stages=STAGES) -> dict[str, StageOutp
             results[stage] = StageOutput(error=f"{type(e).__name__}: {e}")
         if stage not in READ_ONLY:
             release(case)
+    if shared is not None:  # the read-only stages' model, dropped with them
+        shared = None
+        release(case)
     return results
