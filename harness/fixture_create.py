@@ -202,27 +202,10 @@ def add_to_manifest(root: Path, name: str, source: dict) -> None:
 
 def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None, vocab: int | None = None,
            text: Path | None = None, token_ids: Path | None = None, settings: Path | None = None, batch_size: int | None = None,
-           seq_len: int = 32, dtype: str | None = None, seed: int = 0, force: bool = False, progress=None) -> Path:
-    """Build the fixture in a staging folder and move it into `root` only once every framework agreed."""
-    return _build(name, checkpoint, root, layers=layers, vocab=vocab, text=text, token_ids=token_ids, settings=settings,
-                  batch_size=batch_size, seq_len=seq_len, dtype=dtype, seed=seed, force=force, progress=progress)
-
-
-@contextmanager
-def live_case(checkpoint: Path, *, text: Path | None = None, token_ids: Path | None = None, progress=None, **options):
-    """Goldens computed now, for one audit, and deleted after it (`parity audit --checkpoint`): the same
-    fixture `create` writes, in a temporary folder; the twin's and transformers' margins are measured and
-    reported in its agreement.json, not required (the audit then judges every backend, the twin included)."""
-    with tempfile.TemporaryDirectory(prefix="parity-live-") as tmp:
-        path = _build("live", checkpoint, Path(tmp), text=text, token_ids=token_ids, progress=progress,
-                      require_agreement=False, **options)
-        yield Case(path)
-
-
-def _build(name: str, checkpoint: Path, root: Path, *, layers: int | None = None, vocab: int | None = None,
-           text: Path | None = None, token_ids: Path | None = None, settings: Path | None = None, batch_size: int | None = None,
            seq_len: int = 32, dtype: str | None = None, seed: int = 0, force: bool = False, progress=None,
            require_agreement: bool = True) -> Path:
+    """Build the fixture in a staging folder and move it into `root` only once every framework agreed (with
+    `require_agreement`; without, the margins are only recorded and the folder's manifest is left alone)."""
     from mlx_parity.reference.blas import reference_blas
 
     from .case import FIXTURES_DIR
@@ -265,3 +248,14 @@ def _build(name: str, checkpoint: Path, root: Path, *, layers: int | None = None
     if require_agreement:
         add_to_manifest(root, name, source)
     return target
+
+
+@contextmanager
+def live_case(checkpoint: Path, *, text: Path | None = None, token_ids: Path | None = None, progress=None, **options):
+    """Goldens computed now, for one audit, and deleted after it (`parity audit --checkpoint`): the same
+    fixture `create` writes, in a temporary folder; the twin's and transformers' margins are measured and
+    reported in its agreement.json, not required (the audit then judges every backend, the twin included)."""
+    with tempfile.TemporaryDirectory(prefix="parity-live-") as tmp:
+        path = create("live", checkpoint, Path(tmp), text=text, token_ids=token_ids, progress=progress,
+                      require_agreement=False, **options)
+        yield Case(path)
