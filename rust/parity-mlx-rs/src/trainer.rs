@@ -834,10 +834,9 @@ mod tests {
         Batch::new(ids, &[2, 8], mask, &[2, 8], vec![0.3, 0.9], &[2], vec![0.5, 1.25], &[2]).unwrap()
     }
 
-    fn tmp(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("parity-mlx-rs-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
+    /// A fresh directory removed when the returned guard drops.
+    fn tmp(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("parity-mlx-rs-test-{name}-")).tempdir().unwrap()
     }
 
     fn settings(extra: &str) -> TrainSettings {
@@ -854,13 +853,15 @@ mod tests {
 
     #[test]
     fn loads_strictly_and_ignores_rotary_buffers() {
-        let d = tmp("load");
+        let d_dir = tmp("load");
+        let d = d_dir.path();
         tiny_checkpoint(&d, false);
         let t = Trainer::new(&d, settings(""), None, true).unwrap();
         assert!(t.report.ok());
         assert_eq!(t.report.ignored, vec!["model.layers.0.self_attn.rotary_emb.inv_freq".to_string()]);
         // A tied config does not match an untied checkpoint: lm_head.weight is unexpected.
-        let d2 = tmp("load-tied");
+        let d2_dir = tmp("load-tied");
+        let d2 = d2_dir.path();
         tiny_checkpoint(&d2, false);
         let cfg = std::fs::read_to_string(d2.join("config.json")).unwrap().replace("\"tie_word_embeddings\":false", "\"tie_word_embeddings\":true");
         std::fs::write(d2.join("config.json"), cfg).unwrap();
@@ -870,7 +871,8 @@ mod tests {
 
     #[test]
     fn schedule_follows_the_contract() {
-        let d = tmp("sched");
+        let d_dir = tmp("sched");
+        let d = d_dir.path();
         tiny_checkpoint(&d, true);
         let t = Trainer::new(&d, settings(""), None, true).unwrap();
         let lr = |s| {
@@ -892,7 +894,8 @@ mod tests {
 
     #[test]
     fn step_updates_and_checkpoint_resumes_bit_exactly() {
-        let d = tmp("resume");
+        let d_dir = tmp("resume");
+        let d = d_dir.path();
         tiny_checkpoint(&d, true);
         let b = batch();
         let mut a = Trainer::new(&d, settings(""), None, true).unwrap();
@@ -900,7 +903,8 @@ mod tests {
         a.step(&b).unwrap();
         assert_ne!(before, flat(&a));
         a.step(&b).unwrap();
-        let ck = tmp("resume-ck");
+        let ck_dir = tmp("resume-ck");
+        let ck = &ck_dir.path().join("checkpoint"); // save_checkpoint refuses an existing path
         a.save_checkpoint(&ck).unwrap();
         let l1 = a.step(&b).unwrap().total;
         let mut c = Trainer::new(&d, settings(""), None, true).unwrap();
@@ -914,7 +918,8 @@ mod tests {
 
     #[test]
     fn distrust_has_no_gradient_and_injections_behave() {
-        let d = tmp("inject");
+        let d_dir = tmp("inject");
+        let d = d_dir.path();
         tiny_checkpoint(&d, false);
         let b = batch();
         let mut t = Trainer::new(&d, settings(""), None, true).unwrap();
