@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from mlx_parity.reference.config import ModelConfig
 from mlx_parity.reference.loss import validate_batch
+from mlx_parity.reference.precision import parameter_dtype
 from mlx_parity.reference.settings import SettingsError, TrainSettings
 from mlx_parity.reference.weights import IGNORED_KEYS, LoadReport, WeightLoadError, checkpoint_files
 
@@ -28,6 +29,11 @@ _LAYER_MAP = {
     "mlp.down_proj": "ffn.w_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_norm": "attn.q_head_norm", "self_attn.k_norm": "attn.k_head_norm",
 }
+
+
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 tensor in float32, where the twin accumulates its norms, rotations and loss; others as they are."""
+    return x.float() if x.dtype == torch.bfloat16 else x
 
 
 def twin_name(hf_key: str) -> str | None:
@@ -53,7 +59,8 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        w = wide(x)  # in bfloat16: accumulated in float32, rounded once
+        return (w * torch.rsqrt(w.pow(2).mean(-1, keepdim=True) + self.eps) * wide(self.weight)).to(x.dtype)
 
 
 class Proj(torch.nn.Module):
@@ -68,8 +75,8 @@ class Proj(torch.nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if self.lora_a is not None:
-            y = y + self.scale * ((x @ self.lora_a) @ self.lora_b)
+        if self.lora_a is not None:  # float32 adapters on a bfloat16 model: their path in float32, the sum in bfloat16
+            y = y + (self.scale * ((x.to(self.lora_a.dtype) @ self.lora_a) @ self.lora_b)).to(y.dtype)
         return y
 
 
@@ -94,6 +101,12 @@ def scaled_inv_freq(inv: torch.Tensor, c: ModelConfig) -> torch.Tensor:
 def rotate_half(x):
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
+
+
+def rope(x, cos, sin):
+    """RoPE with cos and sin in the wide dtype: a bfloat16 input rotated in float32 and rounded once."""
+    w = wide(x)
+    return (w * cos + rotate_half(w) * sin).to(x.dtype)
 
 
 class Block(torch.nn.Module):
@@ -128,7 +141,7 @@ class Block(torch.nn.Module):
         c, (B, T, _) = self.c, x.shape
         hd, H, K = c.head_dim, c.num_attention_heads, c.num_key_value_heads
         q, k, v = self.heads(self.attn.wq(x), "q"), self.heads(self.attn.wk(x), "k"), self.heads(self.attn.wv(x), "v")
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         k = k.repeat_interleave(H // K, dim=1)  # query head h uses kv head h // n_rep
         v = v.repeat_interleave(H // K, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
@@ -141,7 +154,6 @@ class Block(torch.nn.Module):
         """Each piece of the block from the given values of its inputs (the isolated forward check)."""
         c, (B, T, _) = self.c, g["input"].shape
         hd, H, K = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-        rope = lambda x: x * cos + rotate_half(x) * sin  # noqa: E731
         expand = lambda x: x.repeat_interleave(H // K, dim=1)  # noqa: E731
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         ffn = self.ffn
@@ -150,7 +162,7 @@ class Block(torch.nn.Module):
             "q": self.heads(self.attn.wq(g["input_norm"]), "q"),
             "k": self.heads(self.attn.wk(g["input_norm"]), "k"),
             "v": self.heads(self.attn.wv(g["input_norm"]), "v"),
-            "q_rope": rope(g["q"]), "k_rope": rope(g["k"]),
+            "q_rope": rope(g["q"], cos, sin), "k_rope": rope(g["k"], cos, sin),
             "scores": (g["q_rope"] @ expand(g["k_rope"]).transpose(-1, -2)) / math.sqrt(hd),
             "probs": torch.softmax(g["scores"].masked_fill(~causal, float("-inf")), dim=-1),
             "attn": (g["probs"] @ expand(g["v"])).transpose(1, 2).reshape(B, T, H * hd),
@@ -178,7 +190,7 @@ class TwinLlama(torch.nn.Module):
         self.head = None if c.tie_word_embeddings else Proj(c.hidden_size, c.vocab_size, False)
 
     def rope(self, T: int):
-        d, dtype = self.c.head_dim, self.tok_emb.weight.dtype
+        d, dtype = self.c.head_dim, wide(self.tok_emb.weight).dtype
         inv_freq = scaled_inv_freq(1.0 / (self.c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)), self.c).to(dtype)
         angles = torch.outer(torch.arange(T, dtype=dtype), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
@@ -223,7 +235,8 @@ class TwinTrainer:
 
     def __init__(self, model: TwinLlama, settings: TrainSettings, lora_init: dict[str, torch.Tensor] | None = None):
         self.model, self.settings = model, settings
-        self.dtype = model.tok_emb.weight.dtype
+        self.dtype = model.tok_emb.weight.dtype  # the model's: bfloat16 under that precision, float64 for the truth
+        self.wide = wide(torch.empty(0, dtype=self.dtype)).dtype  # adapters, the loss, the batch's floats
         # Added to every update's gradient (after accumulation, before clipping): how the float64 truth
         # measures what a gradient error of a given size does to the updates (harness/truth.py).
         self.grad_offset: dict[str, torch.Tensor] | None = None
@@ -235,6 +248,9 @@ class TwinTrainer:
         elif lora_init is not None:
             raise SettingsError("lora_init given but trainable is not 'lora'")
         self.trainable = self._trainable_set()
+        # Trained parameters a bfloat16 step stores in bfloat16, kept in a wider dtype here (the float64 truth): rounded
+        # to bfloat16 after each update, with their moments, as the contract stores them.
+        self.stored_bf16 = {n for n in self.trainable if self.dtype != torch.bfloat16 and parameter_dtype(n, settings.precision) == "bfloat16"}
         self.m = {n: torch.zeros_like(p) for n, p in self.trainable.items()}
         self.v = {n: torch.zeros_like(p) for n, p in self.trainable.items()}
         self.step_count = 0
@@ -250,7 +266,9 @@ class TwinTrainer:
     def from_pretrained(cls, checkpoint, settings: TrainSettings, lora_init=None, strict: bool = True,
                         dtype: torch.dtype = torch.float32):
         """Load checkpoint tensors (float32, or bfloat16/float16 cast exactly to float32); compute in `dtype`
-        (float64 for the truth)."""
+        (float64 for the truth). Under `precision: bfloat16` every tensor is rounded to bfloat16 first and the
+        model computes in bfloat16, unless `dtype` is float64: the truth of that step is exact arithmetic on
+        the same bfloat16 weights."""
         c = ModelConfig.from_file(checkpoint)
         model = TwinLlama(c)
         tensors = {}
@@ -268,7 +286,7 @@ class TwinTrainer:
             elif t.shape != own[name].shape or not (t.is_floating_point() and own[name].is_floating_point()):
                 report.mismatched.append(f"{key}: checkpoint {tuple(t.shape)} {t.dtype}, model {tuple(own[name].shape)} {own[name].dtype}")
             else:
-                state[name] = t.to(own[name].dtype)
+                state[name] = (t.to(torch.bfloat16) if settings.precision == "bfloat16" else t).to(own[name].dtype)
         bad = {m.split(":")[0] for m in report.mismatched}
         report.missing = sorted(cls._hf_name(None, n) for n in set(own) - set(state) if cls._hf_name(None, n) not in bad)
         if strict and not report.ok:
@@ -276,7 +294,7 @@ class TwinTrainer:
         with torch.no_grad():
             for name, t in state.items():
                 own[name].copy_(t)
-        model.to(dtype)
+        model.to(torch.bfloat16 if settings.precision == "bfloat16" and dtype != torch.float64 else dtype)
         if isinstance(lora_init, (str, Path)):
             lora_init = load_file(str(lora_init))
         trainer = cls(model, settings, lora_init)
@@ -289,14 +307,14 @@ class TwinTrainer:
             for hf, tw in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
                 proj = getattr(self.model.blocks[i].attn, tw)
                 d_out, d_in = proj.weight.shape
-                a = torch.empty(d_in, lo.rank, dtype=self.dtype).uniform_(-d_in**-0.5, d_in**-0.5)
-                b = torch.zeros(lo.rank, d_out, dtype=self.dtype)
+                a = torch.empty(d_in, lo.rank, dtype=self.wide).uniform_(-d_in**-0.5, d_in**-0.5)
+                b = torch.zeros(lo.rank, d_out, dtype=self.wide)
                 for leaf, t in (("lora_a", a), ("lora_b", b)):
                     key = f"model.layers.{i}.self_attn.{hf}.{leaf}"
                     if init is not None:
                         if key not in init or init[key].shape != t.shape:
                             raise WeightLoadError(LoadReport(missing=[key]), Path("lora_init"))
-                        t = init[key].to(self.dtype).clone()
+                        t = init[key].to(self.wide).clone()
                     setattr(proj, leaf, torch.nn.Parameter(t))
                     self.hf_to_twin[key] = f"blocks.{i}.attn.{tw}.{leaf}"
                 proj.scale = lo.scale
@@ -332,7 +350,7 @@ class TwinTrainer:
     def _batch(self, batch):
         validate_batch(batch)
         floats = (np.asarray(batch[k], dtype=np.float32) for k in ("attention_mask", "auth_weight", "prov_entropy"))
-        return (torch.as_tensor(np.asarray(batch["input_ids"], dtype=np.int64)), *(torch.as_tensor(x).to(self.dtype) for x in floats))
+        return (torch.as_tensor(np.asarray(batch["input_ids"], dtype=np.int64)), *(torch.as_tensor(x).to(self.wide) for x in floats))
 
     def forward(self, input_ids):
         with torch.no_grad():
@@ -342,6 +360,7 @@ class TwinTrainer:
         ids, mask, w, h = self._batch(batch)
         if logits is None:
             logits, _ = self.model(ids)
+        logits = logits.to(self.wide)
         target_mask = mask[:, 1:]
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         ce = (nll * target_mask.reshape(-1)).sum() / target_mask.sum()
@@ -356,7 +375,7 @@ class TwinTrainer:
     def loss_from_logits(self, logits, batch) -> dict[str, float]:
         """The loss parts of given logits (the isolated loss check)."""
         with torch.no_grad():
-            given = torch.as_tensor(np.asarray(logits, dtype=np.float32)).to(self.dtype)
+            given = torch.as_tensor(np.asarray(logits, dtype=np.float32)).to(self.wide)
             return {k: v.item() for k, v in self._loss(batch, given).items()}
 
     def pieces(self, input_ids, given) -> dict[str, torch.Tensor]:
@@ -367,7 +386,8 @@ class TwinTrainer:
 
     def update_from_gradients(self, grads) -> None:
         """One update with given gradients (the isolated optimizer check)."""
-        self._update({k: torch.as_tensor(np.asarray(v, dtype=np.float32)).to(self.dtype) for k, v in grads.items()})
+        self._update({k: torch.as_tensor(np.asarray(v, dtype=np.float32)).to(self.trainable[k].dtype if k in self.trainable else self.wide)
+                      for k, v in grads.items()})
 
     def gradients(self, batch):
         parts = self._loss(batch)
@@ -395,9 +415,9 @@ class TwinTrainer:
         if self.grad_offset is not None:
             grads = {k: g + self.grad_offset[k] for k, g in grads.items()}
         if self.settings.clip_norm is not None:
-            total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).to(self.dtype)
+            total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).to(self.wide)
             coef = torch.clamp(self.settings.clip_norm / (total + 1e-6), max=1.0)
-            grads = {k: g * coef for k, g in grads.items()}
+            grads = {k: g * coef.to(g.dtype) for k, g in grads.items()}
         self._adamw(grads)
 
     @torch.no_grad()
@@ -416,6 +436,9 @@ class TwinTrainer:
                 p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
             else:
                 p.addcdiv_(m, v.sqrt() + o.eps, value=-lr)
+            if name in self.stored_bf16:  # the truth of a bfloat16 step: exact arithmetic, bfloat16 storage
+                for x in (p, m, v):
+                    x.copy_(x.to(torch.bfloat16))
 
     def optimizer_state(self) -> dict:
         return {"step": self.step_count, "m": dict(self.m), "v": dict(self.v)}

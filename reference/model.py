@@ -38,7 +38,8 @@ class Linear(nn.Module):
         if "bias" in self:
             y = y + self.bias
         if self.lora_scale is not None:
-            y = y + self.lora_scale * ((x @ self.lora_a) @ self.lora_b)
+            # float32 adapters on a bfloat16 model: their path runs in float32, its sum in the model's dtype
+            y = y + (self.lora_scale * ((x @ self.lora_a) @ self.lora_b)).astype(y.dtype)
         return y
 
 

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .loss import LossSettings
+from .precision import PRECISIONS
 
 TRAINABLE_SETS = ("full", "lora", "head")
 
@@ -63,8 +64,11 @@ class TrainSettings:
     loss: LossSettings = field(default_factory=LossSettings)
     steps: int = 4
     checkpoint_at: int = 2
+    precision: str = "float32"  # or "bfloat16": mlx-lm's training of a bfloat16 model (reference/precision.py)
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise SettingsError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.trainable not in TRAINABLE_SETS:
             raise SettingsError(f"trainable must be one of {TRAINABLE_SETS}, got {self.trainable!r}")
         if self.accum_steps < 1:
@@ -76,7 +80,7 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainSettings":
-        known = {"trainable", "lora", "optimizer", "schedule", "clip_norm", "accum_steps", "loss", "steps", "checkpoint_at"}
+        known = {"trainable", "lora", "optimizer", "schedule", "clip_norm", "accum_steps", "loss", "steps", "checkpoint_at", "precision"}
         unknown = set(d) - known
         if unknown:
             raise SettingsError(f"unknown settings keys: {sorted(unknown)}")
@@ -94,6 +98,7 @@ class TrainSettings:
                 loss=LossSettings.from_dict(d.get("loss", {})),
                 steps=int(d.get("steps", 4)),
                 checkpoint_at=int(d.get("checkpoint_at", 2)),
+                precision=d.get("precision", "float32"),
             )
         except TypeError as e:
             raise SettingsError(f"bad settings: {e}") from None
@@ -102,6 +107,8 @@ class TrainSettings:
         d = asdict(self)
         d["loss"] = {"alpha": self.loss.alpha, "lambda": self.loss.lam}
         d["optimizer"]["betas"] = list(self.optimizer.betas)
+        if self.precision == "float32":  # the default stays unsaid: float32 settings read as they always have
+            del d["precision"]
         return d
 
     def to_json(self) -> str:

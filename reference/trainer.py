@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from . import loss as L
 from .config import ModelConfig
 from .model import LlamaForCausalLM
+from .precision import model_dtype
 from .schedule import make_schedule
 from .settings import SettingsError, TrainSettings
 from .weights import LoadReport, WeightLoadError, load_weights
@@ -45,6 +46,9 @@ class Trainer:
 
     def __init__(self, model: LlamaForCausalLM, settings: TrainSettings, lora_init: dict[str, mx.array] | None = None):
         self.model, self.settings = model, settings
+        self.dtype = model_dtype(settings.precision)
+        if self.dtype != mx.float32:  # before the adapters, which stay float32
+            model.set_dtype(self.dtype)
         self.adapter_names: list[str] = []
         if settings.trainable == "lora":
             self.adapter_names = model.add_lora(settings.lora.layers, settings.lora.rank, settings.lora.scale)
@@ -104,7 +108,7 @@ class Trainer:
         return self._loss_from_logits(self.model(batch["input_ids"]), batch)
 
     def _loss_from_logits(self, logits, batch):
-        parts = L.loss_parts(logits, batch, self.settings.loss)
+        parts = L.loss_parts(logits.astype(mx.float32), batch, self.settings.loss)
         return parts["total"], parts["ce"], parts["distrust"]
 
     def loss_from_logits(self, logits: np.ndarray, batch: dict[str, np.ndarray]) -> dict[str, float]:
@@ -116,13 +120,16 @@ class Trainer:
         """The forward pass in pieces: the model's own chain, or each piece from given values of its
         inputs (the forward judged piece by piece, on the reference's values)."""
         ids = mx.array(np.asarray(input_ids, dtype=np.int32))
-        out = self.model.pieces(ids, None if given is None else {k: mx.array(np.asarray(v, dtype=np.float32)) for k, v in given.items()})
+        out = self.model.pieces(ids, None if given is None else {k: mx.array(np.asarray(v, dtype=np.float32)).astype(self.dtype)
+                                                                for k, v in given.items()})
         mx.eval(out)
         return out
 
     def update_from_gradients(self, grads: dict[str, np.ndarray]) -> None:
         """One update (clip, then AdamW) with given gradients: the optimizer judged on its own."""
-        self.apply(self.clip(tree_unflatten([(k, mx.array(np.asarray(v, dtype=np.float32))) for k, v in grads.items()])))
+        params = self.parameters()  # each gradient in its parameter's dtype
+        self.apply(self.clip(tree_unflatten([(k, mx.array(np.asarray(v, dtype=np.float32)).astype(params[k].dtype if k in params else mx.float32))
+                                             for k, v in grads.items()])))
 
     def loss(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         total, ce, d = self._loss(to_mx_batch(batch))

@@ -15,11 +15,12 @@ from .base import TrainerBackend, TrainerSession
 
 class MLXSession(TrainerSession):
     def to_numpy(self, x) -> np.ndarray:
-        return np.array(x, order="C")
+        """bfloat16 (which numpy lacks) as the float32 holding its values exactly."""
+        return np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x, order="C")
 
     def forward(self, input_ids):
         logits, hidden = self.t.model.forward(mx.array(np.asarray(input_ids, dtype=np.int32)))
-        return np.array(logits), [np.array(h) for h in hidden]
+        return self.to_numpy(logits), [self.to_numpy(h) for h in hidden]
 
     def shifted(self, input_ids, attention_mask):
         ids = mx.array(np.asarray(input_ids, dtype=np.int32))

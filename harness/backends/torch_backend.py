@@ -19,11 +19,13 @@ class TorchSession(TrainerSession):
         trainer.grad_offset = grad_offset
 
     def to_numpy(self, x) -> np.ndarray:
-        return np.array(x.detach().cpu().numpy(), order="C")
+        """bfloat16 (which numpy lacks) as the float32 holding its values exactly."""
+        x = x.detach().cpu()
+        return np.array((x.float() if x.dtype == torch.bfloat16 else x).numpy(), order="C")
 
     def forward(self, input_ids):
         logits, hidden = self.t.forward(input_ids)
-        return logits.cpu().numpy(), [h.cpu().numpy() for h in hidden]
+        return self.to_numpy(logits), [self.to_numpy(h) for h in hidden]
 
     def shifted(self, input_ids, attention_mask):
         ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))
