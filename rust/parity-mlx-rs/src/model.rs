@@ -13,12 +13,24 @@ use mlx_rs::{
     fast,
     macros::ModuleParameters,
     module::{ModuleParameters as _, Param},
-    ops, random, Array,
+    ops, random, Array, Dtype,
 };
 
 use crate::config::ModelConfig;
 
 type R<T> = std::result::Result<T, Exception>;
+
+/// A Python float scalar in an MLX op with `like`: MLX converts it to `like`'s dtype (a weak scalar,
+/// it does not promote), rounding the float32 value (`float(x)`, then bfloat16 for a bfloat16 `like`).
+/// For float32 it is `Array::from_f32(x)` itself, so float32 results stay exactly what they were.
+pub fn scalar_like(x: f32, like: &Array) -> R<Array> {
+    let s = Array::from_f32(x);
+    match like.dtype() {
+        Dtype::Float32 => Ok(s),
+        d @ (Dtype::Bfloat16 | Dtype::Float16) => s.as_dtype(d),
+        _ => Ok(s),
+    }
+}
 
 /// Seeded uniform initialisation, `U(-bound, bound)`, from an explicit key (never MLX's global
 /// generator, which the Python side shares in the same process).
@@ -72,6 +84,9 @@ impl Linear {
         Ok(())
     }
 
+    /// With an adapter: `y + (scale * ((x @ lora_a) @ lora_b)).astype(y.dtype)`. The adapter path is
+    /// float32 (float32 adapters promote a bfloat16 `x`); under bfloat16 its sum is rounded to `y`'s
+    /// bfloat16 before the add (mlx-lm's LoRALinear); under float32 the cast is no op and is skipped.
     pub fn forward(&self, x: &Array) -> R<Array> {
         let mut y = ops::matmul(x, self.weight.value.t())?;
         if let Some(b) = &self.bias.value {
@@ -79,7 +94,11 @@ impl Linear {
         }
         if let (Some(s), Some(a), Some(b)) = (self.lora_scale, &self.lora_a.value, &self.lora_b.value) {
             let low = ops::matmul(ops::matmul(x, a)?, b)?;
-            y = ops::add(&y, ops::multiply(Array::from_f32(s), &low)?)?;
+            let mut z = ops::multiply(Array::from_f32(s), &low)?;
+            if z.dtype() != y.dtype() {
+                z = z.as_dtype(y.dtype())?;
+            }
+            y = ops::add(&y, z)?;
         }
         Ok(y)
     }
@@ -268,9 +287,9 @@ impl Attention {
         Array::repeat_axis::<f32>(kv.clone(), self.n_heads / self.n_kv, 1)
     }
 
-    /// `scale * q k^T`, `[B, H, T, T]`, before the mask.
+    /// `scale * q k^T`, `[B, H, T, T]`, before the mask; `scale` a Python float (q's dtype).
     pub fn scores(&self, q: &Array, k: &Array) -> R<Array> {
-        let q = ops::multiply(q, Array::from_f32(self.scale()))?;
+        let q = ops::multiply(q, scalar_like(self.scale(), q)?)?;
         ops::matmul(&q, self.kv_for_queries(k)?.transpose_axes(&[0, 1, 3, 2])?)
     }
 
@@ -279,7 +298,7 @@ impl Attention {
         let t = scores.shape()[scores.ndim() - 1];
         let pos = Array::arange::<_, i32>(None, t, None)?;
         let causal = pos.reshape(&[1, t])?.le(pos.reshape(&[t, 1])?)?;
-        let masked = ops::select(&causal, scores, Array::from_f32(f32::NEG_INFINITY))?;
+        let masked = ops::select(&causal, scores, scalar_like(f32::NEG_INFINITY, scores)?)?;
         ops::softmax_axis(&masked, -1, None)
     }
 
@@ -436,6 +455,18 @@ impl LlamaForCausalLM {
             lm_head,
             tie_word_embeddings: cfg.tie_word_embeddings,
         })
+    }
+
+    /// Every parameter cast to `dtype` (MLX's `astype`, round to nearest even): the model of a bfloat16
+    /// run, before its checkpoint is loaded (which then casts each tensor to its parameter's dtype) and
+    /// before LoRA adapters (float32) are added.
+    pub fn cast_parameters(&mut self, dtype: Dtype) -> R<()> {
+        for (_, p) in self.parameters_mut().flatten() {
+            if p.dtype() != dtype {
+                *p = p.as_dtype(dtype)?;
+            }
+        }
+        Ok(())
     }
 
     /// Logits and the residual stream after each decoder layer (before the final norm).
@@ -666,6 +697,48 @@ mod tests {
             let p = host(&chain["layer.0.probs"]);
             assert!(p.iter().enumerate().all(|(n, &x)| (n % 7 <= (n / 7) % 7) || x == 0.0));
         }
+    }
+
+    #[test]
+    fn bf16_pieces_are_all_bfloat16_and_the_adapter_path_is_rounded() {
+        // Every piece of a bfloat16 model is bfloat16: a float32 constant (a scalar array, which MLX
+        // promotes) anywhere in the chain would leave a float32 piece behind.
+        for (tied, bias, lora) in [(false, false, false), (true, true, true)] {
+            let mut m = tiny(tied, bias, lora);
+            let adapters: Vec<(String, Array)> = m
+                .parameters()
+                .flatten()
+                .into_iter()
+                .filter(|(k, _)| k.ends_with(".lora_a") || k.ends_with(".lora_b"))
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            m.cast_parameters(Dtype::Bfloat16).unwrap();
+            // Adapters kept float32 (cast_parameters comes before add_lora in a trainer; here by hand).
+            m.update_flattened(adapters.into_iter().map(|(k, v)| (std::rc::Rc::from(k.as_str()), v)).collect());
+            let chain = m.pieces(&ids(), None).unwrap();
+            for (n, v) in &chain {
+                assert_eq!(v.dtype(), Dtype::Bfloat16, "{n} (tied={tied}, bias={bias}, lora={lora})");
+            }
+            let again = m.pieces(&ids(), Some(&chain)).unwrap();
+            for n in m.piece_names() {
+                assert_eq!(host(&chain[&n]), host(&again[&n]), "{n}");
+            }
+            let (logits, _) = m.forward_with_hidden(&ids()).unwrap();
+            assert_eq!(host(&logits), host(&chain["head.logits"]));
+        }
+        // An adapted projection: y = x W^T in bfloat16, plus bf16(scale * (x @ a) @ b) from float32.
+        let mut lin = Linear::new(8, 6, false, 1).unwrap();
+        lin.weight = Param::new(lin.weight.value.as_dtype(Dtype::Bfloat16).unwrap());
+        lin.add_lora(2, 2.0, 5).unwrap();
+        lin.lora_b = Param::new(Some(uniform(6, 0.3, &[2, 6]).unwrap()));
+        let x = uniform(7, 1.0, &[3, 8]).unwrap().as_dtype(Dtype::Bfloat16).unwrap();
+        let y = lin.forward(&x).unwrap();
+        assert_eq!(y.dtype(), Dtype::Bfloat16);
+        let base = ops::matmul(&x, lin.weight.value.t()).unwrap();
+        let low = ops::matmul(ops::matmul(&x, lin.lora_a.value.as_ref().unwrap()).unwrap(), lin.lora_b.value.as_ref().unwrap()).unwrap();
+        assert_eq!(low.dtype(), Dtype::Float32);
+        let want = ops::add(&base, ops::multiply(Array::from_f32(2.0), &low).unwrap().as_dtype(Dtype::Bfloat16).unwrap()).unwrap();
+        assert_eq!(host(&y), host(&want));
     }
 
     #[test]

@@ -22,6 +22,31 @@ impl Trainable {
     }
 }
 
+/// The training precision (docs/training-step.md, "Precision"): float32 everywhere, or bfloat16 the way
+/// mlx-lm trains a bfloat16 model (checkpoint tensors bfloat16 parameters, LoRA adapters float32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Float32,
+    Bfloat16,
+}
+
+impl Precision {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Precision::Float32 => "float32",
+            Precision::Bfloat16 => "bfloat16",
+        }
+    }
+
+    /// The dtype of the checkpoint's parameters and of the forward pass.
+    pub fn dtype(&self) -> mlx_rs::Dtype {
+        match self {
+            Precision::Float32 => mlx_rs::Dtype::Float32,
+            Precision::Bfloat16 => mlx_rs::Dtype::Bfloat16,
+        }
+    }
+}
+
 /// Deliberate porting bugs for the harness self-test (settings key "inject").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inject {
@@ -103,6 +128,7 @@ pub struct TrainSettings {
     pub inject: Option<Inject>,
     /// Seed of the random initialisation (parameters no checkpoint fills, fresh LoRA adapters).
     pub seed: u64,
+    pub precision: Precision,
 }
 
 fn err(msg: impl Into<String>) -> Error {
@@ -168,7 +194,7 @@ impl TrainSettings {
             d,
             &[
                 "trainable", "lora", "optimizer", "schedule", "clip_norm", "accum_steps", "loss", "steps",
-                "checkpoint_at", "inject", "seed",
+                "checkpoint_at", "inject", "seed", "precision",
             ],
             "settings ",
         )?;
@@ -280,6 +306,16 @@ impl TrainSettings {
         if seed < 0 {
             return Err(err(format!("seed must be >= 0, got {seed}")));
         }
+        let precision = match d.get("precision") {
+            None => Precision::Float32,
+            Some(Value::String(p)) if p == "float32" => Precision::Float32,
+            Some(Value::String(p)) if p == "bfloat16" => Precision::Bfloat16,
+            Some(v) => {
+                return Err(err(format!(
+                    "precision must be one of ('float32', 'bfloat16'), got {v}"
+                )))
+            }
+        };
         Ok(TrainSettings {
             trainable,
             lora,
@@ -292,6 +328,7 @@ impl TrainSettings {
             checkpoint_at,
             inject,
             seed: seed as u64,
+            precision,
         })
     }
 
@@ -316,6 +353,7 @@ impl TrainSettings {
             "checkpoint_at": self.checkpoint_at,
             "inject": self.inject.map(|i| i.as_str()),
             "seed": self.seed,
+            "precision": self.precision.as_str(),
         })
     }
 }
@@ -332,6 +370,22 @@ mod tests {
         assert!(s.optimizer.bias_correction);
         assert_eq!(s.schedule, Schedule::Constant);
         assert_eq!(s.inject, None);
+        assert_eq!(s.precision, Precision::Float32);
+    }
+
+    #[test]
+    fn precision_parses_round_trips_and_rejects_others() {
+        let s = TrainSettings::from_json(r#"{"precision": "bfloat16"}"#).unwrap();
+        assert_eq!(s.precision, Precision::Bfloat16);
+        assert_eq!(s.precision.dtype(), mlx_rs::Dtype::Bfloat16);
+        assert_eq!(s.to_value()["precision"], "bfloat16");
+        assert_eq!(TrainSettings::from_map(s.to_value().as_object().unwrap()).unwrap(), s);
+        assert_eq!(TrainSettings::from_json(r#"{"precision": "float32"}"#).unwrap().precision, Precision::Float32);
+        for bad in [r#""float16""#, r#""bf16""#, "null", "32"] {
+            let e = TrainSettings::from_json(&format!(r#"{{"precision": {bad}}}"#)).err().unwrap();
+            assert!(matches!(e, Error::Settings(_)), "{bad}");
+            assert!(e.to_string().starts_with("precision must be one of"), "{e}");
+        }
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The training step (docs/training-step.md): shifted CE + distrust loss, value_and_grad over the
 //! trainable set, accumulation, clipping, AdamW with both bias-correction conventions, schedules,
 //! checkpoints. Op order follows the MLX reference (and MLX's own `optim.AdamW`, `clip_grad_norm`,
-//! schedulers) so that float32 results agree bit for bit where the kernels allow.
+//! schedulers) so that float32 results agree bit for bit where the kernels allow. Under
+//! `"precision": "bfloat16"` each of them runs in its operands' dtype as MLX's Python does (a Python float
+//! constant takes the dtype of the array it meets: `model::scalar_like`), the gradients, their
+//! accumulation, clipping and AdamW in each parameter's dtype.
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
@@ -22,7 +25,7 @@ use serde_json::{json, Value};
 use crate::{
     config::ModelConfig,
     error::{Error, Result},
-    model::{LlamaForCausalLM, Pieces},
+    model::{scalar_like, LlamaForCausalLM, Pieces},
     settings::{validate_loss_scalars, Inject, Schedule, TrainSettings, Trainable},
     weights::{self, LoadReport},
 };
@@ -181,7 +184,10 @@ fn loss_arrays(
     lambda: f64,
     no_shift: bool,
 ) -> std::result::Result<Vec<Array>, Exception> {
-    loss_of_logits(&model.forward(&args.0)?, args, alpha, lambda, no_shift)
+    let logits = model.forward(&args.0)?;
+    // Under bfloat16 the logits go to the loss in float32 (`logits.astype(mx.float32)`).
+    let logits = if logits.dtype() == Dtype::Float32 { logits } else { logits.as_dtype(Dtype::Float32)? };
+    loss_of_logits(&logits, args, alpha, lambda, no_shift)
 }
 
 /// `[total, ce, distrust]` of given logits: the loss on its own (the isolated loss check).
@@ -256,6 +262,8 @@ impl Trainer {
             model.update_flattened(loaded);
             report
         };
+        // Loaded into the float32 model (as the reference does), then cast to the training precision.
+        Self::cast_model(&mut model, &settings)?;
         let mut t = Trainer {
             cfg,
             settings,
@@ -293,7 +301,8 @@ impl Trainer {
         }
         let settings = TrainSettings::from_map(&settings)?;
         let cfg = ModelConfig::from_dir(path)?;
-        let model = LlamaForCausalLM::new(&cfg, settings.seed)?;
+        let mut model = LlamaForCausalLM::new(&cfg, settings.seed)?;
+        Self::cast_model(&mut model, &settings)?;
         let mut t = Trainer {
             cfg,
             settings,
@@ -308,6 +317,22 @@ impl Trainer {
         t.setup_trainable(None)?;
         t.load_checkpoint(path)?;
         Ok(t)
+    }
+
+    /// The model in the settings' precision (the reference's `model.set_dtype`): under bfloat16 every
+    /// parameter, the checkpoint's tensors as loaded into float32, is cast to bfloat16 (rounded to nearest
+    /// even). Called before the LoRA adapters exist, so they stay float32.
+    fn cast_model(model: &mut LlamaForCausalLM, settings: &TrainSettings) -> Result<()> {
+        let dtype = settings.precision.dtype();
+        if dtype != Dtype::Float32 {
+            model.cast_parameters(dtype)?;
+        }
+        Ok(())
+    }
+
+    /// The dtype the forward pass computes in (bfloat16 or float32).
+    pub fn compute_dtype(&self) -> Dtype {
+        self.settings.precision.dtype()
     }
 
     fn setup_trainable(&mut self, lora_init: Option<&Path>) -> Result<()> {
@@ -433,7 +458,17 @@ impl Trainer {
                 )));
             }
         }
-        let pieces = self.model.pieces(ids, given)?;
+        // Given pieces arrive as float32; the port computes in its precision (bfloat16 pieces there).
+        let dtype = self.compute_dtype();
+        let cast: Option<Pieces> = match given {
+            Some(g) if dtype != Dtype::Float32 => Some(
+                g.iter()
+                    .map(|(k, v)| Ok((k.clone(), if v.dtype() == dtype { v.clone() } else { v.as_dtype(dtype)? })))
+                    .collect::<Result<Pieces>>()?,
+            ),
+            _ => None,
+        };
+        let pieces = self.model.pieces(ids, cast.as_ref().or(given))?;
         eval(pieces.values())?;
         Ok(pieces)
     }
@@ -467,8 +502,20 @@ impl Trainer {
         Ok(LossParts { total: scalar(&v[0])?, ce: scalar(&v[1])?, distrust: scalar(&v[2])? })
     }
 
-    /// One update (clip, then AdamW) with given gradients by name (the isolated optimizer check).
+    /// One update (clip, then AdamW) with given gradients by name (the isolated optimizer check). Given
+    /// gradients arrive as float32; each is cast to its parameter's dtype (bfloat16 under bfloat16, but
+    /// float32 for the LoRA adapters), the dtype value_and_grad gives it.
     pub fn update_from_gradients(&mut self, mut grads: HashMap<String, Array>) -> Result<()> {
+        {
+            let params = self.model.parameters().flatten();
+            for (k, g) in grads.iter_mut() {
+                if let Some(p) = params.get(k.as_str()) {
+                    if g.dtype() != p.dtype() {
+                        *g = g.as_dtype(p.dtype())?;
+                    }
+                }
+            }
+        }
         self.clip(&mut grads)?;
         self.apply_adamw(&grads)
     }
@@ -594,8 +641,9 @@ impl Trainer {
         }
         let mut grads = grads.unwrap_or_default();
         if n > 1 {
-            let k = Array::from_f32(n as f32);
+            // `g / n`, n a Python int: in the gradient's dtype (bfloat16 gradients stay bfloat16).
             for g in grads.values_mut() {
+                let k = scalar_like(n as f32, g)?;
                 *g = ops::divide(&*g, &k)?;
             }
         }
@@ -605,18 +653,31 @@ impl Trainer {
         Ok(LossParts { ce: ce / k, distrust: d / k, total: tot / k })
     }
 
-    /// `optim.clip_grad_norm` when `clip_norm` is set: the squared norms summed in module-tree order.
+    /// `optim.clip_grad_norm` when `clip_norm` is set: the squared norms summed in module-tree order,
+    /// `0.0 + sum(g1^2) + sum(g2^2) + ...` (the Python floats in the dtype of the array they meet: a
+    /// bfloat16 norm for bfloat16 gradients), `normalizer = minimum(max_norm / (norm + 1e-6), 1.0)`.
     fn clip(&self, grads: &mut HashMap<String, Array>) -> Result<()> {
         if let Some(max_norm) = self.settings.clip_norm {
             let order = self.model.ordered_names();
-            let mut acc = Array::from_f32(0.0);
+            let mut acc: Option<Array> = None;
             for name in order.iter().filter(|n| grads.contains_key(*n)) {
-                acc = ops::add(&acc, ops::square(&grads[name])?.sum(None)?)?;
+                let sq = ops::square(&grads[name])?.sum(None)?;
+                acc = Some(match acc {
+                    None => ops::add(scalar_like(0.0, &sq)?, &sq)?,
+                    Some(a) => ops::add(&a, &sq)?,
+                });
             }
+            let acc = match acc {
+                Some(a) => a,
+                None => return Ok(()),
+            };
             let total_norm = ops::sqrt(&acc)?;
             let normalizer = ops::minimum(
-                ops::divide(Array::from_f32(max_norm as f32), ops::add(&total_norm, Array::from_f32(1e-6))?)?,
-                Array::from_f32(1.0),
+                ops::divide(
+                    scalar_like(max_norm as f32, &total_norm)?,
+                    ops::add(&total_norm, scalar_like(1e-6, &total_norm)?)?,
+                )?,
+                scalar_like(1.0, &total_norm)?,
             )?;
             for g in grads.values_mut() {
                 *g = ops::multiply(&*g, &normalizer)?;
@@ -626,10 +687,12 @@ impl Trainer {
     }
 
     /// MLX's `optim.AdamW.apply_single`, both bias-correction conventions, schedule read at the
-    /// number of updates already done.
+    /// number of updates already done. Each update runs in its gradient's dtype: `lr.astype(g.dtype)`, the
+    /// Python float constants in that dtype, `m` and `v` zeros of the parameter's dtype, and the bias
+    /// corrections computed in float32 (`b ** step` with a uint64 step) and then cast to it.
     fn apply_adamw(&mut self, grads: &HashMap<String, Array>) -> Result<()> {
         let o = self.settings.optimizer.clone();
-        let lr = self.learning_rate(self.step)?;
+        let lr_f32 = self.learning_rate(self.step)?;
         let t = self.step + 1;
         let (b1, b2) = o.betas;
         let f = |x: f64| Array::from_f32(x as f32);
@@ -640,6 +703,10 @@ impl Trainer {
         names.sort();
         for name in names {
             let g = &grads[name];
+            let dt = g.dtype();
+            // A Python float meeting an array of the gradient's dtype (identical to `f` for float32).
+            let d = |x: f64| scalar_like(x as f32, g);
+            let lr = if dt == lr_f32.dtype() { lr_f32.clone() } else { lr_f32.as_dtype(dt)? };
             let p = params
                 .get(name.as_str())
                 .ok_or_else(|| Error::Mlx(format!("gradient for unknown parameter {name}")))?;
@@ -652,18 +719,26 @@ impl Trainer {
                 None => ops::zeros_like(p)?,
             };
             // parameter * (1 - lr * weight_decay)
-            let decayed = ops::multiply(*p, ops::subtract(f(1.0), ops::multiply(&lr, f(o.weight_decay))?)?)?;
-            let m = ops::add(ops::multiply(f(b1), &m0)?, ops::multiply(f(1.0 - b1), g)?)?;
-            let v = ops::add(ops::multiply(f(b2), &v0)?, ops::multiply(f(1.0 - b2), ops::square(g)?)?)?;
+            let decayed = ops::multiply(*p, ops::subtract(d(1.0)?, ops::multiply(&lr, d(o.weight_decay)?)?)?)?;
+            let m = ops::add(ops::multiply(d(b1)?, &m0)?, ops::multiply(d(1.0 - b1)?, g)?)?;
+            let v = ops::add(ops::multiply(d(b2)?, &v0)?, ops::multiply(d(1.0 - b2)?, ops::square(g)?)?)?;
             let updated = if o.bias_correction {
-                let c1 = ops::divide(&lr, ops::subtract(f(1.0), ops::power(f(b1), &step_arr)?)?)?;
-                let c2 = ops::rsqrt(ops::subtract(f(1.0), ops::power(f(b2), &step_arr)?)?)?;
+                // (lr / (1 - b1**step)).astype(g.dtype), rsqrt(1 - b2**step).astype(g.dtype): float32
+                // inside (b ** step is float32 against the uint64 step), rounded to the gradient's dtype.
+                let mut c1 = ops::divide(&lr, ops::subtract(f(1.0), ops::power(f(b1), &step_arr)?)?)?;
+                let mut c2 = ops::rsqrt(ops::subtract(f(1.0), ops::power(f(b2), &step_arr)?)?)?;
+                if c1.dtype() != dt {
+                    c1 = c1.as_dtype(dt)?;
+                }
+                if c2.dtype() != dt {
+                    c2 = c2.as_dtype(dt)?;
+                }
                 let num = ops::multiply(&c1, &m)?;
-                let den = ops::add(ops::multiply(ops::sqrt(&v)?, &c2)?, f(o.eps))?;
+                let den = ops::add(ops::multiply(ops::sqrt(&v)?, &c2)?, d(o.eps)?)?;
                 ops::subtract(&decayed, ops::divide(&num, &den)?)?
             } else {
                 let num = ops::multiply(&lr, &m)?;
-                ops::subtract(&decayed, ops::divide(&num, ops::add(ops::sqrt(&v)?, f(o.eps))?)?)?
+                ops::subtract(&decayed, ops::divide(&num, ops::add(ops::sqrt(&v)?, d(o.eps)?)?)?)?
             };
             self.m.insert(name.clone(), m);
             self.v.insert(name.clone(), v);
@@ -674,7 +749,7 @@ impl Trainer {
         all.extend(self.v.values());
         eval(all)?;
         self.step = t;
-        self.last_lr = Some(lr);
+        self.last_lr = Some(lr_f32);
         if self.settings.inject != Some(Inject::OptimizerDisconnected) {
             self.model.update_flattened(new_params);
         }
@@ -914,6 +989,188 @@ mod tests {
         assert_eq!(flat(&a), flat(&c));
         assert_eq!(a.step, 3);
         assert_eq!(c.step, 3);
+    }
+
+    /// `settings` under `"precision": "bfloat16"`, plus `extra`.
+    fn bf16(extra: &str) -> TrainSettings {
+        settings(&format!(r#", "precision": "bfloat16" {extra}"#))
+    }
+
+    fn dtypes(t: &Trainer) -> HashMap<String, Dtype> {
+        t.parameters().into_iter().map(|(k, v)| (k, v.dtype())).collect()
+    }
+
+    /// bfloat16 except the LoRA adapters, which are float32.
+    fn expected_dtype(name: &str) -> Dtype {
+        if name.ends_with(".lora_a") || name.ends_with(".lora_b") {
+            Dtype::Float32
+        } else {
+            Dtype::Bfloat16
+        }
+    }
+
+    #[test]
+    fn bf16_loads_every_checkpoint_tensor_as_bfloat16_rounded() {
+        let d_dir = tmp("bf16-load");
+        let d = d_dir.path();
+        tiny_checkpoint(&d, false);
+        let saved = weights::read_checkpoint(d).unwrap();
+        let t = Trainer::new(&d, bf16(""), None, true).unwrap();
+        assert!(t.report.ok(), "{}", t.report.describe());
+        assert_eq!(t.compute_dtype(), Dtype::Bfloat16);
+        let mut rounded = 0;
+        for (k, p) in t.parameters() {
+            assert_eq!(p.dtype(), Dtype::Bfloat16, "{k}");
+            // MLX's astype of the float32 tensor: round to nearest even.
+            let want = saved[&k].as_dtype(Dtype::Bfloat16).unwrap();
+            assert_eq!(host_vec::<f32>(&p).unwrap(), host_vec::<f32>(&want).unwrap(), "{k}");
+            rounded += (host_vec::<f32>(&p).unwrap() != host_vec::<f32>(&saved[&k]).unwrap()) as usize;
+        }
+        assert!(rounded > 10, "{rounded} tensors changed by rounding");
+        // A float16 checkpoint, too; and float32 stays float32 under the default precision.
+        let h_dir = tmp("bf16-load-f16");
+        let h = h_dir.path();
+        std::fs::copy(d.join("config.json"), h.join("config.json")).unwrap();
+        let half: Vec<(String, Array)> =
+            saved.iter().map(|(k, v)| (k.clone(), v.as_dtype(Dtype::Float16).unwrap())).collect();
+        Array::save_safetensors(half.iter().map(|(k, v)| (k.as_str(), v)), None, h.join("model.safetensors")).unwrap();
+        let th = Trainer::new(&h, bf16(""), None, true).unwrap();
+        for (k, p) in th.parameters() {
+            assert_eq!(p.dtype(), Dtype::Bfloat16, "{k}");
+            let want = saved[&k].as_dtype(Dtype::Float16).unwrap().as_dtype(Dtype::Bfloat16).unwrap();
+            assert_eq!(host_vec::<f32>(&p).unwrap(), host_vec::<f32>(&want).unwrap(), "{k}");
+        }
+        let f = Trainer::new(&d, settings(""), None, true).unwrap();
+        assert!(dtypes(&f).values().all(|&dt| dt == Dtype::Float32));
+        // The forward pass runs in bfloat16: logits and hidden states are bfloat16.
+        let (logits, hidden) = t.forward(&batch().arrays().0).unwrap();
+        assert_eq!(logits.dtype(), Dtype::Bfloat16);
+        assert!(hidden.iter().all(|h| h.dtype() == Dtype::Bfloat16));
+    }
+
+    #[test]
+    fn bf16_lora_adapters_stay_float32() {
+        let d_dir = tmp("bf16-lora");
+        let d = d_dir.path();
+        tiny_checkpoint(&d, true);
+        let lora = r#", "trainable": "lora", "lora": {"rank": 2, "layers": 1, "scale": 2.0}"#;
+        let mut t = Trainer::new(&d, bf16(lora), None, true).unwrap();
+        let names = t.trainable_names();
+        assert_eq!(names.len(), 8);
+        for (k, dt) in dtypes(&t) {
+            assert_eq!(dt, expected_dtype(&k), "{k}");
+        }
+        // lora_init is loaded as float32 (and must be float32).
+        let init: Vec<(String, Array)> = t
+            .parameters()
+            .into_iter()
+            .filter(|(k, _)| names.contains(k))
+            .map(|(k, v)| (k.clone(), ops::add(&v, Array::from_f32(0.125)).unwrap()))
+            .collect();
+        let init_path = d.join("adapters.safetensors");
+        Array::save_safetensors(init.iter().map(|(k, v)| (k.as_str(), v)), None, &init_path).unwrap();
+        let t2 = Trainer::new(&d, bf16(lora), Some(&init_path), true).unwrap();
+        for (k, dt) in dtypes(&t2) {
+            assert_eq!(dt, expected_dtype(&k), "{k}");
+        }
+        // A step: adapter gradients and moments float32, the frozen bfloat16 weights unchanged.
+        let before = flat(&t);
+        let (_, g) = t.gradients(&batch()).unwrap();
+        assert!(g.values().all(|g| g.dtype() == Dtype::Float32));
+        t.step(&batch()).unwrap();
+        let after = flat(&t);
+        for ((k, a), (_, b)) in before.iter().zip(&after) {
+            if !names.contains(k) {
+                assert_eq!(a, b, "{k} is frozen");
+            }
+        }
+        assert!(before.iter().zip(&after).any(|((k, a), (_, b))| k.ends_with(".lora_b") && a != b));
+        for (k, dt) in dtypes(&t) {
+            assert_eq!(dt, expected_dtype(&k), "{k}");
+        }
+        assert!(t.m.values().chain(t.v.values()).all(|a| a.dtype() == Dtype::Float32));
+    }
+
+    #[test]
+    fn bf16_step_keeps_dtypes_and_checkpoint_resumes_bit_exactly() {
+        let d_dir = tmp("bf16-resume");
+        let d = d_dir.path();
+        tiny_checkpoint(&d, true);
+        let b = batch();
+        // A large learning rate, so that bfloat16 parameters visibly move (an update below half an ulp
+        // is lost in bfloat16, as in mlx-lm).
+        let big = r#", "optimizer": {"lr": 0.05, "weight_decay": 0.01}"#;
+        let mut a = Trainer::new(&d, bf16(big), None, true).unwrap();
+        let before = flat(&a);
+        let (parts, g) = a.gradients(&b).unwrap();
+        assert!(parts.total.is_finite());
+        assert!(g.values().all(|g| g.dtype() == Dtype::Bfloat16));
+        a.step(&b).unwrap();
+        assert_ne!(before, flat(&a));
+        a.step(&b).unwrap();
+        assert!(dtypes(&a).values().all(|&dt| dt == Dtype::Bfloat16));
+        assert_eq!(a.m.len(), a.trainable_names().len());
+        assert!(a.m.values().chain(a.v.values()).all(|x| x.dtype() == Dtype::Bfloat16));
+        // Every reported value is a bfloat16 value: float32 from it and back is exact.
+        for (k, v) in flat(&a) {
+            let again = host_vec::<f32>(&Array::from_slice(&v, &[v.len() as i32]).as_dtype(Dtype::Bfloat16).unwrap()).unwrap();
+            assert_eq!(v, again, "{k}");
+        }
+        let ck_dir = tmp("bf16-resume-ck");
+        let ck = &ck_dir.path().join("checkpoint");
+        a.save_checkpoint(&ck).unwrap();
+        // Saved as bfloat16: parameters and moments.
+        let saved = weights::read_safetensors(&ck.join("model.safetensors")).unwrap();
+        assert!(saved.values().all(|x| x.dtype() == Dtype::Bfloat16));
+        let opt = weights::read_safetensors(&ck.join("optimizer.safetensors")).unwrap();
+        assert!(opt.iter().filter(|(k, _)| k.ends_with(".m") || k.ends_with(".v")).all(|(_, x)| x.dtype() == Dtype::Bfloat16));
+        let l1 = a.step(&b).unwrap().total;
+        // Into a fresh trainer of the same settings, and rebuilt from the folder alone.
+        let mut c = Trainer::new(&d, bf16(big), None, true).unwrap();
+        c.load_checkpoint(&ck).unwrap();
+        let mut r = Trainer::from_checkpoint(&ck).unwrap();
+        assert_eq!(r.settings.precision, crate::settings::Precision::Bfloat16);
+        for t in [&mut c, &mut r] {
+            assert!(dtypes(t).values().all(|&dt| dt == Dtype::Bfloat16));
+            assert!(t.m.values().chain(t.v.values()).all(|x| x.dtype() == Dtype::Bfloat16));
+            let l2 = t.step(&b).unwrap().total;
+            assert_eq!(l1, l2);
+            assert_eq!(flat(&a), flat(t));
+            assert_eq!(t.step, 3);
+            for (k, m) in &a.m {
+                assert_eq!(host_vec::<f32>(m).unwrap(), host_vec::<f32>(&t.m[k]).unwrap(), "{k}.m");
+                assert_eq!(host_vec::<f32>(&a.v[k]).unwrap(), host_vec::<f32>(&t.v[k]).unwrap(), "{k}.v");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_given_gradients_are_cast_to_their_parameters_dtype() {
+        let d_dir = tmp("bf16-given");
+        let d = d_dir.path();
+        tiny_checkpoint(&d, false);
+        let b = batch();
+        let mut a = Trainer::new(&d, bf16(""), None, true).unwrap();
+        let mut c = Trainer::new(&d, bf16(""), None, true).unwrap();
+        let (_, g) = a.gradients(&b).unwrap();
+        // Given as float32 (the bfloat16 values exactly): the same update as from the own gradients.
+        let given: HashMap<String, Array> =
+            g.iter().map(|(k, v)| (k.clone(), v.as_dtype(Dtype::Float32).unwrap())).collect();
+        a.update_from_gradients(g).unwrap();
+        c.update_from_gradients(given).unwrap();
+        assert_eq!(flat(&a), flat(&c));
+        assert!(dtypes(&c).values().all(|&dt| dt == Dtype::Bfloat16));
+        assert!(c.m.values().chain(c.v.values()).all(|x| x.dtype() == Dtype::Bfloat16));
+        // Given pieces arrive as float32 and are computed from in bfloat16: the own chain, reproduced.
+        let ids = b.arrays().0;
+        let own = a.pieces(&ids, None).unwrap();
+        let given: Pieces = own.iter().map(|(k, v)| (k.clone(), v.as_dtype(Dtype::Float32).unwrap())).collect();
+        let again = a.pieces(&ids, Some(&given)).unwrap();
+        for (k, v) in &own {
+            assert_eq!(v.dtype(), Dtype::Bfloat16, "{k}");
+            assert_eq!(again[k].dtype(), Dtype::Bfloat16, "{k}");
+            assert_eq!(host_vec::<f32>(v).unwrap(), host_vec::<f32>(&again[k]).unwrap(), "{k}");
+        }
     }
 
     #[test]
