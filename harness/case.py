@@ -24,6 +24,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
+from mlx_parity.reference.precision import model_dtype
 from mlx_parity.reference.settings import TrainSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,11 +36,12 @@ class CaseError(ValueError):
 
 
 class CheckpointWeights(Mapping):
-    """`weights.<name>` -> a checkpoint tensor as numpy, float weights as the float32 a port loads them into
-    (bfloat16 included, which numpy cannot read: MLX reads it). Read from the file on each access (MLX loads
-    lazily, one tensor at a time) and not kept: a real model's weights are never held in full here."""
+    """`weights.<name>` -> a checkpoint tensor as numpy, float weights as the parameter a port loads them into
+    (float32; under bfloat16 training rounded to bfloat16 first), as float32 (numpy cannot hold bfloat16: MLX
+    reads it). Read from the file on each access (MLX loads lazily, one tensor at a time) and not kept: a real
+    model's weights are never held in full here."""
 
-    def __init__(self, checkpoint: Path, adapters: dict[str, np.ndarray] | None):
+    def __init__(self, checkpoint: Path, adapters: dict[str, np.ndarray] | None, precision: str = "float32"):
         from mlx_parity.reference.weights import IGNORED_KEYS, checkpoint_files
 
         import mlx.core as mx
@@ -53,6 +55,7 @@ class CheckpointWeights(Mapping):
         except (OSError, ValueError, RuntimeError) as e:
             raise CaseError(f"{checkpoint}: {e}") from None
         self._adapters = {f"weights.{k}": v for k, v in (adapters or {}).items()}
+        self._precision = precision
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key in self._adapters:
@@ -60,7 +63,9 @@ class CheckpointWeights(Mapping):
         import mlx.core as mx
 
         v = mx.load(str(self._file[key]), format="safetensors")[key.removeprefix("weights.")]
-        return np.array(v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v)
+        if not mx.issubdtype(v.dtype, mx.floating):
+            return np.array(v)
+        return np.array(v.astype(model_dtype(self._precision)).astype(mx.float32))
 
     def __iter__(self):
         return iter([*self._file, *(k for k in self._adapters if k not in self._file)])
@@ -138,7 +143,7 @@ class Case:
     def initial_weights(self) -> "CheckpointWeights":
         """`weights.<name>`: the checkpoint's tensors (and initial adapters), what loading must give and
         θ₀ for judging parameter changes; each read when asked for, so a real model is not held twice."""
-        return CheckpointWeights(self.checkpoint, None if self.lora_init is None else _load(self.lora_init))
+        return CheckpointWeights(self.checkpoint, None if self.lora_init is None else _load(self.lora_init), self.settings.precision)
 
     @cached_property
     def truth(self) -> "Truth":

@@ -248,7 +248,7 @@ def fixtures_create(
     settings: Optional[Path] = typer.Option(None, "--settings", help="settings.json keys over the defaults (LoRA rank 8 on every kept layer, 3 steps)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows of the batch (default: the first 4 records, fewer if there are fewer)."),
     seq_len: int = typer.Option(32, "--seq-len", help="Tokens per row (longer text is cut, shorter padded)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Store the kept weights as float32, bfloat16 or float16 (default: as stored). Training is float32."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Store the kept weights as float32, bfloat16 or float16 (default: as stored). Training runs in the settings' precision (float32 unless --settings says \"precision\": \"bfloat16\")."),
     seed: int = typer.Option(0, "--seed", help="Seeds the LoRA adapters and any provenance the text does not give."),
     force: bool = typer.Option(False, "--force", help="Replace a fixture of that name."),
 ) -> None:

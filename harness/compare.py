@@ -46,10 +46,10 @@ def _kind(a: np.ndarray) -> str:
 
 
 def compare(name: str, actual, expected, tol: Tolerance, truth=None, sensitivity=None, stage_rms: float = 0.0,
-            mask=None, param=None) -> TensorResult:
+            mask=None, param=None, param_dtype: str = "float32") -> TensorResult:
     """`expected` is the reference's golden; `truth` (float64) what errors are measured against, the
     golden itself for exact tolerances. `mask` (broadcast to the shape) selects the judged elements;
-    `param` is the parameter a change Δθ belongs to (its rounding sets Δθ's precision)."""
+    `param` is the parameter a change Δθ belongs to (its rounding, in `param_dtype`, sets Δθ's precision)."""
     if actual is None:
         return TensorResult(name, False, problem="absent from the backend's output", tolerance=tol.describe())
     try:
@@ -82,7 +82,7 @@ def compare(name: str, actual, expected, tol: Tolerance, truth=None, sensitivity
     sens = None if sensitivity is None else np.asarray(sensitivity, np.float64)[keep]
     theta = None if param is None else np.asarray(param, np.float64)[keep]
     bound = np.zeros(a.shape)
-    bound[keep] = tol.bound(e[keep], c[keep], sens, stage_rms, theta)
+    bound[keep] = tol.bound(e[keep], c[keep], sens, stage_rms, theta, param_dtype)
     diff = np.where(keep, np.abs(a - c), 0.0)
     over = diff > bound
     with np.errstate(divide="ignore", invalid="ignore"):

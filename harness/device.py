@@ -217,10 +217,10 @@ class PrecisionBound(TruthBound):
         return (f"{self.mode}: ({self.multiple:g}× the reference's float32 error vs the float64 truth + {self.floor_ulps:g} ulp)"
                 f" × {self.factor:g}, the {self.mode}/float32 unit-roundoff ratio, + each update's sensitivity to a {self.mode} gradient error")
 
-    def bound(self, reference, truth, sensitivity=None, stage_rms: float = 0.0, param=None) -> np.ndarray:
+    def bound(self, reference, truth, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32") -> np.ndarray:
         """factor × (multiple × noise + floor) + sensitivity: the sensitivity is not scaled, since on a
         precision case (`precision_case`) it is already measured for that precision's gradient error."""
-        base = TruthBound.bound(self, reference, truth, sensitivity, stage_rms, param)
+        base = TruthBound.bound(self, reference, truth, sensitivity, stage_rms, param, param_dtype)
         sens = 0.0 if sensitivity is None else np.asarray(sensitivity, np.float64)
         return self.factor * (base - sens) + sens
 
@@ -313,7 +313,7 @@ class RunToRunBound:
         return (f"{self.multiple:g}× max(measured run-to-run spread {self.spread:.3g}, {RUN_TO_RUN_FLOOR_ULPS:g} ulp of the tensor's scale)"
                 f" = {self.allow:.3g}, + each element's update sensitivity")
 
-    def bound(self, reference, truth=None, sensitivity=None, stage_rms: float = 0.0, param=None) -> np.ndarray:
+    def bound(self, reference, truth=None, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32") -> np.ndarray:
         sens = 0.0 if sensitivity is None else np.asarray(sensitivity, np.float64)
         return np.full(np.shape(reference), self.allow) + sens
 

@@ -34,7 +34,7 @@ class FixtureSpec:
     rotary_buffer: bool = False  # add an old-style rotary_emb.inv_freq key, which loading must ignore
     config_layout: str = "transformers5"  # or "transformers4": rope_theta (and rope_scaling) at the top level
     model_type: str = "llama"  # the family transformers builds the checkpoint with: llama, mistral, qwen2, qwen3
-    checkpoint_dtype: str = "float32"  # the dtype the checkpoint stores (bfloat16: released models'); training is float32
+    checkpoint_dtype: str = "float32"  # the dtype the checkpoint stores (bfloat16: released models'); settings' precision trains
 
     def model_config(self) -> dict:
         return {**BASE_MODEL, **self.model}
@@ -137,5 +137,21 @@ SPECS = [
         "4 query heads on 2 kv heads, rope_theta 5e5",
         ["checkpoint_dtype", "gqa_head_mapping", "rope_theta_hardcoded"],
         seed=14, model=dict(rope_theta=5e5), batch_size=2, pad=(0, 4), checkpoint_dtype="bfloat16",
+    ),
+    # Training in bfloat16 (mlx-lm's default for a bfloat16 model): goldens and bounds in that precision.
+    FixtureSpec(
+        "bf16_lora", "LoRA (rank 4, both layers) on a bfloat16 model trained in bfloat16, the way mlx-lm fine-tunes by "
+        "default: bfloat16 weights and forward, float32 adapters, float32 loss",
+        ["precision", "trainable_set_mismatch", "lora_scale", "optimizer_disconnected"],
+        seed=16, settings=dict(trainable="lora", lora=dict(rank=4, layers=2, scale=2.0), precision="bfloat16"),
+        batch_size=2, pad=(0, 5), checkpoint_dtype="bfloat16",
+    ),
+    FixtureSpec(
+        "bf16_full", "full training in bfloat16 from a float32 checkpoint (rounded to bfloat16 on loading): bfloat16 "
+        "gradients, AdamW moments and updates, active clipping, 2 accumulated micro-batches, warmup then cosine",
+        ["precision", "weights_not_loaded", "clipping_missing", "accumulation_scaling", "optimizer_disconnected"],
+        seed=17, model=dict(num_hidden_layers=1), settings=dict(precision="bfloat16", clip_norm=0.5, accum_steps=2,
+                               schedule=dict(kind="warmup_cosine", warmup_steps=2, warmup_init=2e-4, decay_steps=4, end_lr=1e-4)),
+        batch_size=2, pad=(0, 4),
     ),
 ]

@@ -130,7 +130,7 @@ def lora_adapters(cfg: dict, lora: dict, rng: np.random.Generator) -> dict[str, 
 
 def base_forward(case: Case) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The checkpoint's forward pass alone (no adapters), what transformers computes: the MLX
-    reference's in float32 and the twin's float64 truth."""
+    reference's in the case's precision and the twin's float64 truth."""
     import torch
 
     from mlx_parity.reference.settings import TrainSettings
@@ -142,9 +142,10 @@ def base_forward(case: Case) -> tuple[dict[str, np.ndarray], dict[str, np.ndarra
     def named(logits, hidden):
         return {"forward.logits": np.asarray(logits)} | {f"forward.hidden.{i}": np.asarray(h) for i, h in enumerate(hidden)}
 
-    trainer, _ = Trainer.from_pretrained(case.checkpoint, TrainSettings())
+    plain = TrainSettings(precision=case.settings.precision)
+    trainer, _ = Trainer.from_pretrained(case.checkpoint, plain)
     reference = named(*MLXSession(trainer, {}).forward(case.batch["input_ids"]))
-    twin, _ = TwinTrainer.from_pretrained(case.checkpoint, TrainSettings(), dtype=torch.float64)
+    twin, _ = TwinTrainer.from_pretrained(case.checkpoint, plain, dtype=torch.float64)
     logits, hidden = twin.forward(case.batch["input_ids"])
     return reference, named(logits.numpy(), [h.numpy() for h in hidden])
 
@@ -210,7 +211,7 @@ def build_goldens(case: Case, require_agreement: bool = True, progress=None) -> 
         agreement[backend.name] = {s.name: round(s.margin, 4) for s in result.stages}
     say("agreement: transformers")
     reference, truth = base_forward(case)
-    hf = check_forward(case.checkpoint, case.batch["input_ids"], case.batch["attention_mask"], reference, truth)
+    hf = check_forward(case.checkpoint, case.batch["input_ids"], case.batch["attention_mask"], reference, truth, case.settings.precision)
     bad = [r for r in hf if not r.passed]
     if bad and require_agreement:
         raise FixtureError(f"{name}: transformers disagrees with the float64 truth of the forward pass: {bad[0].describe()}")

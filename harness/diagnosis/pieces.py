@@ -35,6 +35,7 @@ class _Piece:
         self.golden = f64(case.golden[P.PREFIX + name])
         self.cfg = _config(case)
         self.real = case.batch["attention_mask"].astype(bool)
+        self.fits = _FITS[case.settings.precision]
 
     def given(self, piece: str) -> np.ndarray:
         g = P.given(self.case.golden)
@@ -66,7 +67,9 @@ def _close_fit(port: np.ndarray, model: np.ndarray, where=None) -> float:
     return float(np.linalg.norm(d) / max(np.linalg.norm(p), _TINY))
 
 
-_FITS = 1e-4  # a hypothesis reproduces a piece when its relative residual is below this (float32 pieces: ~1e-7)
+# A hypothesis reproduces a piece when its relative residual is below this: float32 pieces sit at ~1e-7; a
+# bfloat16 piece is one bfloat16 rounding of its exact value (~2e-3 rms), so there the threshold is 8 unit roundoffs.
+_FITS = {"float32": 1e-4, "bfloat16": 8 * 2.0**-8}
 
 
 # --- norms ---------------------------------------------------------------------------------------
@@ -113,7 +116,7 @@ def _norm(pc: _Piece) -> Diagnosis | None:
     if abs(est - eps) > max(0.3 * eps, 1e-5 * scale):
         return Diagnosis("rmsnorm_eps", f"RMSNorm implies eps = {est:.3g}, not the config's rms_norm_eps = {eps:g}", evidence)
     w = _norm_weight(pc)
-    if w is not None and _close_fit(y, x / np.sqrt((x * x).mean(-1, keepdims=True) + eps), pc.real[..., None]) < _FITS:
+    if w is not None and _close_fit(y, x / np.sqrt((x * x).mean(-1, keepdims=True) + eps), pc.real[..., None]) < pc.fits:
         return Diagnosis("norm_weight", f"{pc.piece} equals x/sqrt(mean(x²)+eps) without its weight: the norm's weight is not applied", evidence)
     return None
 
@@ -141,16 +144,16 @@ def _projection(pc: _Piece) -> Diagnosis | None:
     if W is None or y.shape != ref.shape:
         return None
     real = pc.real[..., None]
-    if b is not None and _close_fit(y, ref - b, real) < _FITS:
+    if b is not None and _close_fit(y, ref - b, real) < pc.fits:
         return Diagnosis("bias_missing", f"{module.rsplit('.', 1)[-1]} output equals the reference's minus the checkpoint's bias: the bias is not added",
                          {"module": module, "bias_norm": float(np.linalg.norm(b))})
-    if W.shape[0] == W.shape[1] and _close_fit(y, x @ W + (0 if b is None else b), real) < _FITS:
+    if W.shape[0] == W.shape[1] and _close_fit(y, x @ W + (0 if b is None else b), real) < pc.fits:
         return Diagnosis("weight_transposed", f"{module.rsplit('.', 1)[-1]} multiplies by its weight untransposed (x·W, not x·Wᵀ)", {"module": module})
     lora = _lora_branch(pc, module, x)
     if lora is not None:
         branch, scale = lora
         k = float((( y - ref) * branch)[np.broadcast_to(real, y.shape)].sum() / max((branch * branch)[np.broadcast_to(real, y.shape)].sum(), _TINY))
-        if _close_fit(y, ref + k * branch, real) < _FITS and abs(k) > 1e-3 * abs(scale):
+        if _close_fit(y, ref + k * branch, real) < pc.fits and abs(k) > 1e-3 * abs(scale):
             return Diagnosis("lora_scale", f"{module.rsplit('.', 1)[-1]}'s LoRA branch enters with scale {scale + k:.4g}, not the configured {scale:g}",
                              {"module": module, "implied_scale": scale + k, "configured_scale": scale})
     return None
@@ -188,7 +191,7 @@ def _rope(pc: _Piece) -> Diagnosis | None:
         keep = np.broadcast_to(real, nx.shape) & (nx > 1e-3 * nx.max())
         fits[halves] = float(np.median(np.abs(ny[keep] - nx[keep]) / nx[keep])) if keep.any() else np.inf
     halves = fits[True] <= fits[False]
-    if min(fits.values()) > 1e-3:
+    if min(fits.values()) > max(1e-3, pc.fits):
         return None  # not a rotation of pairs: localised
     (x1, x2), (y1, y2) = _pairs(x, halves), _pairs(y, halves)
     angle = np.arctan2(x1 * y2 - x2 * y1, x1 * y1 + x2 * y2)  # [B, H, T, D/2]
@@ -248,7 +251,7 @@ def _scores(pc: _Piece) -> Diagnosis | None:
     mapping, scales = [], []
     for h in range(H):
         j, c, r = _head_fit(np.where(finite[:, h], s[:, h], 0), [x[:, h] for x in raw], real & finite[:, h])
-        if r > _FITS * 10:
+        if r > pc.fits * 10:
             return None
         mapping.append(j)
         scales.append(c)
@@ -294,7 +297,7 @@ def _probs(pc: _Piece) -> Diagnosis | None:
     masked = np.where(jj <= tt, s[..., :n_real, :n_real], -np.inf) if n_real else s
     col = np.exp(masked - masked.max(-2, keepdims=True))
     over_queries = col / col.sum(-2, keepdims=True)
-    if n_real and _close_fit(p[..., :n_real, :n_real], np.nan_to_num(over_queries)) < _FITS:
+    if n_real and _close_fit(p[..., :n_real, :n_real], np.nan_to_num(over_queries)) < pc.fits:
         return Diagnosis("softmax_axis", "attention probabilities are normalised over queries (columns sum to 1), not over keys", {})
     return None
 
@@ -306,14 +309,14 @@ def _attn(pc: _Piece) -> Diagnosis | None:
         return None
     B, T, _ = a.shape
     per_head = probs @ np.repeat(v, H // K, axis=1)  # [B, H, T, D]
-    if _close_fit(a, per_head.reshape(B, T, H * D), pc.real[..., None]) < _FITS:
+    if _close_fit(a, per_head.reshape(B, T, H * D), pc.real[..., None]) < pc.fits:
         return Diagnosis("attention_merge", "the heads' outputs are reshaped from [B, heads, T, D] without moving heads next to head_dim", {})
     heads = a.reshape(B, T, H, D).transpose(0, 2, 1, 3)
     real = pc.real[:, :, None]
     mapping = []
     for h in range(H):
         j, c, r = _head_fit(heads[:, h], [probs[:, h] @ v[:, m] for m in range(K)], real)
-        if r > _FITS * 10 or abs(c - 1) > 1e-3:
+        if r > pc.fits * 10 or abs(c - 1) > 1e-3:
             return None
         mapping.append(j)
     expected = [h // (H // K) for h in range(H)]
@@ -339,7 +342,7 @@ def _act(pc: _Piece) -> Diagnosis | None:
     for name, fn in _ACTIVATIONS.items():
         for swapped in (False, True):
             a, b = (up, gate) if swapped else (gate, up)
-            if _close_fit(y, fn(a) * b, real) < _FITS:
+            if _close_fit(y, fn(a) * b, real) < pc.fits:
                 if swapped:
                     return Diagnosis("gate_up_swapped", f"act = {name}(up)·gate: gate_proj and up_proj exchange roles", {"activation": name})
                 if name != "silu":
@@ -355,7 +358,7 @@ def _embed(pc: _Piece) -> Diagnosis | None:
         return None
     ref = W[ids]
     c = float((pc.port * ref).sum() / max((ref * ref).sum(), _TINY))
-    if abs(c - 1) > 1e-3 and _close_fit(pc.port, c * ref, pc.real[..., None]) < _FITS:
+    if abs(c - 1) > 1e-3 and _close_fit(pc.port, c * ref, pc.real[..., None]) < pc.fits:
         return Diagnosis("embedding_scale", f"token embeddings are scaled by {c:.4g}" + (" = sqrt(hidden_size)" if abs(c - math.sqrt(W.shape[1])) < 1e-3 * c else ""),
                          {"implied_scale": c})
     return None

@@ -36,6 +36,9 @@ def weights(result, out, case) -> Diagnosis | None:
                          {"extra": extra[:10], "absent": [t.name for t in result.tensors if t.problem and "absent" in t.problem][:10]})
     if not wrong:
         return None
+    if case.settings.precision == "bfloat16" and all(_rounds_to(actual[n], expected[n]) for n in wrong):
+        return Diagnosis("precision_mismatch", f"{len(wrong)} parameters hold the checkpoint's values unrounded where bfloat16 "
+                         "training rounds them to bfloat16: the port trains in float32", {"not_rounded": [w.removeprefix("weights.") for w in wrong[:10]]})
     by_value = {}
     for name in wrong:
         match = next((k for k, v in expected.items() if k != name and v.shape == actual[name].shape and np.array_equal(v, actual[name])), None)
@@ -59,6 +62,14 @@ def weights(result, out, case) -> Diagnosis | None:
     return Diagnosis("key_mapping", f"{', '.join(names[:4])}: {'equals' if len(names) == 1 else 'equal'} no checkpoint tensor, initialisation statistics kept: "
                      "their keys never mapped" + (f" (common to all: {pattern!r})" if pattern else ""),
                      {"not_loaded": names, "examples": stats})
+
+
+def _rounds_to(value: np.ndarray, rounded: np.ndarray) -> bool:
+    """`value` rounded to bfloat16 (MLX's rounding, nearest even) is `rounded`."""
+    import mlx.core as mx
+
+    v = np.asarray(value, np.float32)
+    return v.shape == np.shape(rounded) and np.array_equal(np.array(mx.array(v).astype(mx.bfloat16).astype(mx.float32)), rounded)
 
 
 def _tied(case) -> bool:
