@@ -99,9 +99,18 @@ class Case:
     def name(self) -> str:
         return self.path.name
 
-    @property
+    @cached_property
     def checkpoint(self) -> Path:
-        return self.path / "checkpoint"
+        """The fixture's checkpoint folder; for a fixture linked to the user's checkpoint (checkpoint.json),
+        its cut, made again from the source and checked against the recorded hashes (harness/linked_checkpoint.py)."""
+        from .linked_checkpoint import LINK_FILE, LinkError, resolve
+
+        if not (self.path / LINK_FILE).exists():
+            return self.path / "checkpoint"
+        try:
+            return resolve(self.path)
+        except LinkError as e:
+            raise CaseError(str(e)) from None
 
     @property
     def lora_init(self) -> Path | None:

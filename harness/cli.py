@@ -251,6 +251,9 @@ def fixtures_create(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Store the kept weights as float32, bfloat16 or float16 (default: as stored). Training runs in the settings' precision (float32 unless --settings says \"precision\": \"bfloat16\")."),
     seed: int = typer.Option(0, "--seed", help="Seeds the LoRA adapters and any provenance the text does not give."),
     force: bool = typer.Option(False, "--force", help="Replace a fixture of that name."),
+    link_checkpoint: bool = typer.Option(False, "--link-checkpoint", help="Keep the cut weights out of the fixture: it records "
+                                         "the checkpoint's path and every kept tensor's sha256, and the cut is made again (into "
+                                         "~/.cache/mlx-parity/cuts) and checked when audited. For real layers too large to store."),
 ) -> None:
     """A fixture from your own checkpoint: its first layers and vocabulary rows with their real shapes and
     weights, your text through its tokenizer. Written only when the torch twin and transformers agree with the
@@ -260,7 +263,7 @@ def fixtures_create(
 
     try:
         path = create(name, checkpoint, fixtures_dir, layers=layers, vocab=vocab, text=text, token_ids=token_ids, settings=settings,
-                      batch_size=batch_size, seq_len=seq_len, dtype=dtype, seed=seed, force=force,
+                      batch_size=batch_size, seq_len=seq_len, dtype=dtype, seed=seed, force=force, link=link_checkpoint,
                       progress=lambda what: err.print(f"{escape(name)}: {escape(what)}", highlight=False))
     except FixtureError as e:
         fail_input(str(e))

@@ -5,8 +5,10 @@ widths, heads and weights) and V rows of the vocabulary (every token the batch u
 other ids), renumbered in their original order; the text goes through the checkpoint's own tokenizer
 before the renumbering. The goldens are built like the bundled ones and the fixture is written only when the torch
 twin and transformers agree with them; it is hashed into the fixture folder's own manifest, so `parity
-audit --fixtures-dir DIR` checks and audits it like a bundled one. `parity audit --checkpoint DIR --data
-FILE` builds the same fixture in a temporary folder for one audit (`live_case`) and keeps nothing.
+audit --fixtures-dir DIR` checks and audits it like a bundled one. With `link` the cut weights stay out
+of the fixture (harness/linked_checkpoint.py): real layers of a large model are too big to store or share.
+`parity audit --checkpoint DIR --data FILE` builds the same fixture in a temporary folder for one audit
+(`live_case`) and keeps nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from .case import Case
 from .fixtures import MANIFEST, FixtureError, build_goldens, fixture_files, lora_adapters, platform_key, versions
+from .linked_checkpoint import write_link
 from .protocol.tensors import save_tensors
 from .tolerances import TOLERANCES
 
@@ -72,11 +75,9 @@ def renumber(b: dict[str, np.ndarray], kept: np.ndarray | None) -> dict[str, np.
 
 
 def slice_checkpoint(src: Path, dst: Path, layers: int | None, kept: np.ndarray | None, dtype: str | None) -> dict:
-    """The first `layers` decoder layers and the `kept` vocabulary rows of `src`, read tensor by tensor (a large
-    checkpoint is never in memory whole), stored in `dtype` (default: as stored)."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    """The first `layers` decoder layers and the `kept` vocabulary rows of `src`, read tensor by tensor (MLX
+    loads lazily: a large checkpoint is never in memory whole), stored in `dtype` (default: as stored)."""
+    import mlx.core as mx
 
     from mlx_parity.reference.weights import checkpoint_files
 
@@ -91,18 +92,16 @@ def slice_checkpoint(src: Path, dst: Path, layers: int | None, kept: np.ndarray 
     tensors, stored = {}, set()
     layer_key = re.compile(r"^model\.layers\.(\d+)\.")
     for f in checkpoint_files(src):
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                m = layer_key.match(key)
-                if m and int(m.group(1)) >= layers:
-                    continue
-                t = st.get_tensor(key)
-                stored.add(str(t.dtype).removeprefix("torch."))
-                if key in ("model.embed_tokens.weight", "lm_head.weight") and kept is not None:
-                    t = t[torch.from_numpy(kept)]
-                tensors[key] = (t.to(getattr(torch, dtype)) if dtype and t.is_floating_point() else t).contiguous()
+        for key, t in mx.load(str(f), format="safetensors").items():
+            m = layer_key.match(key)
+            if m and int(m.group(1)) >= layers:
+                continue
+            stored.add(str(t.dtype).removeprefix("mlx.core."))
+            if key in ("model.embed_tokens.weight", "lm_head.weight") and kept is not None:
+                t = mx.take(t, mx.array(kept.astype(np.int32)), axis=0)
+            tensors[key] = t.astype(getattr(mx, dtype)) if dtype and mx.issubdtype(t.dtype, mx.floating) else t
     dst.mkdir(parents=True)
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    mx.save_safetensors(str(dst / "model.safetensors"), tensors, metadata={"format": "pt"})
     cfg.update(num_hidden_layers=layers, vocab_size=vocab)
     if isinstance(cfg.get("layer_types"), list):
         cfg["layer_types"] = cfg["layer_types"][:layers]
@@ -203,9 +202,10 @@ def add_to_manifest(root: Path, name: str, source: dict) -> None:
 def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None, vocab: int | None = None,
            text: Path | None = None, token_ids: Path | None = None, settings: Path | None = None, batch_size: int | None = None,
            seq_len: int = 32, dtype: str | None = None, seed: int = 0, force: bool = False, progress=None,
-           require_agreement: bool = True) -> Path:
+           require_agreement: bool = True, link: bool = False) -> Path:
     """Build the fixture in a staging folder and move it into `root` only once every framework agreed (with
-    `require_agreement`; without, the margins are only recorded and the folder's manifest is left alone)."""
+    `require_agreement`; without, the margins are only recorded and the folder's manifest is left alone).
+    `link`: the cut weights stay out of the fixture, which records the source and their hashes instead."""
     from mlx_parity.reference.blas import reference_blas
 
     from .case import FIXTURES_DIR
@@ -226,14 +226,19 @@ def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=root) as tmp:
         staging = Path(tmp) / name
         say(f"slicing {checkpoint}")
-        source = slice_checkpoint(checkpoint, staging / "checkpoint", layers, kept, dtype)
+        cut = Path(tmp) / "cut" if link else staging / "checkpoint"
+        source = slice_checkpoint(checkpoint, cut, layers, kept, dtype)
+        if link:
+            staging.mkdir()
+            cut = write_link(staging, cut, {"source": source["checkpoint"], "layers": source["layers"][0],
+                                      "kept_token_ids": source["kept_token_ids"], "dtype": dtype})
         source |= {"seed": seed, "batch_size": int(b["input_ids"].shape[0]), "seq_len": seq_len}
         kept_layers, kept_vocab = source["layers"][0], source["vocab"][0]
         save_tensors(renumber(b, kept), str(staging / "batch.safetensors"))
         s = settings_for(settings, kept_layers)
         (staging / "settings.json").write_text(json.dumps(s, indent=2, sort_keys=True) + "\n")
         if s["trainable"] == "lora":
-            cfg = json.loads((staging / "checkpoint" / "config.json").read_text())
+            cfg = json.loads((cut / "config.json").read_text())
             save_tensors(lora_adapters(cfg, s["lora"], np.random.default_rng([seed, 2])), str(staging / "lora_init.safetensors"))
         (staging / "case.json").write_text(json.dumps({
             "name": name, "seed": seed, "exposes": [], "source": source,

@@ -147,3 +147,35 @@ def test_audit_on_goldens_computed_now_from_a_checkpoint(tmp_path):
     assert set(Path(tempfile.gettempdir()).glob("parity-live-*")) == before  # nothing kept
     r = runner.invoke(app, ["audit", "--checkpoint", str(src), "-b", "mlx"])
     assert r.exit_code == 2 and "--data" in r.output
+
+
+def test_a_linked_fixture_keeps_its_weights_out_and_refuses_a_changed_source(tmp_path, monkeypatch):
+    """--link-checkpoint: the fixture holds the cut's recipe and hashes, not its weights; the cut is made again
+    from the source into the cache and audited; a moved or altered source is refused by name."""
+    from mlx_parity.harness.case import Case, CaseError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    shutil.copytree(CASES["gqa_padded"].checkpoint, src)
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([[5, 9, 3, 70, 12], [1, 2, 3, 4]]))
+    fx = tmp_path / "fx"
+    path = create("linked", src, fx, layers=1, vocab=40, token_ids=ids, batch_size=2, seq_len=5, dtype="bfloat16", link=True)
+    assert not (path / "checkpoint").exists() and (path / "checkpoint.json").exists()
+    assert check_hashes(fx) == []
+    shutil.rmtree(tmp_path / "cache")  # the cut is made again from the source when audited
+    r = runner.invoke(app, ["audit", "--fixtures-dir", str(fx), "-b", "mlx", "-b", "torch"])
+    assert r.exit_code == 0, r.output
+    cut = Case(path).checkpoint
+    assert json.loads((cut / "config.json").read_text())["num_hidden_layers"] == 1
+    shutil.rmtree(cut)
+    weights = load_file(str(src / "model.safetensors"))
+    weights["model.layers.0.mlp.up_proj.weight"][0, 0] += 0.5
+    from safetensors.numpy import save_file
+
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CaseError, match="not the one the fixture was built on.*mlp.up_proj"):
+        Case(path).checkpoint
+    shutil.rmtree(src)
+    with pytest.raises(CaseError, match="which is not there"):
+        Case(path).checkpoint
