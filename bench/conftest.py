@@ -2,6 +2,7 @@
 
     python -m pytest bench                                   # every available backend and size, in this process
     python -m pytest bench --bench-backend mlx --bench-size 5M -m step
+    python -m pytest bench -m scale                          # an audit of SmolLM2-135M (`make real`): memory, cmd: cost
     parity bench [--quick]                                   # one process per backend and size, with a report
 
 Options: `--bench-backend` (mlx, torch, mlx-rs; repeatable; default every available one), `--bench-size`
@@ -29,7 +30,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    for m in ("step: the whole training step", "stage: one stage of the step", "peak: the float32 matmul peak"):
+    for m in ("step: the whole training step", "stage: one stage of the step", "peak: the float32 matmul peak",
+              "scale: an audit of a real model (SmolLM2-135M): peak memory and the cmd: protocol's cost"):
         config.addinivalue_line("markers", m)
 
 

@@ -1,0 +1,55 @@
+"""An audit at real scale (SmolLM2-135M, LoRA on its last 4 layers, the fixture `make real` builds): its peak
+memory against the model's size, and the time of a `cmd:` port (one process per stage, and `cmd-once:`, one
+process for all) against the same audit in process. Each audit runs in its own process, so its peak resident
+memory is its own.
+
+    python -m pytest bench -m scale --benchmark-json scale.json   # about 90 s; extra_info: seconds, peak, ratios
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_parity.harness.protocol.client import EXAMPLE_ADAPTER
+from mlx_parity.harness.real_model import default_cache
+
+ADAPTER = f"{shlex.quote(sys.executable)} {shlex.quote(str(EXAMPLE_ADAPTER))}"
+SPELLINGS = {"in-process": "mlx", "cmd": f"cmd:{ADAPTER}", "cmd-once": f"cmd-once:{ADAPTER}"}
+# The audit in a child process reporting its own peak: ru_maxrss is KB on Linux, bytes on macOS.
+MEASURE = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); r = subprocess.run(sys.argv[1:]); "
+           "w = time.perf_counter() - t; m = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
+           "print(json.dumps({'rc': r.returncode, 'seconds': w, 'peak_bytes': m if sys.platform == 'darwin' else m * 1024}))")
+_SECONDS: dict[str, float] = {}
+
+
+def _model_bytes(root: Path) -> int:
+    return sum(f.stat().st_size for f in (root / "checkpoint").resolve().glob("*.safetensors"))
+
+
+@pytest.mark.scale
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_real_model_audit(benchmark, spelling):
+    root = default_cache()
+    if not (root / "smollm2_lora" / "golden.safetensors").exists():
+        pytest.skip(f"the SmolLM2 fixture is not in {root}: `make real` builds it (about 2 minutes, offline)")
+    parity = [sys.executable, "-m", "mlx_parity.harness.cli"]
+    cmd = [sys.executable, "-c", MEASURE, *parity, "audit", "--fixtures-dir", str(root), "-b", SPELLINGS[spelling]]
+    result = {}
+
+    def run():
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        result.update(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    assert result["rc"] == 0, f"the audit of a correct port failed ({spelling}): run it by hand to see why"
+    _SECONDS[spelling] = result["seconds"]
+    model = _model_bytes(root)
+    benchmark.extra_info.update({"spelling": spelling, "seconds": round(result["seconds"], 2), "peak_mb": round(result["peak_bytes"] / 1e6),
+                                 "model_mb": round(model / 1e6), "peak_over_model": round(result["peak_bytes"] / model, 2),
+                                 "over_in_process": round(result["seconds"] / _SECONDS["in-process"], 2) if "in-process" in _SECONDS else None})
