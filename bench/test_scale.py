@@ -1,7 +1,7 @@
 """An audit at real scale (SmolLM2-135M, LoRA on its last 4 layers, the fixture `make real` builds): its peak
 memory against the model's size, and the time of a `cmd:` port (one process per stage, and `cmd-once:`, one
-process for all) against the same audit in process. Each audit runs in its own process, so its peak resident
-memory is its own.
+process for all) against the same audit in process. Each audit runs under its own measuring process: the
+peak is the largest resident size of any one process of that audit (the harness, or a port's process).
 
     python -m pytest bench -m scale --benchmark-json scale.json   # about 90 s; extra_info: seconds, peak, ratios
 """
