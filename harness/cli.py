@@ -45,6 +45,8 @@ def audit(
     data: Optional[Path] = typer.Option(None, "--data", help="With --checkpoint: the batch's text, JSONL records or plain lines, through the checkpoint's tokenizer."),
     layers: Optional[int] = typer.Option(None, "--layers", help="With --checkpoint: keep the first N layers (default: all)."),
     vocab: Optional[int] = typer.Option(None, "--vocab", help="With --checkpoint: keep N vocabulary rows (the batch's tokens first)."),
+    settings: Optional[Path] = typer.Option(None, "--settings", help="With --checkpoint: settings.json keys over the defaults (LoRA rank 8 on "
+                                            "every kept layer, 3 steps), e.g. {\"precision\": \"bfloat16\"} or {\"trainable\": \"full\"}."),
 ) -> None:
     """Audit backends against the golden fixtures, stage by stage; or, with --checkpoint and --data,
     against goldens and a float64 truth computed now from your checkpoint (as `parity fixtures create`
@@ -68,8 +70,8 @@ def audit(
 
     root = fixtures_dir or FIXTURES_DIR
     live = contextlib.ExitStack()
-    if checkpoint is None and (data or layers or vocab):
-        fail_input("--data, --layers and --vocab go with --checkpoint")
+    if checkpoint is None and (data or layers or vocab or settings):
+        fail_input("--data, --layers, --vocab and --settings go with --checkpoint")
     if checkpoint is not None and (fixture or fixtures_dir or data is None):
         fail_input("--checkpoint needs --data (the batch's text) and builds its own goldens: not with --fixture or --fixtures-dir")
     try:
@@ -79,7 +81,7 @@ def audit(
             D.set_tf32_env(dev.tf32)  # before anything computes: MLX reads it once
         if checkpoint is not None:
             say = lambda what: err.print(f"goldens from {escape(str(checkpoint))}: {escape(what)}", highlight=False)  # noqa: E731
-            cases = [live.enter_context(live_case(checkpoint, text=data, layers=layers, vocab=vocab, progress=say))]
+            cases = [live.enter_context(live_case(checkpoint, text=data, layers=layers, vocab=vocab, settings=settings, progress=say))]
             root = cases[0].path.parent
         else:
             cases = [find_case(n, root) for n in fixture] if fixture else list_cases(root)

@@ -144,6 +144,9 @@ def test_audit_on_goldens_computed_now_from_a_checkpoint(tmp_path):
     assert "2/2 audits passed" in r.output
     r = runner.invoke(app, args + ["-b", "mutant:no_shift"])
     assert r.exit_code == 1 and "labels_not_shifted" in r.output
+    bf16 = _settings(tmp_path, {"precision": "bfloat16", "trainable": "full"})
+    r = runner.invoke(app, args + ["--settings", str(bf16), "-b", "mlx", "-b", "torch", "-b", "mutant:float32_where_bfloat16"])
+    assert r.exit_code == 1 and "2/3 audits passed" in r.output and "precision_mismatch" in r.output, r.output
     assert set(Path(tempfile.gettempdir()).glob("parity-live-*")) == before  # nothing kept
     r = runner.invoke(app, ["audit", "--checkpoint", str(src), "-b", "mlx"])
     assert r.exit_code == 2 and "--data" in r.output
