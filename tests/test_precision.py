@@ -6,13 +6,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_parity.harness.audit import judge
-from mlx_parity.harness.stages import StageOutput
 from mlx_parity.harness.tolerances import UNIT_ROUNDOFF, tolerance
 from mlx_parity.reference.settings import SettingsError, TrainSettings
 from mlx_parity.reference.trainer import Trainer
 
-from .conftest import CASES, audited
+from .conftest import CASES, audited, judge_with
 
 
 def test_precision_setting_is_checked_and_float32_stays_unsaid():
@@ -59,12 +57,6 @@ def test_the_torch_twin_in_bfloat16_passes_every_stage(fixture):
     assert result.verdict == "pass", result.first_failure().message
 
 
-def _judge_with(case, stage, prefix, name, value):
-    out = {k: v for k, v in case.golden.items() if k.startswith(prefix)}
-    out[name] = value
-    return judge(stage, StageOutput(out), case)
-
-
 @pytest.mark.parametrize("fixture, stage, prefix, name, caught", [
     ("bf16_full", "forward", "forward.", "forward.logits", 0.1),
     ("bf16_full", "loss", "loss.", "loss.ce", 5e-4),
@@ -78,8 +70,8 @@ def _judge_with(case, stage, prefix, name, value):
 def test_bfloat16_bound_fails_the_documented_error_and_passes_a_bfloat16_rounding(fixture, stage, prefix, name, caught):
     case = CASES[fixture]
     g = case.golden[name].astype(np.float64)
-    assert _judge_with(case, stage, prefix, name, (g * (1 + caught)).astype(np.float32)).status == "fail"
-    assert _judge_with(case, stage, prefix, name, (g * (1 + 1e-7)).astype(np.float32)).status == "pass"
+    assert judge_with(case, stage, prefix, name, (g * (1 + caught)).astype(np.float32)).status == "fail"
+    assert judge_with(case, stage, prefix, name, (g * (1 + 1e-7)).astype(np.float32)).status == "pass"
 
 
 def test_delta_of_a_bfloat16_parameter_may_land_on_the_neighbouring_bfloat16_value():

@@ -6,14 +6,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_parity.harness.audit import StageResult, audit, judge
-from mlx_parity.harness.stages import StageOutput
+from mlx_parity.harness.audit import audit
 from mlx_parity.harness.mutants import Mutant, MutantBackend, _opt
 from mlx_parity.harness.tolerances import TOLERANCES, tolerance
 from mlx_parity.reference import loss as L
 from mlx_parity.reference.trainer import Trainer
 
-from .conftest import CASES
+from .conftest import CASES, judge_with
 
 
 class OnePaddingTokenCounted(Trainer):
@@ -45,13 +44,6 @@ def test_smallest_bug_fails_its_stage(mutant, stage):
     assert first.name == stage, f"{mutant.description} first failed at {first.name}: {first.message}"
 
 
-def _judge_with(case, stage: str, prefix: str, name: str, value) -> "StageResult":
-    """Judge the reference's own goldens for one stage with one tensor replaced."""
-    out = {k: v for k, v in case.golden.items() if k.startswith(prefix)}
-    out[name] = value
-    return judge(stage, StageOutput(out), case)
-
-
 @pytest.mark.parametrize("stage, prefix, name, caught, passes", [
     ("forward", "forward.", "forward.logits", 2e-6, 1e-7),
     ("loss", "loss.", "loss.ce", 2e-6, 1e-7),
@@ -62,15 +54,15 @@ def _judge_with(case, stage: str, prefix: str, name: str, value) -> "StageResult
 def test_bound_fails_the_smallest_documented_error_and_passes_rounding(stage, prefix, name, caught, passes):
     case = CASES["gqa_padded"]
     g = case.golden[name].astype(np.float64)
-    assert _judge_with(case, stage, prefix, name, (g * (1 + caught)).astype(np.float32)).status == "fail"
-    assert _judge_with(case, stage, prefix, name, (g * (1 + passes)).astype(np.float32)).status == "pass"
+    assert judge_with(case, stage, prefix, name, (g * (1 + caught)).astype(np.float32)).status == "fail"
+    assert judge_with(case, stage, prefix, name, (g * (1 + passes)).astype(np.float32)).status == "pass"
 
 
 def test_trajectory_bound_fails_one_missed_update():
     """Four updates where three were applied: the change is 25 % short."""
     case = CASES["gqa_padded"]
     name = "trajectory.delta.lm_head.weight"
-    assert _judge_with(case, "trajectory", "trajectory.", name, case.golden[name] * 0.75).status == "fail"
+    assert judge_with(case, "trajectory", "trajectory.", name, case.golden[name] * 0.75).status == "fail"
 
 
 def test_every_tolerance_states_its_evidence():
@@ -84,7 +76,7 @@ def test_no_outlier_quota_one_element_fails():
     name = "optimizer.delta.model.embed_tokens.weight"
     bad = case.golden[name].copy()
     bad.flat[7] += 10 * abs(bad.flat[7]) + 1e-4
-    r = _judge_with(case, "optimizer", "optimizer.", name, bad)
+    r = judge_with(case, "optimizer", "optimizer.", name, bad)
     assert r.status == "fail" and r.worst().mismatched == 1
 
 
@@ -101,12 +93,12 @@ def test_ill_conditioned_update_is_judged_by_its_sensitivity():
     assert ratios[name].flat[i] > 1, "no ill-conditioned update in small_eps_bias: the fixture no longer exposes one"
     moved = case.golden[name].copy()
     moved.flat[i] = t[f"truth.{name}"].flat[i] + 0.9 * sens
-    assert _judge_with(case, "optimizer", "optimizer.", name, moved).status == "pass"
+    assert judge_with(case, "optimizer", "optimizer.", name, moved).status == "pass"
     other = "optimizer.delta.lm_head.weight"
     j = int(np.argmin(t[f"sens.{other}"]))
     shifted = case.golden[other].copy()
     shifted.flat[j] += 0.9 * sens
-    assert _judge_with(case, "optimizer", "optimizer.", other, shifted).status == "fail"
+    assert judge_with(case, "optimizer", "optimizer.", other, shifted).status == "fail"
 
 
 def test_bound_scales_with_the_references_own_error():
