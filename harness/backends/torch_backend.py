@@ -48,10 +48,12 @@ def on_device(trainer: TwinTrainer) -> TwinTrainer:
 class TorchBackend(TrainerBackend):
     name = "torch"
 
-    def __init__(self, dtype: torch.dtype = torch.float32, grad_offset: dict[str, np.ndarray] | None = None):
-        """`grad_offset` (by parameter name) is added to the gradient of every update: float64 only."""
+    def __init__(self, dtype: torch.dtype = torch.float32, grad_offset=None):
+        """`grad_offset` (by parameter name) is added to the gradient of every update; a list of them, one per
+        update in turn: float64 only."""
         self.dtype = dtype
-        self.grad_offset = None if grad_offset is None else {k: torch.as_tensor(v, dtype=dtype) for k, v in grad_offset.items()}
+        offsets = None if grad_offset is None else [grad_offset] if isinstance(grad_offset, dict) else list(grad_offset)
+        self.grad_offset = None if offsets is None else [{k: torch.as_tensor(v, dtype=dtype) for k, v in o.items()} for o in offsets]
         if dtype != torch.float32:
             self.name = f"torch-{str(dtype).removeprefix('torch.')}"
 

@@ -1,0 +1,63 @@
+"""The float64 truth verdicts rest on (harness/truth.py): it holds a model once, as stored, and its
+sensitivities cover gradient errors that change from one update to the next."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from mlx_parity.harness.audit import judge
+from mlx_parity.harness.backends.torch_backend import TorchBackend
+from mlx_parity.harness.torch_twin import TwinTrainer
+from mlx_parity.harness.truth import gradient_bounds
+
+from .conftest import CASES
+
+
+@pytest.mark.parametrize("fixture, trainable", [("lora", "lora"), ("head", "head"), ("bf16_lora", "lora"),
+                                                ("small_eps_bias", "lora"), ("tied", "lora")])
+def test_the_float64_truth_keeps_frozen_weights_as_stored_and_computes_the_same(fixture, trainable):
+    """Frozen weights (biases, tied embeddings) stay float32 (bfloat16 under that precision) and are widened
+    where used, so the truth of a LoRA step on a real model holds it once; the loss and gradients are bit for
+    bit those of an all-float64 copy."""
+    case = CASES[fixture]
+    settings = dataclasses.replace(case.settings, trainable=trainable)
+    stored = torch.bfloat16 if case.settings.precision == "bfloat16" else torch.float32
+    lora_init = case.lora_init if case.settings.trainable == trainable else None
+    twin, _ = TwinTrainer.from_pretrained(case.checkpoint, settings, lora_init, dtype=torch.float64)
+    frozen = [p for p in twin.model.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == stored for p in frozen)
+    assert all(p.dtype == torch.float64 for p in twin.trainable.values())
+    wide = copy.deepcopy(twin)
+    for p in wide.model.parameters():
+        p.data = p.data.to(torch.float64)
+    (parts, grads), (wide_parts, wide_grads) = twin.gradients(case.batch), wide.gradients(case.batch)
+    assert parts == wide_parts
+    assert all(torch.equal(grads[k], wide_grads[k]) for k in grads)
+
+
+@pytest.mark.parametrize("fixture", ["lora", "mha_sharded", "gqa_padded", "bf16_lora", "bf16_full"])
+def test_gradient_errors_that_change_sign_between_updates_pass_the_trajectory(fixture, monkeypatch):
+    """A port's gradient error differs from one update to the next. The float64 twin with every gradient moved
+    by 0.9 of the gradient stage's bound, + on one update and - on the next, is such a port: the truth measures
+    those runs too, so it passes the trajectory; with the sensitivities of the common ±offset alone it fails."""
+    from mlx_parity.harness import truth as T
+    from mlx_parity.harness.device import _PrecisionCase
+
+    case = CASES[fixture]
+    truth = {k.removeprefix("truth."): v for k, v in case.truth.items() if k.startswith("truth.")}
+    bounds = gradient_bounds(case, case.golden, truth)
+    plus, minus = {k: 0.9 * b for k, b in bounds.items()}, {k: -0.9 * b for k, b in bounds.items()}
+    port = TorchBackend(torch.float64, [plus, minus]).run(case, ("trajectory",))["trajectory"]
+    assert port.error is None
+    assert judge("trajectory", port, case).status == "pass"
+    monkeypatch.setattr(T, "MULTI_UPDATE_STAGES", ())
+    common = T.sensitivities(case, case.golden, truth, bounds, ("trajectory",))
+    if case.settings.precision == "bfloat16":  # as build_truth: with the optimizer's sensitivities, for the flips
+        common |= {k.removeprefix("sens."): v for k, v in case.truth.items() if k.startswith("sens.optimizer.")}
+        T._flippable_trajectories(common, truth, case.settings.steps)
+    without = _PrecisionCase(case, dict(case.truth) | {f"sens.{k}": v for k, v in common.items()})
+    assert judge("trajectory", port, without).status == "fail"
