@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .stages import StageOutput
+from .stages import PREFIX, READ_ONLY, StageOutput
 from .tolerances import stage_rms, tolerance
 
 TRUTH_FILE = "truth.safetensors"
@@ -78,7 +78,7 @@ def sensitivities(case, golden: dict, truth: dict, bounds: dict[str, np.ndarray]
         rng = np.random.default_rng([int(case.info.get("seed", 0)), 7])
         runs += [([bounds, _scaled(bounds, -1.0)], several), ([_scaled(bounds, -1.0), bounds], several)]
         for _ in range(RANDOM_DRAWS):
-            random = [{k: np.where(rng.random(b.shape) < 0.5, -b, b) for k, b in bounds.items()} for _ in range(n)]
+            random = [{k: np.where(rng.random(bounds[k].shape) < 0.5, -bounds[k], bounds[k]) for k in sorted(bounds)} for _ in range(n)]
             runs += [(random, several), ([_scaled(r, -1.0) for r in random], several)]
     sens: dict[str, np.ndarray] = {}
     for offsets, run_stages in runs:
@@ -98,14 +98,22 @@ def build_truth(case, golden: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
     from .backends.torch_backend import TorchBackend
 
-    truth = _floats(_run(TorchBackend(torch.float64), case, TRUTH_STAGES), golden)
-    missing = sorted(k for k, v in golden.items() if needs_truth(k, v) and k not in truth)
+    # Stage by stage (the read-only ones share a load, as in one run), each output kept as its float32 offset and
+    # in float64 only where the bounds and sensitivities need it: a real model's forward pieces in float64 are
+    # otherwise held twice over.
+    groups = [[s for s in TRUTH_STAGES if s in READ_ONLY]] + [[s] for s in TRUTH_STAGES if s not in READ_ONLY]
+    offsets, truth = {}, {}
+    for group in groups:
+        for k, v in _floats(_run(TorchBackend(torch.float64), case, group), golden).items():
+            offsets[f"offset.{k}"] = (v - golden[k].astype(np.float64)).astype(np.float32)
+            if k.startswith(("grad.", *(PREFIX[s] for s in SENSITIVE_STAGES))):
+                truth[k] = v
+    missing = sorted(k for k, v in golden.items() if needs_truth(k, v) and f"offset.{k}" not in offsets)
     if missing:
         raise RuntimeError(f"{case.name}: the float64 twin produced no {missing[0]}")
     sens = sensitivities(case, golden, truth, gradient_bounds(case, golden, truth), SENSITIVE_STAGES)
     if case.settings.precision == "bfloat16":
         _flippable_trajectories(sens, truth, case.settings.steps)
-    offsets = {f"offset.{k}": (v - golden[k].astype(np.float64)).astype(np.float32) for k, v in truth.items()}
     return offsets | {f"sens.{k}": v.astype(np.float32) for k, v in sens.items()}
 
 
