@@ -13,11 +13,12 @@ of the fixture (harness/linked_checkpoint.py): real layers of a large model are 
 
 from __future__ import annotations
 
+
 import json
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +75,23 @@ def renumber(b: dict[str, np.ndarray], kept: np.ndarray | None) -> dict[str, np.
     return b | {"input_ids": ids}
 
 
-def slice_checkpoint(src: Path, dst: Path, layers: int | None, kept: np.ndarray | None, dtype: str | None) -> dict:
+def stored_dtypes(files) -> list[str]:
+    """The dtypes of a checkpoint's tensors, from the files' headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    found = set()
+    for f in files:
+        with safe_open(str(f), framework="numpy") as st:
+            found |= {names.get(d, d.lower()) for d in (st.get_slice(k).get_dtype() for k in st.keys())}
+    return sorted(found)
+
+
+def slice_checkpoint(src: Path, dst: Path, layers: int | None, kept: np.ndarray | None, dtype: str | None,
+                     share_uncut: bool = False) -> dict:
     """The first `layers` decoder layers and the `kept` vocabulary rows of `src`, read tensor by tensor (MLX
-    loads lazily: a large checkpoint is never in memory whole), stored in `dtype` (default: as stored)."""
+    loads lazily: a large checkpoint is never in memory whole), stored in `dtype` (default: as stored).
+    `share_uncut`: when nothing is cut, `dst` is a link to `src` (a live audit of a whole model copies nothing)."""
     import mlx.core as mx
 
     from mlx_parity.reference.weights import checkpoint_files
@@ -89,6 +104,11 @@ def slice_checkpoint(src: Path, dst: Path, layers: int | None, kept: np.ndarray 
         raise FixtureError(f"--layers {layers}: the checkpoint has {L} layers")
     if dtype is not None and dtype not in DTYPES:
         raise FixtureError(f"--dtype {dtype}: one of {', '.join(DTYPES)}")
+    if share_uncut and layers == L and kept is None and dtype is None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(src.resolve(), target_is_directory=True)
+        return {"checkpoint": str(src.resolve()), "layers": [L, L], "vocab": [V, V], "kept_token_ids": None,
+                "stored_dtype": stored_dtypes(checkpoint_files(src)), "dtype": "as stored"}
     tensors, stored = {}, set()
     layer_key = re.compile(r"^model\.layers\.(\d+)\.")
     for f in checkpoint_files(src):
@@ -202,10 +222,12 @@ def add_to_manifest(root: Path, name: str, source: dict) -> None:
 def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None, vocab: int | None = None,
            text: Path | None = None, token_ids: Path | None = None, settings: Path | None = None, batch_size: int | None = None,
            seq_len: int = 32, dtype: str | None = None, seed: int = 0, force: bool = False, progress=None,
-           require_agreement: bool = True, link: bool = False) -> Path:
+           require_agreement: bool = True, link: bool = False, live: bool = False) -> Path:
     """Build the fixture in a staging folder and move it into `root` only once every framework agreed (with
     `require_agreement`; without, the margins are only recorded and the folder's manifest is left alone).
-    `link`: the cut weights stay out of the fixture, which records the source and their hashes instead."""
+    `link`: the cut weights stay out of the fixture, which records the source and their hashes instead.
+    `live` (one audit, then deleted): an uncut checkpoint is linked, not copied, and of the agreement checks only
+    transformers' forward runs (the audit itself judges the backends asked for)."""
     from mlx_parity.reference.blas import reference_blas
 
     from .case import FIXTURES_DIR
@@ -227,7 +249,7 @@ def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None
         staging = Path(tmp) / name
         say(f"slicing {checkpoint}")
         cut = Path(tmp) / "cut" if link else staging / "checkpoint"
-        source = slice_checkpoint(checkpoint, cut, layers, kept, dtype)
+        source = slice_checkpoint(checkpoint, cut, layers, kept, dtype, share_uncut=live)
         if link:
             staging.mkdir()
             cut = write_link(staging, cut, {"source": source["checkpoint"], "layers": source["layers"][0],
@@ -244,8 +266,10 @@ def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None
             "name": name, "seed": seed, "exposes": [], "source": source,
             "description": f"from {Path(checkpoint).name}: the first {kept_layers} of {source['layers'][1]} layers, "
                            f"{kept_vocab} of {source['vocab'][1]} tokens, {source['dtype']}"}, indent=2) + "\n")
-        with reference_blas():  # goldens reproducible on any CPU of this platform, as the bundled ones
-            build_goldens(Case(staging), require_agreement=require_agreement, progress=say)
+        # Stored goldens are reproducible on any CPU of this platform, as the bundled ones; live ones are used
+        # once, on this CPU, and computed with its fast BLAS (the reference BLAS takes minutes on a 135M model).
+        with nullcontext() if live else reference_blas():
+            build_goldens(Case(staging), require_agreement=require_agreement, progress=say, audit_backends=not live)
         target = root / name
         if target.exists():
             shutil.rmtree(target)
@@ -258,9 +282,10 @@ def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None
 @contextmanager
 def live_case(checkpoint: Path, *, text: Path | None = None, token_ids: Path | None = None, progress=None, **options):
     """Goldens computed now, for one audit, and deleted after it (`parity audit --checkpoint`): the same
-    fixture `create` writes, in a temporary folder; the twin's and transformers' margins are measured and
-    reported in its agreement.json, not required (the audit then judges every backend, the twin included)."""
+    fixture `create` writes, in a temporary folder, linked to the checkpoint when nothing is cut.
+    Transformers' forward is measured against the float64 truth and said, not required; the audit then
+    judges the backends asked for, the twin included."""
     with tempfile.TemporaryDirectory(prefix="parity-live-") as tmp:
         path = create("live", checkpoint, Path(tmp), text=text, token_ids=token_ids, progress=progress,
-                      require_agreement=False, **options)
+                      require_agreement=False, live=True, **options)
         yield Case(path)

@@ -19,7 +19,7 @@ from .audit import audit
 from .case import FIXTURES_DIR, Case
 from .fixture_specs import SPECS, FixtureSpec
 from .oracle import check_forward
-from .stages import ISOLATED_STAGES, PREFIX, STAGES
+from .stages import ISOLATED_STAGES, PREFIX, STAGES, release
 from .tolerances import TOLERANCES
 
 MANIFEST = "manifest.json"
@@ -142,7 +142,7 @@ def base_forward(case: Case) -> tuple[dict[str, np.ndarray], dict[str, np.ndarra
     def named(logits, hidden):
         return {"forward.logits": np.asarray(logits)} | {f"forward.hidden.{i}": np.asarray(h) for i, h in enumerate(hidden)}
 
-    plain = TrainSettings(precision=case.settings.precision)
+    plain = TrainSettings(trainable="head", precision=case.settings.precision)  # a forward: nothing else held in float64
     trainer, _ = Trainer.from_pretrained(case.checkpoint, plain)
     reference = named(*MLXSession(trainer, {}).forward(case.batch["input_ids"]))
     twin, _ = TwinTrainer.from_pretrained(case.checkpoint, plain, dtype=torch.float64)
@@ -167,9 +167,10 @@ def _build_fixture(spec: FixtureSpec, out: Path) -> dict:
     return build_goldens(Case(out))
 
 
-def build_goldens(case: Case, require_agreement: bool = True, progress=None) -> dict:
+def build_goldens(case: Case, require_agreement: bool = True, progress=None, audit_backends: bool = True) -> dict:
     """golden.safetensors from the MLX reference, truth.safetensors from the float64 twin, and
-    agreement.json: the margins of the reference itself, the torch twin and transformers' forward pass.
+    agreement.json: the margins of the reference itself, the torch twin (without `audit_backends`, neither:
+    a live audit judges the backends asked for) and transformers' forward pass.
     With `require_agreement` (the bundled fixtures) a backend that does not pass raises FixtureError."""
     from .backends.mlx_backend import MLXBackend
     from .backends.torch_backend import TorchBackend
@@ -178,13 +179,16 @@ def build_goldens(case: Case, require_agreement: bool = True, progress=None) -> 
     say = progress or (lambda what: None)
     out, name = case.path, case.name
     say("goldens: the MLX reference")
-    outputs = MLXBackend().run(case, STAGES)
+    # weight_mapping (judged against the checkpoint) and checkpoint (against its own uninterrupted run) need no goldens
+    outputs = MLXBackend().run(case, [s for s in STAGES if s in PREFIX])
     errors = {s: o.error for s, o in outputs.items() if o.error}
     if errors:
         raise FixtureError(f"{name}: the MLX reference failed: {errors}")
     golden = {k: v for o in outputs.values() for k, v in o.tensors.items() if k.startswith(GOLDEN_PREFIXES)}
     chain = MLXBackend().open(case).pieces(case.batch["input_ids"], None)  # the reference's forward, piece by piece
+    release(case)  # each step drops its copy of the model before the next loads one
     golden |= {pieces.PREFIX + k: v for k, v in chain.items()}
+    del outputs, chain  # what golden does not hold: a real model's forward pieces are large
     save_tensors(golden, str(out / "golden.safetensors"))
     isolated = MLXBackend().run(Case(out), ISOLATED_STAGES)  # on the goldens just written
     self_check = isolated.get("isolated_forward")
@@ -200,9 +204,10 @@ def build_goldens(case: Case, require_agreement: bool = True, progress=None) -> 
         save_tensors(build_truth(Case(out), golden), str(out / TRUTH_FILE))
     except RuntimeError as e:
         raise FixtureError(str(e)) from None
+    release(case)
 
     agreement = {}
-    for backend in (MLXBackend(), TorchBackend()):  # the reference must also pass its own checks
+    for backend in (MLXBackend(), TorchBackend()) if audit_backends else ():  # the reference must also pass its own checks
         say(f"agreement: {backend.name}")
         result = audit(backend, Case(out))
         if result.verdict != "pass" and require_agreement:
@@ -211,11 +216,15 @@ def build_goldens(case: Case, require_agreement: bool = True, progress=None) -> 
         agreement[backend.name] = {s.name: round(s.margin, 4) for s in result.stages}
     say("agreement: transformers")
     reference, truth = base_forward(case)
+    release(case)
     hf = check_forward(case.checkpoint, case.batch["input_ids"], case.batch["attention_mask"], reference, truth, case.settings.precision)
+    release(case)
     bad = [r for r in hf if not r.passed]
     if bad and require_agreement:
         raise FixtureError(f"{name}: transformers disagrees with the float64 truth of the forward pass: {bad[0].describe()}")
     agreement["transformers"] = {"forward": round(max(r.ratio for r in hf), 4)}
+    say(f"transformers' forward against the float64 truth: margin {agreement['transformers']['forward']:.2f}"
+        + ("" if not bad else f" (past the bound: {bad[0].describe()})"))
     info = {"margins": agreement, "platform": platform_key(),
             "note": "largest error / bound per stage when these goldens were built; measured noise, never compared bit for bit"}
     (out / AGREEMENT).write_text(json.dumps(info, indent=2) + "\n")

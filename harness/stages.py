@@ -6,8 +6,10 @@ Every compared tensor has a stable name shared by all backends (`forward.hidden.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
+import sys
 
 import tempfile
 from dataclasses import dataclass, field
@@ -141,10 +143,17 @@ LARGE_CHECKPOINT = 64 * 2**20  # bytes of weights from which a dropped trainer i
 
 def release(case) -> None:
     """Free a dropped trainer's copy of a large model now: its model and closures form reference cycles,
-    which Python collects only when it next runs its cycle collector. A full collection costs ~0.1 s once
-    torch is loaded, so the bundled toy models (under 1 MB) skip it."""
+    which Python collects only when it next runs its cycle collector; MLX keeps freed buffers in its own
+    cache; and glibc keeps the heap pages that freed numpy arrays leave (on SmolLM2-135M the harness grew by
+    400 MB per stage with MLX holding nothing) until `malloc_trim` hands them back. A full collection costs
+    ~0.1 s once torch is loaded, so the bundled toy models (under 1 MB) skip it."""
     if _weights_bytes(str(case.checkpoint)) >= LARGE_CHECKPOINT:
         gc.collect()
+        if "mlx.core" in sys.modules:
+            sys.modules["mlx.core"].clear_cache()
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
+        if trim is not None:  # glibc only
+            trim(0)
 
 
 @functools.cache
@@ -228,7 +237,10 @@ def compute(factory: SessionFactory, case, stages=STAGES) -> dict[str, StageOutp
     stage's finding, and the later stages still show what it does to the numbers."""
     results: dict[str, StageOutput] = {}
     shared: Session | None = None
-    for stage in stages:
+    for i, stage in enumerate(stages):
+        if shared is not None and not any(s in READ_ONLY for s in stages[i:]):  # one model in memory at a time
+            shared = None
+            release(case)
         try:
             if stage in READ_ONLY:
                 if shared is None:
@@ -244,7 +256,7 @@ def compute(factory: SessionFactory, case, stages=STAGES) -> dict[str, StageOutp
             results[stage] = StageOutput(error=f"{type(e).__name__}: {e}")
         if stage not in READ_ONLY:
             release(case)
-    if shared is not None:  # the read-only stages' model, dropped with them
+    if shared is not None:
         shared = None
         release(case)
     return results

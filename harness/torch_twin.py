@@ -291,8 +291,10 @@ class TwinTrainer:
         # Trained parameters a bfloat16 step stores in bfloat16, kept in a wider dtype here (the float64 truth): rounded
         # to bfloat16 after each update, with their moments, as the contract stores them.
         self.stored_bf16 = {n for n in self.trainable if self.dtype != torch.bfloat16 and parameter_dtype(n, settings.precision) == "bfloat16"}
-        self.m = {n: torch.zeros_like(p) for n, p in self.trainable.items()}
-        self.v = {n: torch.zeros_like(p) for n, p in self.trainable.items()}
+        # AdamW's moments, made at the first update: a twin that only computes holds none (two copies of the
+        # trained weights, for full training)
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
         self.step_count = 0
 
     def _hf_name(self, twin: str) -> str:
@@ -472,7 +474,8 @@ class TwinTrainer:
         self.step_count += 1
         t = self.step_count
         for name, p in self.trainable.items():
-            g, m, v = grads[name], self.m[name], self.v[name]
+            g = grads[name]
+            m, v = self.m.setdefault(name, torch.zeros_like(p)), self.v.setdefault(name, torch.zeros_like(p))
             p.mul_(1 - lr * o.weight_decay)
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)

@@ -152,6 +152,24 @@ def test_audit_on_goldens_computed_now_from_a_checkpoint(tmp_path):
     assert r.exit_code == 2 and "--data" in r.output
 
 
+def test_a_live_audit_of_a_whole_checkpoint_links_it_and_runs_only_the_transformers_check(tmp_path):
+    """With nothing cut, the live case links the user's checkpoint (a real model is not copied) and measures
+    transformers' forward, said as it goes; the backends are judged by the audit itself, not audited twice."""
+    from mlx_parity.harness.fixture_create import live_case
+
+    src = checkpoint_with_tokenizer(tmp_path, "mistral")
+    text = tmp_path / "text.txt"
+    text.write_text("the cell makes energy and\nparis is a city\n")
+    said = []
+    with live_case(src, text=text, progress=said.append) as case:
+        assert (case.path / "checkpoint").is_symlink() and case.checkpoint.resolve() == src.resolve()
+        margins = json.loads((case.path / "agreement.json").read_text())["margins"]
+        assert set(margins) == {"transformers"} and margins["transformers"]["forward"] <= 1
+        assert case.golden and case.truth
+    assert any(s.startswith("transformers' forward against the float64 truth: margin") for s in said), said
+    assert (src / "model.safetensors").exists()  # the link is gone with the case, the checkpoint is not
+
+
 def test_a_linked_fixture_keeps_its_weights_out_and_refuses_a_changed_source(tmp_path, monkeypatch):
     """--link-checkpoint: the fixture holds the cut's recipe and hashes, not its weights; the cut is made again
     from the source into the cache and audited; a moved or altered source is refused by name."""
