@@ -48,7 +48,7 @@ class Session(Protocol):
     """A loaded model + trainer of one backend. Arrays returned are numpy float32 (int32 for ids)."""
 
     def load_report(self) -> dict: ...
-    def parameters(self) -> dict[str, np.ndarray]: ...
+    def parameters(self, names: list[str] | None = None) -> dict[str, np.ndarray]: ...  # all, or only `names`
     def trainable_names(self) -> list[str]: ...
     def forward(self, input_ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]: ...
     def shifted(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
@@ -108,9 +108,9 @@ def gradients(s: Session, case) -> StageOutput:
 
 def optimizer(s: Session, case) -> StageOutput:
     names = s.trainable_names()
-    before = {k: _f32(v).copy() for k, v in s.parameters().items() if k in names}
+    before = {k: _f32(v).copy() for k, v in s.parameters(names).items()}  # not the frozen model: a real one is large
     parts = s.step(case.batch)
-    after = s.parameters()
+    after = s.parameters(names)
     state = s.optimizer_state()
     out = {f"optimizer.delta.{k}": _f32(after[k]) - before[k] for k in before}
     out.update({f"optimizer.m.{k}": _f32(v) for k, v in state["m"].items()})
@@ -121,8 +121,7 @@ def optimizer(s: Session, case) -> StageOutput:
 
 
 def _trainable(s: Session) -> dict[str, np.ndarray]:
-    names = set(s.trainable_names())
-    return {k: _f32(v).copy() for k, v in s.parameters().items() if k in names}
+    return {k: _f32(v).copy() for k, v in s.parameters(s.trainable_names()).items()}
 
 
 def _run(s: Session, case, steps: int, initial: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -202,9 +201,9 @@ def isolated_loss(s: Session, case) -> StageOutput:
 def isolated_optimizer(s: Session, case) -> StageOutput:
     """One update (clip, AdamW at step 0) from the reference's own gradients, from a fresh load."""
     names = s.trainable_names()
-    before = {k: _f32(v).copy() for k, v in s.parameters().items() if k in names}
+    before = {k: _f32(v).copy() for k, v in s.parameters(names).items()}
     s.update_from_gradients({k.removeprefix("grad."): v for k, v in case.golden.items() if k.startswith("grad.") and k.removeprefix("grad.") in names})
-    after, state = s.parameters(), s.optimizer_state()
+    after, state = s.parameters(names), s.optimizer_state()
     out = {f"isolated.optimizer.delta.{k}": _f32(after[k]) - before[k] for k in before}
     out.update({f"isolated.optimizer.m.{k}": _f32(v) for k, v in state["m"].items()})
     out.update({f"isolated.optimizer.v.{k}": _f32(v) for k, v in state["v"].items()})
@@ -216,11 +215,11 @@ def isolated_schedule(s: Session, case) -> StageOutput:
     """`steps` updates from a fresh load, each with the reference's own gradients (the same every step):
     the schedule, the bias correction's step and the state carried between updates, on given inputs."""
     names = s.trainable_names()
-    before = {k: _f32(v).copy() for k, v in s.parameters().items() if k in names}
+    before = {k: _f32(v).copy() for k, v in s.parameters(names).items()}
     grads = {k.removeprefix("grad."): v for k, v in case.golden.items() if k.startswith("grad.") and k.removeprefix("grad.") in names}
     for _ in range(case.settings.steps):
         s.update_from_gradients(grads)
-    after = s.parameters()
+    after = s.parameters(names)
     out = {f"isolated.schedule.delta.{k}": _f32(after[k]) - before[k] for k in before}
     out["isolated.schedule.step"] = np.array(s.optimizer_state()["step"], dtype=np.int64)
     return StageOutput(out)

@@ -55,8 +55,9 @@ class TrainerSession:
     def load_report(self) -> dict:
         return self.report
 
-    def parameters(self):
-        return self._np(self.t.parameters())
+    def parameters(self, names=None):
+        params = self.t.parameters()
+        return self._np(params if names is None else {k: params[k] for k in names})
 
     def trainable_names(self):
         return self.t.trainable_names()
