@@ -13,7 +13,6 @@ of the fixture (harness/linked_checkpoint.py): real layers of a large model are 
 
 from __future__ import annotations
 
-
 import json
 import re
 import shutil

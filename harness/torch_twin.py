@@ -81,6 +81,7 @@ class _Widened(torch.autograd.Function):
 
 
 def linear(x, weight, bias=None):
+    """F.linear, with a frozen weight stored narrower than x widened per product (`_Widened`)."""
     if weight.dtype == x.dtype or weight.requires_grad:
         return F.linear(x, weight, bias)
     return _Widened.apply(x, weight, bias)
@@ -233,7 +234,7 @@ class TwinLlama(torch.nn.Module):
     def logits(self, x):
         if self.head is not None:
             return self.head(x)
-        w = self.tok_emb.weight  # tied
+        w = self.tok_emb.weight  # tied; `x @ w.T` as before where no widening is needed, so the goldens stay bit for bit
         return x @ w.T if w.dtype == x.dtype else linear(x, w)
 
 

@@ -71,12 +71,13 @@ def sensitivities(case, golden: dict, truth: dict, bounds: dict[str, np.ndarray]
 
     from .backends.torch_backend import TorchBackend
 
-    runs = [([b], stages) for b in (bounds, _scaled(bounds, -1.0))]
+    minus = _scaled(bounds, -1.0)
+    runs = [([bounds], stages), ([minus], stages)]
     several = [s for s in stages if s in MULTI_UPDATE_STAGES]
     if several and case.settings.steps > 1:
         n = case.settings.steps
         rng = np.random.default_rng([int(case.info.get("seed", 0)), 7])
-        runs += [([bounds, _scaled(bounds, -1.0)], several), ([_scaled(bounds, -1.0), bounds], several)]
+        runs += [([bounds, minus], several), ([minus, bounds], several)]
         for _ in range(RANDOM_DRAWS):
             random = [{k: np.where(rng.random(bounds[k].shape) < 0.5, -bounds[k], bounds[k]) for k in sorted(bounds)} for _ in range(n)]
             runs += [(random, several), ([_scaled(r, -1.0) for r in random], several)]
