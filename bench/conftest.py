@@ -30,8 +30,12 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    for m in ("step: the whole training step", "stage: one stage of the step", "peak: the float32 matmul peak",
-              "scale: an audit of a real model (SmolLM2-135M): peak memory and the cmd: protocol's cost"):
+    for m in (
+        "step: the whole training step",
+        "stage: one stage of the step",
+        "peak: the float32 matmul peak",
+        "scale: an audit of a real model (SmolLM2-135M): peak memory and the cmd: protocol's cost",
+    ):
         config.addinivalue_line("markers", m)
 
 
@@ -106,10 +110,17 @@ def record(benchmark, size):
 
     def done(backend: str, op: str, **more):
         spec = B.SIZES[size]
-        benchmark.extra_info.update({
-            "backend": backend, "size": size, "op": op, "params": B.param_count(spec), "tokens": spec.tokens,
-            "threads": B.backend_threads(backend) if backend != "mlx-rs" else B.backend_threads("mlx"),
-            "peak_rss_mb": B.peak_rss_mb(), **more,
-        })
+        benchmark.extra_info.update(
+            {
+                "backend": backend,
+                "size": size,
+                "op": op,
+                "params": B.param_count(spec),
+                "tokens": spec.tokens,
+                "threads": B.backend_threads(backend) if backend != "mlx-rs" else B.backend_threads("mlx"),
+                "peak_rss_mb": B.peak_rss_mb(),
+                **more,
+            }
+        )
 
     return done

@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 VOCAB = 32000
 
@@ -84,6 +84,7 @@ def batch(size: GpuSize, seed: int = 0):
 
 
 # --- MLX -------------------------------------------------------------------------------------------------
+
 
 def mlx_step(size: GpuSize, precision: str, variant: str, device: str):
     import mlx.core as mx
@@ -180,6 +181,7 @@ def mlx_step(size: GpuSize, precision: str, variant: str, device: str):
 
 # --- torch -----------------------------------------------------------------------------------------------
 
+
 def torch_step(size: GpuSize, precision: str, variant: str, device: str):
     import torch
     import torch.nn.functional as F
@@ -197,8 +199,17 @@ def torch_step(size: GpuSize, precision: str, variant: str, device: str):
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.q, self.k, self.v, self.o = lin(s.hidden, s.heads * hd), lin(s.hidden, s.kv_heads * hd), lin(s.hidden, s.kv_heads * hd), lin(s.heads * hd, s.hidden)
-            self.gate, self.up, self.down = lin(s.hidden, s.intermediate), lin(s.hidden, s.intermediate), lin(s.intermediate, s.hidden)
+            self.q, self.k, self.v, self.o = (
+                lin(s.hidden, s.heads * hd),
+                lin(s.hidden, s.kv_heads * hd),
+                lin(s.hidden, s.kv_heads * hd),
+                lin(s.heads * hd, s.hidden),
+            )
+            self.gate, self.up, self.down = (
+                lin(s.hidden, s.intermediate),
+                lin(s.hidden, s.intermediate),
+                lin(s.intermediate, s.hidden),
+            )
             self.n1, self.n2 = torch.nn.RMSNorm(s.hidden, eps=1e-5), torch.nn.RMSNorm(s.hidden, eps=1e-5)
 
         def forward(self, x, cos, sin):
@@ -237,7 +248,9 @@ def torch_step(size: GpuSize, precision: str, variant: str, device: str):
             return self.head(self.norm(h))
 
     model = Model()
-    torch.nn.init.normal_(model.embed.weight, std=s.hidden**-0.5)  # MLX's nn.Embedding init (torch's is N(0, 1)); Linear inits agree
+    torch.nn.init.normal_(
+        model.embed.weight, std=s.hidden**-0.5
+    )  # MLX's nn.Embedding init (torch's is N(0, 1)); Linear inits agree
     model = model.to(device=dev, dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     ids = torch.as_tensor(batch(size), dtype=torch.long, device=dev)
@@ -263,7 +276,10 @@ def torch_step(size: GpuSize, precision: str, variant: str, device: str):
 
 # --- timing ----------------------------------------------------------------------------------------------
 
-def time_variant(framework: str, size: GpuSize, precision: str, variant: str, device: str, steps: int, warmup: int) -> dict:
+
+def time_variant(
+    framework: str, size: GpuSize, precision: str, variant: str, device: str, steps: int, warmup: int
+) -> dict:
     make = mlx_step if framework == "mlx" else torch_step
     t0 = time.perf_counter()
     run, cleanup, peak_mem = make(size, precision, variant, device)
@@ -279,12 +295,28 @@ def time_variant(framework: str, size: GpuSize, precision: str, variant: str, de
         times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
-    out = {"framework": framework, "size": size.name, "precision": precision, "variant": variant, "device": device,
-           "params": size.params(), "tokens": size.tokens, "flops": size.flops_per_step(), "steps": steps,
-           "median_s": median, "min_s": times[0], "max_s": times[-1], "tokens_per_s": size.tokens / median,
-           "tflops": size.flops_per_step() / median / 1e12, "setup_s": setup_s, "warmup_s": warmup_s,
-           "first_loss": losses[0], "last_loss": losses[-1], "peak_mem_gib": peak_mem(),
-           "finite": all(math.isfinite(v) for v in losses)}
+    out = {
+        "framework": framework,
+        "size": size.name,
+        "precision": precision,
+        "variant": variant,
+        "device": device,
+        "params": size.params(),
+        "tokens": size.tokens,
+        "flops": size.flops_per_step(),
+        "steps": steps,
+        "median_s": median,
+        "min_s": times[0],
+        "max_s": times[-1],
+        "tokens_per_s": size.tokens / median,
+        "tflops": size.flops_per_step() / median / 1e12,
+        "setup_s": setup_s,
+        "warmup_s": warmup_s,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "peak_mem_gib": peak_mem(),
+        "finite": all(math.isfinite(v) for v in losses),
+    }
     cleanup()
     return out
 
@@ -325,16 +357,28 @@ def matmul_peak(framework: str, precision: str, n: int = 8192, reps: int = 10) -
                 times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
-    return {"framework": framework, "precision": precision, "n": n, "median_s": median, "tflops": 2 * n**3 / median / 1e12}
+    return {
+        "framework": framework,
+        "precision": precision,
+        "n": n,
+        "median_s": median,
+        "tflops": 2 * n**3 / median / 1e12,
+    }
 
 
 def step_gemms(size: GpuSize) -> list[tuple[str, int, int, int, int]]:
     """The matrix products of one training step: (name, count, N, K, M) for each linear map's forward
     [N,K]@[K,M] and its two backward products (dX = dY W, dW = dYᵀ X) as separate entries."""
-    N, d, hd, I = size.tokens, size.hidden, size.head_dim, size.intermediate
+    N, d, hd, inter = size.tokens, size.hidden, size.head_dim, size.intermediate
     L = size.layers
-    maps = [("q", L, d, size.heads * hd), ("k,v", 2 * L, d, size.kv_heads * hd), ("o", L, size.heads * hd, d),
-            ("gate,up", 2 * L, d, I), ("down", L, I, d), ("head", 1, d, VOCAB)]
+    maps = [
+        ("q", L, d, size.heads * hd),
+        ("k,v", 2 * L, d, size.kv_heads * hd),
+        ("o", L, size.heads * hd, d),
+        ("gate,up", 2 * L, d, inter),
+        ("down", L, inter, d),
+        ("head", 1, d, VOCAB),
+    ]
     out = []
     for name, count, k, m in maps:
         out += [(f"{name} fwd", count, N, k, m), (f"{name} dX", count, N, m, k), (f"{name} dW", count, m, N, k)]
@@ -363,7 +407,9 @@ def gemm_profile(framework: str, size: GpuSize, precision: str, reps: int = 10) 
         def timed(a, b, n):
             mx.synchronize()
             t0 = time.perf_counter()
-            mx.eval([a @ b for _ in range(n)])  # one graph of n independent products, as a step evaluates its graph once
+            mx.eval(
+                [a @ b for _ in range(n)]
+            )  # one graph of n independent products, as a step evaluates its graph once
             mx.synchronize()
             return (time.perf_counter() - t0) / n
     else:
@@ -384,11 +430,14 @@ def gemm_profile(framework: str, size: GpuSize, precision: str, reps: int = 10) 
                 a @ b
             sync()
             return (time.perf_counter() - t0) / n
+
     for name, count, n, k, m in step_gemms(size):
         a, b = make(n, k), make(k, m)
         timed(a, b, 2)
         t = min(timed(a, b, reps) for _ in range(2))
-        rows.append({"gemm": name, "count": count, "shape": [n, k, m], "ms": 1e3 * t, "tflops": 2 * n * k * m / t / 1e12})
+        rows.append(
+            {"gemm": name, "count": count, "shape": [n, k, m], "ms": 1e3 * t, "tflops": 2 * n * k * m / t / 1e12}
+        )
         total += count * t
     return {"framework": framework, "size": size.name, "precision": precision, "total_ms": 1e3 * total, "gemms": rows}
 
@@ -396,7 +445,9 @@ def gemm_profile(framework: str, size: GpuSize, precision: str, reps: int = 10) 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlx_parity.bench.gpu")
     p.add_argument("framework", choices=("mlx", "torch"))
-    p.add_argument("size", help=f"one of {', '.join(GPU_SIZES)}, 'peak', or 'gemm:SIZE' (that size's step GEMMs timed alone)")
+    p.add_argument(
+        "size", help=f"one of {', '.join(GPU_SIZES)}, 'peak', or 'gemm:SIZE' (that size's step GEMMs timed alone)"
+    )
     p.add_argument("precision", choices=PRECISIONS)
     p.add_argument("--variants", default="")
     p.add_argument("--steps", type=int, default=5)
@@ -404,20 +455,32 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="gpu", choices=("gpu", "cpu"))
     a = p.parse_args(argv)
     if a.framework == "mlx" and os.environ.get("MLX_ENABLE_TF32") != ("1" if a.precision == "tf32" else "0"):
-        print(f"MLX_ENABLE_TF32 must be {'1' if a.precision == 'tf32' else '0'} for {a.precision} (set by harness/bench.py)", file=sys.stderr)
+        print(
+            f"MLX_ENABLE_TF32 must be {'1' if a.precision == 'tf32' else '0'} for {a.precision} (set by harness/bench.py)",
+            file=sys.stderr,
+        )
         return 2
     if a.size == "peak":
         print(json.dumps({"peak": matmul_peak(a.framework, a.precision)}), flush=True)
         return 0
     if a.size.startswith("gemm:"):
-        print(json.dumps({"gemm": gemm_profile(a.framework, GPU_SIZES[a.size.removeprefix("gemm:")], a.precision)}), flush=True)
+        print(
+            json.dumps({"gemm": gemm_profile(a.framework, GPU_SIZES[a.size.removeprefix("gemm:")], a.precision)}),
+            flush=True,
+        )
         return 0
     size = GPU_SIZES[a.size]
-    for v in (a.variants.split(",") if a.variants else VARIANTS[a.framework]):
+    for v in a.variants.split(",") if a.variants else VARIANTS[a.framework]:
         try:
             r = time_variant(a.framework, size, a.precision, v, a.device, a.steps, a.warmup)
         except Exception as e:  # one variant's failure (out of memory, a missing kernel) is its row, not the end
-            r = {"framework": a.framework, "size": size.name, "precision": a.precision, "variant": v, "error": f"{type(e).__name__}: {e}"[:500]}
+            r = {
+                "framework": a.framework,
+                "size": size.name,
+                "precision": a.precision,
+                "variant": v,
+                "error": f"{type(e).__name__}: {e}"[:500],
+            }
         print(json.dumps({"result": r}), flush=True)
     return 0
 

@@ -24,5 +24,12 @@ def test_matmul_peak(benchmark, available, quick):
     fn = _matmul(available)
     benchmark.pedantic(fn, rounds=5 if quick else 10, warmup_rounds=1, iterations=1)
     best = benchmark.stats.stats.min
-    benchmark.extra_info.update({"backend": available, "op": "peak", "n": N, "gflops_best": 2 * N**3 / best / 1e9,
-                                 "gflops_median": 2 * N**3 / benchmark.stats.stats.median / 1e9})
+    benchmark.extra_info.update(
+        {
+            "backend": available,
+            "op": "peak",
+            "n": N,
+            "gflops_best": 2 * N**3 / best / 1e9,
+            "gflops_median": 2 * N**3 / benchmark.stats.stats.median / 1e9,
+        }
+    )

@@ -4,7 +4,6 @@ backward), save (a checkpoint). The step itself is in test_step.py."""
 import itertools
 
 import pytest
-
 from conftest import rounds
 
 

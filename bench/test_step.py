@@ -1,7 +1,6 @@
 """The training step (accumulate, clip, AdamW update), timed per backend and size."""
 
 import pytest
-
 from conftest import rounds
 
 

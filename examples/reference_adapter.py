@@ -29,8 +29,8 @@ def main() -> int:
     ap.add_argument("response", type=Path)
     args = ap.parse_args()
 
-    from mlx_parity.harness.protocol.server import serve
     from mlx_parity.harness.backends import get_backend
+    from mlx_parity.harness.protocol.server import serve
 
     serve(get_backend(f"mutant:{args.mutant}" if args.mutant else "mlx"), args.request, args.response)
     return 0

@@ -55,9 +55,18 @@ class Size:
         from mlx_parity.reference.config import ModelConfig
         from mlx_parity.reference.data import VOCAB_SIZE
 
-        return ModelConfig(vocab_size=VOCAB_SIZE, hidden_size=self.hidden, intermediate_size=self.intermediate,
-                           num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
-                           head_dim=self.head_dim, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+        return ModelConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+        )
 
     @property
     def tokens(self) -> int:
@@ -103,6 +112,7 @@ def ensure_checkpoint(size: Size, root: Path) -> Path:
 
 
 # --- one backend in this process (used by bench/conftest.py) -------------------------------------------
+
 
 def mlx_rs_unavailable() -> str | None:
     try:
@@ -196,6 +206,7 @@ def peak_rss_mb() -> float:
 
 # --- the parent: processes, aggregation, report ---------------------------------------------------------
 
+
 def machine() -> dict:
     cpu = platform.processor() or ""
     try:
@@ -210,20 +221,44 @@ def machine() -> dict:
         mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         pass
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
-            "memory_gib": mem}
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem,
+    }
 
 
 def _env(backend: str, threads: int, workdir: Path) -> dict:
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
-                "PARITY_BENCH_THREADS": str(threads), "PARITY_BENCH_WORKDIR": str(workdir), "PYTHONHASHSEED": "0"})
+    env.update(
+        {
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "OPENBLAS_NUM_THREADS": str(threads),
+            "PARITY_BENCH_THREADS": str(threads),
+            "PARITY_BENCH_WORKDIR": str(workdir),
+            "PYTHONHASHSEED": "0",
+        }
+    )
     return env
 
 
 def _pytest(args: list[str], env: dict, out: Path, log) -> tuple[dict | None, str]:
-    cmd = [sys.executable, "-m", "pytest", str(BENCH_DIR), "-q", "-p", "no:cacheprovider", "--benchmark-json", str(out),
-           "--benchmark-disable-gc", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(BENCH_DIR),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-json",
+        str(out),
+        "--benchmark-disable-gc",
+        *args,
+    ]
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     log(f"  {' '.join(args)}: exit {p.returncode} in {time.perf_counter() - t:.1f} s")
@@ -233,8 +268,16 @@ def _pytest(args: list[str], env: dict, out: Path, log) -> tuple[dict | None, st
     return json.loads(out.read_text()), text
 
 
-def run(quick: bool = False, backends: list[str] | None = None, sizes: list[str] | None = None, threads: int | None = None,
-        json_path: Path | None = None, report_path: Path | None = None, stages: bool | None = None, log=print) -> dict:
+def run(
+    quick: bool = False,
+    backends: list[str] | None = None,
+    sizes: list[str] | None = None,
+    threads: int | None = None,
+    json_path: Path | None = None,
+    report_path: Path | None = None,
+    stages: bool | None = None,
+    log=print,
+) -> dict:
     """Run the suite as described in the module docstring; returns the JSON-able results."""
     from mlx_parity.reference import blas
 
@@ -256,9 +299,16 @@ def run(quick: bool = False, backends: list[str] | None = None, sizes: list[str]
     raw: list[dict] = []
     failures = {}
     peaks = {}
-    log(f"parity bench: {', '.join(backends)} × {', '.join(sizes)}, {threads} threads, {'quick' if quick else 'full'}; BLAS for MLX: {blas_info['label']}")
+    log(
+        f"parity bench: {', '.join(backends)} × {', '.join(sizes)}, {threads} threads, {'quick' if quick else 'full'}; BLAS for MLX: {blas_info['label']}"
+    )
     for lib in ("mlx", "torch"):
-        data, text = _pytest(["-m", "peak", f"--bench-backend={lib}", *mode], _env(lib, threads, workdir), workdir / f"peak-{lib}.json", log)
+        data, text = _pytest(
+            ["-m", "peak", f"--bench-backend={lib}", *mode],
+            _env(lib, threads, workdir),
+            workdir / f"peak-{lib}.json",
+            log,
+        )
         if data is None:
             failures[f"peak/{lib}"] = text
             continue
@@ -307,9 +357,17 @@ def summarize(raw: list[dict], peak: float | None) -> tuple[list[dict], list[dic
     for b in raw:
         e, st = b["extra_info"], b["stats"]
         row = {
-            "backend": e["backend"], "size": e["size"], "params": e["params"], "tokens": e["tokens"],
-            "threads": e["threads"], "rounds": st["rounds"], "median_s": st["median"], "iqr_s": st["iqr"],
-            "min_s": st["min"], "max_s": st["max"], "peak_rss_mb": round(e["peak_rss_mb"], 1),
+            "backend": e["backend"],
+            "size": e["size"],
+            "params": e["params"],
+            "tokens": e["tokens"],
+            "threads": e["threads"],
+            "rounds": st["rounds"],
+            "median_s": st["median"],
+            "iqr_s": st["iqr"],
+            "min_s": st["min"],
+            "max_s": st["max"],
+            "peak_rss_mb": round(e["peak_rss_mb"], 1),
         }
         if e["op"] == "step":
             steps[(e["backend"], e["size"])] = row
@@ -320,17 +378,26 @@ def summarize(raw: list[dict], peak: float | None) -> tuple[list[dict], list[dic
     for (backend, size), r in steps.items():
         torch_row = steps.get(("torch", size))
         flops = 6 * r["params"] * r["tokens"]
-        results.append({
-            "backend": backend, "size": size, "params": r["params"], "seq_len": r["tokens"] // BATCH, "batch": BATCH,
-            "threads": r["threads"], "rounds": r["rounds"],
-            "step_s_median": round(r["median_s"], 5), "step_s_iqr": round(r["iqr_s"], 5),
-            "step_s_min": round(r["min_s"], 5), "step_s_max": round(r["max_s"], 5),
-            "tokens_per_s": round(r["tokens"] / r["median_s"], 1),
-            "model_gflops": round(flops / r["median_s"] / 1e9, 2),
-            "ratio_to_torch": round(r["median_s"] / torch_row["median_s"], 3) if torch_row else None,
-            "share_of_peak": round(flops / r["median_s"] / 1e9 / peak, 4) if peak else None,
-            "peak_rss_mb": r["peak_rss_mb"],
-        })
+        results.append(
+            {
+                "backend": backend,
+                "size": size,
+                "params": r["params"],
+                "seq_len": r["tokens"] // BATCH,
+                "batch": BATCH,
+                "threads": r["threads"],
+                "rounds": r["rounds"],
+                "step_s_median": round(r["median_s"], 5),
+                "step_s_iqr": round(r["iqr_s"], 5),
+                "step_s_min": round(r["min_s"], 5),
+                "step_s_max": round(r["max_s"], 5),
+                "tokens_per_s": round(r["tokens"] / r["median_s"], 1),
+                "model_gflops": round(flops / r["median_s"] / 1e9, 2),
+                "ratio_to_torch": round(r["median_s"] / torch_row["median_s"], 3) if torch_row else None,
+                "share_of_peak": round(flops / r["median_s"] / 1e9 / peak, 4) if peak else None,
+                "peak_rss_mb": r["peak_rss_mb"],
+            }
+        )
     order = {b: i for i, b in enumerate(BACKENDS)}
     results.sort(key=lambda r: (list(SIZES).index(r["size"]), order.get(r["backend"], 9)))
     stage_rows.sort(key=lambda r: (list(SIZES).index(r["size"]), r["op"], order.get(r["backend"], 9)))
@@ -344,7 +411,13 @@ def targets(results: list[dict]) -> list[dict]:
     for size in ("5M", "20M"):
         r = by.get(("mlx", size))
         if r and r["ratio_to_torch"] is not None:
-            out.append({"target": f"MLX step ≤ 1.0× torch at {size}", "value": f"{r['ratio_to_torch']:.2f}×", "met": r["ratio_to_torch"] <= 1.0})
+            out.append(
+                {
+                    "target": f"MLX step ≤ 1.0× torch at {size}",
+                    "value": f"{r['ratio_to_torch']:.2f}×",
+                    "met": r["ratio_to_torch"] <= 1.0,
+                }
+            )
     for size in SIZES:
         a, b = by.get(("mlx-rs", size)), by.get(("mlx", size))
         if a and b:
@@ -352,7 +425,13 @@ def targets(results: list[dict]) -> list[dict]:
             out.append({"target": f"mlx-rs step ≤ 1.05× MLX at {size}", "value": f"{ratio:.2f}×", "met": ratio <= 1.05})
     r = by.get(("mlx", "20M"))
     if r and r["share_of_peak"] is not None:
-        out.append({"target": "MLX ≥ 50% of matmul peak at 20M", "value": f"{100 * r['share_of_peak']:.0f}%", "met": r["share_of_peak"] >= 0.5})
+        out.append(
+            {
+                "target": "MLX ≥ 50% of matmul peak at 20M",
+                "value": f"{100 * r['share_of_peak']:.0f}%",
+                "met": r["share_of_peak"] >= 0.5,
+            }
+        )
     return out
 
 
@@ -371,12 +450,17 @@ def write_report(out: dict, path: Path) -> Path:
         f"- load average before/after (other work on the machine slows every backend alike): "
         f"{' '.join(map(str, out['load_average']['before']))} / {' '.join(map(str, out['load_average']['after']))}",
         "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
-        f"- BLAS for MLX: {out['blas']}" + (f" — `{b['config']}`, libmlx.so's cblas_sgemm → `{Path(b['resolved_cblas_sgemm']).name}`"
-                                            if b.get("config") and b.get("resolved_cblas_sgemm") else ""),
+        f"- BLAS for MLX: {out['blas']}"
+        + (
+            f" — `{b['config']}`, libmlx.so's cblas_sgemm → `{Path(b['resolved_cblas_sgemm']).name}`"
+            if b.get("config") and b.get("resolved_cblas_sgemm")
+            else ""
+        ),
         f"- threads per backend process: {out['threads']} (OMP/MKL/OPENBLAS_NUM_THREADS, torch.set_num_threads); "
         "every backend and size ran in its own process, one after another",
         f"- float32 matmul peak of this machine: {out['peak_gflops']} GFLOP/s (best of "
-        + ", ".join(f"{k} {x}" for k, x in out["peak_by_library"].items()) + ")",
+        + ", ".join(f"{k} {x}" for k, x in out["peak_by_library"].items())
+        + ")",
         f"- step: AdamW, full fine-tuning, global-norm clipping, B={BATCH}; model FLOPs = 6 · params · tokens; "
         "median and IQR over the timed rounds, warm-up rounds left out; peak RSS is the process's (in a full run it "
         "includes the stage benchmarks, which ran first)",
@@ -387,25 +471,35 @@ def write_report(out: dict, path: Path) -> Path:
     for r in out["results"]:
         ratio = f"{r['ratio_to_torch']:.2f}×" if r["ratio_to_torch"] is not None else "—"
         share = f"{100 * r['share_of_peak']:.0f}%" if r["share_of_peak"] is not None else "—"
-        lines.append(f"| {r['backend']} | {r['size']} | {r['params']:,} | {r['seq_len']} | {r['step_s_median']:.4f} | "
-                     f"{r['step_s_iqr']:.4f} | {r['step_s_min']:.4f}–{r['step_s_max']:.4f} | {r['tokens_per_s']:,.0f} | "
-                     f"{ratio} | {share} | {r['peak_rss_mb']:,.0f} |")
+        lines.append(
+            f"| {r['backend']} | {r['size']} | {r['params']:,} | {r['seq_len']} | {r['step_s_median']:.4f} | "
+            f"{r['step_s_iqr']:.4f} | {r['step_s_min']:.4f}–{r['step_s_max']:.4f} | {r['tokens_per_s']:,.0f} | "
+            f"{ratio} | {share} | {r['peak_rss_mb']:,.0f} |"
+        )
     lines += ["", f"![tokens/s against model size]({png.name})", ""]
     if out["targets"]:
         lines += ["## Targets", "", "| target | this run | met |", "|---|---:|---|"]
         lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else 'no'} |" for t in out["targets"]]
         lines.append("")
     if out["stages"]:
-        lines += ["## Stages (median seconds)", "", "| size | operation | " + " | ".join(
-            b for b in BACKENDS if any(r["backend"] == b for r in out["stages"])) + " |"]
+        lines += [
+            "## Stages (median seconds)",
+            "",
+            "| size | operation | "
+            + " | ".join(b for b in BACKENDS if any(r["backend"] == b for r in out["stages"]))
+            + " |",
+        ]
         present = [b for b in BACKENDS if any(r["backend"] == b for r in out["stages"])]
         lines.append("|---|---|" + "---:|" * len(present))
         cells = {(r["size"], r["op"], r["backend"]): r["median_s"] for r in out["stages"]}
         for size in SIZES:
             for op in ("load", "forward", "loss", "gradients", "save"):
                 if any((size, op, b) in cells for b in present):
-                    lines.append(f"| {size} | {op} | " + " | ".join(
-                        f"{cells[(size, op, b)]:.4f}" if (size, op, b) in cells else "—" for b in present) + " |")
+                    lines.append(
+                        f"| {size} | {op} | "
+                        + " | ".join(f"{cells[(size, op, b)]:.4f}" if (size, op, b) in cells else "—" for b in present)
+                        + " |"
+                    )
         lines.append("")
     for name, why in out["skipped"].items():
         lines.append(f"- {name}: {why}")
@@ -444,13 +538,33 @@ def plot(results: list[dict], png: Path) -> None:
 def print_summary(console, out: dict) -> None:
     from rich.table import Table
 
-    t = Table(title=f"parity bench — BLAS for MLX: {out['blas']}; matmul peak {out['peak_gflops']} GFLOP/s; {out['threads']} threads")
-    for col in ("backend", "size", "params", "step median (s)", "IQR (s)", "tokens/s", "vs torch", "share of peak", "peak RSS (MB)"):
+    t = Table(
+        title=f"parity bench — BLAS for MLX: {out['blas']}; matmul peak {out['peak_gflops']} GFLOP/s; {out['threads']} threads"
+    )
+    for col in (
+        "backend",
+        "size",
+        "params",
+        "step median (s)",
+        "IQR (s)",
+        "tokens/s",
+        "vs torch",
+        "share of peak",
+        "peak RSS (MB)",
+    ):
         t.add_column(col, justify="left" if col in ("backend", "size") else "right")
     for r in out["results"]:
-        t.add_row(r["backend"], r["size"], f"{r['params']:,}", f"{r['step_s_median']:.4f}", f"{r['step_s_iqr']:.4f}",
-                  f"{r['tokens_per_s']:,.0f}", f"{r['ratio_to_torch']:.2f}×" if r["ratio_to_torch"] is not None else "—",
-                  f"{100 * r['share_of_peak']:.0f}%" if r["share_of_peak"] is not None else "—", f"{r['peak_rss_mb']:,.0f}")
+        t.add_row(
+            r["backend"],
+            r["size"],
+            f"{r['params']:,}",
+            f"{r['step_s_median']:.4f}",
+            f"{r['step_s_iqr']:.4f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['ratio_to_torch']:.2f}×" if r["ratio_to_torch"] is not None else "—",
+            f"{100 * r['share_of_peak']:.0f}%" if r["share_of_peak"] is not None else "—",
+            f"{r['peak_rss_mb']:,.0f}",
+        )
     console.print(t)
     for tg in out["targets"]:
         console.print(f"{'✓' if tg['met'] else '✗'} {tg['target']}: {tg['value']}")
@@ -478,7 +592,9 @@ def _gpu_worker(args: list[str], precision: str, log, timeout: float) -> tuple[l
     env = dict(os.environ, MLX_ENABLE_TF32="1" if precision == "tf32" else "0", PYTHONHASHSEED="0")
     t = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, str(GPU_WORKER), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(
+            [sys.executable, str(GPU_WORKER), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         log(f"  {' '.join(args)}: timed out after {timeout:.0f} s")
         return [], f"timed out after {timeout:.0f} s"
@@ -487,9 +603,19 @@ def _gpu_worker(args: list[str], precision: str, log, timeout: float) -> tuple[l
     return rows, ("" if p.returncode == 0 else (p.stdout + p.stderr)[-2000:])
 
 
-def run_gpu(sizes: list[str] | None = None, tf32: bool | None = None, frameworks: list[str] | None = None, steps: int = 5,
-            warmup: int = 2, budget_s: float = 540.0, json_path: Path | None = None, report_path: Path | None = None,
-            log=print, device: str = "gpu", profile: bool = True) -> dict:
+def run_gpu(
+    sizes: list[str] | None = None,
+    tf32: bool | None = None,
+    frameworks: list[str] | None = None,
+    steps: int = 5,
+    warmup: int = 2,
+    budget_s: float = 540.0,
+    json_path: Path | None = None,
+    report_path: Path | None = None,
+    log=print,
+    device: str = "gpu",
+    profile: bool = True,
+) -> dict:
     """MLX-CUDA against torch-CUDA, one worker process per (framework, size, precision) (`bench/gpu.py`),
     and the dense-matmul peak of each precision; `profile`: the largest size's step GEMMs timed alone in
     each framework (where a gap comes from). Sizes in order until `budget_s` is spent (the rest are
@@ -524,8 +650,12 @@ def run_gpu(sizes: list[str] | None = None, tf32: bool | None = None, frameworks
                 if time.time() - started > budget_s:
                     skipped.append(f"{fw}/{size}/{prec}")
                     continue
-                got, text = _gpu_worker([fw, size, prec, "--steps", str(steps), "--warmup", str(warmup), "--device", device], prec, log,
-                                        max(60.0, budget_s - (time.time() - started) + 60))
+                got, text = _gpu_worker(
+                    [fw, size, prec, "--steps", str(steps), "--warmup", str(warmup), "--device", device],
+                    prec,
+                    log,
+                    max(60.0, budget_s - (time.time() - started) + 60),
+                )
                 rows += [r["result"] for r in got if "result" in r]
                 if text:
                     failures[f"{fw}/{size}/{prec}"] = text
@@ -544,10 +674,24 @@ def run_gpu(sizes: list[str] | None = None, tf32: bool | None = None, frameworks
         peak = max(peaks.get(r["precision"], {}).values(), default=None)
         r["share_of_peak"] = (r["tflops"] / peak) if peak and "tflops" in r else None
     table = gpu_table(rows)
-    out = {"device": device, "machine": machine(), "versions": versions(), "gpu": _gpu_name(), "steps": steps, "warmup": warmup,
-           "peak_tflops": peaks, "results": rows, "table": table, "gemm_profile": gemms, "failures": failures, "skipped": skipped,
-           "seconds": round(time.time() - started, 1),
-           "command": "parity " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "parity" else "parity bench --device gpu"}
+    out = {
+        "device": device,
+        "machine": machine(),
+        "versions": versions(),
+        "gpu": _gpu_name(),
+        "steps": steps,
+        "warmup": warmup,
+        "peak_tflops": peaks,
+        "results": rows,
+        "table": table,
+        "gemm_profile": gemms,
+        "failures": failures,
+        "skipped": skipped,
+        "seconds": round(time.time() - started, 1),
+        "command": "parity " + " ".join(sys.argv[1:])
+        if Path(sys.argv[0]).name == "parity"
+        else "parity bench --device gpu",
+    }
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(out, indent=2) + "\n")
@@ -558,8 +702,12 @@ def run_gpu(sizes: list[str] | None = None, tf32: bool | None = None, frameworks
 
 def _gpu_name() -> str | None:
     try:
-        p = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=20)
+        p = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return p.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -577,18 +725,28 @@ def gpu_table(rows: list[dict]) -> list[dict]:
         torch_r = next((r for r in rs if r["framework"] == "torch"), None)
         mlx_rs = {r["variant"]: r for r in rs if r["framework"] == "mlx"}
         best = min(mlx_rs.values(), key=lambda r: r["median_s"], default=None)
-        errors = {f"{r['framework']} {r['variant']}": r["error"] for r in rows if r["size"] == size and r["precision"] == prec and "error" in r}
-        out.append({
-            "size": size, "precision": prec, "params": (torch_r or best or {}).get("params"),
-            "tokens": (torch_r or best or {}).get("tokens"),
-            "torch_ms": torch_r and 1e3 * torch_r["median_s"],
-            "mlx_ms": {v: 1e3 * r["median_s"] for v, r in mlx_rs.items()},
-            "best_mlx": best and best["variant"],
-            "ratio": (best["median_s"] / torch_r["median_s"]) if best and torch_r else None,
-            "torch_tokens_s": torch_r and torch_r["tokens_per_s"], "mlx_tokens_s": best and best["tokens_per_s"],
-            "torch_share": torch_r and torch_r.get("share_of_peak"), "mlx_share": best and best.get("share_of_peak"),
-            "errors": errors,
-        })
+        errors = {
+            f"{r['framework']} {r['variant']}": r["error"]
+            for r in rows
+            if r["size"] == size and r["precision"] == prec and "error" in r
+        }
+        out.append(
+            {
+                "size": size,
+                "precision": prec,
+                "params": (torch_r or best or {}).get("params"),
+                "tokens": (torch_r or best or {}).get("tokens"),
+                "torch_ms": torch_r and 1e3 * torch_r["median_s"],
+                "mlx_ms": {v: 1e3 * r["median_s"] for v, r in mlx_rs.items()},
+                "best_mlx": best and best["variant"],
+                "ratio": (best["median_s"] / torch_r["median_s"]) if best and torch_r else None,
+                "torch_tokens_s": torch_r and torch_r["tokens_per_s"],
+                "mlx_tokens_s": best and best["tokens_per_s"],
+                "torch_share": torch_r and torch_r.get("share_of_peak"),
+                "mlx_share": best and best.get("share_of_peak"),
+                "errors": errors,
+            }
+        )
     return out
 
 
@@ -600,43 +758,76 @@ def gpu_markdown(out: dict) -> str:
         return "—" if v is None else f"{100 * v:.0f}%"
 
     variants = sorted({v for row in out["table"] for v in row["mlx_ms"]})
-    lines = [f"# parity bench --device {out['device']}", "",
-             f"GPU: {out.get('gpu')}; {out['versions']}; {out['steps']} timed steps after {out['warmup']} warm-up steps, median; "
-             f"{out['seconds']} s in all. Command: `{out['command']}`.", "",
-             "Measured dense-matmul peak (8192³, TFLOP/s): " + "; ".join(
-                 f"{PRECISION_LABEL.get(p, p)}: " + ", ".join(f"{fw} {v:.0f}" for fw, v in sorted(d.items())) for p, d in out["peak_tflops"].items()),
-             "", "| size | params | tokens/step | precision | torch ms | " + " | ".join(f"MLX {v} ms" for v in variants)
-             + " | best MLX / torch | torch tokens/s | best MLX tokens/s | torch % of peak | MLX % of peak |",
-             "|" + "---|" * (10 + len(variants))]
+    lines = [
+        f"# parity bench --device {out['device']}",
+        "",
+        f"GPU: {out.get('gpu')}; {out['versions']}; {out['steps']} timed steps after {out['warmup']} warm-up steps, median; "
+        f"{out['seconds']} s in all. Command: `{out['command']}`.",
+        "",
+        "Measured dense-matmul peak (8192³, TFLOP/s): "
+        + "; ".join(
+            f"{PRECISION_LABEL.get(p, p)}: " + ", ".join(f"{fw} {v:.0f}" for fw, v in sorted(d.items()))
+            for p, d in out["peak_tflops"].items()
+        ),
+        "",
+        "| size | params | tokens/step | precision | torch ms | "
+        + " | ".join(f"MLX {v} ms" for v in variants)
+        + " | best MLX / torch | torch tokens/s | best MLX tokens/s | torch % of peak | MLX % of peak |",
+        "|" + "---|" * (10 + len(variants)),
+    ]
     for r in out["table"]:
         ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}× ({r['best_mlx']})"
         tok_t = "—" if r["torch_tokens_s"] is None else f"{r['torch_tokens_s']:,.0f}"
         tok_m = "—" if r["mlx_tokens_s"] is None else f"{r['mlx_tokens_s']:,.0f}"
         params = "—" if r["params"] is None else f"{r['params'] / 1e6:.1f}M"
-        cells = [r["size"], params, str(r["tokens"]), PRECISION_LABEL.get(r["precision"], r["precision"]), ms(r["torch_ms"]),
-                 *(ms(r["mlx_ms"].get(v)) for v in variants), ratio, tok_t, tok_m, pct(r["torch_share"]), pct(r["mlx_share"])]
+        cells = [
+            r["size"],
+            params,
+            str(r["tokens"]),
+            PRECISION_LABEL.get(r["precision"], r["precision"]),
+            ms(r["torch_ms"]),
+            *(ms(r["mlx_ms"].get(v)) for v in variants),
+            ratio,
+            tok_t,
+            tok_m,
+            pct(r["torch_share"]),
+            pct(r["mlx_share"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     prof = out.get("gemm_profile") or []
     if prof:
-        lines += ["", f"Where the time goes at {prof[0]['size']}: the step's matrix products timed alone, summed (ms per step; "
-                  "the step above minus this is everything else: attention, norms, elementwise, the optimizer, launches):", "",
-                  "| precision | torch GEMMs ms | MLX GEMMs ms | MLX / torch | slowest MLX GEMM vs torch |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Where the time goes at {prof[0]['size']}: the step's matrix products timed alone, summed (ms per step; "
+            "the step above minus this is everything else: attention, norms, elementwise, the optimizer, launches):",
+            "",
+            "| precision | torch GEMMs ms | MLX GEMMs ms | MLX / torch | slowest MLX GEMM vs torch |",
+            "|---|---|---|---|---|",
+        ]
         for prec in dict.fromkeys(g["precision"] for g in prof):
             by = {g["framework"]: g for g in prof if g["precision"] == prec}
             if "torch" not in by or "mlx" not in by:
                 continue
             t, m = by["torch"], by["mlx"]
             worst = max(zip(m["gemms"], t["gemms"]), key=lambda p: p[0]["ms"] / p[1]["ms"])
-            lines.append(f"| {PRECISION_LABEL.get(prec, prec)} | {t['total_ms']:.1f} | {m['total_ms']:.1f} | {m['total_ms'] / t['total_ms']:.2f}× | "
-                         f"{worst[0]['gemm']} {worst[0]['shape']}: {worst[0]['ms']:.2f} vs {worst[1]['ms']:.2f} ms |")
+            lines.append(
+                f"| {PRECISION_LABEL.get(prec, prec)} | {t['total_ms']:.1f} | {m['total_ms']:.1f} | {m['total_ms'] / t['total_ms']:.2f}× | "
+                f"{worst[0]['gemm']} {worst[0]['shape']}: {worst[0]['ms']:.2f} vs {worst[1]['ms']:.2f} ms |"
+            )
     errs = [(r["size"], r["precision"], k, v) for r in out["table"] for k, v in r["errors"].items()]
     if errs or out["failures"] or out["skipped"]:
         lines += ["", "Not measured:"]
         lines += [f"- {s} {p} {k}: {v}" for s, p, k, v in errs]
-        lines += [f"- {k}: worker failed: {v.strip().splitlines()[-1] if v.strip() else '?'}" for k, v in out["failures"].items()]
+        lines += [
+            f"- {k}: worker failed: {v.strip().splitlines()[-1] if v.strip() else '?'}"
+            for k, v in out["failures"].items()
+        ]
         lines += [f"- {k}: skipped (time budget)" for k in out["skipped"]]
-    lines += ["", "Model FLOPs per step: 6 × (parameters except the embedding table) × tokens + 12 × layers × heads × head_dim × T × tokens "
-              "(attention, causal mask not halved); % of peak is that rate over the measured matmul peak of the same precision."]
+    lines += [
+        "",
+        "Model FLOPs per step: 6 × (parameters except the embedding table) × tokens + 12 × layers × heads × head_dim × T × tokens "
+        "(attention, causal mask not halved); % of peak is that rate over the measured matmul peak of the same precision.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -27,8 +27,10 @@ def main(argv=None) -> None:
                 top = max(st.tensors, key=lambda t: t.ratio, default=None)
                 over = sum(t.mismatched for t in st.tensors)
                 total = sum(t.total for t in st.tensors)
-                print(f"{name:6} {case.name:18} {st.name:15} {st.status:5} margin {st.margin:9.3g} "
-                      f"past bound {over}/{total}  worst {top.name if top else '-'}")
+                print(
+                    f"{name:6} {case.name:18} {st.name:15} {st.status:5} margin {st.margin:9.3g} "
+                    f"past bound {over}/{total}  worst {top.name if top else '-'}"
+                )
                 if st.margin >= worst.get(st.name, (-1.0, ""))[0]:
                     worst[st.name] = (st.margin, case.name)
         for stage, (margin, fixture) in worst.items():

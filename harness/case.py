@@ -27,6 +27,8 @@ from safetensors.numpy import load_file
 from mlx_parity.reference.precision import model_dtype
 from mlx_parity.reference.settings import TrainSettings
 
+from .truth import Truth, needs_truth
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = REPO_ROOT / "fixtures"
 
@@ -42,9 +44,9 @@ class CheckpointWeights(Mapping):
     model's weights are never held in full here."""
 
     def __init__(self, checkpoint: Path, adapters: dict[str, np.ndarray] | None, precision: str = "float32"):
-        from mlx_parity.reference.weights import IGNORED_KEYS, checkpoint_files
-
         import mlx.core as mx
+
+        from mlx_parity.reference.weights import IGNORED_KEYS, checkpoint_files
 
         self._file: dict[str, Path] = {}
         try:
@@ -87,7 +89,9 @@ def _finite(path: Path, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     """Goldens with NaN or Inf would judge nothing (every comparison with NaN is false): refuse them."""
     for k, v in tensors.items():
         if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
-            raise CaseError(f"{path} holds {int((~np.isfinite(v)).sum())} non-finite values in {k}: refusing to judge against it")
+            raise CaseError(
+                f"{path} holds {int((~np.isfinite(v)).sum())} non-finite values in {k}: refusing to judge against it"
+            )
     return tensors
 
 
@@ -149,18 +153,18 @@ class Case:
         return _finite(self.path / "golden.safetensors", _load(self.path / "golden.safetensors"))
 
     @cached_property
-    def initial_weights(self) -> "CheckpointWeights":
+    def initial_weights(self) -> CheckpointWeights:
         """`weights.<name>`: the checkpoint's tensors (and initial adapters), what loading must give and
         θ₀ for judging parameter changes; each read when asked for, so a real model is not held twice."""
-        return CheckpointWeights(self.checkpoint, None if self.lora_init is None else _load(self.lora_init), self.settings.precision)
+        return CheckpointWeights(
+            self.checkpoint, None if self.lora_init is None else _load(self.lora_init), self.settings.precision
+        )
 
     @cached_property
-    def truth(self) -> "Truth":
+    def truth(self) -> Truth:
         f = self.path / "truth.safetensors"
         if not f.exists():
             raise CaseError(f"{f} is missing: a fixture needs its float64 truth (`parity fixtures generate`)")
-        from .truth import Truth, needs_truth
-
         truth = Truth(_finite(f, _load(f)), self.golden)
 
         missing = [k for k, v in self.golden.items() if needs_truth(k, v) and f"truth.{k}" not in truth]

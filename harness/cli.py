@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -31,22 +30,54 @@ def fail_input(message: str) -> None:
 
 @app.command()
 def audit(
-    fixture: Optional[list[str]] = typer.Option(None, "--fixture", "-f", help="Fixture name (repeatable); default: every bundled fixture."),
-    backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="Backend (repeatable): mlx, torch; default: every available one."),
-    stage: Optional[list[str]] = typer.Option(None, "--stage", "-s", help="Only these stages (repeatable); default: all eight and the isolated checks."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this path."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write a Markdown (.md) or self-contained HTML (.html) report with plots."),
+    fixture: list[str] | None = typer.Option(
+        None, "--fixture", "-f", help="Fixture name (repeatable); default: every bundled fixture."
+    ),
+    backend: list[str] | None = typer.Option(
+        None, "--backend", "-b", help="Backend (repeatable): mlx, torch; default: every available one."
+    ),
+    stage: list[str] | None = typer.Option(
+        None, "--stage", "-s", help="Only these stages (repeatable); default: all eight and the isolated checks."
+    ),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON to this path."),
+    report: Path | None = typer.Option(
+        None, "--report", help="Write a Markdown (.md) or self-contained HTML (.html) report with plots."
+    ),
     fixtures_dir: Path = typer.Option(None, "--fixtures-dir", help="Folder of fixtures (default: the bundled ones)."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds each stage of a cmd: backend may take."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="List every failing tensor and stage, not only the first."),
-    device: str = typer.Option("cpu", "--device", help="Where mlx and torch compute: cpu, or gpu (MLX-CUDA and torch CUDA; docs/gpu.md)."),
-    tf32: bool = typer.Option(False, "--tf32", help="On --device gpu, let float32 matmuls use TF32 and judge with the TF32 bound (default: off, true float32)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Audit on goldens computed now from this Hugging Face checkpoint (kept nowhere), instead of stored fixtures."),
-    data: Optional[Path] = typer.Option(None, "--data", help="With --checkpoint: the batch's text, JSONL records or plain lines, through the checkpoint's tokenizer."),
-    layers: Optional[int] = typer.Option(None, "--layers", help="With --checkpoint: keep the first N layers (default: all)."),
-    vocab: Optional[int] = typer.Option(None, "--vocab", help="With --checkpoint: keep N vocabulary rows (the batch's tokens first)."),
-    settings: Optional[Path] = typer.Option(None, "--settings", help="With --checkpoint: settings.json keys over the defaults (LoRA rank 8 on "
-                                            "every kept layer, 3 steps), e.g. {\"precision\": \"bfloat16\"} or {\"trainable\": \"full\"}."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="List every failing tensor and stage, not only the first."
+    ),
+    device: str = typer.Option(
+        "cpu", "--device", help="Where mlx and torch compute: cpu, or gpu (MLX-CUDA and torch CUDA; docs/gpu.md)."
+    ),
+    tf32: bool = typer.Option(
+        False,
+        "--tf32",
+        help="On --device gpu, let float32 matmuls use TF32 and judge with the TF32 bound (default: off, true float32).",
+    ),
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="Audit on goldens computed now from this Hugging Face checkpoint (kept nowhere), instead of stored fixtures.",
+    ),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="With --checkpoint: the batch's text, JSONL records or plain lines, through the checkpoint's tokenizer.",
+    ),
+    layers: int | None = typer.Option(
+        None, "--layers", help="With --checkpoint: keep the first N layers (default: all)."
+    ),
+    vocab: int | None = typer.Option(
+        None, "--vocab", help="With --checkpoint: keep N vocabulary rows (the batch's tokens first)."
+    ),
+    settings: Path | None = typer.Option(
+        None,
+        "--settings",
+        help="With --checkpoint: settings.json keys over the defaults (LoRA rank 8 on "
+        'every kept layer, 3 steps), e.g. {"precision": "bfloat16"} or {"trainable": "full"}.',
+    ),
 ) -> None:
     """Audit backends against the golden fixtures, stage by stage; or, with --checkpoint and --data,
     against goldens and a float64 truth computed now from your checkpoint (as `parity fixtures create`
@@ -55,25 +86,24 @@ def audit(
     Exit status: 0 when every stage passes, 1 when any fails, 2 for bad input.
     """
     import contextlib
+
+    from . import device as D
     from .audit import audit as run_audit
     from .backends import BackendError, default_backends, get_backend
     from .case import FIXTURES_DIR, CaseError, find_case, list_cases
+    from .fixture_create import live_case
+    from .fixtures import MANIFEST, FixtureError, check_hashes
     from .report import print_results, results_json
     from .stages import ALL_STAGES as STAGES
-
-    from .fixtures import MANIFEST, check_hashes
-
-    from . import device as D
-
-    from .fixture_create import live_case
-    from .fixtures import FixtureError
 
     root = fixtures_dir or FIXTURES_DIR
     live = contextlib.ExitStack()
     if checkpoint is None and (data or layers or vocab or settings):
         fail_input("--data, --layers, --vocab and --settings go with --checkpoint")
     if checkpoint is not None and (fixture or fixtures_dir or data is None):
-        fail_input("--checkpoint needs --data (the batch's text) and builds its own goldens: not with --fixture or --fixtures-dir")
+        fail_input(
+            "--checkpoint needs --data (the batch's text) and builds its own goldens: not with --fixture or --fixtures-dir"
+        )
     try:
         dev = D.parse(device, tf32)
         if dev.name == "gpu":  # the in-process backends only: an external port picks its own device
@@ -81,7 +111,11 @@ def audit(
             D.set_tf32_env(dev.tf32)  # before anything computes: MLX reads it once
         if checkpoint is not None:
             say = lambda what: err.print(f"goldens from {escape(str(checkpoint))}: {escape(what)}", highlight=False)  # noqa: E731
-            cases = [live.enter_context(live_case(checkpoint, text=data, layers=layers, vocab=vocab, settings=settings, progress=say))]
+            cases = [
+                live.enter_context(
+                    live_case(checkpoint, text=data, layers=layers, vocab=vocab, settings=settings, progress=say)
+                )
+            ]
             root = cases[0].path.parent
         else:
             cases = [find_case(n, root) for n in fixture] if fixture else list_cases(root)
@@ -100,7 +134,10 @@ def audit(
     if checkpoint is None and (root / MANIFEST).exists():  # goldens built just now have nothing stored to check
         problems = check_hashes(root, [c.name for c in cases])
         if problems:
-            fail_input(f"fixtures differ from {root / MANIFEST} (`parity fixtures verify` says more):\n  " + "\n  ".join(problems))
+            fail_input(
+                f"fixtures differ from {root / MANIFEST} (`parity fixtures verify` says more):\n  "
+                + "\n  ".join(problems)
+            )
     elif checkpoint is None:
         err.print(f"note: {escape(str(root))} has no {MANIFEST}: fixture files are not hash-checked", highlight=False)
     for c in cases:
@@ -135,8 +172,11 @@ def audit(
                 results.append(run_audit(b, c, stages, precision=dev.precision))
     print_results(console, results, verbose=verbose)
     if dev.name == "gpu":
-        console.print(f"device: {escape(dev.describe())}; the checkpoint stage judges the resume against the measured "
-                      "run-to-run spread of two uninterrupted runs, at least 8 ulp, plus each update's sensitivity (docs/gpu.md)", highlight=False)
+        console.print(
+            f"device: {escape(dev.describe())}; the checkpoint stage judges the resume against the measured "
+            "run-to-run spread of two uninterrupted runs, at least 8 ulp, plus each update's sensitivity (docs/gpu.md)",
+            highlight=False,
+        )
     if json_path:
         write_atomic(json_path, json.dumps(results_json(results) | {"device": dev.to_dict()}, indent=2) + "\n")
         console.print(f"JSON written to {json_path}")
@@ -151,8 +191,10 @@ def audit(
 
 @app.command()
 def selftest(
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the self-test results as JSON."),
-    protocol: bool = typer.Option(True, "--protocol/--no-protocol", help="Also run every mutant through the cmd: protocol (slower)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the self-test results as JSON."),
+    protocol: bool = typer.Option(
+        True, "--protocol/--no-protocol", help="Also run every mutant through the cmd: protocol (slower)."
+    ),
 ) -> None:
     """Prove that bugs are found and named: every mutant on every fixture, bugs combined, no false alarm.
 
@@ -170,9 +212,13 @@ def selftest(
     extra = st.rust_mutants()
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("self-test", total=st.count_jobs(protocol, extra))
-        result = st.run(protocol, progress=lambda what: progress.update(task, advance=1, description=what[:60]), extra=extra)
+        result = st.run(
+            protocol, progress=lambda what: progress.update(task, advance=1, description=what[:60]), extra=extra
+        )
     fixtures = list(result["matrix"][0]["cells"]) if result["matrix"] else []
-    table = Table(title="parity selftest: the matrix (N named, l localised only, . passed, - not applicable; bold: built to expose it)")
+    table = Table(
+        title="parity selftest: the matrix (N named, l localised only, . passed, - not applicable; bold: built to expose it)"
+    )
     table.add_column("mutant")
     table.add_column("cause")
     for f in fixtures:
@@ -181,31 +227,54 @@ def selftest(
     mark = {"named": "N", "localised": "l", "passed": ".", "not applicable": "-"}
     for row in result["matrix"]:
         cells = [(f"[bold]{mark[c]}[/]" if f in row["exposing_fixtures"] else mark[c]) for f, c in row["cells"].items()]
-        table.add_row(escape(row["mutant"]), escape(row["expected_diagnosis"]), *cells, "[green]yes[/]" if row["named_where_exposed"] else "[bold red]NO[/]")
+        table.add_row(
+            escape(row["mutant"]),
+            escape(row["expected_diagnosis"]),
+            *cells,
+            "[green]yes[/]" if row["named_where_exposed"] else "[bold red]NO[/]",
+        )
     console.print(table)
     combos = Table(title="bugs together (DESIGN.md's list marked *)")
     for col in ("fixture", "mutants", "named", "localised only", "missed"):
         combos.add_column(col)
     for c in result["combinations"]:
         by = {k: [m for m, v in c["outcome"].items() if v == k] for k in ("named", "localised", "missed")}
-        combos.add_row(c["fixture"] + (" *" if c["design_list"] else ""), escape(", ".join(c["mutants"])),
-                       *(escape(", ".join(by[k])) or "-" for k in ("named", "localised", "missed")))
+        combos.add_row(
+            c["fixture"] + (" *" if c["design_list"] else ""),
+            escape(", ".join(c["mutants"])),
+            *(escape(", ".join(by[k])) or "-" for k in ("named", "localised", "missed")),
+        )
     console.print(combos)
     if result["mutants"]:
         runs = Table(title="through the protocol and the Rust port")
         for col in ("mutant", "via", "fixture", "findings", "named"):
             runs.add_column(col)
         for m in result["mutants"]:
-            runs.add_row(escape(m["name"]), m["via"], m["fixture"], escape(", ".join(m["findings"])), "[green]yes[/]" if m["named_as_finding"] else "[bold red]NO[/]")
+            runs.add_row(
+                escape(m["name"]),
+                m["via"],
+                m["fixture"],
+                escape(", ".join(m["findings"])),
+                "[green]yes[/]" if m["named_as_finding"] else "[bold red]NO[/]",
+            )
         console.print(runs)
     named = sum(r["named_where_exposed"] for r in result["matrix"])
-    console.print(f"{named}/{len(result['matrix'])} mutants named on every fixture that exposes them; "
-                  f"{sum(c['all_named'] for c in result['combinations'])}/{len(result['combinations'])} combinations with every bug named; "
-                  f"{sum(m['named_as_finding'] for m in result['mutants'])}/{len(result['mutants'])} protocol and Rust runs named")
-    console.print(f"DESIGN.md's list, each bug alone: {', '.join(f'{n}' + ('' if ok else ' (NOT named)') for n, ok in result['design_list_alone'].items())}")
-    console.print(f"false alarms on correct backends ({', '.join(result['correct_backends'])}): {result['false_alarms']}")
+    console.print(
+        f"{named}/{len(result['matrix'])} mutants named on every fixture that exposes them; "
+        f"{sum(c['all_named'] for c in result['combinations'])}/{len(result['combinations'])} combinations with every bug named; "
+        f"{sum(m['named_as_finding'] for m in result['mutants'])}/{len(result['mutants'])} protocol and Rust runs named"
+    )
+    console.print(
+        f"DESIGN.md's list, each bug alone: {', '.join(f'{n}' + ('' if ok else ' (NOT named)') for n, ok in result['design_list_alone'].items())}"
+    )
+    console.print(
+        f"false alarms on correct backends ({', '.join(result['correct_backends'])}): {result['false_alarms']}"
+    )
     for fa in result["false_alarm_details"]:
-        console.print(f"[bold red]false alarm[/] {escape(fa['backend'])} on {fa['fixture']} at {fa['stage']}: {escape(fa['message'])}", highlight=False)
+        console.print(
+            f"[bold red]false alarm[/] {escape(fa['backend'])} on {fa['fixture']} at {fa['stage']}: {escape(fa['message'])}",
+            highlight=False,
+        )
     if json_path:
         write_atomic(json_path, json.dumps(result, indent=2) + "\n")
         console.print(f"JSON written to {json_path}")
@@ -214,7 +283,7 @@ def selftest(
 
 @fixtures_app.command("generate")
 def fixtures_generate(
-    name: Optional[list[str]] = typer.Argument(None, help="Fixtures to build (default: all)."),
+    name: list[str] | None = typer.Argument(None, help="Fixtures to build (default: all)."),
     force: bool = typer.Option(False, "--force", help="Replace existing goldens that changed, showing what changed."),
     fixtures_dir: Path = typer.Option(None, "--fixtures-dir", help="Where to write (default: the bundled folder)."),
 ) -> None:
@@ -229,11 +298,13 @@ def fixtures_generate(
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("building fixtures", total=len(todo))
         try:
-            messages = generate(fixtures_dir or FIXTURES_DIR, name or None, force, progress=lambda n: progress.advance(task))
+            messages = generate(
+                fixtures_dir or FIXTURES_DIR, name or None, force, progress=lambda n: progress.advance(task)
+            )
         except FixtureError as e:
             progress.stop()
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
     for m in messages:
         console.print(escape(m), highlight=False)
 
@@ -241,21 +312,47 @@ def fixtures_generate(
 @fixtures_app.command("create")
 def fixtures_create(
     name: str = typer.Argument(..., help="The new fixture's name (lowercase letters, digits, '_', '-')."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json)."),
-    fixtures_dir: Path = typer.Option(Path("parity-fixtures"), "--fixtures-dir", help="Where to write it, beside the folder's own manifest.json."),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Keep the first N decoder layers (default: all)."),
-    vocab: Optional[int] = typer.Option(None, "--vocab", help="Keep N vocabulary rows (default: all): every token the batch uses, then the lowest others, renumbered in order."),
-    text: Optional[Path] = typer.Option(None, "--text", help="Text for the batch: JSONL records (text, auth_weight, prov_entropy) or plain lines, through the checkpoint's tokenizer."),
-    token_ids: Optional[Path] = typer.Option(None, "--token-ids", help="Or the batch's token ids: a JSON list of lists, or .npy."),
-    settings: Optional[Path] = typer.Option(None, "--settings", help="settings.json keys over the defaults (LoRA rank 8 on every kept layer, 3 steps)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows of the batch (default: the first 4 records, fewer if there are fewer)."),
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="A Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json)."
+    ),
+    fixtures_dir: Path = typer.Option(
+        Path("parity-fixtures"), "--fixtures-dir", help="Where to write it, beside the folder's own manifest.json."
+    ),
+    layers: int | None = typer.Option(None, "--layers", help="Keep the first N decoder layers (default: all)."),
+    vocab: int | None = typer.Option(
+        None,
+        "--vocab",
+        help="Keep N vocabulary rows (default: all): every token the batch uses, then the lowest others, renumbered in order.",
+    ),
+    text: Path | None = typer.Option(
+        None,
+        "--text",
+        help="Text for the batch: JSONL records (text, auth_weight, prov_entropy) or plain lines, through the checkpoint's tokenizer.",
+    ),
+    token_ids: Path | None = typer.Option(
+        None, "--token-ids", help="Or the batch's token ids: a JSON list of lists, or .npy."
+    ),
+    settings: Path | None = typer.Option(
+        None, "--settings", help="settings.json keys over the defaults (LoRA rank 8 on every kept layer, 3 steps)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Rows of the batch (default: the first 4 records, fewer if there are fewer)."
+    ),
     seq_len: int = typer.Option(32, "--seq-len", help="Tokens per row (longer text is cut, shorter padded)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Store the kept weights as float32, bfloat16 or float16 (default: as stored). Training runs in the settings' precision (float32 unless --settings says \"precision\": \"bfloat16\")."),
+    dtype: str | None = typer.Option(
+        None,
+        "--dtype",
+        help='Store the kept weights as float32, bfloat16 or float16 (default: as stored). Training runs in the settings\' precision (float32 unless --settings says "precision": "bfloat16").',
+    ),
     seed: int = typer.Option(0, "--seed", help="Seeds the LoRA adapters and any provenance the text does not give."),
     force: bool = typer.Option(False, "--force", help="Replace a fixture of that name."),
-    link_checkpoint: bool = typer.Option(False, "--link-checkpoint", help="Keep the cut weights out of the fixture: it records "
-                                         "the checkpoint's path and every kept tensor's sha256, and the cut is made again (into "
-                                         "~/.cache/mlx-parity/cuts) and checked when audited. For real layers too large to store."),
+    link_checkpoint: bool = typer.Option(
+        False,
+        "--link-checkpoint",
+        help="Keep the cut weights out of the fixture: it records "
+        "the checkpoint's path and every kept tensor's sha256, and the cut is made again (into "
+        "~/.cache/mlx-parity/cuts) and checked when audited. For real layers too large to store.",
+    ),
 ) -> None:
     """A fixture from your own checkpoint: its first layers and vocabulary rows with their real shapes and
     weights, your text through its tokenizer. Written only when the torch twin and transformers agree with the
@@ -264,14 +361,31 @@ def fixtures_create(
     from .fixtures import FixtureError
 
     try:
-        path = create(name, checkpoint, fixtures_dir, layers=layers, vocab=vocab, text=text, token_ids=token_ids, settings=settings,
-                      batch_size=batch_size, seq_len=seq_len, dtype=dtype, seed=seed, force=force, link=link_checkpoint,
-                      progress=lambda what: err.print(f"{escape(name)}: {escape(what)}", highlight=False))
+        path = create(
+            name,
+            checkpoint,
+            fixtures_dir,
+            layers=layers,
+            vocab=vocab,
+            text=text,
+            token_ids=token_ids,
+            settings=settings,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            dtype=dtype,
+            seed=seed,
+            force=force,
+            link=link_checkpoint,
+            progress=lambda what: err.print(f"{escape(name)}: {escape(what)}", highlight=False),
+        )
     except FixtureError as e:
         fail_input(str(e))
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    console.print(f"{escape(str(path))}: written ({size / 2**20:.1f} MiB); audit it with "
-                  f"`parity audit --fixtures-dir {escape(str(fixtures_dir))} -f {escape(name)}`", highlight=False)
+    console.print(
+        f"{escape(str(path))}: written ({size / 2**20:.1f} MiB); audit it with "
+        f"`parity audit --fixtures-dir {escape(str(fixtures_dir))} -f {escape(name)}`",
+        highlight=False,
+    )
 
 
 @fixtures_app.command("verify")
@@ -287,36 +401,62 @@ def fixtures_verify(
 
     root = fixtures_dir or FIXTURES_DIR
     with Progress(console=err, transient=True) as progress:
-        n = len(json.loads((root / "manifest.json").read_text())["fixtures"]) if (root / "manifest.json").exists() else 0
+        n = (
+            len(json.loads((root / "manifest.json").read_text())["fixtures"])
+            if (root / "manifest.json").exists()
+            else 0
+        )
         task = progress.add_task("regenerating fixtures", total=n)
         problems = verify(root, regenerate=not no_regenerate, progress=lambda _: progress.advance(task))
     if problems:
         for p in problems:
             err.print(f"[red]✗[/] {escape(p)}", highlight=False)
         raise typer.Exit(1)
-    console.print(f"all fixtures in {escape(str(root))} match the manifest" + ("" if no_regenerate else
-                  " and regenerate: inputs bit for bit, goldens bit for bit on their platform and within the bound elsewhere"), highlight=False)
+    console.print(
+        f"all fixtures in {escape(str(root))} match the manifest"
+        + (
+            ""
+            if no_regenerate
+            else " and regenerate: inputs bit for bit, goldens bit for bit on their platform and within the bound elsewhere"
+        ),
+        highlight=False,
+    )
 
 
 @app.command()
 def train(
-    checkpoint: Optional[Path] = typer.Option(None, help="Hugging Face checkpoint folder (default: a tiny model built here)."),
-    data: Optional[Path] = typer.Option(None, help="JSONL with text, auth_weight, prov_entropy (default: the bundled set)."),
+    checkpoint: Path | None = typer.Option(
+        None, help="Hugging Face checkpoint folder (default: a tiny model built here)."
+    ),
+    data: Path | None = typer.Option(
+        None, help="JSONL with text, auth_weight, prov_entropy (default: the bundled set)."
+    ),
     out: Path = typer.Option(Path("runs/default"), help="Where checkpoints go."),
-    settings: Optional[Path] = typer.Option(None, help="Trainer settings JSON (docs/training-step.md)."),
+    settings: Path | None = typer.Option(None, help="Trainer settings JSON (docs/training-step.md)."),
     steps: int = typer.Option(60, help="Optimizer updates."),
     batch_size: int = typer.Option(8),
     seq_len: int = typer.Option(64),
     save_every: int = typer.Option(20, help="Write a checkpoint every N updates."),
-    resume: Optional[Path] = typer.Option(None, help="Continue from a checkpoint written by this command."),
+    resume: Path | None = typer.Option(None, help="Continue from a checkpoint written by this command."),
     seed: int = typer.Option(0),
 ) -> None:
     """Train the MLX reference: on the embedded default, or on your own config, weights and data."""
     from mlx_parity.reference.train_cli import run_training
 
     try:
-        run_training(checkpoint=checkpoint, data=data, out=out, settings_path=settings, steps=steps, batch_size=batch_size,
-                     seq_len=seq_len, save_every=save_every, resume=resume, seed=seed, console=console)
+        run_training(
+            checkpoint=checkpoint,
+            data=data,
+            out=out,
+            settings_path=settings,
+            steps=steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            save_every=save_every,
+            resume=resume,
+            seed=seed,
+            console=console,
+        )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         fail_input(str(e))
 
@@ -324,14 +464,26 @@ def train(
 @app.command()
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds, the step only (about two minutes; what CI runs)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this path."),
-    report: Path = typer.Option(Path("bench-report.md"), "--report", help="Markdown report; the plot goes beside it as .png."),
-    backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="mlx, torch, mlx-rs (repeatable); default: all available."),
-    size: Optional[list[str]] = typer.Option(None, "--size", help="1M, 5M, 20M (repeatable); default: all three."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Threads per backend process (default: every core)."),
-    blas: bool = typer.Option(False, "--blas", help="Only print which BLAS MLX uses here, checked and measured, then exit."),
-    device: str = typer.Option("cpu", "--device", help="cpu (the backends above), or gpu: MLX-CUDA against torch-CUDA at 60M, 250M and 1B parameters (bench/gpu.py, docs/gpu.md)."),
-    tf32: Optional[bool] = typer.Option(None, "--tf32/--no-tf32", help="GPU: float32 with TF32 on only / off only (default: both); bfloat16 always."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON to this path."),
+    report: Path = typer.Option(
+        Path("bench-report.md"), "--report", help="Markdown report; the plot goes beside it as .png."
+    ),
+    backend: list[str] | None = typer.Option(
+        None, "--backend", "-b", help="mlx, torch, mlx-rs (repeatable); default: all available."
+    ),
+    size: list[str] | None = typer.Option(None, "--size", help="1M, 5M, 20M (repeatable); default: all three."),
+    threads: int | None = typer.Option(None, "--threads", help="Threads per backend process (default: every core)."),
+    blas: bool = typer.Option(
+        False, "--blas", help="Only print which BLAS MLX uses here, checked and measured, then exit."
+    ),
+    device: str = typer.Option(
+        "cpu",
+        "--device",
+        help="cpu (the backends above), or gpu: MLX-CUDA against torch-CUDA at 60M, 250M and 1B parameters (bench/gpu.py, docs/gpu.md).",
+    ),
+    tf32: bool | None = typer.Option(
+        None, "--tf32/--no-tf32", help="GPU: float32 with TF32 on only / off only (default: both); bfloat16 always."
+    ),
 ) -> None:
     """Time the training step of every backend at three model sizes, each in its own process (bench/)."""
     from . import bench as B
@@ -343,13 +495,22 @@ def bench(
         fail_input(str(e))
     if dev.name == "gpu":
         if backend and set(backend) - {"mlx", "torch"}:
-            fail_input("--device gpu benches mlx and torch (MLX-CUDA, torch-CUDA); the mlx-rs port is not benched on the GPU (docs/gpu.md)")
+            fail_input(
+                "--device gpu benches mlx and torch (MLX-CUDA, torch-CUDA); the mlx-rs port is not benched on the GPU (docs/gpu.md)"
+            )
         why = [f"{fw}: {w}" for fw in (backend or D.IN_PROCESS) if (w := D.gpu_unavailable(fw))]
         if why:
             fail_input("--device gpu: " + "; ".join(why))
         try:
-            out = B.run_gpu(sizes=size, tf32=tf32, frameworks=backend, steps=2 if quick else 5, json_path=json_path,
-                            report_path=report, log=lambda m: err.print(m, highlight=False))
+            out = B.run_gpu(
+                sizes=size,
+                tf32=tf32,
+                frameworks=backend,
+                steps=2 if quick else 5,
+                json_path=json_path,
+                report_path=report,
+                log=lambda m: err.print(m, highlight=False),
+            )
         except ValueError as e:
             fail_input(str(e))
         B.print_gpu_summary(console, out)
@@ -363,11 +524,23 @@ def bench(
         return
     bad = [b for b in backend or [] if b not in B.BACKENDS] + [s for s in size or [] if s not in B.SIZES]
     if bad:
-        fail_input(f"unknown backend or size {', '.join(bad)}; backends: {', '.join(B.BACKENDS)}; sizes: {', '.join(B.SIZES)}")
-    out = B.run(quick=quick, backends=backend, sizes=size, threads=threads, json_path=json_path, report_path=report,
-                log=lambda m: err.print(m, highlight=False))
+        fail_input(
+            f"unknown backend or size {', '.join(bad)}; backends: {', '.join(B.BACKENDS)}; sizes: {', '.join(B.SIZES)}"
+        )
+    out = B.run(
+        quick=quick,
+        backends=backend,
+        sizes=size,
+        threads=threads,
+        json_path=json_path,
+        report_path=report,
+        log=lambda m: err.print(m, highlight=False),
+    )
     B.print_summary(console, out)
-    console.print(f"report written to {report} (plot {report.with_suffix('.png')})" + (f", JSON to {json_path}" if json_path else ""))
+    console.print(
+        f"report written to {report} (plot {report.with_suffix('.png')})"
+        + (f", JSON to {json_path}" if json_path else "")
+    )
     raise typer.Exit(1 if out["failures"] else 0)
 
 

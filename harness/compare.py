@@ -42,11 +42,27 @@ class TensorResult:
 
 
 def _kind(a: np.ndarray) -> str:
-    return "int" if np.issubdtype(a.dtype, np.integer) else "float" if np.issubdtype(a.dtype, np.floating) else a.dtype.name
+    return (
+        "int"
+        if np.issubdtype(a.dtype, np.integer)
+        else "float"
+        if np.issubdtype(a.dtype, np.floating)
+        else a.dtype.name
+    )
 
 
-def compare(name: str, actual, expected, tol: Tolerance, truth=None, sensitivity=None, stage_rms: float = 0.0,
-            mask=None, param=None, param_dtype: str = "float32") -> TensorResult:
+def compare(
+    name: str,
+    actual,
+    expected,
+    tol: Tolerance,
+    truth=None,
+    sensitivity=None,
+    stage_rms: float = 0.0,
+    mask=None,
+    param=None,
+    param_dtype: str = "float32",
+) -> TensorResult:
     """`expected` is the reference's golden; `truth` (float64) what errors are measured against, the
     golden itself for exact tolerances. `mask` (broadcast to the shape) selects the judged elements;
     `param` is the parameter a change Δθ belongs to (its rounding, in `param_dtype`, sets Δθ's precision)."""
@@ -61,7 +77,9 @@ def compare(name: str, actual, expected, tol: Tolerance, truth=None, sensitivity
     if actual.shape != expected.shape:
         res.problem = f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
         return res
-    if _kind(actual) != _kind(expected) or (_kind(actual) == "float" and actual.dtype.itemsize < expected.dtype.itemsize):
+    if _kind(actual) != _kind(expected) or (
+        _kind(actual) == "float" and actual.dtype.itemsize < expected.dtype.itemsize
+    ):
         res.problem = f"dtype {actual.dtype}, expected {expected.dtype}"
         return res
     if isinstance(tol, Exact) and truth is None and sensitivity is None:
@@ -131,7 +149,10 @@ def _exact(res: TensorResult, actual: np.ndarray, expected: np.ndarray, mask) ->
         return res
     if bad_a:
         idx = np.unravel_index(first_bad, actual.shape)
-        res.problem, res.mismatched = f"{bad_a} non-finite values (first at {list(map(int, idx))}: {A[first_bad]})", bad_a
+        res.problem, res.mismatched = (
+            f"{bad_a} non-finite values (first at {list(map(int, idx))}: {A[first_bad]})",
+            bad_a,
+        )
         return res
     max_abs = max(max_abs, 0.0)
     res.total, res.mismatched, res.max_abs = total, mismatched, max_abs

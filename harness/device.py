@@ -75,8 +75,14 @@ class Device:
     def describe(self) -> str:
         if self.name == "cpu":
             return "cpu (float32)"
-        parts = [f"{fw}: matmul rel. error {m['rel_error']:.2g} on {m['device']}" for fw, m in sorted(self.measured.items())]
-        mode = "TF32 on (--tf32): stages judged with the TF32 bound" if self.tf32 else "TF32 off: true float32 matmuls, the stored float32 bounds"
+        parts = [
+            f"{fw}: matmul rel. error {m['rel_error']:.2g} on {m['device']}" for fw, m in sorted(self.measured.items())
+        ]
+        mode = (
+            "TF32 on (--tf32): stages judged with the TF32 bound"
+            if self.tf32
+            else "TF32 off: true float32 matmuls, the stored float32 bounds"
+        )
         return f"gpu, {mode}" + (f" ({'; '.join(parts)})" if parts else "")
 
     def to_dict(self) -> dict:
@@ -109,9 +115,11 @@ def check_backends(dev: Device, names: list[str]) -> None:
         return
     other = [n for n in names if n not in IN_PROCESS and not n.startswith("mutant:")]
     if other:
-        raise DeviceError(f"--device gpu runs the in-process backends ({', '.join(IN_PROCESS)}, mutant:*) on the GPU; "
-                          f"{', '.join(other)} choose their own device: audit them without --device, with their libmlx "
-                          "the CUDA one (docs/gpu.md)")
+        raise DeviceError(
+            f"--device gpu runs the in-process backends ({', '.join(IN_PROCESS)}, mutant:*) on the GPU; "
+            f"{', '.join(other)} choose their own device: audit them without --device, with their libmlx "
+            "the CUDA one (docs/gpu.md)"
+        )
 
 
 def gpu_unavailable(framework: str) -> str | None:
@@ -126,8 +134,10 @@ def gpu_unavailable(framework: str) -> str | None:
         except Exception as e:  # an MLX built without any GPU backend
             return f"MLX has no GPU backend here ({type(e).__name__}: {e})"
         if not ok:
-            return ("MLX has no GPU backend here: on Linux install the CUDA build (mlx-cuda-13 of the same version as mlx; "
-                    "scripts/gpu/setup.sh does it from carried wheels)")
+            return (
+                "MLX has no GPU backend here: on Linux install the CUDA build (mlx-cuda-13 of the same version as mlx; "
+                "scripts/gpu/setup.sh does it from carried wheels)"
+            )
         return None
     try:
         import torch
@@ -195,16 +205,23 @@ def activate(dev: Device, frameworks=IN_PROCESS) -> Device:
             m = measure_matmul(fw)
             dev.measured[fw] = m
             if m["tf32"] != dev.tf32:
-                hint = (" (MLX read MLX_ENABLE_TF32 before it was set: start a fresh process with MLX_ENABLE_TF32="
-                        f"{int(dev.tf32)})" if fw == "mlx" else "")
-                raise DeviceError(f"{fw} on the GPU computes float32 matmuls with TF32 {'on' if m['tf32'] else 'off'} "
-                                  f"(measured relative error {m['rel_error']:.2g}), but TF32 {'on' if dev.tf32 else 'off'} "
-                                  f"was asked for{hint}")
+                hint = (
+                    " (MLX read MLX_ENABLE_TF32 before it was set: start a fresh process with MLX_ENABLE_TF32="
+                    f"{int(dev.tf32)})"
+                    if fw == "mlx"
+                    else ""
+                )
+                raise DeviceError(
+                    f"{fw} on the GPU computes float32 matmuls with TF32 {'on' if m['tf32'] else 'off'} "
+                    f"(measured relative error {m['rel_error']:.2g}), but TF32 {'on' if dev.tf32 else 'off'} "
+                    f"was asked for{hint}"
+                )
     _CURRENT = dev
     return dev
 
 
 # --- judgements ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PrecisionBound(TruthBound):
@@ -214,10 +231,14 @@ class PrecisionBound(TruthBound):
     mode: str = "float32"
 
     def describe(self) -> str:
-        return (f"{self.mode}: ({self.multiple:g}× the reference's float32 error vs the float64 truth + {self.floor_ulps:g} ulp)"
-                f" × {self.factor:g}, the {self.mode}/float32 unit-roundoff ratio, + each update's sensitivity to a {self.mode} gradient error")
+        return (
+            f"{self.mode}: ({self.multiple:g}× the reference's float32 error vs the float64 truth + {self.floor_ulps:g} ulp)"
+            f" × {self.factor:g}, the {self.mode}/float32 unit-roundoff ratio, + each update's sensitivity to a {self.mode} gradient error"
+        )
 
-    def bound(self, reference, truth, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32") -> np.ndarray:
+    def bound(
+        self, reference, truth, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32"
+    ) -> np.ndarray:
         """factor × (multiple × noise + floor) + sensitivity: the sensitivity is not scaled, since on a
         precision case (`precision_case`) it is already measured for that precision's gradient error."""
         base = TruthBound.bound(self, reference, truth, sensitivity, stage_rms, param, param_dtype)
@@ -232,9 +253,15 @@ def precision_tolerance(tol, precision: str):
         raise DeviceError(f"no judgement for matmul precision {precision!r}; known: {', '.join(PRECISION_FACTOR)}")
     if factor == 1.0 or not isinstance(tol, TruthBound):
         return tol
-    return PrecisionBound(multiple=tol.multiple, floor_ulps=tol.floor_ulps, stage_floor=tol.stage_floor,
-                          noise=f"{tol.noise}; scaled by {factor:g} for {precision}", catches=f"in float32: {tol.catches}",
-                          factor=factor, mode=precision)
+    return PrecisionBound(
+        multiple=tol.multiple,
+        floor_ulps=tol.floor_ulps,
+        stage_floor=tol.stage_floor,
+        noise=f"{tol.noise}; scaled by {factor:g} for {precision}",
+        catches=f"in float32: {tol.catches}",
+        factor=factor,
+        mode=precision,
+    )
 
 
 class _PrecisionCase:
@@ -296,15 +323,21 @@ class RunToRunBound:
     allow: float
     spread: float
     multiple: float = RUN_TO_RUN_MULTIPLE
-    noise: str = ("run-to-run nondeterminism of the device, measured by running the uninterrupted trajectory twice; "
-                  "a repeat that happens to be bit-identical is no proof of determinism, hence the ulp floor and the sensitivity")
+    noise: str = (
+        "run-to-run nondeterminism of the device, measured by running the uninterrupted trajectory twice; "
+        "a repeat that happens to be bit-identical is no proof of determinism, hence the ulp floor and the sensitivity"
+    )
     catches: str = "AdamW moments or step lost on resume (moves well-conditioned parameters by ~lr); any resume bug larger than the device's own noise"
 
     def describe(self) -> str:
-        return (f"{self.multiple:g}× max(measured run-to-run spread {self.spread:.3g}, {RUN_TO_RUN_FLOOR_ULPS:g} ulp of the tensor's scale)"
-                f" = {self.allow:.3g}, + each element's update sensitivity")
+        return (
+            f"{self.multiple:g}× max(measured run-to-run spread {self.spread:.3g}, {RUN_TO_RUN_FLOOR_ULPS:g} ulp of the tensor's scale)"
+            f" = {self.allow:.3g}, + each element's update sensitivity"
+        )
 
-    def bound(self, reference, truth=None, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32") -> np.ndarray:
+    def bound(
+        self, reference, truth=None, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32"
+    ) -> np.ndarray:
         sens = 0.0 if sensitivity is None else np.asarray(sensitivity, np.float64)
         return np.full(np.shape(reference), self.allow) + sens
 
@@ -312,8 +345,12 @@ class RunToRunBound:
 RUN_TO_RUN_FLOOR_ULPS = 8.0
 
 
-def run_to_run_bounds(uninterrupted: dict[str, np.ndarray], repeat: dict[str, np.ndarray],
-                      scales: dict[str, float] | None = None, multiple: float = RUN_TO_RUN_MULTIPLE) -> dict[str, RunToRunBound]:
+def run_to_run_bounds(
+    uninterrupted: dict[str, np.ndarray],
+    repeat: dict[str, np.ndarray],
+    scales: dict[str, float] | None = None,
+    multiple: float = RUN_TO_RUN_MULTIPLE,
+) -> dict[str, RunToRunBound]:
     """Per tensor name, the bound a resumed run is held to on a nondeterministic device, from two
     uninterrupted runs of one backend.
 
@@ -340,5 +377,11 @@ def run_to_run_bounds(uninterrupted: dict[str, np.ndarray], repeat: dict[str, np
             continue
         spread[k] = float(np.abs(r - u).max()) if u.size else 0.0
     rel = max((spread[k] / scale[k] for k in spread if scale[k] > 0), default=0.0)
-    return {k: RunToRunBound(multiple * max(spread.get(k, 0.0), rel * scale[k], RUN_TO_RUN_FLOOR_ULPS * ULP32 * scale[k]),
-                             spread.get(k, 0.0), multiple) for k in uninterrupted}
+    return {
+        k: RunToRunBound(
+            multiple * max(spread.get(k, 0.0), rel * scale[k], RUN_TO_RUN_FLOOR_ULPS * ULP32 * scale[k]),
+            spread.get(k, 0.0),
+            multiple,
+        )
+        for k in uninterrupted
+    }

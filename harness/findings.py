@@ -28,7 +28,12 @@ _CONSUMES = {
     "isolated_schedule": (),
 }
 _ISOLATED_AFTER = {"isolated_schedule": "isolated_optimizer"}  # N updates repeat the one judged alone
-ISOLATED_BY = {"forward": "isolated_forward", "loss": "isolated_loss", "optimizer": "isolated_optimizer", "trajectory": "isolated_schedule"}
+ISOLATED_BY = {
+    "forward": "isolated_forward",
+    "loss": "isolated_loss",
+    "optimizer": "isolated_optimizer",
+    "trajectory": "isolated_schedule",
+}
 RESUME_SUFFIX = "(resumed vs own uninterrupted run)"
 # Causes about which tensors exist or move at all, not about their values: no upstream difference makes
 # gradients vanish or an update stay put, so these are findings whatever failed before them.
@@ -72,7 +77,10 @@ def _findings(st) -> list[Finding]:
     piece = w.name if w is not None else st.name
     if not st.diagnoses:
         return [Finding(st.name, piece, "error", st.message)]
-    return [Finding(st.name, ", ".join(d.pieces) if d.pieces else piece, d.code, d.summary, d.evidence) for d in st.diagnoses]
+    return [
+        Finding(st.name, ", ".join(d.pieces) if d.pieces else piece, d.code, d.summary, d.evidence)
+        for d in st.diagnoses
+    ]
 
 
 def _unloaded(stages) -> set[str]:
@@ -80,7 +88,9 @@ def _unloaded(stages) -> set[str]:
     wm = next((s for s in stages if s.name == "weight_mapping"), None)
     if wm is None or wm.status != "fail":
         return set()
-    return {t.name.removeprefix("weights.") for t in wm.tensors if not t.passed} or {""}  # no tensor named: every parameter suspect
+    return {t.name.removeprefix("weights.") for t in wm.tensors if not t.passed} or {
+        ""
+    }  # no tensor named: every parameter suspect
 
 
 def _reads_unloaded(d, unloaded: set[str], stage: str) -> bool:
@@ -99,8 +109,11 @@ def _follows_structurally(name: str, structural, by_name, failed) -> bool:
         codes = {d.code for d in by_name[up].diagnoses}
         if codes & STRUCTURAL:
             return True
-        if up == "weight_mapping" and {d.code for d in structural} == {"trainable_set_mismatch"} and codes & {
-                "key_mapping", "tied_embeddings_ignored", "checkpoint_tensors_unused"}:
+        if (
+            up == "weight_mapping"
+            and {d.code for d in structural} == {"trainable_set_mismatch"}
+            and codes & {"key_mapping", "tied_embeddings_ignored", "checkpoint_tensors_unused"}
+        ):
             return True
     return False
 
@@ -122,7 +135,9 @@ def analyse(stages) -> tuple[list[Finding], list[Inherited]]:
             findings += _findings(st)  # a resume that differs from the backend's own run: its own bug
             roots[name] = [name]
             continue
-        if name.startswith("isolated_"):  # each cause on its own: inherited only where it reads a parameter that did not load
+        if name.startswith(
+            "isolated_"
+        ):  # each cause on its own: inherited only where it reads a parameter that did not load
             unloaded = _unloaded(stages)
             before = _ISOLATED_AFTER.get(name)
             follows = before in failed  # an update no convention explains after a first update that already failed
@@ -159,11 +174,23 @@ def analyse(stages) -> tuple[list[Finding], list[Inherited]]:
     findings.sort(key=lambda f: position.get(f.stage, 0))
     merged: dict[str, Finding] = {}  # one cause seen by two checks (a stage and its isolated check) is one finding
     for f in findings:
-        if f.code in merged and f.code not in ("unexplained", "error", "stage_error", "diagnosis_failed", "forward_divergence"):
-            merged[f.code].evidence = merged[f.code].evidence | {"also_seen_at": merged[f.code].evidence.get("also_seen_at", []) + [f.stage]}
+        if f.code in merged and f.code not in (
+            "unexplained",
+            "error",
+            "stage_error",
+            "diagnosis_failed",
+            "forward_divergence",
+        ):
+            merged[f.code].evidence = merged[f.code].evidence | {
+                "also_seen_at": merged[f.code].evidence.get("also_seen_at", []) + [f.stage]
+            }
         else:
-            merged.setdefault(f.code if f.code not in ("unexplained", "error", "stage_error", "diagnosis_failed", "forward_divergence")
-                              else f"{f.code}@{f.stage}", f)
+            merged.setdefault(
+                f.code
+                if f.code not in ("unexplained", "error", "stage_error", "diagnosis_failed", "forward_divergence")
+                else f"{f.code}@{f.stage}",
+                f,
+            )
     findings = list(merged.values())
     inherited.sort(key=lambda i: position.get(i.stage, 0))
     return findings, inherited

@@ -34,10 +34,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # LoRA on every kept layer: goldens stay small (the adapters' gradients, not the model's) whatever the model.
 DEFAULT_SETTINGS = {
-    "trainable": "lora", "lora": {"rank": 8, "scale": 2.0},
+    "trainable": "lora",
+    "lora": {"rank": 8, "scale": 2.0},
     "optimizer": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "bias_correction": True},
-    "schedule": {"kind": "constant"}, "clip_norm": 1.0, "accum_steps": 1, "loss": {"alpha": 2.7, "lambda": 1.0},
-    "steps": 3, "checkpoint_at": 1,
+    "schedule": {"kind": "constant"},
+    "clip_norm": 1.0,
+    "accum_steps": 1,
+    "loss": {"alpha": 2.7, "lambda": 1.0},
+    "steps": 3,
+    "checkpoint_at": 1,
 }
 
 
@@ -60,8 +65,10 @@ def kept_tokens(b: dict[str, np.ndarray], vocab: int | None, V: int) -> np.ndarr
         return None
     used = np.unique(b["input_ids"][b["attention_mask"].astype(bool)])
     if not len(used) <= vocab <= V:
-        raise FixtureError(f"--vocab {vocab}: the batch uses {len(used)} distinct tokens and the checkpoint has {V}; "
-                           f"give a value between them")
+        raise FixtureError(
+            f"--vocab {vocab}: the batch uses {len(used)} distinct tokens and the checkpoint has {V}; "
+            f"give a value between them"
+        )
     others = np.setdiff1d(np.arange(min(V, vocab + len(used))), used)[: vocab - len(used)]
     return np.sort(np.concatenate([used, others])).astype(np.int64)
 
@@ -86,8 +93,9 @@ def stored_dtypes(files) -> list[str]:
     return sorted(found)
 
 
-def slice_checkpoint(src: Path, dst: Path, layers: int | None, kept: np.ndarray | None, dtype: str | None,
-                     share_uncut: bool = False) -> dict:
+def slice_checkpoint(
+    src: Path, dst: Path, layers: int | None, kept: np.ndarray | None, dtype: str | None, share_uncut: bool = False
+) -> dict:
     """The first `layers` decoder layers and the `kept` vocabulary rows of `src`, read tensor by tensor (MLX
     loads lazily: a large checkpoint is never in memory whole), stored in `dtype` (default: as stored).
     `share_uncut`: when nothing is cut, `dst` is a link to `src` (a live audit of a whole model copies nothing)."""
@@ -106,8 +114,14 @@ def slice_checkpoint(src: Path, dst: Path, layers: int | None, kept: np.ndarray 
     if share_uncut and layers == L and kept is None and dtype is None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.symlink_to(src.resolve(), target_is_directory=True)
-        return {"checkpoint": str(src.resolve()), "layers": [L, L], "vocab": [V, V], "kept_token_ids": None,
-                "stored_dtype": stored_dtypes(checkpoint_files(src)), "dtype": "as stored"}
+        return {
+            "checkpoint": str(src.resolve()),
+            "layers": [L, L],
+            "vocab": [V, V],
+            "kept_token_ids": None,
+            "stored_dtype": stored_dtypes(checkpoint_files(src)),
+            "dtype": "as stored",
+        }
     tensors, stored = {}, set()
     layer_key = re.compile(r"^model\.layers\.(\d+)\.")
     for f in checkpoint_files(src):
@@ -134,12 +148,19 @@ def slice_checkpoint(src: Path, dst: Path, layers: int | None, kept: np.ndarray 
     for name in TOKENIZER_FILES if kept is None else ():  # renumbered ids are no longer the tokenizer's
         if (src / name).exists():
             shutil.copy(src / name, dst / name)
-    return {"checkpoint": str(src.resolve()), "layers": [layers, L], "vocab": [vocab, V],
-            "kept_token_ids": None if kept is None else kept.tolist(), "stored_dtype": sorted(stored), "dtype": dtype or "as stored"}
+    return {
+        "checkpoint": str(src.resolve()),
+        "layers": [layers, L],
+        "vocab": [vocab, V],
+        "kept_token_ids": None if kept is None else kept.tolist(),
+        "stored_dtype": sorted(stored),
+        "dtype": dtype or "as stored",
+    }
 
 
-def batch(checkpoint: Path, text: Path | None, token_ids: Path | None, batch_size: int | None, seq_len: int, V: int,
-          seed: int) -> dict[str, np.ndarray]:
+def batch(
+    checkpoint: Path, text: Path | None, token_ids: Path | None, batch_size: int | None, seq_len: int, V: int, seed: int
+) -> dict[str, np.ndarray]:
     """B rows of `seq_len` tokens: the first records of `text` through the checkpoint's own tokenizer, or
     given token ids (a JSON list of lists, or .npy); right-padded, with provenance from the records or seeded."""
     from mlx_parity.reference.data import make_batch, read_jsonl, tokenizer_for
@@ -151,8 +172,11 @@ def batch(checkpoint: Path, text: Path | None, token_ids: Path | None, batch_siz
         if text.suffix == ".jsonl":
             rows = read_jsonl(text)
         else:
-            rows = [{"text": line, "auth_weight": float(rng.uniform(0, 0.99)), "prov_entropy": float(rng.uniform(0, 3))}
-                    for line in text.read_text().splitlines() if line.strip()]
+            rows = [
+                {"text": line, "auth_weight": float(rng.uniform(0, 0.99)), "prov_entropy": float(rng.uniform(0, 3))}
+                for line in text.read_text().splitlines()
+                if line.strip()
+            ]
         batch_size = batch_size or min(DEFAULT_BATCH, len(rows))
         if len(rows) < batch_size:
             raise FixtureError(f"{text}: {len(rows)} records, fewer than --batch-size {batch_size}")
@@ -170,7 +194,10 @@ def batch(checkpoint: Path, text: Path | None, token_ids: Path | None, batch_siz
         rows = rows[:batch_size]
         if len(rows) < batch_size:
             raise FixtureError(f"{token_ids}: {len(rows)} rows, fewer than --batch-size {batch_size}")
-        b = {"input_ids": np.zeros((batch_size, seq_len), np.int32), "attention_mask": np.zeros((batch_size, seq_len), np.int32)}
+        b = {
+            "input_ids": np.zeros((batch_size, seq_len), np.int32),
+            "attention_mask": np.zeros((batch_size, seq_len), np.int32),
+        }
         for i, r in enumerate(rows):
             r = r[:seq_len]
             b["input_ids"][i, : len(r)], b["attention_mask"][i, : len(r)] = r, 1
@@ -178,7 +205,9 @@ def batch(checkpoint: Path, text: Path | None, token_ids: Path | None, batch_siz
         b["prov_entropy"] = rng.uniform(0.0, 3.0, batch_size).astype(np.float32)
     real = b["input_ids"][b["attention_mask"].astype(bool)]
     if real.size and (real.max() >= V or real.min() < 0):
-        raise FixtureError(f"token id {int(real.max() if real.max() >= V else real.min())} is outside the vocabulary of {V}")
+        raise FixtureError(
+            f"token id {int(real.max() if real.max() >= V else real.min())} is outside the vocabulary of {V}"
+        )
     if (b["attention_mask"].sum(axis=1) < 2).any():
         raise FixtureError("every row needs at least 2 tokens (one next-token target)")
     return b
@@ -207,21 +236,52 @@ def settings_for(path: Path | None, layers: int) -> dict:
 def add_to_manifest(root: Path, name: str, source: dict) -> None:
     """The folder's own manifest: this fixture's files by sha256, beside any fixtures already listed."""
     path = root / MANIFEST
-    manifest = json.loads(path.read_text()) if path.exists() else {
-        "format": "mlx-parity-fixtures/2", "versions": versions(), "platform": platform_key(),
-        "tolerances": {f"{dtype}/{stage}": t.describe() for (dtype, stage), t in TOLERANCES.items()}, "fixtures": {}}
+    manifest = (
+        json.loads(path.read_text())
+        if path.exists()
+        else {
+            "format": "mlx-parity-fixtures/2",
+            "versions": versions(),
+            "platform": platform_key(),
+            "tolerances": {f"{dtype}/{stage}": t.describe() for (dtype, stage), t in TOLERANCES.items()},
+            "fixtures": {},
+        }
+    )
     if manifest.get("platform") != platform_key():
-        raise FixtureError(f"{path} was written on {manifest.get('platform')}, this is {platform_key()}: use another --fixtures-dir")
-    manifest["fixtures"][name] = {"seed": source["seed"], "exposes": [], "source": source, "files": fixture_files(root / name)}
+        raise FixtureError(
+            f"{path} was written on {manifest.get('platform')}, this is {platform_key()}: use another --fixtures-dir"
+        )
+    manifest["fixtures"][name] = {
+        "seed": source["seed"],
+        "exposes": [],
+        "source": source,
+        "files": fixture_files(root / name),
+    }
     tmp = path.with_name(MANIFEST + ".partial")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
 
 
-def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None, vocab: int | None = None,
-           text: Path | None = None, token_ids: Path | None = None, settings: Path | None = None, batch_size: int | None = None,
-           seq_len: int = 32, dtype: str | None = None, seed: int = 0, force: bool = False, progress=None,
-           require_agreement: bool = True, link: bool = False, live: bool = False) -> Path:
+def create(
+    name: str,
+    checkpoint: Path,
+    root: Path,
+    *,
+    layers: int | None = None,
+    vocab: int | None = None,
+    text: Path | None = None,
+    token_ids: Path | None = None,
+    settings: Path | None = None,
+    batch_size: int | None = None,
+    seq_len: int = 32,
+    dtype: str | None = None,
+    seed: int = 0,
+    force: bool = False,
+    progress=None,
+    require_agreement: bool = True,
+    link: bool = False,
+    live: bool = False,
+) -> Path:
     """Build the fixture in a staging folder and move it into `root` only once every framework agreed (with
     `require_agreement`; without, the margins are only recorded and the folder's manifest is left alone).
     `link`: the cut weights stay out of the fixture, which records the source and their hashes instead.
@@ -251,8 +311,16 @@ def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None
         source = slice_checkpoint(checkpoint, cut, layers, kept, dtype, share_uncut=live)
         if link:
             staging.mkdir()
-            cut = write_link(staging, cut, {"source": source["checkpoint"], "layers": source["layers"][0],
-                                      "kept_token_ids": source["kept_token_ids"], "dtype": dtype})
+            cut = write_link(
+                staging,
+                cut,
+                {
+                    "source": source["checkpoint"],
+                    "layers": source["layers"][0],
+                    "kept_token_ids": source["kept_token_ids"],
+                    "dtype": dtype,
+                },
+            )
         source |= {"seed": seed, "batch_size": int(b["input_ids"].shape[0]), "seq_len": seq_len}
         kept_layers, kept_vocab = source["layers"][0], source["vocab"][0]
         save_tensors(renumber(b, kept), str(staging / "batch.safetensors"))
@@ -260,11 +328,23 @@ def create(name: str, checkpoint: Path, root: Path, *, layers: int | None = None
         (staging / "settings.json").write_text(json.dumps(s, indent=2, sort_keys=True) + "\n")
         if s["trainable"] == "lora":
             cfg = json.loads((cut / "config.json").read_text())
-            save_tensors(lora_adapters(cfg, s["lora"], np.random.default_rng([seed, 2])), str(staging / "lora_init.safetensors"))
-        (staging / "case.json").write_text(json.dumps({
-            "name": name, "seed": seed, "exposes": [], "source": source,
-            "description": f"from {Path(checkpoint).name}: the first {kept_layers} of {source['layers'][1]} layers, "
-                           f"{kept_vocab} of {source['vocab'][1]} tokens, {source['dtype']}"}, indent=2) + "\n")
+            save_tensors(
+                lora_adapters(cfg, s["lora"], np.random.default_rng([seed, 2])), str(staging / "lora_init.safetensors")
+            )
+        (staging / "case.json").write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "seed": seed,
+                    "exposes": [],
+                    "source": source,
+                    "description": f"from {Path(checkpoint).name}: the first {kept_layers} of {source['layers'][1]} layers, "
+                    f"{kept_vocab} of {source['vocab'][1]} tokens, {source['dtype']}",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         # Stored goldens are reproducible on any CPU of this platform, as the bundled ones; live ones are used
         # once, on this CPU, and computed with its fast BLAS (the reference BLAS takes minutes on a 135M model).
         with nullcontext() if live else reference_blas():
@@ -285,6 +365,15 @@ def live_case(checkpoint: Path, *, text: Path | None = None, token_ids: Path | N
     Transformers' forward is measured against the float64 truth and said, not required; the audit then
     judges the backends asked for, the twin included."""
     with tempfile.TemporaryDirectory(prefix="parity-live-") as tmp:
-        path = create("live", checkpoint, Path(tmp), text=text, token_ids=token_ids, progress=progress,
-                      require_agreement=False, live=True, **options)
+        path = create(
+            "live",
+            checkpoint,
+            Path(tmp),
+            text=text,
+            token_ids=token_ids,
+            progress=progress,
+            require_agreement=False,
+            live=True,
+            **options,
+        )
         yield Case(path)

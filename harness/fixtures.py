@@ -12,13 +12,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from .protocol.tensors import save_tensors
 
 from . import pieces
 from .audit import audit
 from .case import FIXTURES_DIR, Case
 from .fixture_specs import SPECS, FixtureSpec
 from .oracle import check_forward
+from .protocol.tensors import save_tensors
 from .stages import ISOLATED_STAGES, PREFIX, STAGES, release
 from .tolerances import TOLERANCES
 
@@ -37,8 +37,14 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "mlx": mx.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__, "safetensors": safetensors.__version__}
+    return {
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "safetensors": safetensors.__version__,
+    }
 
 
 def sha256(path: Path) -> str:
@@ -88,7 +94,8 @@ def build_inputs(spec: FixtureSpec, out: Path) -> None:
         cfg["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
         f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if spec.rotary_buffer:
-        from safetensors.torch import load_file, save_file as save_torch
+        from safetensors.torch import load_file
+        from safetensors.torch import save_file as save_torch
 
         f = out / "checkpoint" / "model.safetensors"
         tensors = load_file(str(f))
@@ -101,11 +108,14 @@ def build_inputs(spec: FixtureSpec, out: Path) -> None:
     mask = np.ones((B, T), np.int32)
     for row, pad in enumerate(spec.pad[:B]):
         if pad:
-            mask[row, T - pad:] = 0
-            ids[row, T - pad:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask,
-             "auth_weight": rng.uniform(0.0, 0.99, B).astype(np.float32),
-             "prov_entropy": rng.uniform(0.0, 3.0, B).astype(np.float32)}
+            mask[row, T - pad :] = 0
+            ids[row, T - pad :] = 0
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "auth_weight": rng.uniform(0.0, 0.99, B).astype(np.float32),
+        "prov_entropy": rng.uniform(0.0, 3.0, B).astype(np.float32),
+    }
     save_tensors(batch, str(out / "batch.safetensors"))
     settings = spec.settings_dict()
     (out / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
@@ -116,15 +126,21 @@ def build_inputs(spec: FixtureSpec, out: Path) -> None:
 def lora_adapters(cfg: dict, lora: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Initial adapters with B != 0 (loaded mid-training), so both adapter matrices have gradients."""
     hd, L = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"], cfg["num_hidden_layers"]
-    dims = {"q_proj": (cfg["hidden_size"], cfg["num_attention_heads"] * hd),
-            "k_proj": (cfg["hidden_size"], cfg["num_key_value_heads"] * hd),
-            "v_proj": (cfg["hidden_size"], cfg["num_key_value_heads"] * hd),
-            "o_proj": (cfg["num_attention_heads"] * hd, cfg["hidden_size"])}
+    dims = {
+        "q_proj": (cfg["hidden_size"], cfg["num_attention_heads"] * hd),
+        "k_proj": (cfg["hidden_size"], cfg["num_key_value_heads"] * hd),
+        "v_proj": (cfg["hidden_size"], cfg["num_key_value_heads"] * hd),
+        "o_proj": (cfg["num_attention_heads"] * hd, cfg["hidden_size"]),
+    }
     adapters = {}
     for i in range(L - lora["layers"], L):
         for proj, (d_in, d_out) in dims.items():
-            adapters[f"model.layers.{i}.self_attn.{proj}.lora_a"] = rng.uniform(-d_in**-0.5, d_in**-0.5, (d_in, lora["rank"])).astype(np.float32)
-            adapters[f"model.layers.{i}.self_attn.{proj}.lora_b"] = rng.normal(0.0, 0.02, (lora["rank"], d_out)).astype(np.float32)
+            adapters[f"model.layers.{i}.self_attn.{proj}.lora_a"] = rng.uniform(
+                -(d_in**-0.5), d_in**-0.5, (d_in, lora["rank"])
+            ).astype(np.float32)
+            adapters[f"model.layers.{i}.self_attn.{proj}.lora_b"] = rng.normal(0.0, 0.02, (lora["rank"], d_out)).astype(
+                np.float32
+            )
     return adapters
 
 
@@ -140,9 +156,13 @@ def base_forward(case: Case) -> tuple[dict[str, np.ndarray], dict[str, np.ndarra
     from .torch_twin import TwinTrainer
 
     def named(logits, hidden):
-        return {"forward.logits": np.asarray(logits)} | {f"forward.hidden.{i}": np.asarray(h) for i, h in enumerate(hidden)}
+        return {"forward.logits": np.asarray(logits)} | {
+            f"forward.hidden.{i}": np.asarray(h) for i, h in enumerate(hidden)
+        }
 
-    plain = TrainSettings(trainable="head", precision=case.settings.precision)  # a forward: nothing else held in float64
+    plain = TrainSettings(
+        trainable="head", precision=case.settings.precision
+    )  # a forward: nothing else held in float64
     trainer, _ = Trainer.from_pretrained(case.checkpoint, plain)
     reference = named(*MLXSession(trainer, {}).forward(case.batch["input_ids"]))
     twin, _ = TwinTrainer.from_pretrained(case.checkpoint, plain, dtype=torch.float64)
@@ -163,7 +183,12 @@ def build_fixture(spec: FixtureSpec, out: Path) -> dict:
 def _build_fixture(spec: FixtureSpec, out: Path) -> dict:
     out.mkdir(parents=True)
     build_inputs(spec, out)
-    (out / "case.json").write_text(json.dumps({"name": spec.name, "description": spec.description, "exposes": spec.exposes, "seed": spec.seed}, indent=2) + "\n")
+    (out / "case.json").write_text(
+        json.dumps(
+            {"name": spec.name, "description": spec.description, "exposes": spec.exposes, "seed": spec.seed}, indent=2
+        )
+        + "\n"
+    )
     return build_goldens(Case(out))
 
 
@@ -192,8 +217,14 @@ def build_goldens(case: Case, require_agreement: bool = True, progress=None, aud
     save_tensors(golden, str(out / "golden.safetensors"))
     isolated = MLXBackend().run(Case(out), ISOLATED_STAGES)  # on the goldens just written
     self_check = isolated.get("isolated_forward")
-    if self_check and not self_check.error and any(not np.array_equal(v, golden[k]) for k, v in self_check.tensors.items()):
-        raise FixtureError(f"{name}: the reference's pieces from its own values differ from its chain (not deterministic)")
+    if (
+        self_check
+        and not self_check.error
+        and any(not np.array_equal(v, golden[k]) for k, v in self_check.tensors.items())
+    ):
+        raise FixtureError(
+            f"{name}: the reference's pieces from its own values differ from its chain (not deterministic)"
+        )
     errors = {s: o.error or o.unsupported for s, o in isolated.items() if o.error or o.unsupported}
     if errors:
         raise FixtureError(f"{name}: the MLX reference failed the isolated checks: {errors}")
@@ -207,7 +238,9 @@ def build_goldens(case: Case, require_agreement: bool = True, progress=None, aud
     release(case)
 
     agreement = {}
-    for backend in (MLXBackend(), TorchBackend()) if audit_backends else ():  # the reference must also pass its own checks
+    for backend in (
+        (MLXBackend(), TorchBackend()) if audit_backends else ()
+    ):  # the reference must also pass its own checks
         say(f"agreement: {backend.name}")
         result = audit(backend, Case(out))
         if result.verdict != "pass" and require_agreement:
@@ -217,16 +250,30 @@ def build_goldens(case: Case, require_agreement: bool = True, progress=None, aud
     say("agreement: transformers")
     reference, truth = base_forward(case)
     release(case)
-    hf = check_forward(case.checkpoint, case.batch["input_ids"], case.batch["attention_mask"], reference, truth, case.settings.precision)
+    hf = check_forward(
+        case.checkpoint,
+        case.batch["input_ids"],
+        case.batch["attention_mask"],
+        reference,
+        truth,
+        case.settings.precision,
+    )
     release(case)
     bad = [r for r in hf if not r.passed]
     if bad and require_agreement:
-        raise FixtureError(f"{name}: transformers disagrees with the float64 truth of the forward pass: {bad[0].describe()}")
+        raise FixtureError(
+            f"{name}: transformers disagrees with the float64 truth of the forward pass: {bad[0].describe()}"
+        )
     agreement["transformers"] = {"forward": round(max(r.ratio for r in hf), 4)}
-    say(f"transformers' forward against the float64 truth: margin {agreement['transformers']['forward']:.2f}"
-        + ("" if not bad else f" (past the bound: {bad[0].describe()})"))
-    info = {"margins": agreement, "platform": platform_key(),
-            "note": "largest error / bound per stage when these goldens were built; measured noise, never compared bit for bit"}
+    say(
+        f"transformers' forward against the float64 truth: margin {agreement['transformers']['forward']:.2f}"
+        + ("" if not bad else f" (past the bound: {bad[0].describe()})")
+    )
+    info = {
+        "margins": agreement,
+        "platform": platform_key(),
+        "note": "largest error / bound per stage when these goldens were built; measured noise, never compared bit for bit",
+    }
     (out / AGREEMENT).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -260,9 +307,14 @@ def write_manifest(root: Path) -> None:
 
 
 def _tensor_changes(a: dict, b: dict) -> list[tuple[str, float]]:
-    changed = [(k, float(np.abs(a[k].astype(np.float64) - b[k]).max())) for k in sorted(set(a) & set(b))
-               if a[k].shape == b[k].shape and not np.array_equal(a[k], b[k])]
-    return changed + [(k, float("inf")) for k in sorted(set(a) ^ set(b) | {k for k in set(a) & set(b) if a[k].shape != b[k].shape})]
+    changed = [
+        (k, float(np.abs(a[k].astype(np.float64) - b[k]).max()))
+        for k in sorted(set(a) & set(b))
+        if a[k].shape == b[k].shape and not np.array_equal(a[k], b[k])
+    ]
+    return changed + [
+        (k, float("inf")) for k in sorted(set(a) ^ set(b) | {k for k in set(a) & set(b) if a[k].shape != b[k].shape})
+    ]
 
 
 def _judged_changes(old: Path, new: Path) -> list[str]:
@@ -281,11 +333,15 @@ def _judged_changes(old: Path, new: Path) -> list[str]:
             lines.append(f"  ~ golden.safetensors: regenerated {stage} outside the bound: {r.message}")
     for stage, prefix in by_stage.items():
         exact = {k: v for k, v in stored.golden.items() if k.startswith(prefix)}  # integers: not the truth's to judge
-        shifted = StageOutput(exact | {k.removeprefix("truth."): v for k, v in fresh.truth.items() if k.startswith("truth." + prefix)})
+        shifted = StageOutput(
+            exact | {k.removeprefix("truth."): v for k, v in fresh.truth.items() if k.startswith("truth." + prefix)}
+        )
         r = judge(stage, shifted, stored)
         worst = max((t.ratio for t in r.tensors if not t.problem), default=0.0)
         if worst > 0.01 or r.failures:
-            lines.append(f"  ~ {TRUTH_FILE}: the regenerated truth of {stage} moved by {worst:.3g} of the bound (at most 0.01)")
+            lines.append(
+                f"  ~ {TRUTH_FILE}: the regenerated truth of {stage} moved by {worst:.3g} of the bound (at most 0.01)"
+            )
     old_s = {k: v for k, v in stored.truth.items() if k.startswith("sens.")}
     new_s = {k: v for k, v in fresh.truth.items() if k.startswith("sens.")}
     if set(old_s) != set(new_s):
@@ -327,7 +383,9 @@ def diff_fixture(old: Path, new: Path, same_platform: bool = True) -> list[str]:
     return lines
 
 
-def generate(root: Path = FIXTURES_DIR, names: list[str] | None = None, force: bool = False, progress=None) -> list[str]:
+def generate(
+    root: Path = FIXTURES_DIR, names: list[str] | None = None, force: bool = False, progress=None
+) -> list[str]:
     """Build fixtures in a staging copy of `root` and swap the whole set, manifest included, in at once
     (a run killed half way leaves `root` as it was). Changed goldens replace old ones only with `force`."""
     specs = [s for s in SPECS if not names or s.name in names]
@@ -369,7 +427,9 @@ def generate(root: Path = FIXTURES_DIR, names: list[str] | None = None, force: b
             os.replace(root, old)
         os.replace(staging, root)
     if refused:
-        raise FixtureError("existing goldens differ and were kept (use --force to replace them):\n" + "\n".join(refused))
+        raise FixtureError(
+            "existing goldens differ and were kept (use --force to replace them):\n" + "\n".join(refused)
+        )
     return messages
 
 
@@ -419,7 +479,10 @@ def verify(root: Path = FIXTURES_DIR, regenerate: bool = True, progress=None) ->
                     problems.append(f"{name}: in the manifest but no spec builds it")
                     continue
                 build_fixture(specs[name], Path(tmp) / name)
-                problems += [f"{name}: regeneration differs:{c}" for c in diff_fixture(root / name, Path(tmp) / name, same_platform)]
+                problems += [
+                    f"{name}: regeneration differs:{c}"
+                    for c in diff_fixture(root / name, Path(tmp) / name, same_platform)
+                ]
                 if progress:
                     progress(name)
     return problems

@@ -49,7 +49,12 @@ def _cached(tensors: dict[str, str]) -> Path:
 def write_link(fixture: Path, cut: Path, recipe: dict) -> Path:
     """Record the recipe and the cut's hashes in the fixture, and move the cut into the cache (not into the
     fixture); returns where it now is."""
-    link = {"format": FORMAT, **recipe, "config": json.loads((cut / "config.json").read_text()), "tensors": tensor_hashes(cut)}
+    link = {
+        "format": FORMAT,
+        **recipe,
+        "config": json.loads((cut / "config.json").read_text()),
+        "tensors": tensor_hashes(cut),
+    }
     (fixture / LINK_FILE).write_text(json.dumps(link, indent=2, sort_keys=True) + "\n")
     cached = _cached(link["tensors"])
     if cached.exists():
@@ -72,13 +77,20 @@ def resolve(fixture: Path) -> Path:
     if not cut.exists():
         source = Path(link["source"])
         if not (source / "config.json").exists():
-            raise LinkError(f"{fixture.name} cuts its weights from {source}, which is not there (or has no config.json): "
-                            f"put the checkpoint back, or edit \"source\" in {fixture / LINK_FILE}")
+            raise LinkError(
+                f"{fixture.name} cuts its weights from {source}, which is not there (or has no config.json): "
+                f'put the checkpoint back, or edit "source" in {fixture / LINK_FILE}'
+            )
         cut.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{cut.name}-", dir=cut.parent) as tmp:
             kept = link["kept_token_ids"]
-            slice_checkpoint(source, Path(tmp) / "cut", link["layers"], None if kept is None else np.asarray(kept, np.int64),
-                             link["dtype"])
+            slice_checkpoint(
+                source,
+                Path(tmp) / "cut",
+                link["layers"],
+                None if kept is None else np.asarray(kept, np.int64),
+                link["dtype"],
+            )
             os.replace(Path(tmp) / "cut", cut)
     hashes = tensor_hashes(cut)
     changed = sorted(k for k, h in hashes.items() if link["tensors"].get(k) != h)
@@ -87,7 +99,9 @@ def resolve(fixture: Path) -> Path:
         changed.insert(0, "config.json")
     if changed or missing:
         shutil.rmtree(cut, ignore_errors=True)  # a stale or tampered cut is made again next time
-        raise LinkError(f"{fixture.name}: the cut of {link['source']} is not the one the fixture was built on "
-                        f"({len(changed)} tensors differ, {len(missing)} absent, e.g. {(changed or missing)[0]}): "
-                        f"the source checkpoint changed; create the fixture again")
+        raise LinkError(
+            f"{fixture.name}: the cut of {link['source']} is not the one the fixture was built on "
+            f"({len(changed)} tensors differ, {len(missing)} absent, e.g. {(changed or missing)[0]}): "
+            f"the source checkpoint changed; create the fixture again"
+        )
     return cut

@@ -8,9 +8,9 @@ key prefix, bias correction, eps, tied embeddings, padding) and others real port
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -101,7 +101,11 @@ class CoupledWeightDecay(Trainer):
 
     def __init__(self, model, settings, lora_init=None):
         wd = settings.optimizer.weight_decay
-        super().__init__(model, dataclasses.replace(settings, optimizer=dataclasses.replace(settings.optimizer, weight_decay=0.0)), lora_init)
+        super().__init__(
+            model,
+            dataclasses.replace(settings, optimizer=dataclasses.replace(settings.optimizer, weight_decay=0.0)),
+            lora_init,
+        )
         self.settings, self._wd = settings, wd
 
     def apply(self, grads):
@@ -145,8 +149,12 @@ class _OptimizerBugs(Trainer):
         mixins = tuple(sorted(mixins, key=lambda m: not getattr(m, "wraps", False)))  # those that call super() first
         o = settings.optimizer
         self.optimizer = type("AdamWWithBugs", mixins + (optim.AdamW,), {})(
-            learning_rate=make_schedule(o, settings.schedule), betas=list(o.betas), eps=o.eps,
-            weight_decay=o.weight_decay, bias_correction=o.bias_correction)
+            learning_rate=make_schedule(o, settings.schedule),
+            betas=list(o.betas),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            bias_correction=o.bias_correction,
+        )
 
 
 class EpsInsideSqrt(_OptimizerBugs):
@@ -207,10 +215,14 @@ class _AntiCausal(Attention):
 
 def _attention_class(cls):
     """Swap each layer's attention for `cls`, on top of any attention bug already injected."""
+
     def hook(model) -> None:
         for layer in model.model.layers:
             now = type(layer.self_attn)
-            layer.self_attn.__class__ = cls if now is Attention else type(f"{cls.__name__}{now.__name__}", (cls, now), {})
+            layer.self_attn.__class__ = (
+                cls if now is Attention else type(f"{cls.__name__}{now.__name__}", (cls, now), {})
+            )
+
     return hook
 
 
@@ -311,83 +323,315 @@ def _opt(**changes):
     return lambda s: dataclasses.replace(s, optimizer=dataclasses.replace(s.optimizer, **changes))
 
 
-MUTANTS = {m.name: m for m in [
-    Mutant("weights_not_loaded", "weights never loaded: random initialisation kept silently", "weight_mapping",
-           ("gqa_padded", "mha_sharded", "bf16_full"), "weights_not_loaded", loader=load_nothing, origin="seed #1, DESIGN 1"),
-    Mutant("key_prefix", "parameter names looked up with a `model.` prefix, so lm_head never maps", "weight_mapping",
-           ("gqa_padded", "head"), "key_mapping", loader=load_with_prefix, origin="seed, DESIGN 5"),
-    Mutant("tied_embeddings_ignored", "tie_word_embeddings ignored: a separate, random lm_head", "weight_mapping",
-           ("tied", "qwen3"), "tied_embeddings_ignored", config=lambda c: dataclasses.replace(c, tie_word_embeddings=False),
-           loader=load_silently, origin="DESIGN 8"),
-    Mutant("rmsnorm_eps_hardcoded", "RMSNorm eps hard-coded to MLX's 1e-5 instead of the config's value", "forward",
-           ("small_eps_bias", "gqa_single"), "rmsnorm_eps", config=lambda c: dataclasses.replace(c, rms_norm_eps=1e-5), origin="DESIGN 7"),
-    Mutant("gqa_tiled_heads", "grouped-query kv heads tiled instead of repeated", "forward", ("gqa_padded", "gqa_single", "bf16_checkpoint", "bf16_lora"),
-           "gqa_head_mapping", model_hook=_attention_class(_TiledAttention)),
-    Mutant("rope_traditional", "RoPE on interleaved pairs (traditional) instead of rotated halves", "forward", ("gqa_padded", "bf16_full"),
-           "rope_pairing", model_hook=traditional_rope),
-    Mutant("rope_scaling_ignored", "the config's RoPE scaling (Llama 3's llama3 type) ignored: plain rope_theta frequencies",
-           "forward", ("llama3_rope",), "rope_scaling", config=lambda c: dataclasses.replace(c, rope_type="default", rope_scaling=())),
-    Mutant("rope_offset", "RoPE rotates position t as t + 1: invisible end to end (q·kᵀ depends on the difference of positions), "
-           "a break of the protocol's contract that only the forward's pieces show", "isolated_forward", ("gqa_padded", "gqa_single", "bf16_lora"), "rope_position",
-           model_hook=rope_offset_one),
-    Mutant("gate_up_swapped_keys", "gate_proj and up_proj load each other's checkpoint tensors", "weight_mapping",
-           ("gqa_padded", "head"), "key_mapping", loader=load_swapped),
-    Mutant("attention_scale_wrong", "attention logits scaled by 1/head_dim instead of 1/sqrt(head_dim)", "forward",
-           ("gqa_padded", "mha_sharded"), "attention_scale", model_hook=_attention_class(_ScaleOverD)),
-    Mutant("causal_mask_flipped", "the causal mask points the wrong way: each token attends to the ones after it", "forward",
-           ("gqa_padded", "tied", "bf16_lora"), "causal_mask", model_hook=_attention_class(_AntiCausal), origin="the seed's port (audited)"),
-    Mutant("mlp_gelu", "the MLP uses GELU where the config's hidden_act is SiLU", "forward", ("gqa_padded", "head", "bf16_lora"),
-           "mlp_activation", model_hook=gelu_mlp),
-    Mutant("qk_norm_ignored", "Qwen3's q_norm and k_norm never applied: read as Qwen2 and their checkpoint tensors skipped",
-           "weight_mapping", ("qwen3",), "checkpoint_tensors_unused", config=lambda c: dataclasses.replace(c, qk_norm=False), loader=load_silently),
-    Mutant("attention_bias_ignored", "the checkpoint's q/k/v/o biases never applied (config.attention_bias ignored)", "forward",
-           ("small_eps_bias",), "bias_missing", model_hook=attention_bias_unused),
-    Mutant("lora_scale_ignored", "LoRA scale ignored (1 instead of the configured 2)", "forward", ("lora", "bf16_lora"), "lora_scale",
-           settings=lambda s: dataclasses.replace(s, lora=dataclasses.replace(s.lora, scale=1.0))),
-    Mutant("rope_theta_hardcoded", "RoPE base hard-coded to 10000 instead of the config's rope_theta (or read only where one "
-           "transformers version writes it)", "forward", ("mha_sharded", "tied", "gqa_single", "qwen3"), "rope_base",
-           config=lambda c: dataclasses.replace(c, rope_theta=10000.0)),
-    Mutant("distrust_alpha_default", "distrust alpha hard-coded to the default 2.7", "loss", ("lora",), "distrust_alpha",
-           settings=lambda s: dataclasses.replace(s, loss=dataclasses.replace(s.loss, alpha=2.7))),
-    Mutant("distrust_lambda_one", "distrust weight lambda hard-coded to 1", "loss", ("lora", "head"), "distrust_lambda",
-           settings=lambda s: dataclasses.replace(s, loss=dataclasses.replace(s.loss, lam=1.0))),
-    Mutant("no_shift", "slices not shifted: each position predicts its own token", "shifted_slices", ("gqa_padded",),
-           "labels_not_shifted", trainer=NoShift, unshifted_targets=True, origin="seed #2, DESIGN 2"),
-    Mutant("padding_counted", "padding tokens counted in the cross-entropy", "loss", ("gqa_padded", "bf16_lora"), "padding_counted",
-           trainer=PaddingCounted, origin="DESIGN 9"),
-    Mutant("trains_head_only", "only lm_head and the final norm train where the reference trains everything (the seed's port)",
-           "gradients", ("gqa_padded",), "trainable_set_mismatch", settings=lambda s: dataclasses.replace(s, trainable="head")),
-    Mutant("forward_only", "forward pass only: no gradients, no update", "gradients", ("gqa_padded", "head"), "no_gradients",
-           trainer=ForwardOnly, origin="seed #3, DESIGN 3"),
-    Mutant("silent_fallback", "gradients computed, then the loss returned without an update", "optimizer", ("gqa_padded", "bf16_full"),
-           "no_update", trainer=SilentFallback, origin="seed's fallback, DESIGN 3"),
-    Mutant("optimizer_disconnected", "optimizer state advances but parameters never change", "optimizer",
-           ("gqa_padded", "lora", "bf16_lora", "bf16_full"), "optimizer_not_connected", trainer=OptimizerDisconnected, origin="seed #4, DESIGN 4"),
-    Mutant("bias_correction_flipped", "AdamW bias correction on where the reference has it off, or off where on", "optimizer",
-           ("gqa_padded", "mha_sharded", "bf16_lora"), "bias_correction",
-           settings=lambda s: _opt(bias_correction=not s.optimizer.bias_correction)(s), origin="DESIGN 6"),
-    Mutant("adam_eps_mismatch", "AdamW eps 1e-7 instead of 1e-8", "optimizer", ("gqa_padded",), "adam_eps", settings=_opt(eps=1e-7)),
-    Mutant("adam_eps_inside_sqrt", "AdamW's eps under the square root: m̂/sqrt(v̂ + eps)", "optimizer", ("gqa_padded",),
-           "adam_eps_placement", trainer=EpsInsideSqrt),
-    Mutant("clipping_per_tensor", "each gradient tensor clipped on its own instead of the global norm", "optimizer",
-           ("clip_accum_warmup",), "clipping_per_tensor", trainer=ClippingPerTensor),
-    Mutant("weight_decay_missing", "weight decay not applied", "optimizer", ("small_eps_bias", "bf16_lora"), "weight_decay_missing",
-           settings=_opt(weight_decay=0.0)),
-    Mutant("weight_decay_coupled", "weight decay added to the gradient (Adam + L2) instead of decoupled", "optimizer",
-           ("small_eps_bias", "bf16_full"), "weight_decay_coupled", trainer=CoupledWeightDecay),
-    Mutant("schedule_off_by_one", "learning-rate schedule read one step late (first update uses lr(1))", "optimizer",
-           ("clip_accum_warmup",), "schedule_off_by_one", trainer=ScheduleOffByOne),
-    Mutant("clipping_missing", "global-norm clipping not applied", "optimizer", ("clip_accum_warmup", "bf16_full"), "clipping_missing",
-           trainer=ClippingMissing),
-    Mutant("accumulation_sum", "accumulated gradients summed, not averaged", "optimizer", ("accum_head",), "accumulation_scaling",
-           trainer=AccumulationSum),
-    Mutant("bias_correction_frozen", "bias correction computed for t = 1 at every step", "trajectory", ("gqa_padded", "bf16_lora"),
-           "bias_correction_step", trainer=BiasCorrectionFrozen),
-    Mutant("float32_where_bfloat16", "float32 parameters and forward where the settings train in bfloat16", "weight_mapping",
-           ("bf16_full",), "precision_mismatch", settings=lambda s: dataclasses.replace(s, precision="float32")),
-    Mutant("resume_loses_optimizer_state", "a resumed run starts with fresh AdamW moments and step", "checkpoint",
-           ("gqa_padded", "trajectory_long", "bf16_full"), "resume_state_lost", reset_optimizer_on_resume=True),
-]}
+MUTANTS = {
+    m.name: m
+    for m in [
+        Mutant(
+            "weights_not_loaded",
+            "weights never loaded: random initialisation kept silently",
+            "weight_mapping",
+            ("gqa_padded", "mha_sharded", "bf16_full"),
+            "weights_not_loaded",
+            loader=load_nothing,
+            origin="seed #1, DESIGN 1",
+        ),
+        Mutant(
+            "key_prefix",
+            "parameter names looked up with a `model.` prefix, so lm_head never maps",
+            "weight_mapping",
+            ("gqa_padded", "head"),
+            "key_mapping",
+            loader=load_with_prefix,
+            origin="seed, DESIGN 5",
+        ),
+        Mutant(
+            "tied_embeddings_ignored",
+            "tie_word_embeddings ignored: a separate, random lm_head",
+            "weight_mapping",
+            ("tied", "qwen3"),
+            "tied_embeddings_ignored",
+            config=lambda c: dataclasses.replace(c, tie_word_embeddings=False),
+            loader=load_silently,
+            origin="DESIGN 8",
+        ),
+        Mutant(
+            "rmsnorm_eps_hardcoded",
+            "RMSNorm eps hard-coded to MLX's 1e-5 instead of the config's value",
+            "forward",
+            ("small_eps_bias", "gqa_single"),
+            "rmsnorm_eps",
+            config=lambda c: dataclasses.replace(c, rms_norm_eps=1e-5),
+            origin="DESIGN 7",
+        ),
+        Mutant(
+            "gqa_tiled_heads",
+            "grouped-query kv heads tiled instead of repeated",
+            "forward",
+            ("gqa_padded", "gqa_single", "bf16_checkpoint", "bf16_lora"),
+            "gqa_head_mapping",
+            model_hook=_attention_class(_TiledAttention),
+        ),
+        Mutant(
+            "rope_traditional",
+            "RoPE on interleaved pairs (traditional) instead of rotated halves",
+            "forward",
+            ("gqa_padded", "bf16_full"),
+            "rope_pairing",
+            model_hook=traditional_rope,
+        ),
+        Mutant(
+            "rope_scaling_ignored",
+            "the config's RoPE scaling (Llama 3's llama3 type) ignored: plain rope_theta frequencies",
+            "forward",
+            ("llama3_rope",),
+            "rope_scaling",
+            config=lambda c: dataclasses.replace(c, rope_type="default", rope_scaling=()),
+        ),
+        Mutant(
+            "rope_offset",
+            "RoPE rotates position t as t + 1: invisible end to end (q·kᵀ depends on the difference of positions), "
+            "a break of the protocol's contract that only the forward's pieces show",
+            "isolated_forward",
+            ("gqa_padded", "gqa_single", "bf16_lora"),
+            "rope_position",
+            model_hook=rope_offset_one,
+        ),
+        Mutant(
+            "gate_up_swapped_keys",
+            "gate_proj and up_proj load each other's checkpoint tensors",
+            "weight_mapping",
+            ("gqa_padded", "head"),
+            "key_mapping",
+            loader=load_swapped,
+        ),
+        Mutant(
+            "attention_scale_wrong",
+            "attention logits scaled by 1/head_dim instead of 1/sqrt(head_dim)",
+            "forward",
+            ("gqa_padded", "mha_sharded"),
+            "attention_scale",
+            model_hook=_attention_class(_ScaleOverD),
+        ),
+        Mutant(
+            "causal_mask_flipped",
+            "the causal mask points the wrong way: each token attends to the ones after it",
+            "forward",
+            ("gqa_padded", "tied", "bf16_lora"),
+            "causal_mask",
+            model_hook=_attention_class(_AntiCausal),
+            origin="the seed's port (audited)",
+        ),
+        Mutant(
+            "mlp_gelu",
+            "the MLP uses GELU where the config's hidden_act is SiLU",
+            "forward",
+            ("gqa_padded", "head", "bf16_lora"),
+            "mlp_activation",
+            model_hook=gelu_mlp,
+        ),
+        Mutant(
+            "qk_norm_ignored",
+            "Qwen3's q_norm and k_norm never applied: read as Qwen2 and their checkpoint tensors skipped",
+            "weight_mapping",
+            ("qwen3",),
+            "checkpoint_tensors_unused",
+            config=lambda c: dataclasses.replace(c, qk_norm=False),
+            loader=load_silently,
+        ),
+        Mutant(
+            "attention_bias_ignored",
+            "the checkpoint's q/k/v/o biases never applied (config.attention_bias ignored)",
+            "forward",
+            ("small_eps_bias",),
+            "bias_missing",
+            model_hook=attention_bias_unused,
+        ),
+        Mutant(
+            "lora_scale_ignored",
+            "LoRA scale ignored (1 instead of the configured 2)",
+            "forward",
+            ("lora", "bf16_lora"),
+            "lora_scale",
+            settings=lambda s: dataclasses.replace(s, lora=dataclasses.replace(s.lora, scale=1.0)),
+        ),
+        Mutant(
+            "rope_theta_hardcoded",
+            "RoPE base hard-coded to 10000 instead of the config's rope_theta (or read only where one "
+            "transformers version writes it)",
+            "forward",
+            ("mha_sharded", "tied", "gqa_single", "qwen3"),
+            "rope_base",
+            config=lambda c: dataclasses.replace(c, rope_theta=10000.0),
+        ),
+        Mutant(
+            "distrust_alpha_default",
+            "distrust alpha hard-coded to the default 2.7",
+            "loss",
+            ("lora",),
+            "distrust_alpha",
+            settings=lambda s: dataclasses.replace(s, loss=dataclasses.replace(s.loss, alpha=2.7)),
+        ),
+        Mutant(
+            "distrust_lambda_one",
+            "distrust weight lambda hard-coded to 1",
+            "loss",
+            ("lora", "head"),
+            "distrust_lambda",
+            settings=lambda s: dataclasses.replace(s, loss=dataclasses.replace(s.loss, lam=1.0)),
+        ),
+        Mutant(
+            "no_shift",
+            "slices not shifted: each position predicts its own token",
+            "shifted_slices",
+            ("gqa_padded",),
+            "labels_not_shifted",
+            trainer=NoShift,
+            unshifted_targets=True,
+            origin="seed #2, DESIGN 2",
+        ),
+        Mutant(
+            "padding_counted",
+            "padding tokens counted in the cross-entropy",
+            "loss",
+            ("gqa_padded", "bf16_lora"),
+            "padding_counted",
+            trainer=PaddingCounted,
+            origin="DESIGN 9",
+        ),
+        Mutant(
+            "trains_head_only",
+            "only lm_head and the final norm train where the reference trains everything (the seed's port)",
+            "gradients",
+            ("gqa_padded",),
+            "trainable_set_mismatch",
+            settings=lambda s: dataclasses.replace(s, trainable="head"),
+        ),
+        Mutant(
+            "forward_only",
+            "forward pass only: no gradients, no update",
+            "gradients",
+            ("gqa_padded", "head"),
+            "no_gradients",
+            trainer=ForwardOnly,
+            origin="seed #3, DESIGN 3",
+        ),
+        Mutant(
+            "silent_fallback",
+            "gradients computed, then the loss returned without an update",
+            "optimizer",
+            ("gqa_padded", "bf16_full"),
+            "no_update",
+            trainer=SilentFallback,
+            origin="seed's fallback, DESIGN 3",
+        ),
+        Mutant(
+            "optimizer_disconnected",
+            "optimizer state advances but parameters never change",
+            "optimizer",
+            ("gqa_padded", "lora", "bf16_lora", "bf16_full"),
+            "optimizer_not_connected",
+            trainer=OptimizerDisconnected,
+            origin="seed #4, DESIGN 4",
+        ),
+        Mutant(
+            "bias_correction_flipped",
+            "AdamW bias correction on where the reference has it off, or off where on",
+            "optimizer",
+            ("gqa_padded", "mha_sharded", "bf16_lora"),
+            "bias_correction",
+            settings=lambda s: _opt(bias_correction=not s.optimizer.bias_correction)(s),
+            origin="DESIGN 6",
+        ),
+        Mutant(
+            "adam_eps_mismatch",
+            "AdamW eps 1e-7 instead of 1e-8",
+            "optimizer",
+            ("gqa_padded",),
+            "adam_eps",
+            settings=_opt(eps=1e-7),
+        ),
+        Mutant(
+            "adam_eps_inside_sqrt",
+            "AdamW's eps under the square root: m̂/sqrt(v̂ + eps)",
+            "optimizer",
+            ("gqa_padded",),
+            "adam_eps_placement",
+            trainer=EpsInsideSqrt,
+        ),
+        Mutant(
+            "clipping_per_tensor",
+            "each gradient tensor clipped on its own instead of the global norm",
+            "optimizer",
+            ("clip_accum_warmup",),
+            "clipping_per_tensor",
+            trainer=ClippingPerTensor,
+        ),
+        Mutant(
+            "weight_decay_missing",
+            "weight decay not applied",
+            "optimizer",
+            ("small_eps_bias", "bf16_lora"),
+            "weight_decay_missing",
+            settings=_opt(weight_decay=0.0),
+        ),
+        Mutant(
+            "weight_decay_coupled",
+            "weight decay added to the gradient (Adam + L2) instead of decoupled",
+            "optimizer",
+            ("small_eps_bias", "bf16_full"),
+            "weight_decay_coupled",
+            trainer=CoupledWeightDecay,
+        ),
+        Mutant(
+            "schedule_off_by_one",
+            "learning-rate schedule read one step late (first update uses lr(1))",
+            "optimizer",
+            ("clip_accum_warmup",),
+            "schedule_off_by_one",
+            trainer=ScheduleOffByOne,
+        ),
+        Mutant(
+            "clipping_missing",
+            "global-norm clipping not applied",
+            "optimizer",
+            ("clip_accum_warmup", "bf16_full"),
+            "clipping_missing",
+            trainer=ClippingMissing,
+        ),
+        Mutant(
+            "accumulation_sum",
+            "accumulated gradients summed, not averaged",
+            "optimizer",
+            ("accum_head",),
+            "accumulation_scaling",
+            trainer=AccumulationSum,
+        ),
+        Mutant(
+            "bias_correction_frozen",
+            "bias correction computed for t = 1 at every step",
+            "trajectory",
+            ("gqa_padded", "bf16_lora"),
+            "bias_correction_step",
+            trainer=BiasCorrectionFrozen,
+        ),
+        Mutant(
+            "float32_where_bfloat16",
+            "float32 parameters and forward where the settings train in bfloat16",
+            "weight_mapping",
+            ("bf16_full",),
+            "precision_mismatch",
+            settings=lambda s: dataclasses.replace(s, precision="float32"),
+        ),
+        Mutant(
+            "resume_loses_optimizer_state",
+            "a resumed run starts with fresh AdamW moments and step",
+            "checkpoint",
+            ("gqa_padded", "trajectory_long", "bf16_full"),
+            "resume_state_lost",
+            reset_optimizer_on_resume=True,
+        ),
+    ]
+}
 
 
 def combine(names: tuple[str, ...]) -> Mutant:
@@ -408,6 +652,7 @@ def combine(names: tuple[str, ...]) -> Mutant:
             for f in fns:
                 x = f(x)
             return x
+
         return run
 
     def hooks(model):
@@ -415,11 +660,20 @@ def combine(names: tuple[str, ...]) -> Mutant:
             if m.model_hook:
                 m.model_hook(model)
 
-    return Mutant("+".join(names), "; ".join(m.description for m in ms), ms[0].expected_stage, (), ms[0].expected_diagnosis,
-                  trainer=type("Combined", trainers, {}) if len(trainers) > 1 else (trainers[0] if trainers else Trainer),
-                  config=chain([m.config for m in ms]), settings=chain([m.settings for m in ms]), loader=loaders[0] if loaders else None,
-                  model_hook=hooks if any(m.model_hook for m in ms) else None, unshifted_targets=any(m.unshifted_targets for m in ms),
-                  reset_optimizer_on_resume=any(m.reset_optimizer_on_resume for m in ms))
+    return Mutant(
+        "+".join(names),
+        "; ".join(m.description for m in ms),
+        ms[0].expected_stage,
+        (),
+        ms[0].expected_diagnosis,
+        trainer=type("Combined", trainers, {}) if len(trainers) > 1 else (trainers[0] if trainers else Trainer),
+        config=chain([m.config for m in ms]),
+        settings=chain([m.settings for m in ms]),
+        loader=loaders[0] if loaders else None,
+        model_hook=hooks if any(m.model_hook for m in ms) else None,
+        unshifted_targets=any(m.unshifted_targets for m in ms),
+        reset_optimizer_on_resume=any(m.reset_optimizer_on_resume for m in ms),
+    )
 
 
 class _UnshiftedSession(MLXSession):
@@ -451,7 +705,9 @@ class MutantBackend(MLXBackend):
         return self._session(m.trainer(model, settings, lora), report.to_dict())
 
     def resume(self, case, path: Path):
-        trainer = self.mutant.trainer.load_checkpoint(path)  # the mutant's own __init__ (its optimizer), the saved state
+        trainer = self.mutant.trainer.load_checkpoint(
+            path
+        )  # the mutant's own __init__ (its optimizer), the saved state
         if self.mutant.model_hook:  # the saved config carries a mutated config; a hooked module is rebuilt plain
             self.mutant.model_hook(trainer.model)
         if self.mutant.reset_optimizer_on_resume:  # a fresh trainer around the loaded model: new moments and step

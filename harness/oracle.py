@@ -20,7 +20,9 @@ def transformers_forward(checkpoint: Path, input_ids: np.ndarray, precision: str
 
     logging.disable_progress_bar()
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager", dtype=getattr(torch, precision))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(checkpoint), attn_implementation="eager", dtype=getattr(torch, precision)
+    )
     model.eval()
     with torch.no_grad():
         out = model(torch.as_tensor(np.asarray(input_ids, dtype=np.int64)), output_hidden_states=True)
@@ -30,12 +32,20 @@ def transformers_forward(checkpoint: Path, input_ids: np.ndarray, precision: str
     return result
 
 
-def check_forward(checkpoint: Path, input_ids: np.ndarray, mask: np.ndarray, reference: dict[str, np.ndarray],
-                  truth: dict[str, np.ndarray], precision: str = "float32") -> list[TensorResult]:
+def check_forward(
+    checkpoint: Path,
+    input_ids: np.ndarray,
+    mask: np.ndarray,
+    reference: dict[str, np.ndarray],
+    truth: dict[str, np.ndarray],
+    precision: str = "float32",
+) -> list[TensorResult]:
     """Judge transformers' forward pass as a port: against the float64 truth, at the forward stage's
     bound set by the reference's own error in `precision`, at real (unpadded) tokens."""
     tol = tolerance("forward", precision)
     m = mask.astype(bool)[..., None]
     rms = stage_rms((reference[k], truth[k], m) for k in reference)
-    return [compare(name, value, reference[name], tol, truth=truth[name], stage_rms=rms, mask=m)
-            for name, value in transformers_forward(checkpoint, input_ids, precision).items()]
+    return [
+        compare(name, value, reference[name], tol, truth=truth[name], stage_rms=rms, mask=m)
+        for name, value in transformers_forward(checkpoint, input_ids, precision).items()
+    ]

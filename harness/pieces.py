@@ -12,14 +12,42 @@ from __future__ import annotations
 
 import numpy as np
 
-LAYER_PIECES = ("input_norm", "q", "k", "v", "q_rope", "k_rope", "scores", "probs", "attn", "o_proj",
-                "post_norm", "gate", "up", "act", "down", "output")
+LAYER_PIECES = (
+    "input_norm",
+    "q",
+    "k",
+    "v",
+    "q_rope",
+    "k_rope",
+    "scores",
+    "probs",
+    "attn",
+    "o_proj",
+    "post_norm",
+    "gate",
+    "up",
+    "act",
+    "down",
+    "output",
+)
 # What each layer piece is computed from ("input" is the residual entering the layer).
 CONSUMES = {
-    "input_norm": ("input",), "q": ("input_norm",), "k": ("input_norm",), "v": ("input_norm",),
-    "q_rope": ("q",), "k_rope": ("k",), "scores": ("q_rope", "k_rope"), "probs": ("scores",),
-    "attn": ("probs", "v"), "o_proj": ("attn",), "post_norm": ("input", "o_proj"), "gate": ("post_norm",),
-    "up": ("post_norm",), "act": ("gate", "up"), "down": ("act",), "output": ("input",),
+    "input_norm": ("input",),
+    "q": ("input_norm",),
+    "k": ("input_norm",),
+    "v": ("input_norm",),
+    "q_rope": ("q",),
+    "k_rope": ("k",),
+    "scores": ("q_rope", "k_rope"),
+    "probs": ("scores",),
+    "attn": ("probs", "v"),
+    "o_proj": ("attn",),
+    "post_norm": ("input", "o_proj"),
+    "gate": ("post_norm",),
+    "up": ("post_norm",),
+    "act": ("gate", "up"),
+    "down": ("act",),
+    "output": ("input",),
 }
 PER_HEAD = {"q", "k", "v", "q_rope", "k_rope"}
 PER_PAIR = {"scores", "probs"}
@@ -28,7 +56,9 @@ PREFIX = "isolated.forward."
 
 def names(num_layers: int) -> list[str]:
     """Every piece, in the order the forward pass computes them."""
-    return ["embed"] + [f"layer.{i}.{p}" for i in range(num_layers) for p in LAYER_PIECES] + ["head.norm", "head.logits"]
+    return (
+        ["embed"] + [f"layer.{i}.{p}" for i in range(num_layers) for p in LAYER_PIECES] + ["head.norm", "head.logits"]
+    )
 
 
 def num_layers(golden: dict) -> int:
@@ -62,10 +92,18 @@ def real_tokens(name: str, attention_mask: np.ndarray) -> np.ndarray:
     return m[..., None]
 
 
-_MODULES = {"input_norm": ("input_layernorm",), "q": ("self_attn.q_proj", "self_attn.q_norm"),
-            "k": ("self_attn.k_proj", "self_attn.k_norm"), "v": ("self_attn.v_proj",),
-            "o_proj": ("self_attn.o_proj",), "post_norm": ("post_attention_layernorm",), "gate": ("mlp.gate_proj",),
-            "up": ("mlp.up_proj",), "down": ("mlp.down_proj",), "output": ("",)}
+_MODULES = {
+    "input_norm": ("input_layernorm",),
+    "q": ("self_attn.q_proj", "self_attn.q_norm"),
+    "k": ("self_attn.k_proj", "self_attn.k_norm"),
+    "v": ("self_attn.v_proj",),
+    "o_proj": ("self_attn.o_proj",),
+    "post_norm": ("post_attention_layernorm",),
+    "gate": ("mlp.gate_proj",),
+    "up": ("mlp.up_proj",),
+    "down": ("mlp.down_proj",),
+    "output": ("",),
+}
 
 
 def parameters(name: str) -> list[str]:
@@ -73,5 +111,8 @@ def parameters(name: str) -> list[str]:
     piece, layer = piece_of(name), layer_of(name)
     if layer is not None:
         return [f"model.layers.{layer}." + m for m in _MODULES.get(piece, ())]
-    return {"embed": ["model.embed_tokens."], "head.norm": ["model.norm."],
-            "head.logits": ["model.embed_tokens.", "lm_head."]}.get(piece, [])  # a port may tie or not, whatever the config says
+    return {
+        "embed": ["model.embed_tokens."],
+        "head.norm": ["model.norm."],
+        "head.logits": ["model.embed_tokens.", "lm_head."],
+    }.get(piece, [])  # a port may tie or not, whatever the config says

@@ -22,14 +22,20 @@ from __future__ import annotations
 
 import pytest
 
-NO_BACKEND = "no backend to audit: pass --parity-backend (mlx, torch, mlx-rs, mutant:NAME or \"cmd:<command line>\")"
+NO_BACKEND = 'no backend to audit: pass --parity-backend (mlx, torch, mlx-rs, mutant:NAME or "cmd:<command line>")'
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("parity", "mlx-parity audits")
-    group.addoption("--parity-backend", action="append", default=None,
-                    help="backend to audit (repeatable, required): mlx, torch, mlx-rs, mutant:NAME, \"cmd:<command line>\"")
-    group.addoption("--parity-fixture", action="append", default=None, help="fixture name (repeatable; default: all bundled)")
+    group.addoption(
+        "--parity-backend",
+        action="append",
+        default=None,
+        help='backend to audit (repeatable, required): mlx, torch, mlx-rs, mutant:NAME, "cmd:<command line>"',
+    )
+    group.addoption(
+        "--parity-fixture", action="append", default=None, help="fixture name (repeatable; default: all bundled)"
+    )
     group.addoption("--parity-fixtures-dir", default=None, help="folder of fixtures (default: the bundled ones)")
     group.addoption("--parity-timeout", type=float, default=300.0, help="seconds per stage for cmd: backends")
 
@@ -106,7 +112,9 @@ class StageCheck:
 
         if self.backend is None:
             raise ParityAuditFailed(NO_BACKEND)
-        result = _audit_once(self.config, self.backend, find_case(self.fixture, _root(self.config.getoption("--parity-fixtures-dir"))))
+        result = _audit_once(
+            self.config, self.backend, find_case(self.fixture, _root(self.config.getoption("--parity-fixtures-dir")))
+        )
         stage = next(s for s in result.stages if s.name == self.stage)
         if stage.status != "pass":
             raise ParityAuditFailed(explain_stage(result, stage))
@@ -124,7 +132,9 @@ def pytest_generate_tests(metafunc):
     if not backends:
         metafunc.parametrize("parity_stage", [(None, None, None)], ids=["no-backend"], indirect=True)
         return
-    names = config.getoption("--parity-fixture") or [c.name for c in list_cases(_root(config.getoption("--parity-fixtures-dir")))]
+    names = config.getoption("--parity-fixture") or [
+        c.name for c in list_cases(_root(config.getoption("--parity-fixtures-dir")))
+    ]
     params = [(b, f, s) for b in backends for f in names for s in STAGES]
     metafunc.parametrize("parity_stage", params, ids=[f"{b}-{f}-{s}" for b, f, s in params], indirect=True)
 
@@ -138,11 +148,19 @@ def parity_stage(request) -> StageCheck:
 def explain_stage(result, st) -> str:
     from mlx_parity.harness.report import format_evidence
 
-    lines = [f"{result.backend} on {result.fixture}: stage {st.name} {'fails' if st.status == 'fail' else 'was skipped'}"]
+    lines = [
+        f"{result.backend} on {result.fixture}: stage {st.name} {'fails' if st.status == 'fail' else 'was skipped'}"
+    ]
     w = st.worst()
     if w is not None:
-        lines.append(f"  tensor {w.name}: " + (w.problem or f"max abs error {w.max_abs:.3g} at {w.where}, margin {w.ratio:.3g}, "
-                                                            f"{w.mismatched}/{w.total} elements past the bound ({w.tolerance})"))
+        lines.append(
+            f"  tensor {w.name}: "
+            + (
+                w.problem
+                or f"max abs error {w.max_abs:.3g} at {w.where}, margin {w.ratio:.3g}, "
+                f"{w.mismatched}/{w.total} elements past the bound ({w.tolerance})"
+            )
+        )
     else:
         lines.append(f"  {st.message}")
     if st.diagnosis:
@@ -157,7 +175,11 @@ def explain(result) -> str:
     found, inherited = result.findings()
     if not found:
         st = result.first_failure()
-        return explain_stage(result, st) if st else f"{result.backend} on {result.fixture}: skipped ({result.stages[0].message})"
+        return (
+            explain_stage(result, st)
+            if st
+            else f"{result.backend} on {result.fixture}: skipped ({result.stages[0].message})"
+        )
     by_name = {s.name: s for s in result.stages}
     text = "\n".join(explain_stage(result, by_name[f.stage]) for f in found)
     if inherited:

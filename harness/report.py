@@ -11,13 +11,28 @@ from .stages import ALL_STAGES
 
 JSON_SCHEMA_VERSION = 2  # 2: errors are measured against the float64 truth; "margin" per stage
 STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow", "not checked": "yellow"}
-SHORT = {"weight_mapping": "weights", "forward": "forward", "shifted_slices": "shift", "loss": "loss",
-         "gradients": "grads", "optimizer": "optim", "trajectory": "traject", "checkpoint": "ckpt",
-         "isolated_forward": "iso fwd", "isolated_loss": "iso loss", "isolated_optimizer": "iso optim", "isolated_schedule": "iso sched"}
+SHORT = {
+    "weight_mapping": "weights",
+    "forward": "forward",
+    "shifted_slices": "shift",
+    "loss": "loss",
+    "gradients": "grads",
+    "optimizer": "optim",
+    "trajectory": "traject",
+    "checkpoint": "ckpt",
+    "isolated_forward": "iso fwd",
+    "isolated_loss": "iso loss",
+    "isolated_optimizer": "iso optim",
+    "isolated_schedule": "iso sched",
+}
 
 
 def results_json(results: list[AuditResult]) -> dict:
-    return {"schema_version": JSON_SCHEMA_VERSION, "stages": list(ALL_STAGES), "results": [r.to_dict() for r in results]}
+    return {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "stages": list(ALL_STAGES),
+        "results": [r.to_dict() for r in results],
+    }
 
 
 def format_evidence(evidence: dict, limit: int = 400) -> str:
@@ -43,11 +58,20 @@ def print_results(console: Console, results: list[AuditResult], verbose: bool = 
         table.add_column(SHORT.get(s, s), justify="center")
     table.add_column("verdict")
     for r in results:
-        cells = [f"[{STYLE[s.status]}]{s.status}[/]" + (f" {s.margin:.2f}" if s.status != "skip" and not s.message.startswith(("the port", "timed out")) and s.tensors else "")
-                 for s in r.stages]
+        cells = [
+            f"[{STYLE[s.status]}]{s.status}[/]"
+            + (
+                f" {s.margin:.2f}"
+                if s.status != "skip" and not s.message.startswith(("the port", "timed out")) and s.tensors
+                else ""
+            )
+            for s in r.stages
+        ]
         table.add_row(escape(r.fixture), escape(r.backend), *cells, f"[{STYLE[r.verdict]}]{r.verdict}[/]")
     console.print(table)
-    console.print("each cell: status and margin, the largest error / bound of the stage (at most 1 passes)", highlight=False)
+    console.print(
+        "each cell: status and margin, the largest error / bound of the stage (at most 1 passes)", highlight=False
+    )
     unchecked: dict[str, set] = {}
     for r in results:
         by_name = {s.name: s for s in r.stages}
@@ -56,11 +80,17 @@ def print_results(console: Console, results: list[AuditResult], verbose: bool = 
                 unchecked.setdefault(f"{r.backend}: {s.name} ({s.message})", set()).add(r.fixture)
         skipped = [s for s in r.stages if s.status == "skip"]
         if skipped:
-            console.print(f"[yellow]skip[/] {escape(r.backend)} on {escape(r.fixture)}: {escape(skipped[0].message)}", highlight=False)
+            console.print(
+                f"[yellow]skip[/] {escape(r.backend)} on {escape(r.fixture)}: {escape(skipped[0].message)}",
+                highlight=False,
+            )
         found, inherited = r.findings()
         for f in found:  # the distinct findings; what follows from them is named, not repeated
             s = by_name[f.stage]
-            console.print(f"[bold red]fail[/] {escape(r.backend)} on {escape(r.fixture)}, stage {s.name}: {escape(s.message)}", highlight=False)
+            console.print(
+                f"[bold red]fail[/] {escape(r.backend)} on {escape(r.fixture)}, stage {s.name}: {escape(s.message)}",
+                highlight=False,
+            )
             console.print(f"    [bold]diagnosis[/] ({escape(f.code)}): {escape(f.summary)}", highlight=False)
             if f.evidence:
                 console.print(f"    evidence: {escape(format_evidence(f.evidence))}", highlight=False)
@@ -68,7 +98,9 @@ def print_results(console: Console, results: list[AuditResult], verbose: bool = 
         for i in inherited:
             origins.setdefault(tuple(i.from_stages), []).append(i.stage)
         for origin, followers in origins.items():
-            console.print(f"    inherited: {', '.join(followers)} fail as a consequence of {', '.join(origin)}", highlight=False)
+            console.print(
+                f"    inherited: {', '.join(followers)} fail as a consequence of {', '.join(origin)}", highlight=False
+            )
         if verbose:
             for s in r.stages:
                 for t in s.failures:

@@ -45,7 +45,10 @@ def plots(result: AuditResult) -> list[tuple[str, bytes]]:
     by = {s.name: s for s in result.stages}
     fwd = by.get("forward")
     if fwd and fwd.tensors:
-        layers = sorted((t for t in fwd.tensors if t.name.startswith("forward.hidden.")), key=lambda t: int(t.name.rsplit(".", 1)[1]))
+        layers = sorted(
+            (t for t in fwd.tensors if t.name.startswith("forward.hidden.")),
+            key=lambda t: int(t.name.rsplit(".", 1)[1]),
+        )
         layers += [t for t in fwd.tensors if t.name == "forward.logits"]
         fig, ax = plt.subplots(figsize=(6, 3))
         xs = [t.name.removeprefix("forward.").replace("hidden.", "layer ") for t in layers]
@@ -54,14 +57,26 @@ def plots(result: AuditResult) -> list[tuple[str, bytes]]:
         ax.axhline(1.0, color="black", lw=1, ls="--")
         ax.set_ylabel("error / tolerance bound")
         ax.set_title(f"{result.backend} on {result.fixture}: error along the forward pass", fontsize=10)
-        out.append(("Error per layer along the forward pass (first point above the line: first divergent layer)", _figure_png(fig)))
-    for stage, caption in (("gradients", "Error per parameter: gradients"), ("optimizer", "Error per tensor after one update (Δθ, m, v)")):
+        out.append(
+            (
+                "Error per layer along the forward pass (first point above the line: first divergent layer)",
+                _figure_png(fig),
+            )
+        )
+    for stage, caption in (
+        ("gradients", "Error per parameter: gradients"),
+        ("optimizer", "Error per tensor after one update (Δθ, m, v)"),
+    ):
         st = by.get(stage)
         if st and st.tensors and st.status == "fail":
             tensors = sorted(st.tensors, key=lambda t: -t.ratio)[:30]
             fig, ax = plt.subplots(figsize=(7, 0.22 * len(tensors) + 1.2))
-            _bar(ax, [t.name.split(".", 1)[1] for t in tensors], [t.ratio if not t.problem else 1e3 for t in tensors],
-                 f"{result.backend} on {result.fixture}: {stage}")
+            _bar(
+                ax,
+                [t.name.split(".", 1)[1] for t in tensors],
+                [t.ratio if not t.problem else 1e3 for t in tensors],
+                f"{result.backend} on {result.fixture}: {stage}",
+            )
             out.append((caption + " (worst 30; an absent tensor is drawn at 1000)", _figure_png(fig)))
     traj = by.get("trajectory")
     if traj and traj.series and traj.status == "fail":
@@ -124,8 +139,14 @@ def write_report(path: Path, results: list[AuditResult]) -> None:
 
 def render_markdown(results: list[AuditResult], files: Path, base: Path) -> str:
     header, rows = _table_rows(results)
-    lines = ["# parity audit", "", f"Machine: {_machine()}. {sum(r.verdict == 'pass' for r in results)}/{len(results)} audits passed.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        "# parity audit",
+        "",
+        f"Machine: {_machine()}. {sum(r.verdict == 'pass' for r in results)}/{len(results)} audits passed.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     failures = _failed(results)
     if failures:
@@ -133,8 +154,13 @@ def render_markdown(results: list[AuditResult], files: Path, base: Path) -> str:
     for i, (r, found, inherited) in enumerate(failures):
         lines += ["", f"## {r.backend} on {r.fixture}: {len(found)} finding(s)"]
         for st, f in found:
-            lines += ["", f"### `{st.name}`: {f.code} (isolated to `{f.piece}`)", "", f"- {st.message}",
-                      f"- **Diagnosis** (`{f.code}`): {f.summary}"]
+            lines += [
+                "",
+                f"### `{st.name}`: {f.code} (isolated to `{f.piece}`)",
+                "",
+                f"- {st.message}",
+                f"- **Diagnosis** (`{f.code}`): {f.summary}",
+            ]
             if f.evidence:
                 lines += [f"- Evidence: {format_evidence(f.evidence, 800)}"]
             lines += [f"- Tolerance: {st.tolerance}"]
@@ -151,27 +177,36 @@ def render_html(results: list[AuditResult]) -> str:
     header, rows = _table_rows(results)
     colour = {"pass": "#1e8449", "fail": "#c0392b", "skip": "#b7950b"}
     cell = lambda v: f'<td style="color:{colour.get(v, "inherit")}">{html.escape(v)}</td>'  # noqa: E731
-    parts = ["<!doctype html><meta charset='utf-8'><title>parity audit</title>",
-             "<style>body{font:14px system-ui,sans-serif;max-width:1100px;margin:2em auto}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
-             "code{background:#f4f4f4}</style>",
-             "<h1>parity audit</h1>", f"<p>Machine: {html.escape(_machine())}. {sum(r.verdict == 'pass' for r in results)}/{len(results)} audits passed.</p>",
-             "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>parity audit</title>",
+        "<style>body{font:14px system-ui,sans-serif;max-width:1100px;margin:2em auto}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
+        "code{background:#f4f4f4}</style>",
+        "<h1>parity audit</h1>",
+        f"<p>Machine: {html.escape(_machine())}. {sum(r.verdict == 'pass' for r in results)}/{len(results)} audits passed.</p>",
+        "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>",
+    ]
     parts += ["<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows]
     parts.append("</table>")
     for r, found, inherited in _failed(results):
         parts.append(f"<h2>{html.escape(r.backend)} on {html.escape(r.fixture)}: {len(found)} finding(s)</h2>")
         for st, f in found:
-            parts.append(f"<h3><code>{st.name}</code>: {html.escape(f.code)} (isolated to <code>{html.escape(f.piece)}</code>)</h3>")
+            parts.append(
+                f"<h3><code>{st.name}</code>: {html.escape(f.code)} (isolated to <code>{html.escape(f.piece)}</code>)</h3>"
+            )
             parts.append(f"<p>{html.escape(st.message)}</p>")
             parts.append(f"<p><b>Diagnosis</b> (<code>{html.escape(f.code)}</code>): {html.escape(f.summary)}</p>")
             if f.evidence:
                 parts.append(f"<p>Evidence: {html.escape(format_evidence(f.evidence, 800))}</p>")
             parts.append(f"<p>Tolerance: {html.escape(st.tolerance)}</p>")
         if inherited:
-            parts.append(f"<p>Inherited failures (they follow from the findings above): {html.escape(_inherited_text(inherited))}.</p>")
+            parts.append(
+                f"<p>Inherited failures (they follow from the findings above): {html.escape(_inherited_text(inherited))}.</p>"
+            )
         for caption, png in plots(r):
             data = base64.b64encode(png).decode()
-            parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+            parts.append(
+                f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
     return "\n".join(parts) + "\n"
 
 

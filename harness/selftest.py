@@ -31,17 +31,59 @@ COMBINATIONS = [
     ("clip_accum_warmup", ("clipping_per_tensor", "adam_eps_inside_sqrt", "bias_correction_frozen")),
     ("head", ("distrust_lambda_one", "mlp_gelu", "forward_only")),
     ("head", ("gate_up_swapped_keys", "rope_offset", "distrust_lambda_one")),
-    ("gqa_padded", ("attention_scale_wrong", "causal_mask_flipped", "rope_traditional", "gqa_tiled_heads", "mlp_gelu", "adam_eps_mismatch")),
+    (
+        "gqa_padded",
+        (
+            "attention_scale_wrong",
+            "causal_mask_flipped",
+            "rope_traditional",
+            "gqa_tiled_heads",
+            "mlp_gelu",
+            "adam_eps_mismatch",
+        ),
+    ),
 ]
 # DESIGN.md's list ("Porting bugs the harness must catch and name"), number -> mutant.
-DESIGN_BUGS = {1: "weights_not_loaded", 2: "no_shift", 3: "forward_only", 4: "optimizer_disconnected", 5: "key_prefix",
-               6: "bias_correction_flipped", 7: "rmsnorm_eps_hardcoded", 8: "tied_embeddings_ignored", 9: "padding_counted"}
+DESIGN_BUGS = {
+    1: "weights_not_loaded",
+    2: "no_shift",
+    3: "forward_only",
+    4: "optimizer_disconnected",
+    5: "key_prefix",
+    6: "bias_correction_flipped",
+    7: "rmsnorm_eps_hardcoded",
+    8: "tied_embeddings_ignored",
+    9: "padding_counted",
+}
 # All of them in one port, as far as one port can hold them: 1, 5 and 8 each replace the loader, and a
 # disconnected optimizer (4) leaves no update whose bias correction (6) could show, so they split in three.
 DESIGN_TOGETHER = [
-    ("small_eps_bias", ("weights_not_loaded", "no_shift", "padding_counted", "forward_only", "optimizer_disconnected", "rmsnorm_eps_hardcoded")),
-    ("small_eps_bias", ("key_prefix", "no_shift", "padding_counted", "forward_only", "bias_correction_flipped", "rmsnorm_eps_hardcoded")),
-    ("tied", ("tied_embeddings_ignored", "no_shift", "padding_counted", "optimizer_disconnected", "rope_theta_hardcoded")),
+    (
+        "small_eps_bias",
+        (
+            "weights_not_loaded",
+            "no_shift",
+            "padding_counted",
+            "forward_only",
+            "optimizer_disconnected",
+            "rmsnorm_eps_hardcoded",
+        ),
+    ),
+    (
+        "small_eps_bias",
+        (
+            "key_prefix",
+            "no_shift",
+            "padding_counted",
+            "forward_only",
+            "bias_correction_flipped",
+            "rmsnorm_eps_hardcoded",
+        ),
+    ),
+    (
+        "tied",
+        ("tied_embeddings_ignored", "no_shift", "padding_counted", "optimizer_disconnected", "rope_theta_hardcoded"),
+    ),
 ]
 
 
@@ -67,26 +109,45 @@ class MutantRun:
         return self.named
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "fixture": self.fixture, "via": self.via, "expected_stage": self.expected_stage,
-                "expected_diagnosis": self.expected_diagnosis, "detected_stage": self.detected_stage,
-                "diagnosis": self.diagnosis, "summary": self.summary, "caught": self.caught,
-                "findings": self.findings, "named_as_finding": self.named}
+        return {
+            "name": self.name,
+            "fixture": self.fixture,
+            "via": self.via,
+            "expected_stage": self.expected_stage,
+            "expected_diagnosis": self.expected_diagnosis,
+            "detected_stage": self.detected_stage,
+            "diagnosis": self.diagnosis,
+            "summary": self.summary,
+            "caught": self.caught,
+            "findings": self.findings,
+            "named_as_finding": self.named,
+        }
 
 
 def judge_mutant(result: AuditResult, name: str, via: str, stage: str, diagnosis: str) -> MutantRun:
     first = result.first_failure()
-    return MutantRun(name, result.fixture, via, stage, diagnosis, first.name if first else None,
-                     first.diagnosis.code if first and first.diagnosis else None,
-                     first.diagnosis.summary if first and first.diagnosis else "passed every stage",
-                     [f"{f.stage}:{f.code}" for f in result.findings()[0]])
+    return MutantRun(
+        name,
+        result.fixture,
+        via,
+        stage,
+        diagnosis,
+        first.name if first else None,
+        first.diagnosis.code if first and first.diagnosis else None,
+        first.diagnosis.summary if first and first.diagnosis else "passed every stage",
+        [f"{f.stage}:{f.code}" for f in result.findings()[0]],
+    )
 
 
 def cell(result: AuditResult, diagnosis: str) -> str:
     """named (the cause is a finding), localised (the audit fails, the cause is not named), passed, or
     not applicable (the bug cannot be built for this fixture: every stage is the same error)."""
     found = result.findings()[0]
-    if result.stages and all(s.diagnosis is not None and s.diagnosis.code == "stage_error" for s in result.stages) \
-            and len({s.message for s in result.stages}) == 1:
+    if (
+        result.stages
+        and all(s.diagnosis is not None and s.diagnosis.code == "stage_error" for s in result.stages)
+        and len({s.message for s in result.stages}) == 1
+    ):
         return "not applicable"
     if any(f.code == diagnosis for f in found):
         return "named"
@@ -104,9 +165,16 @@ def matrix(progress=None) -> list[dict]:
             cells[case.name] = cell(audit(backend, case), m.expected_diagnosis)
             if progress:
                 progress(f"matrix {m.name} on {case.name}")
-        rows.append({"mutant": m.name, "expected_diagnosis": m.expected_diagnosis, "exposing_fixtures": list(m.fixtures), "cells": cells,
-                     "named_where_exposed": all(cells.get(f) == "named" for f in m.fixtures),
-                     "exposed_by": sorted(f for f, c in cells.items() if c != "passed")})
+        rows.append(
+            {
+                "mutant": m.name,
+                "expected_diagnosis": m.expected_diagnosis,
+                "exposing_fixtures": list(m.fixtures),
+                "cells": cells,
+                "named_where_exposed": all(cells.get(f) == "named" for f in m.fixtures),
+                "exposed_by": sorted(f for f, c in cells.items() if c != "passed"),
+            }
+        )
     return rows
 
 
@@ -114,9 +182,19 @@ def together(fixture: str, names: tuple[str, ...]) -> dict:
     """Several bugs in one port: which were named, which only localised, which missed."""
     result = audit(MutantBackend(combine(names)), find_case(fixture))
     found = {f.code for f in result.findings()[0]}
-    outcome = {n: "named" if MUTANTS[n].expected_diagnosis in found else ("localised" if result.verdict == "fail" else "missed") for n in names}
-    return {"fixture": fixture, "mutants": list(names), "outcome": outcome, "findings": [f"{f.stage}:{f.code}" for f in result.findings()[0]],
-            "all_named": all(v == "named" for v in outcome.values())}
+    outcome = {
+        n: "named"
+        if MUTANTS[n].expected_diagnosis in found
+        else ("localised" if result.verdict == "fail" else "missed")
+        for n in names
+    }
+    return {
+        "fixture": fixture,
+        "mutants": list(names),
+        "outcome": outcome,
+        "findings": [f"{f.stage}:{f.code}" for f in result.findings()[0]],
+        "all_named": all(v == "named" for v in outcome.values()),
+    }
 
 
 def mutant_backends(protocol: bool) -> list[tuple[object, Backend, str]]:
@@ -137,7 +215,10 @@ def run(protocol: bool = True, progress=None, extra: list | None = None) -> dict
         combos.append(together(fixture, names) | {"design_list": (fixture, names) in DESIGN_TOGETHER})
         say(f"together {'+'.join(names)[:40]} on {fixture}")
     mutants: list[MutantRun] = []
-    jobs = [(m.name, b, via, m.expected_stage, m.expected_diagnosis, m.fixtures[:1]) for m, b, via in mutant_backends(protocol)]
+    jobs = [
+        (m.name, b, via, m.expected_stage, m.expected_diagnosis, m.fixtures[:1])
+        for m, b, via in mutant_backends(protocol)
+    ]
     jobs += extra or []
     for name, backend, via, stage, diag, fixtures in jobs:
         for f in fixtures:
@@ -158,11 +239,22 @@ def run(protocol: bool = True, progress=None, extra: list | None = None) -> dict
         "design_list_alone": design,
         "mutants": [m.to_dict() for m in mutants],
         "false_alarms": len(false_alarms),
-        "false_alarm_details": [{"fixture": r.fixture, "backend": r.backend, "stage": r.first_failure().name,
-                                 "message": r.first_failure().message} for r in false_alarms],
+        "false_alarm_details": [
+            {
+                "fixture": r.fixture,
+                "backend": r.backend,
+                "stage": r.first_failure().name,
+                "message": r.first_failure().message,
+            }
+            for r in false_alarms
+        ],
         "correct_backends": sorted({r.backend for r in correct}),
-        "passed": (all(r["named_where_exposed"] for r in rows) and all(c["all_named"] for c in combos)
-                   and all(m.caught for m in mutants) and not false_alarms),
+        "passed": (
+            all(r["named_where_exposed"] for r in rows)
+            and all(c["all_named"] for c in combos)
+            and all(m.caught for m in mutants)
+            and not false_alarms
+        ),
     }
 
 
@@ -173,7 +265,10 @@ def rust_mutants() -> list:
     out = []
     for via, cls in (("mlx-rs", MlxRsBackend), ("mlx-rs-bin", MlxRsBinaryBackend)):
         if cls().unavailable() is None:
-            out += [(f"{via}:{name}", cls(inject=name), via, stage, diag, fixtures) for name, (stage, diag, fixtures) in RUST_INJECTIONS.items()]
+            out += [
+                (f"{via}:{name}", cls(inject=name), via, stage, diag, fixtures)
+                for name, (stage, diag, fixtures) in RUST_INJECTIONS.items()
+            ]
     return out
 
 

@@ -10,7 +10,6 @@ import ctypes
 import functools
 import gc
 import sys
-
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,18 @@ STAGES = ("weight_mapping", "forward", "shifted_slices", "loss", "gradients", "o
 ISOLATED_STAGES = ("isolated_forward", "isolated_loss", "isolated_optimizer", "isolated_schedule")
 ALL_STAGES = STAGES + ISOLATED_STAGES
 # The names each stage's outputs carry (weight_mapping's and checkpoint's are judged apart).
-PREFIX = {"forward": "forward.", "shifted_slices": "shifted.", "loss": "loss.", "gradients": "grad.", "optimizer": "optimizer.",
-          "trajectory": "trajectory.", "isolated_forward": "isolated.forward.", "isolated_loss": "isolated.loss.",
-          "isolated_optimizer": "isolated.optimizer.", "isolated_schedule": "isolated.schedule."}
+PREFIX = {
+    "forward": "forward.",
+    "shifted_slices": "shifted.",
+    "loss": "loss.",
+    "gradients": "grad.",
+    "optimizer": "optimizer.",
+    "trajectory": "trajectory.",
+    "isolated_forward": "isolated.forward.",
+    "isolated_loss": "isolated.loss.",
+    "isolated_optimizer": "isolated.optimizer.",
+    "isolated_schedule": "isolated.schedule.",
+}
 
 
 class Unsupported(Exception):
@@ -178,7 +186,9 @@ def checkpoint(s: Session, case, factory: SessionFactory) -> StageOutput:
     out["checkpoint.loss"] = np.concatenate([np.asarray(first, dtype=precision), out["checkpoint.loss"]])
     fresh = factory.open(case, strict=False)
     out.update(_run(fresh, case, n, _trainable(fresh), "checkpoint.uninterrupted"))
-    if getattr(factory, "nondeterministic", False):  # a GPU: the uninterrupted run again, its spread is the device's noise
+    if getattr(
+        factory, "nondeterministic", False
+    ):  # a GPU: the uninterrupted run again, its spread is the device's noise
         del fresh
         release(case)
         again = factory.open(case, strict=False)
@@ -202,7 +212,13 @@ def isolated_optimizer(s: Session, case) -> StageOutput:
     """One update (clip, AdamW at step 0) from the reference's own gradients, from a fresh load."""
     names = s.trainable_names()
     before = {k: _f32(v).copy() for k, v in s.parameters(names).items()}
-    s.update_from_gradients({k.removeprefix("grad."): v for k, v in case.golden.items() if k.startswith("grad.") and k.removeprefix("grad.") in names})
+    s.update_from_gradients(
+        {
+            k.removeprefix("grad."): v
+            for k, v in case.golden.items()
+            if k.startswith("grad.") and k.removeprefix("grad.") in names
+        }
+    )
     after, state = s.parameters(names), s.optimizer_state()
     out = {f"isolated.optimizer.delta.{k}": _f32(after[k]) - before[k] for k in before}
     out.update({f"isolated.optimizer.m.{k}": _f32(v) for k, v in state["m"].items()})
@@ -216,7 +232,11 @@ def isolated_schedule(s: Session, case) -> StageOutput:
     the schedule, the bias correction's step and the state carried between updates, on given inputs."""
     names = s.trainable_names()
     before = {k: _f32(v).copy() for k, v in s.parameters(names).items()}
-    grads = {k.removeprefix("grad."): v for k, v in case.golden.items() if k.startswith("grad.") and k.removeprefix("grad.") in names}
+    grads = {
+        k.removeprefix("grad."): v
+        for k, v in case.golden.items()
+        if k.startswith("grad.") and k.removeprefix("grad.") in names
+    }
     for _ in range(case.settings.steps):
         s.update_from_gradients(grads)
     after = s.parameters(names)
@@ -226,8 +246,19 @@ def isolated_schedule(s: Session, case) -> StageOutput:
 
 
 # Stages that leave the session unchanged share one; the others each start from a fresh load.
-READ_ONLY = {"weight_mapping": weight_mapping, "forward": forward, "shifted_slices": shifted_slices, "loss": loss, "gradients": gradients}
-TRAINING = {"optimizer": optimizer, "trajectory": trajectory, "isolated_optimizer": isolated_optimizer, "isolated_schedule": isolated_schedule}
+READ_ONLY = {
+    "weight_mapping": weight_mapping,
+    "forward": forward,
+    "shifted_slices": shifted_slices,
+    "loss": loss,
+    "gradients": gradients,
+}
+TRAINING = {
+    "optimizer": optimizer,
+    "trajectory": trajectory,
+    "isolated_optimizer": isolated_optimizer,
+    "isolated_schedule": isolated_schedule,
+}
 READ_ONLY |= {"isolated_forward": isolated_forward, "isolated_loss": isolated_loss}
 
 

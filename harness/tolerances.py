@@ -46,7 +46,9 @@ class Exact:
     def describe(self) -> str:
         return "exact"
 
-    def bound(self, reference, truth=None, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32") -> np.ndarray:
+    def bound(
+        self, reference, truth=None, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32"
+    ) -> np.ndarray:
         return np.zeros(np.shape(reference))
 
 
@@ -65,7 +67,9 @@ class TruthBound:
     def describe(self) -> str:
         return f"{self.multiple:g}× the reference's {self.dtype} error vs the float64 truth + {self.floor_ulps:g} ulp"
 
-    def bound(self, reference, truth, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32") -> np.ndarray:
+    def bound(
+        self, reference, truth, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32"
+    ) -> np.ndarray:
         r, t = np.asarray(reference, np.float64), np.asarray(truth, np.float64)
         if t.size == 0:
             return np.zeros(t.shape)
@@ -111,36 +115,48 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("float32", "weight_mapping"): EXACT,
     ("float32", "shifted_slices"): EXACT,
     ("float32", "forward"): TruthBound(
-        multiple=4.0, floor_ulps=8.0, stage_floor=True,
+        multiple=4.0,
+        floor_ulps=8.0,
+        stage_floor=True,
         noise="torch twin 0.46, transformers 0.46, MLX (OpenBLAS) and mlx-rs 0.37 of the bound over 10 fixtures; SmolLM2-135M: torch 0.46, transformers 0.35",
         catches="logits scaled by 1 + 2e-6; RMSNorm eps 1e-6 where the config says 1e-5; GQA heads tiled; LoRA scale ignored",
     ),
     ("float32", "loss"): TruthBound(
-        multiple=4.0, floor_ulps=8.0, stage_floor=True,
+        multiple=4.0,
+        floor_ulps=8.0,
+        stage_floor=True,
         noise="torch twin 0.19, MLX (OpenBLAS) and mlx-rs 0.13 of the bound; SmolLM2-135M: torch 0.01",
         catches="any loss part 2e-6 off (relative); one padding token of 56 counted in the cross-entropy",
     ),
-    ("float32", "gradients"): TruthBound(  # 8×: two correct float32 backward passes differ by up to 6.2× the reference's own error
-        multiple=8.0, floor_ulps=8.0, stage_floor=True,
+    (
+        "float32",
+        "gradients",
+    ): TruthBound(  # 8×: two correct float32 backward passes differ by up to 6.2× the reference's own error
+        multiple=8.0,
+        floor_ulps=8.0,
+        stage_floor=True,
         noise="torch twin 0.25, MLX (OpenBLAS) and mlx-rs 0.23 of the bound; SmolLM2-135M (30 layers, LoRA on the last 4): torch 0.02; "
-              "SmolLM2's first 4 layers with LoRA on all of them (`parity fixtures create`): torch 0.78, mlx-rs 0.46, where a 4× bound "
-              "failed the correct twin at 1.56 (4 elements of lora_b's gradient, a real model's ill-conditioned sums)",
+        "SmolLM2's first 4 layers with LoRA on all of them (`parity fixtures create`): torch 0.78, mlx-rs 0.46, where a 4× bound "
+        "failed the correct twin at 1.56 (4 elements of lora_b's gradient, a real model's ill-conditioned sums)",
         catches="any gradient tensor 2e-5 off on 265 of the bundled fixtures' 282 (1e-4 for the analytically zero k_proj bias); "
-                "absent or extra tensors (a trainable-set mismatch)",
+        "absent or extra tensors (a trainable-set mismatch)",
     ),
     ("float32", "optimizer"): TruthBound(
-        multiple=4.0, floor_ulps=8.0,
+        multiple=4.0,
+        floor_ulps=8.0,
         noise="torch twin 0.32, MLX (OpenBLAS) and mlx-rs 0.28 of the bound; SmolLM2-135M: torch 0.22; no outlier quota (ill-conditioned elements carry their sensitivity)",
         catches="learning rate 0.1 % high (on SmolLM2 too); AdamW eps 1e-7 instead of 1e-8; any update tensor 5e-4 off (1e-2 for parameters near 1 under a 2e-4 warmup lr, where Δθ is a few ulp of θ); clipping, accumulation or weight decay wrong (via m, v)",
     ),
     ("float32", "trajectory"): TruthBound(  # 8×: N updates compound float32 noise through the parameters
-        multiple=8.0, floor_ulps=8.0,
+        multiple=8.0,
+        floor_ulps=8.0,
         noise="torch twin 0.54, MLX (OpenBLAS) and mlx-rs 0.41 of the bound after 4-8 updates; SmolLM2-135M: torch 0.03; "
-              "SmolLM2-135M with LoRA on all 30 layers: MLX and mlx-rs on OpenBLAS against reference-BLAS goldens 0.85, torch 0.24",
+        "SmolLM2-135M with LoRA on all 30 layers: MLX and mlx-rs on OpenBLAS against reference-BLAS goldens 0.85, torch 0.24",
         catches="any trajectory tensor 1e-3 off; one missed update of four; bias correction frozen at t = 1",
     ),
     ("float32", "checkpoint"): TruthBound(
-        multiple=8.0, floor_ulps=8.0,
+        multiple=8.0,
+        floor_ulps=8.0,
         noise="as trajectory: the resumed run is judged against the trajectory's truth",
         catches="as trajectory; AdamW moments and step lost on resume (also caught exactly by the self-consistency check)",
     ),
@@ -153,30 +169,56 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
 # activation dimension, 4 % off where the reference happened to be near the truth; gradients and trajectories
 # 2.7× the 8× bound): two correct bfloat16 implementations differ by far more than the reference's own error at
 # an element. The multiples are 4× those of float32 there; a bound from each element's conditioning is not built.
-_BF16_MULTIPLE = {"forward": 16.0, "loss": 4.0, "gradients": 32.0, "optimizer": 4.0, "trajectory": 32.0, "checkpoint": 32.0}
+_BF16_MULTIPLE = {
+    "forward": 16.0,
+    "loss": 4.0,
+    "gradients": 32.0,
+    "optimizer": 4.0,
+    "trajectory": 32.0,
+    "checkpoint": 32.0,
+}
 _BF16_EVIDENCE = {  # stage: (measured noise, smallest bug caught), on bf16_lora and bf16_full, and SmolLM2's first 4 layers
-    "forward": ("torch twin (bfloat16) 0.17, transformers (bfloat16) 0.22 of the bound; SmolLM2 4 layers: torch 0.63 (a layer's "
-                "output, isolated), transformers 0.30",
-                "logits 10 % off (a bfloat16 ulp is 0.4-0.8 %); GQA heads tiled, RoPE pairing and position, GELU for SiLU, the causal "
-                "mask, the LoRA scale; a float32 port on a float32 checkpoint fails weight_mapping first"),
-    "loss": ("torch twin 0.08 (the loss is float32 on bfloat16 logits); SmolLM2 4 layers: 0.30",
-             "any loss part 5e-4 off (relative); padding counted in the cross-entropy (49× the bound on bf16_lora)"),
-    "gradients": ("torch twin 0.12; SmolLM2 4 layers (full training): 0.66",
-                  "a gradient tensor 20 % off (float32 LoRA adapters) to 50 % (bfloat16 weights); a trainable-set mismatch"),
-    "optimizer": ("torch twin 1.00 and 0.97 (first Adam updates ±lr whose gradient sits at bfloat16 noise, flipped within their own "
-                  "sensitivity); SmolLM2 4 layers: 1.00 and 0.96 the same way, isolated 0.91",
-                  "float32 LoRA adapters: any update 5e-5 off, learning rate 0.1 % high (37× the bound), weight decay missing or coupled, "
-                  "bias correction flipped; bfloat16 weights: an update 5 % off, a disconnected optimizer, bias correction flipped, clipping "
-                  "missing (via m and v); not a learning rate 1 % high (below a bfloat16 spacing of θ)"),
-    "trajectory": ("torch twin 0.40 (bf16_lora), 0.21 (bf16_full) after 4 updates; SmolLM2 4 layers: 0.78 (LoRA), 0.73 (full)",
-                   "a trajectory tensor 2e-2 off (float32 adapters) or 10 % (bfloat16 weights); bias correction frozen"),
-    "checkpoint": ("as trajectory", "as trajectory; AdamW moments and step lost on resume (also exact self-consistency)"),
+    "forward": (
+        "torch twin (bfloat16) 0.17, transformers (bfloat16) 0.22 of the bound; SmolLM2 4 layers: torch 0.63 (a layer's "
+        "output, isolated), transformers 0.30",
+        "logits 10 % off (a bfloat16 ulp is 0.4-0.8 %); GQA heads tiled, RoPE pairing and position, GELU for SiLU, the causal "
+        "mask, the LoRA scale; a float32 port on a float32 checkpoint fails weight_mapping first",
+    ),
+    "loss": (
+        "torch twin 0.08 (the loss is float32 on bfloat16 logits); SmolLM2 4 layers: 0.30",
+        "any loss part 5e-4 off (relative); padding counted in the cross-entropy (49× the bound on bf16_lora)",
+    ),
+    "gradients": (
+        "torch twin 0.12; SmolLM2 4 layers (full training): 0.66",
+        "a gradient tensor 20 % off (float32 LoRA adapters) to 50 % (bfloat16 weights); a trainable-set mismatch",
+    ),
+    "optimizer": (
+        "torch twin 1.00 and 0.97 (first Adam updates ±lr whose gradient sits at bfloat16 noise, flipped within their own "
+        "sensitivity); SmolLM2 4 layers: 1.00 and 0.96 the same way, isolated 0.91",
+        "float32 LoRA adapters: any update 5e-5 off, learning rate 0.1 % high (37× the bound), weight decay missing or coupled, "
+        "bias correction flipped; bfloat16 weights: an update 5 % off, a disconnected optimizer, bias correction flipped, clipping "
+        "missing (via m and v); not a learning rate 1 % high (below a bfloat16 spacing of θ)",
+    ),
+    "trajectory": (
+        "torch twin 0.40 (bf16_lora), 0.21 (bf16_full) after 4 updates; SmolLM2 4 layers: 0.78 (LoRA), 0.73 (full)",
+        "a trajectory tensor 2e-2 off (float32 adapters) or 10 % (bfloat16 weights); bias correction frozen",
+    ),
+    "checkpoint": (
+        "as trajectory",
+        "as trajectory; AdamW moments and step lost on resume (also exact self-consistency)",
+    ),
 }
 TOLERANCES[("bfloat16", "weight_mapping")] = EXACT  # the checkpoint rounded to bfloat16: one correct value per weight
 TOLERANCES[("bfloat16", "shifted_slices")] = EXACT
 for _stage, (_noise, _catches) in _BF16_EVIDENCE.items():
-    TOLERANCES[("bfloat16", _stage)] = dataclasses.replace(TOLERANCES[("float32", _stage)], multiple=_BF16_MULTIPLE[_stage],
-                                                           stage_floor=True, dtype="bfloat16", noise=_noise, catches=_catches)
+    TOLERANCES[("bfloat16", _stage)] = dataclasses.replace(
+        TOLERANCES[("float32", _stage)],
+        multiple=_BF16_MULTIPLE[_stage],
+        stage_floor=True,
+        dtype="bfloat16",
+        noise=_noise,
+        catches=_catches,
+    )
 
 # The isolated checks judge one piece on the reference's own inputs, with that piece's bound.
 for _dtype in ("float32", "bfloat16"):

@@ -25,10 +25,17 @@ from mlx_parity.reference.settings import SettingsError, TrainSettings
 from mlx_parity.reference.weights import IGNORED_KEYS, LoadReport, WeightLoadError, checkpoint_files
 
 _LAYER_MAP = {
-    "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
-    "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "ffn.w_gate", "mlp.up_proj": "ffn.w_up",
-    "mlp.down_proj": "ffn.w_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_norm": "attn.q_head_norm", "self_attn.k_norm": "attn.k_head_norm",
+    "self_attn.q_proj": "attn.wq",
+    "self_attn.k_proj": "attn.wk",
+    "self_attn.v_proj": "attn.wv",
+    "self_attn.o_proj": "attn.wo",
+    "mlp.gate_proj": "ffn.w_gate",
+    "mlp.up_proj": "ffn.w_up",
+    "mlp.down_proj": "ffn.w_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn.q_head_norm",
+    "self_attn.k_norm": "attn.k_head_norm",
 }
 
 
@@ -92,7 +99,7 @@ class Proj(torch.nn.Module):
 
     def __init__(self, d_in: int, d_out: int, bias: bool):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(d_out, d_in).uniform_(-d_in**-0.5, d_in**-0.5))
+        self.weight = torch.nn.Parameter(torch.empty(d_out, d_in).uniform_(-(d_in**-0.5), d_in**-0.5))
         self.bias = torch.nn.Parameter(torch.zeros(d_out)) if bias else None
         self.lora_a = self.lora_b = None
         self.scale = 0.0
@@ -186,13 +193,15 @@ class Block(torch.nn.Module):
             "q": self.heads(self.attn.wq(g["input_norm"]), "q"),
             "k": self.heads(self.attn.wk(g["input_norm"]), "k"),
             "v": self.heads(self.attn.wv(g["input_norm"]), "v"),
-            "q_rope": rope(g["q"], cos, sin), "k_rope": rope(g["k"], cos, sin),
+            "q_rope": rope(g["q"], cos, sin),
+            "k_rope": rope(g["k"], cos, sin),
             "scores": (g["q_rope"] @ expand(g["k_rope"]).transpose(-1, -2)) / math.sqrt(hd),
             "probs": torch.softmax(g["scores"].masked_fill(~causal, float("-inf")), dim=-1),
             "attn": (g["probs"] @ expand(g["v"])).transpose(1, 2).reshape(B, T, H * hd),
             "o_proj": self.attn.wo(g["attn"]),
             "post_norm": self.ffn_norm(g["input"] + g["o_proj"]),
-            "gate": ffn.w_gate(g["post_norm"]), "up": ffn.w_up(g["post_norm"]),
+            "gate": ffn.w_gate(g["post_norm"]),
+            "up": ffn.w_up(g["post_norm"]),
             "act": F.silu(g["gate"]) * g["up"],
             "down": ffn.w_down(g["act"]),
             "output": self(g["input"], cos, sin),
@@ -218,7 +227,9 @@ class TwinLlama(torch.nn.Module):
 
     def rope(self, T: int):
         d, dtype = self.c.head_dim, wide(torch.empty(0, dtype=self.dtype)).dtype
-        inv_freq = scaled_inv_freq(1.0 / (self.c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)), self.c).to(dtype)
+        inv_freq = scaled_inv_freq(
+            1.0 / (self.c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)), self.c
+        ).to(dtype)
         angles = torch.outer(torch.arange(T, dtype=dtype), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
@@ -234,9 +245,10 @@ class TwinLlama(torch.nn.Module):
     def logits(self, x):
         if self.head is not None:
             return self.head(x)
-        w = self.tok_emb.weight  # tied; `x @ w.T` as before where no widening is needed, so the goldens stay bit for bit
+        w = (
+            self.tok_emb.weight
+        )  # tied; `x @ w.T` as before where no widening is needed, so the goldens stay bit for bit
         return x @ w.T if w.dtype == x.dtype else linear(x, w)
-
 
     def pieces(self, ids, g):
         cos, sin = self.rope(ids.shape[1])
@@ -291,7 +303,11 @@ class TwinTrainer:
                 p.data = p.data.to(self.dtype)
         # Trained parameters a bfloat16 step stores in bfloat16, kept in a wider dtype here (the float64 truth): rounded
         # to bfloat16 after each update, with their moments, as the contract stores them.
-        self.stored_bf16 = {n for n in self.trainable if self.dtype != torch.bfloat16 and parameter_dtype(n, settings.precision) == "bfloat16"}
+        self.stored_bf16 = {
+            n
+            for n in self.trainable
+            if self.dtype != torch.bfloat16 and parameter_dtype(n, settings.precision) == "bfloat16"
+        }
         # AdamW's moments, made at the first update: a twin that only computes holds none (two copies of the
         # trained weights, for full training)
         self.m: dict[str, torch.Tensor] = {}
@@ -303,11 +319,21 @@ class TwinTrainer:
         if twin.startswith("blocks."):
             _, i, *mid, leaf = twin.split(".")
             return f"model.layers.{i}.{inverse['.'.join(mid)]}.{leaf}"
-        return {"tok_emb.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}[twin]
+        return {
+            "tok_emb.weight": "model.embed_tokens.weight",
+            "final_norm.weight": "model.norm.weight",
+            "head.weight": "lm_head.weight",
+        }[twin]
 
     @classmethod
-    def from_pretrained(cls, checkpoint, settings: TrainSettings, lora_init=None, strict: bool = True,
-                        dtype: torch.dtype = torch.float32):
+    def from_pretrained(
+        cls,
+        checkpoint,
+        settings: TrainSettings,
+        lora_init=None,
+        strict: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ):
         """Load checkpoint tensors (float32, or bfloat16/float16 cast exactly to float32); compute in `dtype`
         (float64 for the truth). Under `precision: bfloat16` every tensor is rounded to bfloat16 first and the
         model computes in bfloat16, unless `dtype` is float64: the truth of that step is exact arithmetic on
@@ -330,7 +356,9 @@ class TwinTrainer:
                         continue
                     t = st.get_tensor(key)
                     if t.shape != own[name].shape or not t.is_floating_point():
-                        report.mismatched.append(f"{key}: checkpoint {tuple(t.shape)} {t.dtype}, model {tuple(own[name].shape)} {own[name].dtype}")
+                        report.mismatched.append(
+                            f"{key}: checkpoint {tuple(t.shape)} {t.dtype}, model {tuple(own[name].shape)} {own[name].dtype}"
+                        )
                     else:
                         _assign(model, name, t.to(stored))
                         loaded.add(name)
@@ -354,7 +382,7 @@ class TwinTrainer:
             for hf, tw in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
                 proj = getattr(self.model.blocks[i].attn, tw)
                 d_out, d_in = proj.weight.shape
-                a = torch.empty(d_in, lo.rank, dtype=self.wide).uniform_(-d_in**-0.5, d_in**-0.5)
+                a = torch.empty(d_in, lo.rank, dtype=self.wide).uniform_(-(d_in**-0.5), d_in**-0.5)
                 b = torch.zeros(lo.rank, d_out, dtype=self.wide)
                 for leaf, t in (("lora_a", a), ("lora_b", b)):
                     key = f"model.layers.{i}.self_attn.{hf}.{leaf}"
@@ -397,7 +425,10 @@ class TwinTrainer:
     def _batch(self, batch):
         validate_batch(batch)
         floats = (np.asarray(batch[k], dtype=np.float32) for k in ("attention_mask", "auth_weight", "prov_entropy"))
-        return (torch.as_tensor(np.asarray(batch["input_ids"], dtype=np.int64)), *(torch.as_tensor(x).to(self.wide) for x in floats))
+        return (
+            torch.as_tensor(np.asarray(batch["input_ids"], dtype=np.int64)),
+            *(torch.as_tensor(x).to(self.wide) for x in floats),
+        )
 
     def forward(self, input_ids):
         with torch.no_grad():
@@ -433,8 +464,14 @@ class TwinTrainer:
 
     def update_from_gradients(self, grads) -> None:
         """One update with given gradients (the isolated optimizer check)."""
-        self._update({k: torch.as_tensor(np.asarray(v, dtype=np.float32)).to(self.trainable[k].dtype if k in self.trainable else self.wide)
-                      for k, v in grads.items()})
+        self._update(
+            {
+                k: torch.as_tensor(np.asarray(v, dtype=np.float32)).to(
+                    self.trainable[k].dtype if k in self.trainable else self.wide
+                )
+                for k, v in grads.items()
+            }
+        )
 
     def gradients(self, batch):
         parts = self._loss(batch)
@@ -499,12 +536,16 @@ class TwinTrainer:
         save_file({k: v.contiguous() for k, v in self.parameters().items()}, str(path / "params.safetensors"))
         opt = {f"m.{k}": v for k, v in self.m.items()} | {f"v.{k}": v for k, v in self.v.items()}
         save_file(opt, str(path / "optimizer.safetensors"))
-        meta = {"step": self.step_count, "settings": self.settings.to_dict(), "config": self.model.c.to_hf_dict(),
-                "dtype": str(self.dtype).removeprefix("torch.")}
+        meta = {
+            "step": self.step_count,
+            "settings": self.settings.to_dict(),
+            "config": self.model.c.to_hf_dict(),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
         (path / "twin.json").write_text(json.dumps(meta))
 
     @classmethod
-    def load_checkpoint(cls, path) -> "TwinTrainer":
+    def load_checkpoint(cls, path) -> TwinTrainer:
         path = Path(path)
         meta = json.loads((path / "twin.json").read_text())
         settings = TrainSettings.from_dict(meta["settings"])
@@ -518,7 +559,13 @@ class TwinTrainer:
                 _assign(model, twin_name(k), t)
         trainer = cls(model, settings, lora)
         if set(params) != set(trainer.hf_to_twin):
-            raise WeightLoadError(LoadReport(missing=sorted(set(trainer.hf_to_twin) - set(params)), unexpected=sorted(set(params) - set(trainer.hf_to_twin))), path)
+            raise WeightLoadError(
+                LoadReport(
+                    missing=sorted(set(trainer.hf_to_twin) - set(params)),
+                    unexpected=sorted(set(params) - set(trainer.hf_to_twin)),
+                ),
+                path,
+            )
         opt = load_file(str(path / "optimizer.safetensors"))
         trainer.m = {k: opt[f"m.{k}"] for k in trainer.trainable}
         trainer.v = {k: opt[f"v.{k}"] for k in trainer.trainable}

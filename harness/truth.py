@@ -20,8 +20,17 @@ from .stages import PREFIX, READ_ONLY, StageOutput
 from .tolerances import stage_rms, tolerance
 
 TRUTH_FILE = "truth.safetensors"
-TRUTH_STAGES = ("forward", "loss", "gradients", "optimizer", "trajectory", "isolated_forward", "isolated_loss", "isolated_optimizer",
-                "isolated_schedule")
+TRUTH_STAGES = (
+    "forward",
+    "loss",
+    "gradients",
+    "optimizer",
+    "trajectory",
+    "isolated_forward",
+    "isolated_loss",
+    "isolated_optimizer",
+    "isolated_schedule",
+)
 SENSITIVE_STAGES = ("optimizer", "trajectory", "isolated_optimizer", "isolated_schedule")
 MULTI_UPDATE_STAGES = ("trajectory",)  # several updates, each from gradients the backend computed itself
 RANDOM_DRAWS = 2  # random-sign gradient errors the trajectory is run with (each also negated)
@@ -34,8 +43,12 @@ def needs_truth(name: str, golden: np.ndarray) -> bool:
 
 
 def _floats(outputs: dict[str, StageOutput], golden: dict) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v, np.float64) for o in outputs.values() for k, v in o.tensors.items()
-            if k in golden and needs_truth(k, golden[k])}
+    return {
+        k: np.asarray(v, np.float64)
+        for o in outputs.values()
+        for k, v in o.tensors.items()
+        if k in golden and needs_truth(k, golden[k])
+    }
 
 
 def _run(backend, case, stages) -> dict[str, StageOutput]:
@@ -53,8 +66,12 @@ def gradient_bounds(case, golden: dict, truth: dict) -> dict[str, np.ndarray]:
     tol = tolerance("gradients", case.settings.precision)
     names = [k for k in golden if k.startswith("grad.")]
     rms = stage_rms((golden[k], truth[k], None) for k in names)
-    return {k.removeprefix("grad."): np.where((golden[k] == 0) & (truth[k] == 0), 0.0, tol.bound(golden[k], truth[k], None, rms))
-            for k in names}
+    return {
+        k.removeprefix("grad."): np.where(
+            (golden[k] == 0) & (truth[k] == 0), 0.0, tol.bound(golden[k], truth[k], None, rms)
+        )
+        for k in names
+    }
 
 
 def sensitivities(case, golden: dict, truth: dict, bounds: dict[str, np.ndarray], stages) -> dict[str, np.ndarray]:
@@ -79,7 +96,10 @@ def sensitivities(case, golden: dict, truth: dict, bounds: dict[str, np.ndarray]
         rng = np.random.default_rng([int(case.info.get("seed", 0)), 7])
         runs += [([bounds, minus], several), ([minus, bounds], several)]
         for _ in range(RANDOM_DRAWS):
-            random = [{k: np.where(rng.random(bounds[k].shape) < 0.5, -bounds[k], bounds[k]) for k in sorted(bounds)} for _ in range(n)]
+            random = [
+                {k: np.where(rng.random(bounds[k].shape) < 0.5, -bounds[k], bounds[k]) for k in sorted(bounds)}
+                for _ in range(n)
+            ]
             runs += [(random, several), ([_scaled(r, -1.0) for r in random], several)]
     sens: dict[str, np.ndarray] = {}
     for offsets, run_stages in runs:
@@ -137,8 +157,11 @@ class Truth(Mapping):
     double the goldens' memory in float64) and `sens.<name>`, from a stored truth file."""
 
     def __init__(self, stored: dict[str, np.ndarray], golden: dict[str, np.ndarray]):
-        self._offset = {f"truth.{k.removeprefix('offset.')}": v for k, v in stored.items()
-                        if k.startswith("offset.") and k.removeprefix("offset.") in golden}
+        self._offset = {
+            f"truth.{k.removeprefix('offset.')}": v
+            for k, v in stored.items()
+            if k.startswith("offset.") and k.removeprefix("offset.") in golden
+        }
         self._sens = {k: v for k, v in stored.items() if k.startswith("sens.")}
         self._golden = golden
 

@@ -81,7 +81,11 @@ class BlasInfo:
 
     def label(self) -> str:
         if not self.fast:
-            return "reference BLAS bundled with the mlx wheel (slow)" if sys.platform.startswith("linux") else "platform default"
+            return (
+                "reference BLAS bundled with the mlx wheel (slow)"
+                if sys.platform.startswith("linux")
+                else "platform default"
+            )
         return f"{self.name} ({self.source})"
 
 
@@ -199,23 +203,29 @@ def activate() -> BlasInfo:
         return info
     if choice.lower() in ("off", "0", "none", "reference"):
         info.source = f"{ENV}={choice}"
-        _warn(f"{ENV}={choice}: MLX uses the reference BLAS bundled with its wheel; float32 matmuls run "
-              "~30x slower than with OpenBLAS (unset it to use a fast BLAS).")
+        _warn(
+            f"{ENV}={choice}: MLX uses the reference BLAS bundled with its wheel; float32 matmuls run "
+            "~30x slower than with OpenBLAS (unset it to use a fast BLAS)."
+        )
         return info
     if choice.lower() not in ("", "auto"):
         if _try(Path(choice).name, f"{ENV}={choice}", choice, info):
             return info
-        _warn(f"{ENV}={choice} could not be used ({'; '.join(info.notes)}); MLX falls back to the slow "
-              "reference BLAS bundled with its wheel.")
+        _warn(
+            f"{ENV}={choice} could not be used ({'; '.join(info.notes)}); MLX falls back to the slow "
+            "reference BLAS bundled with its wheel."
+        )
         return info
     for name, source, path in _candidates():
         if _try(name, source, path, info):
             return info
     tried = "; ".join(info.notes) or "no candidate library found"
-    _warn("no fast BLAS found, so MLX uses the reference BLAS bundled with its wheel (float32 matmuls ~30x "
-          f"slower). Tried: {tried}. Fix: `pip install ngsolve-openblas` (Linux x86_64; it needs libgfortran.so.5: "
-          f"`apt-get install libgfortran5`, or torch's wheel), or `apt-get install libopenblas0-pthread`, or `pip install mkl`, "
-          f"or set {ENV}=/path/to/libcblas.so.")
+    _warn(
+        "no fast BLAS found, so MLX uses the reference BLAS bundled with its wheel (float32 matmuls ~30x "
+        f"slower). Tried: {tried}. Fix: `pip install ngsolve-openblas` (Linux x86_64; it needs libgfortran.so.5: "
+        f"`apt-get install libgfortran5`, or torch's wheel), or `apt-get install libopenblas0-pthread`, or `pip install mkl`, "
+        f"or set {ENV}=/path/to/libcblas.so."
+    )
     return info
 
 
@@ -226,9 +236,14 @@ def active() -> BlasInfo:
 
 # --- libmlx.so's import slots -------------------------------------------------------------------------
 
+
 class _DlInfo(ctypes.Structure):
-    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
 
 
 def _dladdr(addr: int) -> str | None:
@@ -267,7 +282,7 @@ def _imports(lib: str) -> tuple[dict[str, list[int]], list[tuple[int, int]]]:
             if st_shndx != 0:  # defined here: not an import
                 continue
             start = strtab[4] + st_name
-            name = data[start:data.index(b"\0", start)].decode()
+            name = data[start : data.index(b"\0", start)].decode()
             slots.setdefault(name, []).append(r_offset)
     return slots, relro
 
@@ -386,7 +401,8 @@ def report(measure: bool = True) -> dict:
     out["resolved_cblas_sgemm"] = resolved()
     if info.fast and out["resolved_cblas_sgemm"] and info.path:
         out["verified"] = os.path.realpath(out["resolved_cblas_sgemm"]) == os.path.realpath(info.path) or (
-            Path(out["resolved_cblas_sgemm"]).name == Path(info.path).name)
+            Path(out["resolved_cblas_sgemm"]).name == Path(info.path).name
+        )
     else:
         out["verified"] = bool(out["resolved_cblas_sgemm"]) and "mlx_cpu.libs" in (out["resolved_cblas_sgemm"] or "")
     if measure:

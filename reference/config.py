@@ -14,8 +14,11 @@ class ConfigError(ValueError):
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # one architecture: config keys, biases, and Qwen3's q/k norms
-ROPE_SCALING = {"default": (), "linear": ("factor",),
-                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+ROPE_SCALING = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,12 @@ class ModelConfig:
         if self.rope_type == "linear":
             return inv / p["factor"]
         if self.rope_type == "llama3":
-            factor, low, high, ctx = p["factor"], p["low_freq_factor"], p["high_freq_factor"], p["original_max_position_embeddings"]
+            factor, low, high, ctx = (
+                p["factor"],
+                p["low_freq_factor"],
+                p["high_freq_factor"],
+                p["original_max_position_embeddings"],
+            )
             wavelen = 2 * np.pi / inv
             scaled = np.where(wavelen > ctx / low, inv / factor, inv)  # long wavelengths slowed by the factor
             smooth = (ctx / wavelen - low) / (high - low)
@@ -58,12 +66,14 @@ class ModelConfig:
         return inv
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         model_type = d.get("model_type", "llama")
         if model_type not in FAMILIES:
             raise ConfigError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
         if model_type == "mistral" and d.get("sliding_window") is not None:
-            raise ConfigError(f"sliding_window={d['sliding_window']!r}: sliding-window attention is not supported (only sliding_window null)")
+            raise ConfigError(
+                f"sliding_window={d['sliding_window']!r}: sliding-window attention is not supported (only sliding_window null)"
+            )
         if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
             raise ConfigError("use_sliding_window=true: sliding-window attention is not supported")
         sliding = [t for t in d.get("layer_types") or () if t != "full_attention"]
@@ -112,7 +122,7 @@ class ModelConfig:
         return cfg
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -125,11 +135,25 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict:
         """The config as transformers 5 writes it, so a checkpoint we save loads in transformers."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("qkv_bias", "o_bias", "qk_norm", "rope_theta", "rope_type", "rope_scaling")}
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM"}[self.model_type]
-        scaling = {k: int(v) if k == "original_max_position_embeddings" else v for k, v in self.rope_scaling}  # transformers wants a count
-        d.update(architectures=[arch], hidden_act="silu", rope_parameters={"rope_type": self.rope_type, "rope_theta": self.rope_theta, **scaling})
+        d = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("qkv_bias", "o_bias", "qk_norm", "rope_theta", "rope_type", "rope_scaling")
+        }
+        arch = {
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+        }[self.model_type]
+        scaling = {
+            k: int(v) if k == "original_max_position_embeddings" else v for k, v in self.rope_scaling
+        }  # transformers wants a count
+        d.update(
+            architectures=[arch],
+            hidden_act="silu",
+            rope_parameters={"rope_type": self.rope_type, "rope_theta": self.rope_theta, **scaling},
+        )
         if self.model_type != "qwen2":
             d["attention_bias"] = self.qkv_bias
         if self.model_type == "mistral":

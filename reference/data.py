@@ -61,10 +61,14 @@ def tokenizer_for(checkpoint: Path | None) -> ByteTokenizer | FileTokenizer:
         return ByteTokenizer()
     if (checkpoint / "tokenizer.json").exists():
         cfg = json.loads((checkpoint / "config.json").read_text()) if (checkpoint / "config.json").exists() else {}
-        pad = next((cfg[k] for k in ("pad_token_id", "eos_token_id") if isinstance(cfg.get(k), int)), 0)  # padding is masked: any id in the vocabulary
+        pad = next(
+            (cfg[k] for k in ("pad_token_id", "eos_token_id") if isinstance(cfg.get(k), int)), 0
+        )  # padding is masked: any id in the vocabulary
         return FileTokenizer(checkpoint / "tokenizer.json", pad)
-    raise ValueError(f"{checkpoint} has no tokenizer.json, so text cannot become this model's token ids: copy the "
-                     "checkpoint's tokenizer.json next to its config.json (the byte tokenizer is only for the built-in default model)")
+    raise ValueError(
+        f"{checkpoint} has no tokenizer.json, so text cannot become this model's token ids: copy the "
+        "checkpoint's tokenizer.json next to its config.json (the byte tokenizer is only for the built-in default model)"
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -91,7 +95,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def make_batch(rows: list[dict], seq_len: int, tokenizer: ByteTokenizer | FileTokenizer | None = None) -> dict[str, np.ndarray]:
+def make_batch(
+    rows: list[dict], seq_len: int, tokenizer: ByteTokenizer | FileTokenizer | None = None
+) -> dict[str, np.ndarray]:
     """Tokenise, truncate to seq_len, right-pad."""
     tokenizer = tokenizer or ByteTokenizer()
     B = len(rows)
@@ -101,13 +107,22 @@ def make_batch(rows: list[dict], seq_len: int, tokenizer: ByteTokenizer | FileTo
         toks = tokenizer.encode(r["text"])[:seq_len]
         ids[i, : len(toks)] = toks
         mask[i, : len(toks)] = 1
-    return {"input_ids": ids, "attention_mask": mask,
-            "auth_weight": np.array([r["auth_weight"] for r in rows], np.float32),
-            "prov_entropy": np.array([r["prov_entropy"] for r in rows], np.float32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "auth_weight": np.array([r["auth_weight"] for r in rows], np.float32),
+        "prov_entropy": np.array([r["prov_entropy"] for r in rows], np.float32),
+    }
 
 
-def batch_for_step(rows: list[dict], step: int, batch_size: int, seq_len: int, seed: int,
-                   tokenizer: ByteTokenizer | FileTokenizer | None = None) -> dict[str, np.ndarray]:
+def batch_for_step(
+    rows: list[dict],
+    step: int,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    tokenizer: ByteTokenizer | FileTokenizer | None = None,
+) -> dict[str, np.ndarray]:
     """The batch of update `step`: epochs over a seeded permutation, so a resumed run sees the same data."""
     per_epoch = max(1, len(rows) // batch_size)
     epoch, k = divmod(step, per_epoch)

@@ -26,7 +26,7 @@ class LossSettings:
         validate_scalars(self.alpha, self.lam)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LossSettings":
+    def from_dict(cls, d: dict) -> LossSettings:
         return cls(alpha=float(d.get("alpha", 2.7)), lam=float(d.get("lambda", 1.0)))
 
 

@@ -71,7 +71,11 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
         # RoPE reads positions from axis -2, hence [B, H, T, D]; it rotates the halves (HF's rotate_half).
-        self.rope = nn.RoPE(self.head_dim, traditional=False, base=cfg.rope_theta) if cfg.rope_type == "default" else ScaledRoPE(cfg)
+        self.rope = (
+            nn.RoPE(self.head_dim, traditional=False, base=cfg.rope_theta)
+            if cfg.rope_type == "default"
+            else ScaledRoPE(cfg)
+        )
         self.scale = self.head_dim**-0.5
 
     def _heads(self, y: mx.array, n: int) -> mx.array:
@@ -195,7 +199,11 @@ class LlamaForCausalLM(nn.Module):
         own = {"embed": self.model.embed_tokens(input_ids)}
         h = own["embed"]
         for i, layer in enumerate(self.model.layers):
-            inputs = None if given is None else {k.removeprefix(f"layer.{i}."): v for k, v in given.items() if k.startswith(f"layer.{i}.")}
+            inputs = (
+                None
+                if given is None
+                else {k.removeprefix(f"layer.{i}."): v for k, v in given.items() if k.startswith(f"layer.{i}.")}
+            )
             if inputs is not None:
                 inputs["input"] = given["embed"] if i == 0 else given[f"layer.{i - 1}.output"]
             own |= {f"layer.{i}.{k}": v for k, v in layer.pieces(h, inputs).items() if k != "input"}

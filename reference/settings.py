@@ -76,11 +76,24 @@ class TrainSettings:
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise SettingsError(f"clip_norm must be > 0 or null, got {self.clip_norm}")
         if not 0 < self.checkpoint_at < self.steps:
-            raise SettingsError(f"checkpoint_at must be in 1..steps-1, got {self.checkpoint_at} with steps={self.steps}")
+            raise SettingsError(
+                f"checkpoint_at must be in 1..steps-1, got {self.checkpoint_at} with steps={self.steps}"
+            )
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainSettings":
-        known = {"trainable", "lora", "optimizer", "schedule", "clip_norm", "accum_steps", "loss", "steps", "checkpoint_at", "precision"}
+    def from_dict(cls, d: dict) -> TrainSettings:
+        known = {
+            "trainable",
+            "lora",
+            "optimizer",
+            "schedule",
+            "clip_norm",
+            "accum_steps",
+            "loss",
+            "steps",
+            "checkpoint_at",
+            "precision",
+        }
         unknown = set(d) - known
         if unknown:
             raise SettingsError(f"unknown settings keys: {sorted(unknown)}")

@@ -120,16 +120,33 @@ class Trainer:
         """The forward pass in pieces: the model's own chain, or each piece from given values of its
         inputs (the forward judged piece by piece, on the reference's values)."""
         ids = mx.array(np.asarray(input_ids, dtype=np.int32))
-        out = self.model.pieces(ids, None if given is None else {k: mx.array(np.asarray(v, dtype=np.float32)).astype(self.dtype)
-                                                                for k, v in given.items()})
+        out = self.model.pieces(
+            ids,
+            None
+            if given is None
+            else {k: mx.array(np.asarray(v, dtype=np.float32)).astype(self.dtype) for k, v in given.items()},
+        )
         mx.eval(out)
         return out
 
     def update_from_gradients(self, grads: dict[str, np.ndarray]) -> None:
         """One update (clip, then AdamW) with given gradients: the optimizer judged on its own."""
         params = self.parameters()  # each gradient in its parameter's dtype
-        self.apply(self.clip(tree_unflatten([(k, mx.array(np.asarray(v, dtype=np.float32)).astype(params[k].dtype if k in params else mx.float32))
-                                             for k, v in grads.items()])))
+        self.apply(
+            self.clip(
+                tree_unflatten(
+                    [
+                        (
+                            k,
+                            mx.array(np.asarray(v, dtype=np.float32)).astype(
+                                params[k].dtype if k in params else mx.float32
+                            ),
+                        )
+                        for k, v in grads.items()
+                    ]
+                )
+            )
+        )
 
     def loss(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         total, ce, d = self._loss(to_mx_batch(batch))
@@ -194,7 +211,11 @@ class Trainer:
         mx.save_safetensors(str(tmp / "model.safetensors"), self.parameters(), metadata={"format": "pt"})
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
         (tmp / "config.json").write_text(json.dumps(self.model.config.to_hf_dict(), indent=2))
-        meta = {"format": CHECKPOINT_FORMAT, "settings": self.settings.to_dict(), "step": self.optimizer_state()["step"]}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "settings": self.settings.to_dict(),
+            "step": self.optimizer_state()["step"],
+        }
         meta.update(metadata or {})
         (tmp / "trainer.json").write_text(json.dumps(meta, indent=2))
         if path.exists():
@@ -202,7 +223,7 @@ class Trainer:
         tmp.rename(path)
 
     @classmethod
-    def load_checkpoint(cls, path: str | Path) -> "Trainer":
+    def load_checkpoint(cls, path: str | Path) -> Trainer:
         """Rebuild the trainer of a checkpoint; continuing reproduces the uninterrupted run exactly."""
         path = Path(path)
         try:

@@ -25,7 +25,7 @@ IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 class WeightLoadError(ValueError):
     """The checkpoint does not fill the model exactly; `report` says how."""
 
-    def __init__(self, report: "LoadReport", source: Path):
+    def __init__(self, report: LoadReport, source: Path):
         self.report = report
         super().__init__(f"{source}: checkpoint does not match the model:\n{report.describe()}")
 
@@ -43,13 +43,22 @@ class LoadReport:
 
     def describe(self) -> str:
         lines = []
-        for title, items in (("missing", self.missing), ("unexpected", self.unexpected), ("mismatched", self.mismatched)):
+        for title, items in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("mismatched", self.mismatched),
+        ):
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
         return "\n".join(lines) or "  all keys matched"
 
     def to_dict(self) -> dict:
-        return {"missing": self.missing, "unexpected": self.unexpected, "mismatched": self.mismatched, "ignored": self.ignored}
+        return {
+            "missing": self.missing,
+            "unexpected": self.unexpected,
+            "mismatched": self.mismatched,
+            "ignored": self.ignored,
+        }
 
 
 def name_map(cfg: ModelConfig) -> dict[str, str]:
@@ -110,7 +119,9 @@ def read_checkpoint(path: Path) -> dict[str, mx.array]:
     return tensors
 
 
-def match(model_params: dict[str, mx.array], tensors: dict[str, mx.array], cfg: ModelConfig) -> tuple[dict[str, mx.array], LoadReport]:
+def match(
+    model_params: dict[str, mx.array], tensors: dict[str, mx.array], cfg: ModelConfig
+) -> tuple[dict[str, mx.array], LoadReport]:
     """Pair checkpoint tensors with model parameters through the name map; report every problem."""
     nmap = name_map(cfg)
     report = LoadReport()
@@ -126,11 +137,15 @@ def match(model_params: dict[str, mx.array], tensors: dict[str, mx.array], cfg: 
         t, p = tensors[key], model_params[target]
         if t.shape != p.shape or not (mx.issubdtype(t.dtype, mx.floating) and mx.issubdtype(p.dtype, mx.floating)):
             report.mismatched.append(
-                f"{key}: checkpoint {tuple(t.shape)} {t.dtype}, model {tuple(p.shape)} {p.dtype}".replace("mlx.core.", "")
+                f"{key}: checkpoint {tuple(t.shape)} {t.dtype}, model {tuple(p.shape)} {p.dtype}".replace(
+                    "mlx.core.", ""
+                )
             )
             continue
         loaded[target] = t if t.dtype == p.dtype else t.astype(p.dtype)
-    report.missing = sorted(set(nmap.values()) - set(loaded) - {k for k in nmap if any(m.startswith(k + ":") for m in report.mismatched)})
+    report.missing = sorted(
+        set(nmap.values()) - set(loaded) - {k for k in nmap if any(m.startswith(k + ":") for m in report.mismatched)}
+    )
     return loaded, report
 
 

@@ -8,7 +8,16 @@ from .conftest import CASES, audited
 
 
 def test_every_fixture_is_bundled():
-    assert {"gqa_padded", "mha_sharded", "tied", "lora", "head", "clip_accum_warmup", "small_eps_bias", "trajectory_long"} <= set(CASES)
+    assert {
+        "gqa_padded",
+        "mha_sharded",
+        "tied",
+        "lora",
+        "head",
+        "clip_accum_warmup",
+        "small_eps_bias",
+        "trajectory_long",
+    } <= set(CASES)
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])

@@ -34,20 +34,26 @@ def trainer(request):
     return request.param.from_pretrained(CASE.checkpoint, TrainSettings())[0]
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"auth_weight": np.array([0.1, 0.995, 0.2, 0.3], np.float32)}, r"auth_weight must be in \[0, 0.99\]; rows \[1\]"),
-    ({"auth_weight": np.array([-0.1, 0.5, 0.2, 0.3], np.float32)}, r"rows \[0\]"),
-    ({"auth_weight": np.array([0.1, np.nan, 0.2, 0.3], np.float32)}, "auth_weight holds non-finite"),
-    ({"prov_entropy": np.array([1.0, -2.0, 0.0, 1.0], np.float32)}, r"prov_entropy must be >= 0; rows \[1\]"),
-    ({"prov_entropy": np.array([1.0, np.inf, 0.0, 1.0], np.float32)}, "prov_entropy holds non-finite"),
-    ({"auth_weight": np.float32(0.5)}, r"auth_weight must have shape \(4,\)"),
-    ({"auth_weight": np.array([0.1, 0.2], np.float32)}, r"auth_weight must have shape \(4,\)"),
-    ({"attention_mask": np.ones((4, 15), np.int32)}, "attention_mask shape"),
-    ({"attention_mask": np.array([[0] + [1] * 15] * 4, np.int32)}, "right padding"),
-    ({"attention_mask": np.full((4, 16), 2, np.int32)}, "only 0 and 1"),
-    ({"input_ids": np.zeros((4, 1), np.int32), "attention_mask": np.ones((4, 1), np.int32)}, "T >= 2"),
-    ({"input_ids": np.zeros((4, 16), np.float32)}, "must be integers"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"auth_weight": np.array([0.1, 0.995, 0.2, 0.3], np.float32)},
+            r"auth_weight must be in \[0, 0.99\]; rows \[1\]",
+        ),
+        ({"auth_weight": np.array([-0.1, 0.5, 0.2, 0.3], np.float32)}, r"rows \[0\]"),
+        ({"auth_weight": np.array([0.1, np.nan, 0.2, 0.3], np.float32)}, "auth_weight holds non-finite"),
+        ({"prov_entropy": np.array([1.0, -2.0, 0.0, 1.0], np.float32)}, r"prov_entropy must be >= 0; rows \[1\]"),
+        ({"prov_entropy": np.array([1.0, np.inf, 0.0, 1.0], np.float32)}, "prov_entropy holds non-finite"),
+        ({"auth_weight": np.float32(0.5)}, r"auth_weight must have shape \(4,\)"),
+        ({"auth_weight": np.array([0.1, 0.2], np.float32)}, r"auth_weight must have shape \(4,\)"),
+        ({"attention_mask": np.ones((4, 15), np.int32)}, "attention_mask shape"),
+        ({"attention_mask": np.array([[0] + [1] * 15] * 4, np.int32)}, "right padding"),
+        ({"attention_mask": np.full((4, 16), 2, np.int32)}, "only 0 and 1"),
+        ({"input_ids": np.zeros((4, 1), np.int32), "attention_mask": np.ones((4, 1), np.int32)}, "T >= 2"),
+        ({"input_ids": np.zeros((4, 16), np.float32)}, "must be integers"),
+    ],
+)
 def test_invalid_batch_is_a_clear_error(trainer, changes, message):
     before = {k: host(v) for k, v in trainer.parameters().items()}
     with pytest.raises(BatchError, match=message):
@@ -56,14 +62,17 @@ def test_invalid_batch_is_a_clear_error(trainer, changes, message):
     assert all(np.array_equal(before[k], host(after[k])) for k in before), "a rejected batch changed the model"
 
 
-@pytest.mark.parametrize("w, h, message", [
-    (1.0, 0.5, r"auth_weight must be in \[0, 0.99\]; rows \[0\] hold \[1.0\]"),
-    (-0.01, 0.5, "auth_weight must be in"),
-    ([0.2, 0.995], [1.0, 1.0], r"rows \[1\]"),
-    (0.5, -1e-3, "prov_entropy must be >= 0"),
-    (np.array([0.1, 0.2]), np.array([0.0, np.nan]), r"prov_entropy holds non-finite values at \[1\]"),
-    (float("inf"), 0.0, "auth_weight holds non-finite"),
-])
+@pytest.mark.parametrize(
+    "w, h, message",
+    [
+        (1.0, 0.5, r"auth_weight must be in \[0, 0.99\]; rows \[0\] hold \[1.0\]"),
+        (-0.01, 0.5, "auth_weight must be in"),
+        ([0.2, 0.995], [1.0, 1.0], r"rows \[1\]"),
+        (0.5, -1e-3, "prov_entropy must be >= 0"),
+        (np.array([0.1, 0.2]), np.array([0.0, np.nan]), r"prov_entropy holds non-finite values at \[1\]"),
+        (float("inf"), 0.0, "auth_weight holds non-finite"),
+    ],
+)
 def test_distrust_rejects_bad_scalars_and_arrays(w, h, message):
     from mlx_parity.reference.loss import distrust
 
@@ -83,7 +92,9 @@ def test_distrust_accepts_scalars_and_arrays():
     from mlx_parity.reference.loss import distrust
 
     assert float(distrust(0.5, 1.0, 2.7)) == pytest.approx(2.7 * (np.log(0.5 + 1e-8) + 1.0) ** 2, rel=1e-6)
-    assert float(distrust([0.0, 0.9], [2.0, 0.0], 2.3)) == pytest.approx(np.mean([2.3 * (np.log(1 + 1e-8) + 2) ** 2, 2.3 * np.log(0.1 + 1e-8) ** 2]), rel=1e-6)
+    assert float(distrust([0.0, 0.9], [2.0, 0.0], 2.3)) == pytest.approx(
+        np.mean([2.3 * (np.log(1 + 1e-8) + 2) ** 2, 2.3 * np.log(0.1 + 1e-8) ** 2]), rel=1e-6
+    )
     with pytest.raises(BatchError, match="alpha must be in"):
         distrust(0.5, 1.0, 3.5)
 
@@ -94,14 +105,17 @@ def test_invalid_loss_settings(alpha, lam):
         LossSettings(alpha=alpha, lam=lam)
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"trainable": "all"}, "trainable must be one of"),
-    ({"accum_steps": 0}, "accum_steps"),
-    ({"optimizer": {"betas": [0.9, 1.0]}}, "betas"),
-    ({"steps": 2, "checkpoint_at": 2}, "checkpoint_at"),
-    ({"learning_rate": 1e-3}, "unknown settings keys"),
-    ({"schedule": {"kind": "linear"}}, "schedule.kind"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"trainable": "all"}, "trainable must be one of"),
+        ({"accum_steps": 0}, "accum_steps"),
+        ({"optimizer": {"betas": [0.9, 1.0]}}, "betas"),
+        ({"steps": 2, "checkpoint_at": 2}, "checkpoint_at"),
+        ({"learning_rate": 1e-3}, "unknown settings keys"),
+        ({"schedule": {"kind": "linear"}}, "schedule.kind"),
+    ],
+)
 def test_invalid_settings(settings, message):
     with pytest.raises(SettingsError, match=message):
         TrainSettings.from_dict(settings)
@@ -132,7 +146,9 @@ def test_missing_unexpected_and_misshapen_keys_are_all_listed(impl, tmp_path):
     report = e.value.report
     assert report.missing == ["lm_head.weight"]
     assert report.unexpected == ["model.extra.weight"]
-    assert len(report.mismatched) == 1 and report.mismatched[0].startswith("model.layers.0.self_attn.k_proj.weight: checkpoint (32, 16)")
+    assert len(report.mismatched) == 1 and report.mismatched[0].startswith(
+        "model.layers.0.self_attn.k_proj.weight: checkpoint (32, 16)"
+    )
     assert "missing (1): lm_head.weight" in str(e.value)
     # not strict: loads, and reports the same problems
     _, report2 = impl.from_pretrained(ckpt, TrainSettings(), strict=False)
@@ -176,13 +192,16 @@ def test_missing_shard_is_named(tmp_path):
         Trainer.from_pretrained(ckpt, TrainSettings())
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model_type": "gemma"}, "model_type"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type 'yarn'"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "needs 'factor'"),
-    ({"num_key_value_heads": 3}, "not a multiple"),
-    ({"hidden_size": None}, "hidden_size|int"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "gemma"}, "model_type"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type 'yarn'"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "needs 'factor'"),
+        ({"num_key_value_heads": 3}, "not a multiple"),
+        ({"hidden_size": None}, "hidden_size|int"),
+    ],
+)
 def test_unsupported_config(change, message):
     cfg = json.loads((CASE.checkpoint / "config.json").read_text())
     cfg.update(change)

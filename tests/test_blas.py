@@ -20,8 +20,9 @@ LINUX = sys.platform.startswith("linux")
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
 
 
 def test_the_active_blas_is_reported():
@@ -48,7 +49,9 @@ def test_libmlx_really_calls_the_reported_library():
 
 @pytest.mark.skipif(not LINUX, reason="Linux-only")
 def test_off_falls_back_loudly_and_really_uses_the_bundled_blas():
-    p = _python("import json, mlx_parity.reference.blas as b; print(json.dumps(b.report(measure=False)))", PARITY_BLAS="off")
+    p = _python(
+        "import json, mlx_parity.reference.blas as b; print(json.dumps(b.report(measure=False)))", PARITY_BLAS="off"
+    )
     assert p.returncode == 0, p.stderr
     assert "PARITY_BLAS=off" in p.stderr and "WARNING" in p.stderr, "the fallback must be said on stderr"
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -66,10 +69,9 @@ def test_an_unusable_path_falls_back_loudly():
 @pytest.mark.skipif(not LINUX, reason="Linux-only")
 def test_no_candidate_warns_with_the_fix():
     # Hide every candidate: no ngsolve_openblas on the path, no Debian or MKL library.
-    code = ("import mlx_parity.reference.blas as b\n"
-            "b._candidates = lambda: []\n"
-            "b._STATE = None\n"
-            "print(b.activate().fast)")
+    code = (
+        "import mlx_parity.reference.blas as b\nb._candidates = lambda: []\nb._STATE = None\nprint(b.activate().fast)"
+    )
     p = _python(code)
     assert p.stdout.strip() == "False"
     assert "no fast BLAS found" in p.stderr and "pip install ngsolve-openblas" in p.stderr
@@ -92,7 +94,10 @@ def test_torch_beside_mlx_keeps_its_own_blas():
     import torch
 
     rng = np.random.default_rng(1)
-    q, k = rng.standard_normal((4, 4, 64, 16)).astype(np.float32), rng.standard_normal((4, 4, 64, 16)).astype(np.float32)
+    q, k = (
+        rng.standard_normal((4, 4, 64, 16)).astype(np.float32),
+        rng.standard_normal((4, 4, 64, 16)).astype(np.float32),
+    )
     s = (torch.from_numpy(q) @ torch.from_numpy(k).transpose(-1, -2)).numpy()
     np.testing.assert_allclose(s, q.astype(np.float64) @ k.transpose(0, 1, 3, 2), rtol=1e-4, atol=1e-4)
 
@@ -100,8 +105,13 @@ def test_torch_beside_mlx_keeps_its_own_blas():
 def test_every_fixture_passes_under_the_active_blas(tmp_path):
     """The reference against every golden fixture, in a fresh process with the default (fast) BLAS."""
     out = tmp_path / "audit.json"
-    p = subprocess.run([sys.executable, "-m", "mlx_parity.harness.cli", "audit", "-b", "mlx", "--json", str(out)], cwd=REPO,
-                       capture_output=True, text=True, timeout=1200)
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_parity.harness.cli", "audit", "-b", "mlx", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert results and all(r["verdict"] == "pass" for r in results)

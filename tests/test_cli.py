@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from typer.testing import CliRunner
 
 from mlx_parity.harness.case import FIXTURES_DIR
@@ -21,10 +20,25 @@ def test_audit_json_has_the_documented_keys(tmp_path):
     r = runner.invoke(app, ["audit", "--fixture", "head", "--backend", "mlx", "--backend", "torch", "--json", str(out)])
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
-    assert [(x["fixture"], x["backend"], x["verdict"]) for x in data["results"]] == [("head", "mlx", "pass"), ("head", "torch", "pass")]
+    assert [(x["fixture"], x["backend"], x["verdict"]) for x in data["results"]] == [
+        ("head", "mlx", "pass"),
+        ("head", "torch", "pass"),
+    ]
     stages = data["results"][0]["stages"]
-    assert [s["name"] for s in stages] == ["weight_mapping", "forward", "shifted_slices", "loss", "gradients", "optimizer", "trajectory",
-                                           "checkpoint", "isolated_forward", "isolated_loss", "isolated_optimizer", "isolated_schedule"]
+    assert [s["name"] for s in stages] == [
+        "weight_mapping",
+        "forward",
+        "shifted_slices",
+        "loss",
+        "gradients",
+        "optimizer",
+        "trajectory",
+        "checkpoint",
+        "isolated_forward",
+        "isolated_loss",
+        "isolated_optimizer",
+        "isolated_schedule",
+    ]
     assert all(s["status"] == "pass" and s["tolerance"] and s["tensors"] for s in stages)
     t = stages[1]["tensors"][0]
     assert {"name", "max_abs", "max_rel", "where", "mismatched", "tolerance"} <= set(t)
@@ -57,14 +71,35 @@ def test_audit_fails_on_a_tampered_golden(tmp_path):
 
 
 def test_train_default_loss_falls(tmp_path):
-    first, last = run_training(checkpoint=None, data=None, out=tmp_path / "run", settings_path=None, steps=12, batch_size=8,
-                               seq_len=48, save_every=6, resume=None, seed=0, console=__import__("rich").console.Console(quiet=True))
+    first, last = run_training(
+        checkpoint=None,
+        data=None,
+        out=tmp_path / "run",
+        settings_path=None,
+        steps=12,
+        batch_size=8,
+        seq_len=48,
+        save_every=6,
+        resume=None,
+        seed=0,
+        console=__import__("rich").console.Console(quiet=True),
+    )
     assert last < first - 0.5
     assert (tmp_path / "run" / "step-000006" / "optimizer.safetensors").exists()
     # resuming continues the same run: updates 7..12 from the step-6 checkpoint equal the uninterrupted ones
-    _, resumed_last = run_training(checkpoint=None, data=None, out=tmp_path / "run2", settings_path=None, steps=12, batch_size=8,
-                                   seq_len=48, save_every=100, resume=tmp_path / "run" / "step-000006", seed=0,
-                                   console=__import__("rich").console.Console(quiet=True))
+    _, resumed_last = run_training(
+        checkpoint=None,
+        data=None,
+        out=tmp_path / "run2",
+        settings_path=None,
+        steps=12,
+        batch_size=8,
+        seq_len=48,
+        save_every=100,
+        resume=tmp_path / "run" / "step-000006",
+        seed=0,
+        console=__import__("rich").console.Console(quiet=True),
+    )
     assert resumed_last == last
 
 
@@ -77,7 +112,9 @@ def test_train_refuses_a_non_empty_output(tmp_path):
 
 def test_train_rejects_bad_data_with_its_line(tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "ok", "auth_weight": 0.5, "prov_entropy": 1}\n{"text": "bad", "auth_weight": 1.5, "prov_entropy": 1}\n')
+    data.write_text(
+        '{"text": "ok", "auth_weight": 0.5, "prov_entropy": 1}\n{"text": "bad", "auth_weight": 1.5, "prov_entropy": 1}\n'
+    )
     r = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1"])
     assert r.exit_code == 2 and "d.jsonl:2" in r.output and "auth_weight 1.5" in r.output
 
@@ -144,8 +181,12 @@ def test_text_in_square_brackets_is_printed_as_is():
     from mlx_parity.harness.report import print_results
 
     console = Console(record=True, width=200)
-    stage = StageResult("weight_mapping", "fail", message="missing: [model.norm.weight]",
-                        diagnosis=Diagnosis("unexplained", "keys [a] and [b]", {"missing": ["lm_head.weight"]}))
+    stage = StageResult(
+        "weight_mapping",
+        "fail",
+        message="missing: [model.norm.weight]",
+        diagnosis=Diagnosis("unexplained", "keys [a] and [b]", {"missing": ["lm_head.weight"]}),
+    )
     print_results(console, [AuditResult("head", "cmd:port [v2]", [stage])])
     text = console.export_text()
     assert "missing: [model.norm.weight]" in text and "keys [a] and [b]" in text
@@ -164,8 +205,19 @@ def test_train_reads_text_with_the_checkpoints_tokenizer_or_says_it_cannot(tmp_p
     shutil.copytree(FIXTURES_DIR / "head" / "checkpoint", ckpt)
     quiet = Console(quiet=True)
     with pytest.raises(ValueError, match="no tokenizer.json"):
-        run_training(checkpoint=ckpt, data=None, out=tmp_path / "a", settings_path=None, steps=1, batch_size=2, seq_len=8,
-                     save_every=1, resume=None, seed=0, console=quiet)
+        run_training(
+            checkpoint=ckpt,
+            data=None,
+            out=tmp_path / "a",
+            settings_path=None,
+            steps=1,
+            batch_size=2,
+            seq_len=8,
+            save_every=1,
+            resume=None,
+            seed=0,
+            console=quiet,
+        )
     assert not (tmp_path / "a").exists()  # refused before anything was written
     words = {"[UNK]": 5, "the": 6, "cat": 7}
     tok = Tokenizer(WordLevel(words, unk_token="[UNK]"))
@@ -175,7 +227,18 @@ def test_train_reads_text_with_the_checkpoints_tokenizer_or_says_it_cannot(tmp_p
     assert isinstance(t, FileTokenizer)
     batch = make_batch([{"text": "the cat sat", "auth_weight": 0.5, "prov_entropy": 1.0}], 5, t)
     assert batch["input_ids"][0, :3].tolist() == [6, 7, 5] and batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0]]
-    run_training(checkpoint=ckpt, data=None, out=tmp_path / "b", settings_path=None, steps=1, batch_size=2, seq_len=8,
-                 save_every=1, resume=None, seed=0, console=quiet)
+    run_training(
+        checkpoint=ckpt,
+        data=None,
+        out=tmp_path / "b",
+        settings_path=None,
+        steps=1,
+        batch_size=2,
+        seq_len=8,
+        save_every=1,
+        resume=None,
+        seed=0,
+        console=quiet,
+    )
     saved = tmp_path / "b" / "step-000001"
     assert (saved / "tokenizer.json").exists() and isinstance(tokenizer_for(saved), FileTokenizer)

@@ -3,7 +3,6 @@
 import dataclasses
 
 import numpy as np
-import pytest
 
 from mlx_parity.harness.audit import judge
 from mlx_parity.harness.backends import get_backend
@@ -30,7 +29,13 @@ def test_torch_matches_mlx_directly(case):
     failing = []
     for stage in STAGES:
         if stage == "checkpoint":  # judged against trajectory goldens, i.e. MLX's live trajectory
-            live.golden.update({k.replace("checkpoint.uninterrupted.", "trajectory."): v for k, v in mlx[stage].tensors.items() if k.startswith("checkpoint.uninterrupted.")})
+            live.golden.update(
+                {
+                    k.replace("checkpoint.uninterrupted.", "trajectory."): v
+                    for k, v in mlx[stage].tensors.items()
+                    if k.startswith("checkpoint.uninterrupted.")
+                }
+            )
         r = judge(stage, torch[stage], live)
         if r.status != "pass":
             failing.append(f"{stage}: {r.message}")
@@ -49,10 +54,18 @@ def test_transformers_oracle_detects_a_wrong_forward(monkeypatch):
     from .conftest import CASES
 
     real = oracle.transformers_forward
-    monkeypatch.setattr(oracle, "transformers_forward", lambda *a: (lambda o: o | {"forward.logits": o["forward.logits"] * 1.001})(real(*a)))
+    monkeypatch.setattr(
+        oracle,
+        "transformers_forward",
+        lambda *a: (lambda o: o | {"forward.logits": o["forward.logits"] * 1.001})(real(*a)),
+    )
     case = CASES["gqa_padded"]
     reference, truth = base_forward(case)
-    bad = [r for r in check_forward(case.checkpoint, case.batch["input_ids"], case.batch["attention_mask"], reference, truth) if not r.passed]
+    bad = [
+        r
+        for r in check_forward(case.checkpoint, case.batch["input_ids"], case.batch["attention_mask"], reference, truth)
+        if not r.passed
+    ]
     assert [r.name for r in bad] == ["forward.logits"]
 
 

@@ -19,7 +19,10 @@ runner = CliRunner()
 
 # --- options and refusals ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,expected", [("cpu", "cpu"), ("gpu", "gpu"), ("cuda", "gpu"), ("GPU", "gpu"), ("", "cpu")])
+
+@pytest.mark.parametrize(
+    "name,expected", [("cpu", "cpu"), ("gpu", "gpu"), ("cuda", "gpu"), ("GPU", "gpu"), ("", "cpu")]
+)
 def test_parse_devices(name, expected):
     assert D.parse(name).name == expected
 
@@ -45,14 +48,17 @@ def test_gpu_runs_in_process_backends_only():
         D.check_backends(D.parse("gpu"), ["mlx", "cmd:./port", "mlx-rs"])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["audit", "--device", "tpu"], "unknown device 'tpu'"),
-    (["audit", "--tf32"], "--tf32 applies to --device gpu only"),
-    (["audit", "--device", "gpu", "-b", "cmd:./port"], "choose their own device"),
-    (["bench", "--device", "tpu"], "unknown device 'tpu'"),
-    (["bench", "--tf32"], "--tf32 applies to --device gpu only"),
-    (["bench", "--device", "gpu", "-b", "mlx-rs"], "not benched on the GPU"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["audit", "--device", "tpu"], "unknown device 'tpu'"),
+        (["audit", "--tf32"], "--tf32 applies to --device gpu only"),
+        (["audit", "--device", "gpu", "-b", "cmd:./port"], "choose their own device"),
+        (["bench", "--device", "tpu"], "unknown device 'tpu'"),
+        (["bench", "--tf32"], "--tf32 applies to --device gpu only"),
+        (["bench", "--device", "gpu", "-b", "mlx-rs"], "not benched on the GPU"),
+    ],
+)
 def test_cli_refusals_exit_2(args, message):
     r = runner.invoke(app, args)
     assert r.exit_code == 2, r.output
@@ -71,7 +77,9 @@ def test_cli_refuses_gpu_without_one(monkeypatch):
 def test_activate_refuses_a_mode_that_is_not_in_effect(monkeypatch):
     """TF32 asked off but the measured matmul error shows TF32 operands: refused, never judged as float32."""
     monkeypatch.setattr(D, "gpu_unavailable", lambda fw: None)
-    monkeypatch.setattr(D, "measure_matmul", lambda fw, n=512, seed=0: {"rel_error": 3e-4, "tf32": True, "device": "gpu"})
+    monkeypatch.setattr(
+        D, "measure_matmul", lambda fw, n=512, seed=0: {"rel_error": 3e-4, "tf32": True, "device": "gpu"}
+    )
     monkeypatch.setattr(D, "_CURRENT", D.Device())
     import mlx.core as mx
 
@@ -87,6 +95,7 @@ def test_measure_matmul_sees_float32_on_the_cpu():
 
 
 # --- the TF32 judgement ---------------------------------------------------------------------------------
+
 
 def test_precision_tolerance_scales_truth_bounds_and_keeps_exact_ones():
     fwd = tolerance("forward")
@@ -141,21 +150,26 @@ def test_tf32_judgement_passes_tf32_noise_and_fails_a_real_bug():
 
 # --- the resume judgement against run-to-run nondeterminism ---------------------------------------------
 
+
 def _runs(seed=0, noise=1e-9, lost_state=False):
     """Synthetic uninterrupted, repeated and resumed runs: Δθ ~ 1e-2 on θ ~ 0.1, losses ~ 5; the GPU's
     run-to-run noise is `noise`; a resume that lost AdamW's moments is off by ~lr = 1e-3."""
     rng = np.random.default_rng(seed)
-    u = {"checkpoint.delta.w": (1e-2 * rng.standard_normal((32, 16))).astype(np.float32),
-         "checkpoint.delta.b": (1e-2 * rng.standard_normal(16)).astype(np.float32),
-         "checkpoint.loss": np.array([5.0, 4.9, 4.8, 4.7], np.float32)}
+    u = {
+        "checkpoint.delta.w": (1e-2 * rng.standard_normal((32, 16))).astype(np.float32),
+        "checkpoint.delta.b": (1e-2 * rng.standard_normal(16)).astype(np.float32),
+        "checkpoint.loss": np.array([5.0, 4.9, 4.8, 4.7], np.float32),
+    }
 
     def jitter(d):
         return {k: (v + noise * rng.standard_normal(v.shape)).astype(np.float32) for k, v in d.items()}
 
     resumed = jitter(u)
     if lost_state:
-        resumed = {k: (v + 1e-3 * np.sign(rng.standard_normal(v.shape))).astype(np.float32) if "delta" in k else v
-                   for k, v in resumed.items()}
+        resumed = {
+            k: (v + 1e-3 * np.sign(rng.standard_normal(v.shape))).astype(np.float32) if "delta" in k else v
+            for k, v in resumed.items()
+        }
     return u, jitter(u), resumed
 
 
@@ -169,7 +183,10 @@ def test_run_to_run_bound_keeps_an_ulp_floor_when_the_repeat_is_bit_identical():
     assert b["checkpoint.loss"].allow == pytest.approx(8 * 8 * 2.0**-24 * 5.0)
     assert "ulp" in b["checkpoint.loss"].describe()
     _, _, lost = _runs(lost_state=True)
-    assert np.abs(lost["checkpoint.delta.w"].astype(np.float64) - u["checkpoint.delta.w"]).max() > 100 * b["checkpoint.delta.w"].allow
+    assert (
+        np.abs(lost["checkpoint.delta.w"].astype(np.float64) - u["checkpoint.delta.w"]).max()
+        > 100 * b["checkpoint.delta.w"].allow
+    )
 
 
 def test_run_to_run_bound_adds_each_elements_sensitivity():
@@ -236,7 +253,9 @@ def test_gpu_resume_check_end_to_end_on_the_cpu(monkeypatch, fixture):
     case = CASES[fixture]
     ok = audit(MLXBackend(), case, ["checkpoint"])
     assert ok.verdict == "pass", ok.stages[0].message
-    assert "run-to-run spread" in ok.stages[0].tolerance and any("resumed vs own" in t.name for t in ok.stages[0].tensors)
+    assert "run-to-run spread" in ok.stages[0].tolerance and any(
+        "resumed vs own" in t.name for t in ok.stages[0].tensors
+    )
     bad = audit(MutantBackend(MUTANTS["resume_loses_optimizer_state"]), case, ["checkpoint"])
     assert bad.verdict == "fail"
     assert any(f.code == "resume_state_lost" for f in bad.findings()[0])
@@ -259,17 +278,59 @@ def test_cpu_backends_stay_deterministic_and_exact():
 
 # --- the GPU bench's report, on the CPU ----------------------------------------------------------------
 
+
 def test_gpu_bench_table_and_markdown_from_synthetic_rows():
     from mlx_parity.harness import bench as B
 
-    rows = [{"framework": "torch", "size": "60M", "precision": "fp32", "variant": "sdpa", "median_s": 0.040, "params": 6e7, "tokens": 8192,
-             "tokens_per_s": 204800.0, "tflops": 20.0, "share_of_peak": 0.4},
-            {"framework": "mlx", "size": "60M", "precision": "fp32", "variant": "sdpa", "median_s": 0.044, "params": 6e7, "tokens": 8192,
-             "tokens_per_s": 186181.0, "tflops": 18.0, "share_of_peak": 0.36},
-            {"framework": "mlx", "size": "60M", "precision": "fp32", "variant": "explicit", "error": "MemoryError: out of memory"}]
+    rows = [
+        {
+            "framework": "torch",
+            "size": "60M",
+            "precision": "fp32",
+            "variant": "sdpa",
+            "median_s": 0.040,
+            "params": 6e7,
+            "tokens": 8192,
+            "tokens_per_s": 204800.0,
+            "tflops": 20.0,
+            "share_of_peak": 0.4,
+        },
+        {
+            "framework": "mlx",
+            "size": "60M",
+            "precision": "fp32",
+            "variant": "sdpa",
+            "median_s": 0.044,
+            "params": 6e7,
+            "tokens": 8192,
+            "tokens_per_s": 186181.0,
+            "tflops": 18.0,
+            "share_of_peak": 0.36,
+        },
+        {
+            "framework": "mlx",
+            "size": "60M",
+            "precision": "fp32",
+            "variant": "explicit",
+            "error": "MemoryError: out of memory",
+        },
+    ]
     table = B.gpu_table(rows)
     assert table[0]["ratio"] == pytest.approx(1.1) and table[0]["best_mlx"] == "sdpa"
-    md = B.gpu_markdown({"device": "gpu", "gpu": "H100", "versions": {}, "steps": 5, "warmup": 2, "seconds": 1.0, "command": "parity bench --device gpu",
-                         "peak_tflops": {"fp32": {"torch": 50.0}}, "table": table, "failures": {}, "skipped": ["mlx/1B/bf16"]})
+    md = B.gpu_markdown(
+        {
+            "device": "gpu",
+            "gpu": "H100",
+            "versions": {},
+            "steps": 5,
+            "warmup": 2,
+            "seconds": 1.0,
+            "command": "parity bench --device gpu",
+            "peak_tflops": {"fp32": {"torch": 50.0}},
+            "table": table,
+            "failures": {},
+            "skipped": ["mlx/1B/bf16"],
+        }
+    )
     assert "1.10× (sdpa)" in md and "out of memory" in md and "mlx/1B/bf16: skipped" in md
     assert B.gpu_precisions(None) == ["fp32", "tf32", "bf16"] and B.gpu_precisions(True) == ["tf32", "bf16"]

@@ -3,7 +3,6 @@ localisation of a failure no rule explains."""
 
 import shutil
 
-import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from mlx_parity.harness.audit import audit, judge
@@ -63,7 +62,14 @@ def test_a_stage_error_is_its_diagnosis():
 def test_a_scaled_learning_rate_is_named():
     from mlx_parity.harness.mutants import Mutant, MutantBackend, _opt
 
-    m = Mutant("lr_x2", "lr doubled", "optimizer", ("gqa_padded",), "learning_rate", settings=lambda s: _opt(lr=s.optimizer.lr * 2)(s))
+    m = Mutant(
+        "lr_x2",
+        "lr doubled",
+        "optimizer",
+        ("gqa_padded",),
+        "learning_rate",
+        settings=lambda s: _opt(lr=s.optimizer.lr * 2)(s),
+    )
     first = audit(MutantBackend(m), CASES["gqa_padded"]).first_failure()
     assert first.name == "optimizer" and first.diagnosis.code == "learning_rate"
     assert abs(first.diagnosis.evidence["update_ratio"] - 2.0) < 0.01

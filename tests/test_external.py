@@ -52,8 +52,10 @@ def test_the_request_links_the_checkpoint_instead_of_copying_it(tmp_path):
         assert b.read_bytes() == a.read_bytes()
 
 
-@pytest.mark.parametrize("mutant, fixture", [("no_shift", "gqa_padded"), ("bias_correction_flipped", "mha_sharded"),
-                                             ("weights_not_loaded", "gqa_padded")])
+@pytest.mark.parametrize(
+    "mutant, fixture",
+    [("no_shift", "gqa_padded"), ("bias_correction_flipped", "mha_sharded"), ("weights_not_loaded", "gqa_padded")],
+)
 def test_mutant_through_the_protocol_fails_with_its_diagnosis(mutant, fixture):
     from mlx_parity.harness.mutants import MUTANTS
 
@@ -63,12 +65,15 @@ def test_mutant_through_the_protocol_fails_with_its_diagnosis(mutant, fixture):
     assert first.diagnosis.code == m.expected_diagnosis
 
 
-@pytest.mark.parametrize("mode, stage, expected", [
-    ("crash", "forward", "exited with status 3: thread 'main' panicked"),
-    ("garbage", "loss", "is unreadable"),
-    ("nan", "gradients", "non-finite values"),
-    ("shape", "forward", "shape"),
-])
+@pytest.mark.parametrize(
+    "mode, stage, expected",
+    [
+        ("crash", "forward", "exited with status 3: thread 'main' panicked"),
+        ("garbage", "loss", "is unreadable"),
+        ("nan", "gradients", "non-finite values"),
+        ("shape", "forward", "shape"),
+    ],
+)
 def test_a_broken_stage_is_reported_and_the_audit_carries_on(mode, stage, expected):
     result = audit(broken(mode, stage), CASES["head"], ("weight_mapping", stage, "shifted_slices"))
     by = {s.name: s for s in result.stages}

@@ -11,9 +11,18 @@ from mlx_parity.reference.config import ConfigError, ModelConfig
 
 from .conftest import CASES
 
-BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8)
-LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=128)
+BASE = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+LLAMA3 = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=128
+)
 
 
 def test_the_family_fixtures_read_as_their_family():
@@ -22,7 +31,13 @@ def test_the_family_fixtures_read_as_their_family():
     assert (mistral.model_type, mistral.qkv_bias, mistral.num_key_value_heads) == ("mistral", False, 1)
     assert llama3.rope_type == "llama3" and dict(llama3.rope_scaling)["factor"] == 8.0
     qwen3 = ModelConfig.from_file(CASES["qwen3"].checkpoint)
-    assert (qwen3.model_type, qwen3.qk_norm, qwen3.qkv_bias, qwen3.o_bias, qwen3.mlp_bias) == ("qwen3", True, False, False, False)
+    assert (qwen3.model_type, qwen3.qk_norm, qwen3.qkv_bias, qwen3.o_bias, qwen3.mlp_bias) == (
+        "qwen3",
+        True,
+        False,
+        False,
+        False,
+    )
 
 
 def test_qwen3_norms_each_query_and_key_head_before_rope():
@@ -45,7 +60,13 @@ def test_qwen3_norms_each_query_and_key_head_before_rope():
 def test_both_layouts_give_one_config():
     t5 = ModelConfig.from_dict(BASE | {"rope_parameters": {"rope_theta": 5e5, **LLAMA3}})
     t4 = ModelConfig.from_dict(BASE | {"rope_theta": 5e5, "rope_scaling": {**LLAMA3}})
-    legacy = ModelConfig.from_dict(BASE | {"rope_theta": 5e5, "rope_scaling": {"type": "llama3", **{k: v for k, v in LLAMA3.items() if k != "rope_type"}}})
+    legacy = ModelConfig.from_dict(
+        BASE
+        | {
+            "rope_theta": 5e5,
+            "rope_scaling": {"type": "llama3", **{k: v for k, v in LLAMA3.items() if k != "rope_type"}},
+        }
+    )
     assert t5 == t4 == legacy and t5.rope_theta == 5e5
 
 
@@ -57,21 +78,24 @@ def test_rope_frequencies_are_transformers_own(rope):
     d = BASE | {"rope_parameters": {"rope_theta": 10000.0, **rope}, "max_position_embeddings": 256}
     ours = ModelConfig.from_dict(d).rope_inv_freq()
     init = ROPE_INIT_FUNCTIONS.get(rope["rope_type"])
-    theirs = (init(LlamaConfig(**d), "cpu")[0] if init else 10000.0 ** (-np.arange(0, 8, 2) / 8))
+    theirs = init(LlamaConfig(**d), "cpu")[0] if init else 10000.0 ** (-np.arange(0, 8, 2) / 8)
     np.testing.assert_allclose(ours, np.asarray(theirs, dtype=np.float64), rtol=1e-6)
 
 
-@pytest.mark.parametrize("config, key", [
-    ({"model_type": "gemma"}, "model_type"),
-    ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window"),
-    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
-    ({"model_type": "qwen3", "use_sliding_window": True}, "use_sliding_window"),
-    ({"model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-])
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ({"model_type": "gemma"}, "model_type"),
+        ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+        ({"model_type": "qwen3", "use_sliding_window": True}, "use_sliding_window"),
+        ({"model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
+        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ],
+)
 def test_what_is_not_supported_is_refused_by_name(config, key):
     with pytest.raises(ConfigError, match=key):
         ModelConfig.from_dict(BASE | config)

@@ -21,7 +21,9 @@ def _summary(result):
 def test_a_forward_bug_is_one_finding_and_the_rest_inherit_it():
     found, inherited = _summary(audit(get_backend("mutant:rope_theta_hardcoded"), CASES["mha_sharded"]))
     assert found == [("isolated_forward", "rope_base")]
-    assert inherited == {"forward": ["isolated_forward"]} | {s: ["isolated_forward"] for s in ("loss", "gradients", "optimizer", "trajectory", "checkpoint")}
+    assert inherited == {"forward": ["isolated_forward"]} | {
+        s: ["isolated_forward"] for s in ("loss", "gradients", "optimizer", "trajectory", "checkpoint")
+    }
 
 
 def test_a_loss_bug_is_found_in_the_isolated_loss_and_explains_the_end_to_end_failures():
@@ -47,10 +49,16 @@ def test_two_bugs_at_once_are_two_findings():
 
 
 def test_three_bugs_at_once_are_three_findings():
-    three = Mutant("rope+lambda+resume", "three bugs", "forward", ("tied",), "rope_base",
-                   config=lambda c: dataclasses.replace(c, rope_theta=10000.0),
-                   settings=lambda s: dataclasses.replace(s, loss=dataclasses.replace(s.loss, lam=0.0)),
-                   reset_optimizer_on_resume=True)
+    three = Mutant(
+        "rope+lambda+resume",
+        "three bugs",
+        "forward",
+        ("tied",),
+        "rope_base",
+        config=lambda c: dataclasses.replace(c, rope_theta=10000.0),
+        settings=lambda s: dataclasses.replace(s, loss=dataclasses.replace(s.loss, lam=0.0)),
+        reset_optimizer_on_resume=True,
+    )
     found, _ = _summary(audit(MutantBackend(three), CASES["tied"]))
     assert [f[0] for f in found] == ["checkpoint", "isolated_forward", "isolated_loss"]
     assert dict(found)["isolated_loss"] == "distrust_lambda" and dict(found)["checkpoint"] == "resume_state_lost"

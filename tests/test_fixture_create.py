@@ -42,8 +42,28 @@ def test_text_through_the_tokenizer_and_a_renumbered_vocabulary(tmp_path):
     src = checkpoint_with_tokenizer(tmp_path)
     text = tmp_path / "text.txt"
     text.write_text("the cell makes energy\nparis is a city\nrust is fast and safe\n")
-    r = runner.invoke(app, ["fixtures", "create", "mine", "--checkpoint", str(src), "--fixtures-dir", str(tmp_path / "fx"),
-                            "--layers", "1", "--vocab", "20", "--text", str(text), "--batch-size", "3", "--seq-len", "6"])
+    r = runner.invoke(
+        app,
+        [
+            "fixtures",
+            "create",
+            "mine",
+            "--checkpoint",
+            str(src),
+            "--fixtures-dir",
+            str(tmp_path / "fx"),
+            "--layers",
+            "1",
+            "--vocab",
+            "20",
+            "--text",
+            str(text),
+            "--batch-size",
+            "3",
+            "--seq-len",
+            "6",
+        ],
+    )
     assert r.exit_code == 0, r.output
     path = tmp_path / "fx" / "mine"
     cfg = json.loads((path / "checkpoint" / "config.json").read_text())
@@ -58,7 +78,9 @@ def test_text_through_the_tokenizer_and_a_renumbered_vocabulary(tmp_path):
     original = load_file(str(src / "model.safetensors"))
     assert np.array_equal(stored["model.embed_tokens.weight"], original["model.embed_tokens.weight"][kept])
     assert not any(k.startswith("model.layers.1.") for k in stored)
-    assert np.array_equal(stored["model.layers.0.self_attn.q_proj.bias"], original["model.layers.0.self_attn.q_proj.bias"])
+    assert np.array_equal(
+        stored["model.layers.0.self_attn.q_proj.bias"], original["model.layers.0.self_attn.q_proj.bias"]
+    )
     assert not (path / "checkpoint" / "tokenizer.json").exists()  # renumbered ids are not the tokenizer's any more
     assert check_hashes(tmp_path / "fx") == []
     r = runner.invoke(app, ["audit", "--fixtures-dir", str(tmp_path / "fx"), "-b", "mlx", "-b", "torch"])
@@ -69,9 +91,18 @@ def test_token_ids_a_bfloat16_copy_and_a_second_fixture_in_the_same_manifest(tmp
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps([[5, 9, 3, 70, 12], [1, 2, 3]]))
     fx = tmp_path / "fx"
-    create("one", CASES["mha_sharded"].checkpoint, fx, layers=1, token_ids=ids, batch_size=2, seq_len=5, dtype="bfloat16")
-    create("two", CASES["tied"].checkpoint, fx, token_ids=ids, batch_size=2, seq_len=5,
-           settings=_settings(tmp_path, {"trainable": "head", "steps": 2}))
+    create(
+        "one", CASES["mha_sharded"].checkpoint, fx, layers=1, token_ids=ids, batch_size=2, seq_len=5, dtype="bfloat16"
+    )
+    create(
+        "two",
+        CASES["tied"].checkpoint,
+        fx,
+        token_ids=ids,
+        batch_size=2,
+        seq_len=5,
+        settings=_settings(tmp_path, {"trainable": "head", "steps": 2}),
+    )
     manifest = json.loads((fx / MANIFEST).read_text())
     assert sorted(manifest["fixtures"]) == ["one", "two"] and check_hashes(fx) == []
     assert json.loads((fx / "one" / "checkpoint" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -86,13 +117,16 @@ def _settings(tmp_path, d):
     return f
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"vocab": 2}, "distinct tokens"),
-    ({"layers": 9}, "has 2 layers"),
-    ({"dtype": "float8"}, "--dtype float8"),
-    ({"text": None, "token_ids": None}, "exactly one of --text"),
-    ({"settings": {"trainable": "everything"}}, "settings"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"vocab": 2}, "distinct tokens"),
+        ({"layers": 9}, "has 2 layers"),
+        ({"dtype": "float8"}, "--dtype float8"),
+        ({"text": None, "token_ids": None}, "exactly one of --text"),
+        ({"settings": {"trainable": "everything"}}, "settings"),
+    ],
+)
 def test_what_cannot_be_built_is_refused_by_name(tmp_path, kwargs, message):
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps([[5, 9, 3], [1, 2, 3]]))
@@ -145,7 +179,9 @@ def test_audit_on_goldens_computed_now_from_a_checkpoint(tmp_path):
     r = runner.invoke(app, args + ["-b", "mutant:no_shift"])
     assert r.exit_code == 1 and "labels_not_shifted" in r.output
     bf16 = _settings(tmp_path, {"precision": "bfloat16", "trainable": "full"})
-    r = runner.invoke(app, args + ["--settings", str(bf16), "-b", "mlx", "-b", "torch", "-b", "mutant:float32_where_bfloat16"])
+    r = runner.invoke(
+        app, args + ["--settings", str(bf16), "-b", "mlx", "-b", "torch", "-b", "mutant:float32_where_bfloat16"]
+    )
     assert r.exit_code == 1 and "2/3 audits passed" in r.output and "precision_mismatch" in r.output, r.output
     assert set(Path(tempfile.gettempdir()).glob("parity-live-*")) == before  # nothing kept
     r = runner.invoke(app, ["audit", "--checkpoint", str(src), "-b", "mlx"])
@@ -181,7 +217,9 @@ def test_a_linked_fixture_keeps_its_weights_out_and_refuses_a_changed_source(tmp
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps([[5, 9, 3, 70, 12], [1, 2, 3, 4]]))
     fx = tmp_path / "fx"
-    path = create("linked", src, fx, layers=1, vocab=40, token_ids=ids, batch_size=2, seq_len=5, dtype="bfloat16", link=True)
+    path = create(
+        "linked", src, fx, layers=1, vocab=40, token_ids=ids, batch_size=2, seq_len=5, dtype="bfloat16", link=True
+    )
     assert not (path / "checkpoint").exists() and (path / "checkpoint.json").exists()
     assert check_hashes(fx) == []
     shutil.rmtree(tmp_path / "cache")  # the cut is made again from the source when audited
@@ -196,7 +234,7 @@ def test_a_linked_fixture_keeps_its_weights_out_and_refuses_a_changed_source(tmp
 
     save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CaseError, match="not the one the fixture was built on.*mlp.up_proj"):
-        Case(path).checkpoint
+        _ = Case(path).checkpoint
     shutil.rmtree(src)
     with pytest.raises(CaseError, match="which is not there"):
-        Case(path).checkpoint
+        _ = Case(path).checkpoint

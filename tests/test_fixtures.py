@@ -127,8 +127,20 @@ def test_fixtures_vary_every_convention_a_port_could_hard_code():
     takes more than one value across the bundled set."""
     from mlx_parity.harness.case import list_cases
 
-    seen = {k: set() for k in ("rope_theta", "head_dim_is_hidden_over_heads", "rms_norm_eps", "lambda", "alpha",
-                               "bias_correction", "layout", "gqa_batch_size", "accum_with_padding")}
+    seen = {
+        k: set()
+        for k in (
+            "rope_theta",
+            "head_dim_is_hidden_over_heads",
+            "rms_norm_eps",
+            "lambda",
+            "alpha",
+            "bias_correction",
+            "layout",
+            "gqa_batch_size",
+            "accum_with_padding",
+        )
+    }
     for case in list_cases():
         cfg = json.loads((case.checkpoint / "config.json").read_text())
         rope = cfg.get("rope_parameters") or {}

@@ -25,7 +25,9 @@ def test_correct_backends_pass_the_isolated_checks(backend):
         pytest.skip(f"{backend}: {b.unavailable()}")
     for name in ("lora", "clip_accum_warmup", "small_eps_bias"):
         r = _stages(audit(b, CASES[name], ISOLATED_STAGES))
-        assert [r[s].status for s in ISOLATED_STAGES] == ["pass"] * len(ISOLATED_STAGES), {s: r[s].message for s in ISOLATED_STAGES}
+        assert [r[s].status for s in ISOLATED_STAGES] == ["pass"] * len(ISOLATED_STAGES), {
+            s: r[s].message for s in ISOLATED_STAGES
+        }
 
 
 def test_a_forward_bug_does_not_mask_the_loss_and_optimizer():
@@ -38,13 +40,16 @@ def test_a_forward_bug_does_not_mask_the_loss_and_optimizer():
     assert failing == {"q_rope", "k_rope", "output"}, failing
 
 
-@pytest.mark.parametrize("mutant, fixture, stage, code", [
-    ("distrust_lambda_one", "lora", "isolated_loss", "distrust_lambda"),
-    ("padding_counted", "gqa_padded", "isolated_loss", "padding_counted"),
-    ("adam_eps_mismatch", "gqa_padded", "isolated_optimizer", "adam_eps"),
-    ("weight_decay_missing", "small_eps_bias", "isolated_optimizer", "weight_decay_missing"),
-    ("clipping_missing", "clip_accum_warmup", "isolated_optimizer", "clipping_missing"),
-])
+@pytest.mark.parametrize(
+    "mutant, fixture, stage, code",
+    [
+        ("distrust_lambda_one", "lora", "isolated_loss", "distrust_lambda"),
+        ("padding_counted", "gqa_padded", "isolated_loss", "padding_counted"),
+        ("adam_eps_mismatch", "gqa_padded", "isolated_optimizer", "adam_eps"),
+        ("weight_decay_missing", "small_eps_bias", "isolated_optimizer", "weight_decay_missing"),
+        ("clipping_missing", "clip_accum_warmup", "isolated_optimizer", "clipping_missing"),
+    ],
+)
 def test_an_isolated_check_names_the_bug_it_holds(mutant, fixture, stage, code):
     r = _stages(audit(get_backend(f"mutant:{mutant}"), CASES[fixture], ISOLATED_STAGES))
     assert r[stage].status == "fail" and r[stage].diagnosis.code == code, (r[stage].message, r[stage].diagnosis)

@@ -17,7 +17,8 @@ from safetensors.numpy import save_file
 from mlx_parity.harness.audit import audit
 from mlx_parity.harness.backends.base import Backend
 from mlx_parity.harness.protocol.client import read_response
-from mlx_parity.harness.stages import ALL_STAGES as STAGES, PREFIX, StageOutput
+from mlx_parity.harness.stages import ALL_STAGES as STAGES
+from mlx_parity.harness.stages import PREFIX, StageOutput
 
 from .conftest import CASES
 
@@ -26,7 +27,11 @@ CASE = CASES["head"]
 
 def correct_outputs(case) -> dict[str, StageOutput]:
     g = case.golden
-    out = {"weight_mapping": StageOutput(dict(case.initial_weights), {"load_report": {"missing": [], "unexpected": [], "mismatched": []}})}
+    out = {
+        "weight_mapping": StageOutput(
+            dict(case.initial_weights), {"load_report": {"missing": [], "unexpected": [], "mismatched": []}}
+        )
+    }
     for stage, prefix in PREFIX.items():
         out[stage] = StageOutput({k: v.copy() for k, v in g.items() if k.startswith(prefix)})
     ckpt = {k.replace("trajectory.", "checkpoint.", 1): v.copy() for k, v in g.items() if k.startswith("trajectory.")}
@@ -49,8 +54,22 @@ def test_the_correct_outputs_pass():
     assert audit(Canned(correct_outputs(CASE)), CASE).verdict == "pass"
 
 
-CORRUPTIONS = ["scalar_as_1", "extra_axis", "drop_axis", "to_int", "to_float16", "to_bool", "nan", "inf", "drop",
-               "extra", "object", "string", "empty", "transpose"]
+CORRUPTIONS = [
+    "scalar_as_1",
+    "extra_axis",
+    "drop_axis",
+    "to_int",
+    "to_float16",
+    "to_bool",
+    "nan",
+    "inf",
+    "drop",
+    "extra",
+    "object",
+    "string",
+    "empty",
+    "transpose",
+]
 
 
 def corrupt(out: StageOutput, how: str, name: str, data) -> StageOutput:
@@ -114,7 +133,9 @@ def test_a_malformed_stage_fails_alone(data):
     how = data.draw(st.sampled_from(CORRUPTIONS), label="corruption")
     broken = corrupt(outputs[stage], how, name, data)
     if stage == "weight_mapping" and data.draw(st.booleans(), label="bad load report"):
-        broken.meta["load_report"] = data.draw(st.sampled_from(["text", 3, ["a"], {"missing": "lm_head.weight"}, {"missing": [1, None]}]))
+        broken.meta["load_report"] = data.draw(
+            st.sampled_from(["text", 3, ["a"], {"missing": "lm_head.weight"}, {"missing": [1, None]}])
+        )
     if how not in ("object", "string") and data.draw(st.booleans(), label="through the protocol's files"):
         broken = through_files(broken, stage, data.draw(st.integers(0, 2**31), label="folder"))
     outputs[stage] = broken
@@ -148,7 +169,9 @@ def test_every_corruption_of_every_stage_fails_alone(how):
             outputs[stage] = corrupt(outputs[stage], how, name, Fixed(0))
             by_name = {s.name: s for s in audit(Canned(outputs), CASE).stages}
             assert by_name[stage].status == "fail" and by_name[stage].message, f"{how} of {name} at {stage} passed"
-            assert all(s.status == "pass" for n, s in by_name.items() if n != stage), f"{how} of {name} at {stage} spilled over"
+            assert all(s.status == "pass" for n, s in by_name.items() if n != stage), (
+                f"{how} of {name} at {stage} spilled over"
+            )
 
 
 def test_a_raising_diagnosis_rule_reports_itself(monkeypatch):
@@ -166,16 +189,36 @@ def test_a_raising_diagnosis_rule_reports_itself(monkeypatch):
     assert [s.status for s in result.stages if s.name != "loss"] == ["pass"] * (len(STAGES) - 1)
 
 
-@pytest.mark.parametrize("write, message", [
-    (lambda d: (d / "loss.safetensors").write_bytes(b"\x00\x01garbage"), "unreadable"),
-    (lambda d: (save_file({"loss.ce": np.zeros((), np.float32)}, str(d / "loss.safetensors")), (d / "loss.json").write_text("{nope")), "not JSON"),
-    (lambda d: (save_file({"loss.ce": np.zeros((), np.float32)}, str(d / "loss.safetensors")), (d / "loss.json").write_text("[1, 2]")), "is not of type 'object'"),
-    (lambda d: (save_file({"loss.ce": np.zeros((), np.float32)}, str(d / "loss.safetensors")),
-                (d / "loss.json").write_text('{"load_report": {"missing": "lm_head.weight"}}')), "breaks the protocol's schema"),
-    (lambda d: (d / "loss.safetensors").write_bytes(b"\x00" * 5000), "more than the"),
-    (lambda d: None, "wrote no loss.safetensors"),
-    (lambda d: (d / "loss.error").write_bytes(b"\xff\xfe panic in port"), "the port reported"),
-])
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (lambda d: (d / "loss.safetensors").write_bytes(b"\x00\x01garbage"), "unreadable"),
+        (
+            lambda d: (
+                save_file({"loss.ce": np.zeros((), np.float32)}, str(d / "loss.safetensors")),
+                (d / "loss.json").write_text("{nope"),
+            ),
+            "not JSON",
+        ),
+        (
+            lambda d: (
+                save_file({"loss.ce": np.zeros((), np.float32)}, str(d / "loss.safetensors")),
+                (d / "loss.json").write_text("[1, 2]"),
+            ),
+            "is not of type 'object'",
+        ),
+        (
+            lambda d: (
+                save_file({"loss.ce": np.zeros((), np.float32)}, str(d / "loss.safetensors")),
+                (d / "loss.json").write_text('{"load_report": {"missing": "lm_head.weight"}}'),
+            ),
+            "breaks the protocol's schema",
+        ),
+        (lambda d: (d / "loss.safetensors").write_bytes(b"\x00" * 5000), "more than the"),
+        (lambda d: None, "wrote no loss.safetensors"),
+        (lambda d: (d / "loss.error").write_bytes(b"\xff\xfe panic in port"), "the port reported"),
+    ],
+)
 def test_malformed_response_files_are_the_stages_error(tmp_path, write, message):
     write(tmp_path)
     out = read_response(tmp_path, "loss", limit=4096)

@@ -17,7 +17,9 @@ from mlx_parity.harness.backends.mlx_rs import RUST_INJECTIONS, extension_built
 from .conftest import CASES
 
 if shutil.which("cargo") is None and not (Path.home() / ".cargo" / "bin" / "cargo").exists():
-    pytest.skip("no Rust toolchain (cargo) on this machine: the mlx-rs port cannot be built here", allow_module_level=True)
+    pytest.skip(
+        "no Rust toolchain (cargo) on this machine: the mlx-rs port cannot be built here", allow_module_level=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +52,22 @@ def trainer(P, **settings):
     return P.Trainer(str(CASE.checkpoint), json.dumps({**CASE.settings_dict, **settings}))
 
 
-@pytest.mark.parametrize("change, exc", [
-    ({"auth_weight": np.full(4, 1.0, np.float32)}, ValueError),
-    ({"prov_entropy": np.full(4, -1.0, np.float32)}, ValueError),
-    ({"prov_entropy": np.full(4, np.nan, np.float32)}, ValueError),
-])
+@pytest.mark.parametrize(
+    "change, exc",
+    [
+        ({"auth_weight": np.full(4, 1.0, np.float32)}, ValueError),
+        ({"prov_entropy": np.full(4, -1.0, np.float32)}, ValueError),
+        ({"prov_entropy": np.full(4, np.nan, np.float32)}, ValueError),
+    ],
+)
 def test_bad_batch_is_a_python_exception(P, change, exc):
     with pytest.raises(exc):
         trainer(P).loss(CASE.batch | change)
 
 
-@pytest.mark.parametrize("settings", [{"loss": {"alpha": 3.5, "lambda": 1.0}}, {"inject": "bogus"}, {"learning_rate": 1}])
+@pytest.mark.parametrize(
+    "settings", [{"loss": {"alpha": 3.5, "lambda": 1.0}}, {"inject": "bogus"}, {"learning_rate": 1}]
+)
 def test_bad_settings_are_a_python_exception(P, settings):
     with pytest.raises(ValueError):
         trainer(P, **settings)
@@ -86,7 +93,8 @@ def test_a_half_precision_checkpoint_loads_into_float32_exactly(P, tmp_path, dty
     """Released models are stored in bfloat16: the port loads them into its float32 (master) weights exactly,
     as the reference does."""
     import torch
-    from safetensors.torch import load_file as load_torch, save_file as save_torch
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
 
     from mlx_parity.reference.settings import TrainSettings
     from mlx_parity.reference.trainer import Trainer
@@ -99,7 +107,9 @@ def test_a_half_precision_checkpoint_loads_into_float32_exactly(P, tmp_path, dty
     ref, _ = Trainer.from_pretrained(ck, TrainSettings.from_dict(CASE.settings_dict))
     half = {k: v.float().numpy() for k, v in load_torch(str(f)).items()}
     for k, v in rust.items():
-        assert v.dtype == np.float32 and np.array_equal(v, half[k]) and np.array_equal(v, np.array(ref.parameters()[k])), k
+        assert (
+            v.dtype == np.float32 and np.array_equal(v, half[k]) and np.array_equal(v, np.array(ref.parameters()[k]))
+        ), k
 
 
 def test_reference_resumes_a_rust_checkpoint_exactly(P, tmp_path):

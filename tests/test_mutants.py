@@ -12,8 +12,18 @@ PAIRS = [(m, f) for m in MUTANTS.values() for f in m.fixtures]
 
 
 def test_mutants_cover_design_bug_list():
-    design = {"weights_not_loaded", "no_shift", "forward_only", "optimizer_disconnected", "silent_fallback", "key_prefix",
-              "bias_correction_flipped", "rmsnorm_eps_hardcoded", "tied_embeddings_ignored", "padding_counted"}
+    design = {
+        "weights_not_loaded",
+        "no_shift",
+        "forward_only",
+        "optimizer_disconnected",
+        "silent_fallback",
+        "key_prefix",
+        "bias_correction_flipped",
+        "rmsnorm_eps_hardcoded",
+        "tied_embeddings_ignored",
+        "padding_counted",
+    }
     assert design <= set(MUTANTS)
 
 

@@ -25,7 +25,7 @@ H, K, D, THETA = 4, 2, 8, 10000.0
 def rope(x, positions, base=THETA):
     inv = base ** (-np.arange(0, D, 2) / D)
     ang = np.concatenate([np.outer(positions, inv)] * 2, -1)
-    a, b = x[..., : D // 2], x[..., D // 2:]
+    a, b = x[..., : D // 2], x[..., D // 2 :]
     return x * np.cos(ang) + np.concatenate([-b, a], -1) * np.sin(ang)
 
 
@@ -122,16 +122,27 @@ def test_an_unexplained_piece_is_localised_to_that_piece():
     v = G["layer.1.down"].copy()
     v[0, 2, 5] += 0.1
     d = only("layer.1.down", v)
-    assert d.code == "piece_divergence" and d.pieces == ["layer.1.down"] and d.parameters == ["model.layers.1.mlp.down_proj"]
+    assert (
+        d.code == "piece_divergence"
+        and d.pieces == ["layer.1.down"]
+        and d.parameters == ["model.layers.1.mlp.down_proj"]
+    )
 
 
-@pytest.mark.parametrize("mutant, fixture, code", [
-    ("rope_traditional", "gqa_padded", "rope_pairing"), ("rope_theta_hardcoded", "tied", "rope_base"),
-    ("attention_scale_wrong", "mha_sharded", "attention_scale"), ("causal_mask_flipped", "tied", "causal_mask"),
-    ("gqa_tiled_heads", "gqa_single", "gqa_head_mapping"), ("mlp_gelu", "head", "mlp_activation"),
-    ("rmsnorm_eps_hardcoded", "gqa_single", "rmsnorm_eps"), ("attention_bias_ignored", "small_eps_bias", "bias_missing"),
-    ("lora_scale_ignored", "lora", "lora_scale"),
-])
+@pytest.mark.parametrize(
+    "mutant, fixture, code",
+    [
+        ("rope_traditional", "gqa_padded", "rope_pairing"),
+        ("rope_theta_hardcoded", "tied", "rope_base"),
+        ("attention_scale_wrong", "mha_sharded", "attention_scale"),
+        ("causal_mask_flipped", "tied", "causal_mask"),
+        ("gqa_tiled_heads", "gqa_single", "gqa_head_mapping"),
+        ("mlp_gelu", "head", "mlp_activation"),
+        ("rmsnorm_eps_hardcoded", "gqa_single", "rmsnorm_eps"),
+        ("attention_bias_ignored", "small_eps_bias", "bias_missing"),
+        ("lora_scale_ignored", "lora", "lora_scale"),
+    ],
+)
 def test_each_forward_bug_is_one_finding_at_its_piece(mutant, fixture, code):
     found, _ = audit(get_backend(f"mutant:{mutant}"), CASES[fixture]).findings()
     assert [(f.stage, f.code) for f in found] == [("isolated_forward", code)], found
@@ -154,7 +165,9 @@ def test_a_transposed_gradient_is_named():
 
 def test_a_gradient_with_its_heads_in_another_order_is_named():
     name = "grad.model.layers.1.self_attn.q_proj.weight"  # [heads·head_dim, hidden]: heads 0 and 1 exchanged
-    d = _gradient_diagnosis(lambda t: t.__setitem__(name, np.concatenate([t[name][D:2 * D], t[name][:D], t[name][2 * D:]])))
+    d = _gradient_diagnosis(
+        lambda t: t.__setitem__(name, np.concatenate([t[name][D : 2 * D], t[name][:D], t[name][2 * D :]]))
+    )
     assert d.code == "gradient_layout" and d.evidence["reordered"] == [name.removeprefix("grad.")]
 
 
@@ -163,5 +176,6 @@ def test_gradients_under_each_others_names_are_named():
 
     def swap(t):
         t[a], t[b] = t[b], t[a]
+
     d = _gradient_diagnosis(swap)
     assert d.code == "gradient_names" and d.evidence["holds"][a.removeprefix("grad.")] == b.removeprefix("grad.")

@@ -52,8 +52,15 @@ def test_plugin_stage_items_without_a_backend_fail(pytester):
 
 def test_plugin_gives_one_item_per_fixture_and_stage(pytester):
     pytester.makepyfile(STAGE_TEST)
-    result = pytester.runpytest("--parity-backend", "mutant:no_shift", "--parity-fixture", "gqa_padded", "-v",
-                                "--junitxml", str(pytester.path / "junit.xml"))
+    result = pytester.runpytest(
+        "--parity-backend",
+        "mutant:no_shift",
+        "--parity-fixture",
+        "gqa_padded",
+        "-v",
+        "--junitxml",
+        str(pytester.path / "junit.xml"),
+    )
     # weights and forward come before the bug; the isolated forward, optimizer and schedule checks, on the reference's inputs, pass
     result.assert_outcomes(passed=5, failed=7)
     out = result.stdout.str()

@@ -48,7 +48,9 @@ def test_bfloat16_weights_are_the_checkpoint_rounded():
     w = case.initial_weights[name]
     assert np.array_equal(np.array(mx.array(w).astype(mx.bfloat16).astype(mx.float32)), w)
     raw = np.array(mx.load(str(case.checkpoint / "model.safetensors"))[name.removeprefix("weights.")])
-    assert not np.array_equal(raw, w), "the float32 checkpoint already holds bfloat16 values: the fixture no longer tests the rounding"
+    assert not np.array_equal(raw, w), (
+        "the float32 checkpoint already holds bfloat16 values: the fixture no longer tests the rounding"
+    )
 
 
 @pytest.mark.parametrize("fixture", ["bf16_lora", "bf16_full"])
@@ -57,16 +59,19 @@ def test_the_torch_twin_in_bfloat16_passes_every_stage(fixture):
     assert result.verdict == "pass", result.first_failure().message
 
 
-@pytest.mark.parametrize("fixture, stage, prefix, name, caught", [
-    ("bf16_full", "forward", "forward.", "forward.logits", 0.1),
-    ("bf16_full", "loss", "loss.", "loss.ce", 5e-4),
-    ("bf16_full", "gradients", "grad.", "grad.model.layers.0.mlp.down_proj.weight", 0.5),
-    ("bf16_lora", "gradients", "grad.", "grad.model.layers.1.self_attn.v_proj.lora_b", 0.2),
-    ("bf16_lora", "optimizer", "optimizer.", "optimizer.delta.model.layers.1.self_attn.v_proj.lora_b", 5e-5),
-    ("bf16_full", "optimizer", "optimizer.", "optimizer.delta.lm_head.weight", 5e-2),
-    ("bf16_lora", "trajectory", "trajectory.", "trajectory.delta.model.layers.1.self_attn.v_proj.lora_b", 2e-2),
-    ("bf16_full", "trajectory", "trajectory.", "trajectory.delta.lm_head.weight", 0.1),
-])
+@pytest.mark.parametrize(
+    "fixture, stage, prefix, name, caught",
+    [
+        ("bf16_full", "forward", "forward.", "forward.logits", 0.1),
+        ("bf16_full", "loss", "loss.", "loss.ce", 5e-4),
+        ("bf16_full", "gradients", "grad.", "grad.model.layers.0.mlp.down_proj.weight", 0.5),
+        ("bf16_lora", "gradients", "grad.", "grad.model.layers.1.self_attn.v_proj.lora_b", 0.2),
+        ("bf16_lora", "optimizer", "optimizer.", "optimizer.delta.model.layers.1.self_attn.v_proj.lora_b", 5e-5),
+        ("bf16_full", "optimizer", "optimizer.", "optimizer.delta.lm_head.weight", 5e-2),
+        ("bf16_lora", "trajectory", "trajectory.", "trajectory.delta.model.layers.1.self_attn.v_proj.lora_b", 2e-2),
+        ("bf16_full", "trajectory", "trajectory.", "trajectory.delta.lm_head.weight", 0.1),
+    ],
+)
 def test_bfloat16_bound_fails_the_documented_error_and_passes_a_bfloat16_rounding(fixture, stage, prefix, name, caught):
     case = CASES[fixture]
     g = case.golden[name].astype(np.float64)

@@ -44,11 +44,13 @@ def test_causal_prefix_check_can_fail(monkeypatch):
     assert not np.allclose(prefix.numpy(), full.numpy()[:, :-1], rtol=1e-5, atol=1e-5)
 
 
-batch_meta = st.integers(1, 3).flatmap(lambda B: st.tuples(
-    st.lists(st.floats(0.0, 0.99), min_size=B, max_size=B),
-    st.lists(st.floats(0.0, 10.0), min_size=B, max_size=B),
-    st.floats(2.3, 3.0),
-))
+batch_meta = st.integers(1, 3).flatmap(
+    lambda B: st.tuples(
+        st.lists(st.floats(0.0, 0.99), min_size=B, max_size=B),
+        st.lists(st.floats(0.0, 10.0), min_size=B, max_size=B),
+        st.floats(2.3, 3.0),
+    )
+)
 
 
 @settings(max_examples=20, deadline=None)

@@ -42,8 +42,14 @@ def test_transformers_agrees_on_the_real_model(smollm2):
 
 
 def test_a_learning_rate_0_1_percent_high_fails_the_real_model(smollm2):
-    bug = Mutant("lr_0.1pct", "learning rate 0.1 % high", "optimizer", (), "learning_rate",
-                 settings=lambda s: _opt(lr=s.optimizer.lr * 1.001)(s))
+    bug = Mutant(
+        "lr_0.1pct",
+        "learning rate 0.1 % high",
+        "optimizer",
+        (),
+        "learning_rate",
+        settings=lambda s: _opt(lr=s.optimizer.lr * 1.001)(s),
+    )
     result = audit(MutantBackend(bug), smollm2, ("optimizer", "trajectory"))
     assert [s.status for s in result.stages] == ["fail", "fail"]
 
@@ -51,7 +57,9 @@ def test_a_learning_rate_0_1_percent_high_fails_the_real_model(smollm2):
 def test_one_padding_token_counted_fails_the_real_model(smollm2):
     from .test_tolerances import OnePaddingTokenCounted
 
-    bug = Mutant("one_pad_token", "one padding token counted", "loss", (), "padding_counted", trainer=OnePaddingTokenCounted)
+    bug = Mutant(
+        "one_pad_token", "one padding token counted", "loss", (), "padding_counted", trainer=OnePaddingTokenCounted
+    )
     result = audit(MutantBackend(bug), smollm2, ("loss",))
     assert result.stages[0].status == "fail", result.stages[0].message
 
@@ -73,8 +81,19 @@ def test_training_the_real_model_reads_text_with_its_own_tokenizer(smollm2, tmp_
         assert ours.encode(r["text"]) == theirs(r["text"])["input_ids"]
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"trainable": "head", "optimizer": {"lr": 1e-4}}))
-    first, _ = run_training(checkpoint=ckpt, data=None, out=tmp_path / "run", settings_path=settings, steps=1, batch_size=2,
-                            seq_len=32, save_every=1, resume=None, seed=0, console=Console(quiet=True))
+    first, _ = run_training(
+        checkpoint=ckpt,
+        data=None,
+        out=tmp_path / "run",
+        settings_path=settings,
+        steps=1,
+        batch_size=2,
+        seq_len=32,
+        save_every=1,
+        resume=None,
+        seed=0,
+        console=Console(quiet=True),
+    )
     batch = batch_for_step(rows, 0, 2, 32, 0, ours)
     ids, mask = torch.as_tensor(batch["input_ids"], dtype=torch.long), torch.as_tensor(batch["attention_mask"])
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()

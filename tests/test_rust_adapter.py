@@ -17,7 +17,9 @@ from mlx_parity.harness.protocol.client import read_response, set_stages, write_
 from .conftest import CASES
 
 if shutil.which("cargo") is None and not (Path.home() / ".cargo" / "bin" / "cargo").exists():
-    pytest.skip("no Rust toolchain (cargo) on this machine: the Rust adapter cannot be built here", allow_module_level=True)
+    pytest.skip(
+        "no Rust toolchain (cargo) on this machine: the Rust adapter cannot be built here", allow_module_level=True
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +49,9 @@ def test_the_binary_refuses_a_wrong_invocation_and_answers_each_stage_in_files(t
     write_request(case, tmp_path / "req", isolated=True)
     set_stages(tmp_path / "req", case, ["weight_mapping", "isolated_forward"])
     (tmp_path / "resp").mkdir()
-    subprocess.run([str(ADAPTER_BINARY), str(tmp_path / "req"), str(tmp_path / "resp")], check=True, capture_output=True)
+    subprocess.run(
+        [str(ADAPTER_BINARY), str(tmp_path / "req"), str(tmp_path / "resp")], check=True, capture_output=True
+    )
     wm = read_response(tmp_path / "resp", "weight_mapping")
     assert not wm.error and set(wm.meta["load_report"]) == {"missing", "unexpected", "mismatched", "ignored"}
     assert any(k.endswith(".lora_a") for k in wm.tensors)

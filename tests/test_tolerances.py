@@ -9,7 +9,6 @@ import pytest
 from mlx_parity.harness.audit import audit
 from mlx_parity.harness.mutants import Mutant, MutantBackend, _opt
 from mlx_parity.harness.tolerances import TOLERANCES, tolerance
-from mlx_parity.reference import loss as L
 from mlx_parity.reference.trainer import Trainer
 
 from .conftest import CASES, judge_with
@@ -26,13 +25,50 @@ class OnePaddingTokenCounted(Trainer):
 
 
 SMALL_BUGS = [
-    (Mutant("eps_1e-6", "RMSNorm eps 1e-6 where the config says 1e-5", "forward", ("gqa_padded",), "rmsnorm_eps",
-            config=lambda c: dataclasses.replace(c, rms_norm_eps=1e-6)), "forward"),
-    (Mutant("one_pad_token", "one padding token counted", "loss", ("gqa_padded",), "padding_counted", trainer=OnePaddingTokenCounted), "loss"),
-    (Mutant("lr_0.1pct", "learning rate 0.1 % high", "optimizer", ("gqa_padded",), "learning_rate",
-            settings=lambda s: _opt(lr=s.optimizer.lr * 1.001)(s)), "optimizer"),
-    (Mutant("adam_eps_1e-7", "AdamW eps 1e-7 instead of 1e-8", "optimizer", ("gqa_padded",), "adam_eps",
-            settings=_opt(eps=1e-7)), "optimizer"),
+    (
+        Mutant(
+            "eps_1e-6",
+            "RMSNorm eps 1e-6 where the config says 1e-5",
+            "forward",
+            ("gqa_padded",),
+            "rmsnorm_eps",
+            config=lambda c: dataclasses.replace(c, rms_norm_eps=1e-6),
+        ),
+        "forward",
+    ),
+    (
+        Mutant(
+            "one_pad_token",
+            "one padding token counted",
+            "loss",
+            ("gqa_padded",),
+            "padding_counted",
+            trainer=OnePaddingTokenCounted,
+        ),
+        "loss",
+    ),
+    (
+        Mutant(
+            "lr_0.1pct",
+            "learning rate 0.1 % high",
+            "optimizer",
+            ("gqa_padded",),
+            "learning_rate",
+            settings=lambda s: _opt(lr=s.optimizer.lr * 1.001)(s),
+        ),
+        "optimizer",
+    ),
+    (
+        Mutant(
+            "adam_eps_1e-7",
+            "AdamW eps 1e-7 instead of 1e-8",
+            "optimizer",
+            ("gqa_padded",),
+            "adam_eps",
+            settings=_opt(eps=1e-7),
+        ),
+        "optimizer",
+    ),
 ]
 
 
@@ -44,13 +80,16 @@ def test_smallest_bug_fails_its_stage(mutant, stage):
     assert first.name == stage, f"{mutant.description} first failed at {first.name}: {first.message}"
 
 
-@pytest.mark.parametrize("stage, prefix, name, caught, passes", [
-    ("forward", "forward.", "forward.logits", 2e-6, 1e-7),
-    ("loss", "loss.", "loss.ce", 2e-6, 1e-7),
-    ("gradients", "grad.", "grad.model.layers.1.mlp.down_proj.weight", 2e-5, 1e-7),
-    ("optimizer", "optimizer.", "optimizer.delta.lm_head.weight", 5e-4, 1e-6),
-    ("trajectory", "trajectory.", "trajectory.delta.lm_head.weight", 1e-3, 1e-6),
-])
+@pytest.mark.parametrize(
+    "stage, prefix, name, caught, passes",
+    [
+        ("forward", "forward.", "forward.logits", 2e-6, 1e-7),
+        ("loss", "loss.", "loss.ce", 2e-6, 1e-7),
+        ("gradients", "grad.", "grad.model.layers.1.mlp.down_proj.weight", 2e-5, 1e-7),
+        ("optimizer", "optimizer.", "optimizer.delta.lm_head.weight", 5e-4, 1e-6),
+        ("trajectory", "trajectory.", "trajectory.delta.lm_head.weight", 1e-3, 1e-6),
+    ],
+)
 def test_bound_fails_the_smallest_documented_error_and_passes_rounding(stage, prefix, name, caught, passes):
     case = CASES["gqa_padded"]
     g = case.golden[name].astype(np.float64)

@@ -17,8 +17,10 @@ from mlx_parity.harness.truth import gradient_bounds
 from .conftest import CASES
 
 
-@pytest.mark.parametrize("fixture, trainable", [("lora", "lora"), ("head", "head"), ("bf16_lora", "lora"),
-                                                ("small_eps_bias", "lora"), ("tied", "lora")])
+@pytest.mark.parametrize(
+    "fixture, trainable",
+    [("lora", "lora"), ("head", "head"), ("bf16_lora", "lora"), ("small_eps_bias", "lora"), ("tied", "lora")],
+)
 def test_the_float64_truth_keeps_frozen_weights_as_stored_and_computes_the_same(fixture, trainable):
     """Frozen weights (biases, tied embeddings) stay float32 (bfloat16 under that precision) and are widened
     where used, so the truth of a LoRA step on a real model holds it once; the loss and gradients are bit for

@@ -54,8 +54,15 @@ def test_twin_name_map_is_its_own():
 
 def test_hf_defaults_differ_from_mlx_defaults():
     """LlamaConfig's defaults, not MLX's: eps 1e-6 and untied heads when the config is silent."""
-    cfg = ModelConfig.from_dict({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2})
-    assert cfg.rms_norm_eps == 1e-6 and cfg.tie_word_embeddings is False and cfg.num_key_value_heads == 2 and cfg.head_dim == 4
+    cfg = ModelConfig.from_dict(
+        {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    )
+    assert (
+        cfg.rms_norm_eps == 1e-6
+        and cfg.tie_word_embeddings is False
+        and cfg.num_key_value_heads == 2
+        and cfg.head_dim == 4
+    )
 
 
 def test_a_bfloat16_checkpoint_loads_exactly_into_float32_in_both_frameworks():
@@ -75,6 +82,8 @@ def test_a_bfloat16_checkpoint_loads_exactly_into_float32_in_both_frameworks():
     theirs = {k: v.numpy() for k, v in twin.parameters().items()}
     for k, t in stored.items():
         want = t.float().numpy()
-        assert np.array(mlx.parameters()[k]).dtype == np.float32 and np.array_equal(np.array(mlx.parameters()[k]), want), k
+        assert np.array(mlx.parameters()[k]).dtype == np.float32 and np.array_equal(
+            np.array(mlx.parameters()[k]), want
+        ), k
         assert np.array_equal(np.asarray(theirs[k]), want), k
         assert np.array_equal(case.initial_weights[f"weights.{k}"], want), k

@@ -13,7 +13,9 @@ import importlib.util
 from ..stages import STAGES, StageOutput
 from .base import Backend, BackendError, TrainerBackend
 
-TWIN_MISSING = "torch is not installed: the twin is an extra (pip install 'mlx-parity[twin]'); auditing a port needs only mlx"
+TWIN_MISSING = (
+    "torch is not installed: the twin is an extra (pip install 'mlx-parity[twin]'); auditing a port needs only mlx"
+)
 
 
 class MissingBackend(Backend):
@@ -53,7 +55,7 @@ def get_backend(name: str, timeout: float | None = None, in_process: bool = Fals
 
         kind, command = (s.strip() for s in name.split(":", 1))
         if not command:
-            raise BackendError(f"{kind}: needs a command line, e.g. \"{kind}:./my-port-adapter\"")
+            raise BackendError(f'{kind}: needs a command line, e.g. "{kind}:./my-port-adapter"')
         return ExternalBackend(command, timeout or DEFAULT_TIMEOUT_S, one_process=kind == "cmd-once")
     if name.startswith("mutant:"):
         from ..mutants import MUTANTS, MutantBackend

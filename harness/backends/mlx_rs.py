@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import TrainerBackend, TrainerSession
 from ..protocol.client import DEFAULT_TIMEOUT_S, ExternalBackend
+from .base import TrainerBackend, TrainerSession
 
 # injection -> (stage that must catch it, expected diagnosis, fixtures that expose it)
 RUST_INJECTIONS = {
@@ -50,7 +50,9 @@ class MlxRsSession(TrainerSession):
         return {k: np.asarray(v) for k, v in out.items()}
 
     def shifted(self, input_ids, attention_mask):
-        return self.t.shifted(np.ascontiguousarray(input_ids, dtype=np.int32), np.ascontiguousarray(attention_mask, dtype=np.int32))
+        return self.t.shifted(
+            np.ascontiguousarray(input_ids, dtype=np.int32), np.ascontiguousarray(attention_mask, dtype=np.int32)
+        )
 
 
 class MlxRsInProcess(TrainerBackend):
@@ -88,7 +90,11 @@ class MlxRsBinaryBackend(ExternalBackend):
         super().__init__(command, timeout=timeout, name="mlx-rs-bin" + (f":{inject}" if inject else ""))
 
     def unavailable(self) -> str | None:
-        return None if ADAPTER_BINARY.exists() else f"the mlx-rs adapter binary ({ADAPTER_BINARY.name}) is not built: run `make rust`"
+        return (
+            None
+            if ADAPTER_BINARY.exists()
+            else f"the mlx-rs adapter binary ({ADAPTER_BINARY.name}) is not built: run `make rust`"
+        )
 
 
 class MlxRsBackend(ExternalBackend):
@@ -96,7 +102,9 @@ class MlxRsBackend(ExternalBackend):
 
     def __init__(self, inject: str | None = None, timeout: float = DEFAULT_TIMEOUT_S):
         name = "mlx-rs" + (f":{inject}" if inject else "")
-        super().__init__(f"{shlex.quote(sys.executable)} -m mlx_parity.harness.protocol.server {name}", timeout=timeout, name=name)
+        super().__init__(
+            f"{shlex.quote(sys.executable)} -m mlx_parity.harness.protocol.server {name}", timeout=timeout, name=name
+        )
 
     def unavailable(self) -> str | None:
         return None if extension_built() else NOT_BUILT

@@ -53,12 +53,16 @@ class TorchBackend(TrainerBackend):
         update in turn: float64 only."""
         self.dtype = dtype
         offsets = None if grad_offset is None else [grad_offset] if isinstance(grad_offset, dict) else list(grad_offset)
-        self.grad_offset = None if offsets is None else [{k: torch.as_tensor(v, dtype=dtype) for k, v in o.items()} for o in offsets]
+        self.grad_offset = (
+            None if offsets is None else [{k: torch.as_tensor(v, dtype=dtype) for k, v in o.items()} for o in offsets]
+        )
         if dtype != torch.float32:
             self.name = f"torch-{str(dtype).removeprefix('torch.')}"
 
     def open(self, case, strict: bool = True) -> TorchSession:
-        trainer, report = TwinTrainer.from_pretrained(case.checkpoint, case.settings, case.lora_init, strict=strict, dtype=self.dtype)
+        trainer, report = TwinTrainer.from_pretrained(
+            case.checkpoint, case.settings, case.lora_init, strict=strict, dtype=self.dtype
+        )
         return TorchSession(on_device(trainer), report.to_dict(), self.grad_offset)
 
     def resume(self, case, path: Path) -> TorchSession:

@@ -23,11 +23,20 @@ from .weights import weights
 
 __all__ = ["CODES", "RULES", "Diagnosis", "diagnose", "localise"]
 
-RULES = {"weight_mapping": weights, "forward": forward, "shifted_slices": shifted, "loss": loss,
-         "gradients": gradients, "optimizer": optimizer, "trajectory": trajectory, "checkpoint": checkpoint,
-         "isolated_forward": forward_pieces,
-         "isolated_loss": isolated(loss, "isolated.loss."), "isolated_optimizer": isolated(optimizer, "isolated.optimizer."),
-         "isolated_schedule": schedule}
+RULES = {
+    "weight_mapping": weights,
+    "forward": forward,
+    "shifted_slices": shifted,
+    "loss": loss,
+    "gradients": gradients,
+    "optimizer": optimizer,
+    "trajectory": trajectory,
+    "checkpoint": checkpoint,
+    "isolated_forward": forward_pieces,
+    "isolated_loss": isolated(loss, "isolated.loss."),
+    "isolated_optimizer": isolated(optimizer, "isolated.optimizer."),
+    "isolated_schedule": schedule,
+}
 
 
 def localise(result) -> Diagnosis:
@@ -38,9 +47,18 @@ def localise(result) -> Diagnosis:
     if w.problem:
         return Diagnosis("unexplained", f"{w.name}: {w.problem}", {"tensor": w.name})
     layer = re.search(r"layers?\.(\d+)\.", w.name)
-    return Diagnosis("unexplained", f"no known cause matched; largest error in {w.name}"
-                     + (f" (layer {layer.group(1)})" if layer else ""),
-                     {"tensor": w.name, "max_abs": w.max_abs, "max_rel": w.max_rel, "where": w.where, "mismatched": w.mismatched, "of": w.total})
+    return Diagnosis(
+        "unexplained",
+        f"no known cause matched; largest error in {w.name}" + (f" (layer {layer.group(1)})" if layer else ""),
+        {
+            "tensor": w.name,
+            "max_abs": w.max_abs,
+            "max_rel": w.max_rel,
+            "where": w.where,
+            "mismatched": w.mismatched,
+            "of": w.total,
+        },
+    )
 
 
 def diagnose(result, out, case) -> list[Diagnosis]:

@@ -76,6 +76,5 @@ def common_affix(names: list[str]) -> str:
     return prefix
 
 
-
 def initial(case, name: str) -> np.ndarray | None:
     return case.initial_weights.get(f"weights.{name}")

@@ -14,6 +14,9 @@ def forward(result, out, case) -> Diagnosis | None:
     if first is None:
         return None
     layer = first.name.rsplit(".", 1)[1] if "hidden" in first.name else "final norm / lm_head"
-    return Diagnosis("forward_divergence", f"the forward pass first diverges at {first.name} (layer {layer}); "
-                     "the isolated forward check names the piece and its cause",
-                     {"first_divergent": first.name, "max_abs": first.max_abs, "where": first.where, "mismatched": first.mismatched})
+    return Diagnosis(
+        "forward_divergence",
+        f"the forward pass first diverges at {first.name} (layer {layer}); "
+        "the isolated forward check names the piece and its cause",
+        {"first_divergent": first.name, "max_abs": first.max_abs, "where": first.where, "mismatched": first.mismatched},
+    )

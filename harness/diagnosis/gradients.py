@@ -11,18 +11,34 @@ def gradients(result, out, case) -> Diagnosis | None:
     exp = {k for k in case.golden if k.startswith("grad.")}
     act = {k for k, v in out.tensors.items() if k.startswith("grad.")}
     if not act:
-        return Diagnosis("no_gradients", "no gradients at all: a forward-only step (or a loss returned without gradients)", {"expected_tensors": len(exp)})
+        return Diagnosis(
+            "no_gradients",
+            "no gradients at all: a forward-only step (or a loss returned without gradients)",
+            {"expected_tensors": len(exp)},
+        )
     if all(not np.any(out.tensors[k]) for k in act):
-        return Diagnosis("zero_gradients", "every gradient is exactly zero: no backward pass ran (forward only), or the loss is not connected to the parameters", {"tensors": len(act)})
+        return Diagnosis(
+            "zero_gradients",
+            "every gradient is exactly zero: no backward pass ran (forward only), or the loss is not connected to the parameters",
+            {"tensors": len(act)},
+        )
     if act != exp:
         missing, extra = sorted(exp - act), sorted(act - exp)
-        return Diagnosis("trainable_set_mismatch", f"the port trains a different set: {len(missing)} reference tensors absent, {len(extra)} extra",
-                         {"absent": [m.removeprefix("grad.") for m in missing[:8]], "extra": [e.removeprefix("grad.") for e in extra[:8]]})
+        return Diagnosis(
+            "trainable_set_mismatch",
+            f"the port trains a different set: {len(missing)} reference tensors absent, {len(extra)} extra",
+            {
+                "absent": [m.removeprefix("grad.") for m in missing[:8]],
+                "extra": [e.removeprefix("grad.") for e in extra[:8]],
+            },
+        )
     return _misplaced(result, out, case)
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and bool(np.abs(a - b).max(initial=0.0) <= 1e-4 * max(float(np.abs(b).max(initial=0.0)), 1e-30))
+    return a.shape == b.shape and bool(
+        np.abs(a - b).max(initial=0.0) <= 1e-4 * max(float(np.abs(b).max(initial=0.0)), 1e-30)
+    )
 
 
 def _misplaced(result, out, case) -> Diagnosis | None:
@@ -41,11 +57,17 @@ def _misplaced(result, out, case) -> Diagnosis | None:
             if other:
                 swapped[name.removeprefix("grad.")] = other.removeprefix("grad.")
     if transposed:
-        return Diagnosis("gradient_layout", f"{', '.join(transposed[:4])}: the gradient is the reference's transposed ([in, out] for a weight stored [out, in], or its buffer reshaped)",
-                         {"transposed": transposed})
+        return Diagnosis(
+            "gradient_layout",
+            f"{', '.join(transposed[:4])}: the gradient is the reference's transposed ([in, out] for a weight stored [out, in], or its buffer reshaped)",
+            {"transposed": transposed},
+        )
     if reordered:
-        return Diagnosis("gradient_layout", f"{', '.join(reordered[:4])}: the reference's gradient values in another order (a reshape where a transpose belongs, or axes permuted)",
-                         {"reordered": reordered})
+        return Diagnosis(
+            "gradient_layout",
+            f"{', '.join(reordered[:4])}: the reference's gradient values in another order (a reshape where a transpose belongs, or axes permuted)",
+            {"reordered": reordered},
+        )
     if swapped:
         return Diagnosis("gradient_names", "gradients reported under another parameter's name", {"holds": swapped})
     return None

@@ -10,6 +10,7 @@ from mlx_parity.reference.schedule import lr_at
 from ..tolerances import UNIT_ROUNDOFF
 from .core import Diagnosis, close, f64, initial, ratio
 
+
 def optimizer(result, out, case) -> Diagnosis | None:
     g, t, s = case.golden, out.tensors, case.settings
     deltas = [k for k in g if k.startswith("optimizer.delta.")]
@@ -19,18 +20,33 @@ def optimizer(result, out, case) -> Diagnosis | None:
     has_state = any(k.startswith("optimizer.m.") and np.any(v) for k, v in t.items())
     if not moved:
         if not has_state:
-            return Diagnosis("no_update", "parameters unchanged and no optimizer state: the step returned without updating (a silent fallback)",
-                             {"step": int(t.get("optimizer.step", -1))})
-        return Diagnosis("optimizer_not_connected", "the optimizer's moments advanced but the parameters are unchanged: its result never reaches the model",
-                         {"step": int(t.get("optimizer.step", -1))})
+            return Diagnosis(
+                "no_update",
+                "parameters unchanged and no optimizer state: the step returned without updating (a silent fallback)",
+                {"step": int(t.get("optimizer.step", -1))},
+            )
+        return Diagnosis(
+            "optimizer_not_connected",
+            "the optimizer's moments advanced but the parameters are unchanged: its result never reaches the model",
+            {"step": int(t.get("optimizer.step", -1))},
+        )
     set_problems = [f for f in result.failures if f.problem and f.problem.startswith(("absent", "not expected"))]
-    if any(f.name.startswith("optimizer.delta.") for f in set_problems):  # a different set first: clipping's global norm and everything after it span other tensors
+    if any(
+        f.name.startswith("optimizer.delta.") for f in set_problems
+    ):  # a different set first: clipping's global norm and everything after it span other tensors
         absent = sorted({f.name.split(".", 2)[-1] for f in set_problems if f.problem.startswith("absent")})
         extra = sorted({f.name.split(".", 2)[-1] for f in set_problems if f.problem.startswith("not expected")})
-        shared = "agree" if len(set_problems) == len(result.failures) else "differ too (a global clipping norm over another set moves them)"
-        return Diagnosis("trainable_set_mismatch", f"the update covers a different set of parameters: {len(absent)} of the "
-                         f"reference's tensors absent, {len(extra)} extra; the ones both update {shared}",
-                         {"absent": absent[:20], "extra": extra[:20]})
+        shared = (
+            "agree"
+            if len(set_problems) == len(result.failures)
+            else "differ too (a global clipping norm over another set moves them)"
+        )
+        return Diagnosis(
+            "trainable_set_mismatch",
+            f"the update covers a different set of parameters: {len(absent)} of the "
+            f"reference's tensors absent, {len(extra)} extra; the ones both update {shared}",
+            {"absent": absent[:20], "extra": extra[:20]},
+        )
     # Moments first: they see the gradient the optimizer was given (after clipping and accumulation).
     found = []
     m_keys = [k for k in g if k.startswith("optimizer.m.") and k in t]
@@ -45,14 +61,29 @@ def optimizer(result, out, case) -> Diagnosis | None:
         if uniform and not close(r_m, 1.0, 0.005):
             n = s.accum_steps
             if n > 1 and close(r_m, float(n)):
-                found.append(Diagnosis("accumulation_scaling", f"moments are {r_m:.3g}× the reference's = accum_steps: micro-batch gradients summed, not averaged",
-                                       {"moment_ratio": r_m, "accum_steps": n}))
+                found.append(
+                    Diagnosis(
+                        "accumulation_scaling",
+                        f"moments are {r_m:.3g}× the reference's = accum_steps: micro-batch gradients summed, not averaged",
+                        {"moment_ratio": r_m, "accum_steps": n},
+                    )
+                )
             elif s.clip_norm is not None and r_m > 1:
-                found.append(Diagnosis("clipping_missing", f"moments are a uniform {r_m:.3g}× the reference's: the gradient was not clipped to norm {s.clip_norm}",
-                                       {"moment_ratio": r_m, "clip_norm": s.clip_norm}))
+                found.append(
+                    Diagnosis(
+                        "clipping_missing",
+                        f"moments are a uniform {r_m:.3g}× the reference's: the gradient was not clipped to norm {s.clip_norm}",
+                        {"moment_ratio": r_m, "clip_norm": s.clip_norm},
+                    )
+                )
             else:
-                found.append(Diagnosis("gradient_scale", f"moments are a uniform {r_m:.3g}× the reference's: the gradient fed to the optimizer is scaled",
-                                       {"moment_ratio": r_m}))
+                found.append(
+                    Diagnosis(
+                        "gradient_scale",
+                        f"moments are a uniform {r_m:.3g}× the reference's: the gradient fed to the optimizer is scaled",
+                        {"moment_ratio": r_m},
+                    )
+                )
         elif not uniform and s.optimizer.weight_decay > 0:
             coupled = _coupled_decay(t, g, case)
             if coupled:
@@ -91,18 +122,42 @@ def _update(t, g, case, deltas) -> list[Diagnosis]:
     r = float(np.median(ratios))
     evidence = {"update_ratio": round(r, 4), "bias_correction_factor_t1": round(float(c), 4)}
     if o.bias_correction and close(r, c):
-        return [Diagnosis("bias_correction", "the update is (1-β1)/√(1-β2) = %.3g× the reference's: bias correction missing" % c, evidence)]
+        return [
+            Diagnosis(
+                "bias_correction",
+                f"the update is (1-β1)/√(1-β2) = {c:.3g}× the reference's: bias correction missing",
+                evidence,
+            )
+        ]
     if not o.bias_correction and close(r, 1 / c):
-        return [Diagnosis("bias_correction", "the update is √(1-β2)/(1-β1) = %.3g× the reference's: bias correction applied where the reference has none" % (1 / c), evidence)]
+        return [
+            Diagnosis(
+                "bias_correction",
+                "the update is √(1-β2)/(1-β1) = %.3g× the reference's: bias correction applied where the reference has none"
+                % (1 / c),
+                evidence,
+            )
+        ]
     lr0, lr1 = lr_at(s.optimizer, s.schedule, 0), lr_at(s.optimizer, s.schedule, 1)
     if lr0 > 0 and not close(lr1, lr0, 1e-3) and close(r, lr1 / lr0, 0.01):
-        return [Diagnosis("schedule_off_by_one", f"the update is lr(1)/lr(0) = {lr1 / lr0:.3g}× the reference's: the schedule is read one step late",
-                          evidence | {"lr0": lr0, "lr1": lr1})]
+        return [
+            Diagnosis(
+                "schedule_off_by_one",
+                f"the update is lr(1)/lr(0) = {lr1 / lr0:.3g}× the reference's: the schedule is read one step late",
+                evidence | {"lr0": lr0, "lr1": lr1},
+            )
+        ]
     decay = _decay_missing(t, expected, case)
     if decay:
         return [decay]
     if not close(r, 1.0, 0.002) and float(np.ptp(ratios)) < 0.01 * abs(r):
-        return [Diagnosis("learning_rate", f"the update is a uniform {r:.4g}× the reference's: the learning rate differs", evidence)]
+        return [
+            Diagnosis(
+                "learning_rate",
+                f"the update is a uniform {r:.4g}× the reference's: the learning rate differs",
+                evidence,
+            )
+        ]
     eps = _eps_estimate(t, g, case)
     return [eps] if eps else []
 
@@ -132,10 +187,21 @@ def _per_tensor_clipping(m_keys, m_ratios, g, s) -> Diagnosis | None:
     expected = [min(1.0, c / max(float(np.linalg.norm(x)), 1e-30)) / min(1.0, c / total) for x in grads.values()]
     if len(set(np.round(expected, 3))) < 2:
         return None  # indistinguishable from a uniform scale here
-    if all(np.isfinite(r) and spread < 0.02 * abs(r) and close(r, e, 0.01) for (r, spread), e in zip(m_ratios, expected)):
-        return Diagnosis("clipping_per_tensor", f"each tensor's moments are min(1, {c}/‖g_i‖) / min(1, {c}/‖g‖) × the reference's: "
-                         "every gradient tensor clipped on its own, not by the global norm",
-                         {"global_norm": total, "clip_norm": c, "ratios": {k.removeprefix("optimizer.m."): round(r, 4) for k, (r, _) in list(zip(m_keys, m_ratios))[:6]}})
+    if all(
+        np.isfinite(r) and spread < 0.02 * abs(r) and close(r, e, 0.01) for (r, spread), e in zip(m_ratios, expected)
+    ):
+        return Diagnosis(
+            "clipping_per_tensor",
+            f"each tensor's moments are min(1, {c}/‖g_i‖) / min(1, {c}/‖g‖) × the reference's: "
+            "every gradient tensor clipped on its own, not by the global norm",
+            {
+                "global_norm": total,
+                "clip_norm": c,
+                "ratios": {
+                    k.removeprefix("optimizer.m."): round(r, 4) for k, (r, _) in list(zip(m_keys, m_ratios))[:6]
+                },
+            },
+        )
     return None
 
 
@@ -143,13 +209,20 @@ def _decay_missing(t, g, case) -> Diagnosis | None:
     """Δθ_port − Δθ_ref = +lr·wd·θ: the decoupled decay term is missing. Not sought where the decay is below the
     parameters' rounding (bfloat16 weights: 1 − lr·wd rounds to 1, in the reference too), where any fit is noise."""
     lr, wd = _lr0(case), case.settings.optimizer.weight_decay
-    units = {UNIT_ROUNDOFF[parameter_dtype(k.removeprefix("optimizer.delta."), case.settings.precision)] for k in g if k.startswith("optimizer.delta.")}
+    units = {
+        UNIT_ROUNDOFF[parameter_dtype(k.removeprefix("optimizer.delta."), case.settings.precision)]
+        for k in g
+        if k.startswith("optimizer.delta.")
+    }
     if units and lr * wd < min(units):
         return None
     k_fit = _fit_to_parameters(t, g, "optimizer.delta.", case) if wd else None
     if k_fit is not None and close(k_fit, lr * wd, 0.05):
-        return Diagnosis("weight_decay_missing", f"Δθ differs from the reference by {k_fit:.3g}·θ = +lr·wd·θ: decoupled weight decay not applied",
-                         {"fitted": k_fit, "lr_times_wd": lr * wd})
+        return Diagnosis(
+            "weight_decay_missing",
+            f"Δθ differs from the reference by {k_fit:.3g}·θ = +lr·wd·θ: decoupled weight decay not applied",
+            {"fitted": k_fit, "lr_times_wd": lr * wd},
+        )
     return None
 
 
@@ -158,8 +231,11 @@ def _coupled_decay(t, g, case) -> Diagnosis | None:
     b1, wd = case.settings.optimizer.betas[0], case.settings.optimizer.weight_decay
     k_fit = _fit_to_parameters(t, g, "optimizer.m.", case)
     if k_fit is not None and close(k_fit, (1 - b1) * wd, 0.05):
-        return Diagnosis("weight_decay_coupled", "m differs by (1−β1)·wd·θ: weight decay was added to the gradient (L2) instead of decoupled",
-                         {"fitted": k_fit, "expected_coupled": (1 - b1) * wd})
+        return Diagnosis(
+            "weight_decay_coupled",
+            "m differs by (1−β1)·wd·θ: weight decay was added to the gradient (L2) instead of decoupled",
+            {"fitted": k_fit, "expected_coupled": (1 - b1) * wd},
+        )
     return None
 
 
@@ -169,7 +245,7 @@ def _lr0(case) -> float:
 
 def _eps_estimate(t, g, case) -> Diagnosis | None:
     """Solve Δθ = −lr·wd·θ − lr·m̂/(√v̂ + eps) for eps, element by element; report it if it is not the configured one."""
-    s, o = case.settings, case.settings.optimizer
+    o = case.settings.optimizer
     lr = _lr0(case)
     b1, b2 = o.betas
     c1, c2 = (1 - b1, np.sqrt(1 - b2)) if o.bias_correction else (1.0, 1.0)
@@ -178,7 +254,10 @@ def _eps_estimate(t, g, case) -> Diagnosis | None:
         name = k.removeprefix("optimizer.delta.")
         p = initial(case, name)
         # the port's own moments where it reports them: the eps is solved from its update and its state
-        m, v = t.get(f"optimizer.m.{name}", g.get(f"optimizer.m.{name}")), t.get(f"optimizer.v.{name}", g.get(f"optimizer.v.{name}"))
+        m, v = (
+            t.get(f"optimizer.m.{name}", g.get(f"optimizer.m.{name}")),
+            t.get(f"optimizer.v.{name}", g.get(f"optimizer.v.{name}")),
+        )
         if p is None or m is None or v is None:
             continue
         if np.shape(m) != np.shape(p) or np.shape(v) != np.shape(p) or np.shape(t[k]) != np.shape(p):
@@ -189,7 +268,7 @@ def _eps_estimate(t, g, case) -> Diagnosis | None:
             # Δθ is a float32 difference of parameters: its rounding, carried into m̂/adam, must leave eps resolvable
             sigma = np.abs(mh / adam**2) * (2.0**-23 * (np.abs(f64(p)) + np.abs(f64(t[k]))) / lr)
             ok = (np.abs(adam) > 1e-3) & (vh > 0) & (sigma < 0.2 * o.eps)
-        estimates.append((mh[ok] / adam[ok] - vh[ok]))  # eps after the square root (AdamW)
+        estimates.append(mh[ok] / adam[ok] - vh[ok])  # eps after the square root (AdamW)
         inside.append((mh[ok] / adam[ok]) ** 2 - vh[ok] ** 2)  # eps under it: m̂ / sqrt(v̂ + eps)
     after, under = (np.concatenate(x) if x else np.zeros(0) for x in (estimates, inside))
     if after.size < 10:
@@ -198,11 +277,22 @@ def _eps_estimate(t, g, case) -> Diagnosis | None:
     # The right placement gives the same eps at every element; the wrong one drifts with v̂.
     sig = np.abs(after) > 0.1 * max(abs(est), o.eps)
     if sig.sum() >= 10:
-        spread = {name: float(np.subtract(*np.quantile(x[sig], [0.75, 0.25])) / abs(np.median(x[sig]))) for name, x in (("after", after), ("under", under))}
+        spread = {
+            name: float(np.subtract(*np.quantile(x[sig], [0.75, 0.25])) / abs(np.median(x[sig])))
+            for name, x in (("after", after), ("under", under))
+        }
         eps_under = float(np.median(under[sig]))
         if spread["under"] < 0.2 < spread["after"] and eps_under > 0:
-            return Diagnosis("adam_eps_placement", f"the update implies eps under the square root, m̂/sqrt(v̂ + {eps_under:.2g}): "
-                             f"AdamW adds eps = {o.eps:g} after it", {"eps_under_sqrt": eps_under, "relative_spread": spread, "configured_eps": o.eps})
+            return Diagnosis(
+                "adam_eps_placement",
+                f"the update implies eps under the square root, m̂/sqrt(v̂ + {eps_under:.2g}): "
+                f"AdamW adds eps = {o.eps:g} after it",
+                {"eps_under_sqrt": eps_under, "relative_spread": spread, "configured_eps": o.eps},
+            )
     if est > 0 and abs(np.log10(est) - np.log10(o.eps)) > 0.3:
-        return Diagnosis("adam_eps", f"the update implies AdamW eps ≈ {est:.2g}, not the configured {o.eps:g}", {"estimated_eps": est, "configured_eps": o.eps})
+        return Diagnosis(
+            "adam_eps",
+            f"the update implies AdamW eps ≈ {est:.2g}, not the configured {o.eps:g}",
+            {"estimated_eps": est, "configured_eps": o.eps},
+        )
     return None

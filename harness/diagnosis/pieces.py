@@ -82,8 +82,11 @@ def _norm_input(pc: _Piece) -> np.ndarray:
 
 
 def _norm_weight(pc: _Piece) -> np.ndarray | None:
-    name = {"input_norm": f"model.layers.{pc.layer}.input_layernorm.weight",
-            "post_norm": f"model.layers.{pc.layer}.post_attention_layernorm.weight", "head.norm": "model.norm.weight"}[pc.piece]
+    name = {
+        "input_norm": f"model.layers.{pc.layer}.input_layernorm.weight",
+        "post_norm": f"model.layers.{pc.layer}.post_attention_layernorm.weight",
+        "head.norm": "model.norm.weight",
+    }[pc.piece]
     return pc.param(name)
 
 
@@ -95,7 +98,7 @@ def _norm(pc: _Piece) -> Diagnosis | None:
         return None
     eps = pc.cfg["rms_norm_eps"]
     rows_x, rows_y = x[pc.real], y[pc.real]  # [N, d] real tokens
-    ms = (rows_x ** 2).mean(-1)
+    ms = (rows_x**2).mean(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         g = rows_y / rows_x  # = w / r_row, per element
     ok = np.isfinite(g) & (np.abs(rows_x) > 1e-3 * np.abs(rows_x).max())
@@ -114,17 +117,41 @@ def _norm(pc: _Piece) -> Diagnosis | None:
     evidence = {"implied_eps": est, "configured_eps": eps}
     scale = float(ms[base])  # eps is resolvable to about float32 rounding of this
     if abs(est - eps) > max(0.3 * eps, 1e-5 * scale):
-        return Diagnosis("rmsnorm_eps", f"RMSNorm implies eps = {est:.3g}, not the config's rms_norm_eps = {eps:g}", evidence)
+        return Diagnosis(
+            "rmsnorm_eps", f"RMSNorm implies eps = {est:.3g}, not the config's rms_norm_eps = {eps:g}", evidence
+        )
     w = _norm_weight(pc)
-    if w is not None and _close_fit(y, x / np.sqrt((x * x).mean(-1, keepdims=True) + eps), pc.real[..., None]) < pc.fits:
-        return Diagnosis("norm_weight", f"{pc.piece} equals x/sqrt(mean(x²)+eps) without its weight: the norm's weight is not applied", evidence)
+    if (
+        w is not None
+        and _close_fit(y, x / np.sqrt((x * x).mean(-1, keepdims=True) + eps), pc.real[..., None]) < pc.fits
+    ):
+        return Diagnosis(
+            "norm_weight",
+            f"{pc.piece} equals x/sqrt(mean(x²)+eps) without its weight: the norm's weight is not applied",
+            evidence,
+        )
     return None
 
 
 # --- projections ---------------------------------------------------------------------------------
-_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
-         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-_PROJ_INPUT = {"q": "input_norm", "k": "input_norm", "v": "input_norm", "o_proj": "attn", "gate": "post_norm", "up": "post_norm", "down": "act"}
+_PROJ = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+_PROJ_INPUT = {
+    "q": "input_norm",
+    "k": "input_norm",
+    "v": "input_norm",
+    "o_proj": "attn",
+    "gate": "post_norm",
+    "up": "post_norm",
+    "down": "act",
+}
 
 
 def _flat(y: np.ndarray) -> np.ndarray:
@@ -145,17 +172,30 @@ def _projection(pc: _Piece) -> Diagnosis | None:
         return None
     real = pc.real[..., None]
     if b is not None and _close_fit(y, ref - b, real) < pc.fits:
-        return Diagnosis("bias_missing", f"{module.rsplit('.', 1)[-1]} output equals the reference's minus the checkpoint's bias: the bias is not added",
-                         {"module": module, "bias_norm": float(np.linalg.norm(b))})
+        return Diagnosis(
+            "bias_missing",
+            f"{module.rsplit('.', 1)[-1]} output equals the reference's minus the checkpoint's bias: the bias is not added",
+            {"module": module, "bias_norm": float(np.linalg.norm(b))},
+        )
     if W.shape[0] == W.shape[1] and _close_fit(y, x @ W + (0 if b is None else b), real) < pc.fits:
-        return Diagnosis("weight_transposed", f"{module.rsplit('.', 1)[-1]} multiplies by its weight untransposed (x·W, not x·Wᵀ)", {"module": module})
+        return Diagnosis(
+            "weight_transposed",
+            f"{module.rsplit('.', 1)[-1]} multiplies by its weight untransposed (x·W, not x·Wᵀ)",
+            {"module": module},
+        )
     lora = _lora_branch(pc, module, x)
     if lora is not None:
         branch, scale = lora
-        k = float((( y - ref) * branch)[np.broadcast_to(real, y.shape)].sum() / max((branch * branch)[np.broadcast_to(real, y.shape)].sum(), _TINY))
+        k = float(
+            ((y - ref) * branch)[np.broadcast_to(real, y.shape)].sum()
+            / max((branch * branch)[np.broadcast_to(real, y.shape)].sum(), _TINY)
+        )
         if _close_fit(y, ref + k * branch, real) < pc.fits and abs(k) > 1e-3 * abs(scale):
-            return Diagnosis("lora_scale", f"{module.rsplit('.', 1)[-1]}'s LoRA branch enters with scale {scale + k:.4g}, not the configured {scale:g}",
-                             {"module": module, "implied_scale": scale + k, "configured_scale": scale})
+            return Diagnosis(
+                "lora_scale",
+                f"{module.rsplit('.', 1)[-1]}'s LoRA branch enters with scale {scale + k:.4g}, not the configured {scale:g}",
+                {"module": module, "implied_scale": scale + k, "configured_scale": scale},
+            )
     return None
 
 
@@ -173,7 +213,7 @@ def _lora_branch(pc: _Piece, module: str, x: np.ndarray):
 # --- RoPE ----------------------------------------------------------------------------------------
 def _pairs(x: np.ndarray, halves: bool) -> tuple[np.ndarray, np.ndarray]:
     D = x.shape[-1]
-    return (x[..., : D // 2], x[..., D // 2:]) if halves else (x[..., 0::2], x[..., 1::2])
+    return (x[..., : D // 2], x[..., D // 2 :]) if halves else (x[..., 0::2], x[..., 1::2])
 
 
 def _rope(pc: _Piece) -> Diagnosis | None:
@@ -196,8 +236,15 @@ def _rope(pc: _Piece) -> Diagnosis | None:
     (x1, x2), (y1, y2) = _pairs(x, halves), _pairs(y, halves)
     angle = np.arctan2(x1 * y2 - x2 * y1, x1 * y1 + x2 * y2)  # [B, H, T, D/2]
     valid = np.broadcast_to(real, angle.shape)
-    per_t = np.array([[np.median(angle[:, :, t, i][valid[:, :, t, i]]) if valid[:, :, t, i].any() else np.nan
-                       for i in range(D // 2)] for t in range(T)])  # [T, D/2]
+    per_t = np.array(
+        [
+            [
+                np.median(angle[:, :, t, i][valid[:, :, t, i]]) if valid[:, :, t, i].any() else np.nan
+                for i in range(D // 2)
+            ]
+            for t in range(T)
+        ]
+    )  # [T, D/2]
     step = np.angle(np.exp(1j * np.diff(per_t, axis=0)))  # the angle added per position, wrapped
     freq = np.nanmedian(step, axis=0)  # [D/2]
     theta, model = pc.cfg["rope_theta"], ModelConfig.from_file(pc.case.checkpoint)
@@ -205,25 +252,50 @@ def _rope(pc: _Piece) -> Diagnosis | None:
     expected = model.rope_inv_freq() if model.head_dim == D else plain  # the config's scaling applied
     evidence = {"pairing": "halves (rotate_half)" if halves else "interleaved (traditional)"}
     if not halves:
-        return Diagnosis("rope_pairing", f"{pc.piece} rotates interleaved pairs (2i, 2i+1); the reference rotates halves (i, i+D/2)", evidence)
+        return Diagnosis(
+            "rope_pairing",
+            f"{pc.piece} rotates interleaved pairs (2i, 2i+1); the reference rotates halves (i, i+D/2)",
+            evidence,
+        )
     if np.all(np.isfinite(freq)) and np.median(freq[1:] / expected[1:]) < 0:
         return Diagnosis("rope_direction", f"{pc.piece} rotates by −angle: sin enters with the opposite sign", evidence)
     i = np.arange(D // 2)
     usable = (i > 0) & (np.abs(freq) * (T - 1) > 1e-2) & np.isfinite(freq)
     resolved = usable | (i == 0)
-    if model.rope_type != "default" and np.allclose(freq[resolved], plain[resolved], rtol=1e-3) and not np.allclose(freq[resolved], expected[resolved], rtol=1e-3):
-        return Diagnosis("rope_scaling", f"{pc.piece}'s frequencies are rope_theta's unscaled ones: the config's {model.rope_type} scaling "
-                         f"({', '.join(f'{k} {v:g}' for k, v in model.rope_scaling)}) is not applied",
-                         evidence | {"frequencies": [round(float(f), 6) for f in freq], "expected": [round(float(f), 6) for f in expected]})
+    if (
+        model.rope_type != "default"
+        and np.allclose(freq[resolved], plain[resolved], rtol=1e-3)
+        and not np.allclose(freq[resolved], expected[resolved], rtol=1e-3)
+    ):
+        return Diagnosis(
+            "rope_scaling",
+            f"{pc.piece}'s frequencies are rope_theta's unscaled ones: the config's {model.rope_type} scaling "
+            f"({', '.join(f'{k} {v:g}' for k, v in model.rope_scaling)}) is not applied",
+            evidence
+            | {"frequencies": [round(float(f), 6) for f in freq], "expected": [round(float(f), 6) for f in expected]},
+        )
     base = float(np.median(np.abs(freq[usable]) ** (-D / (2 * i[usable])))) if usable.any() else float("nan")
-    evidence |= {"implied_base": base, "configured_rope_theta": theta, "frequencies": [round(float(f), 6) for f in freq[:4]]}
+    evidence |= {
+        "implied_base": base,
+        "configured_rope_theta": theta,
+        "frequencies": [round(float(f), 6) for f in freq[:4]],
+    }
     if model.rope_type == "default" and np.isfinite(base) and abs(math.log(base / theta)) > 0.05:
-        return Diagnosis("rope_base", f"{pc.piece}'s frequencies imply a RoPE base of {base:.4g}, not the config's rope_theta = {theta:g}", evidence)
-    position = np.unwrap(per_t[:, 0]) / expected[0]  # the fastest pair turns 1 rad per position: unwrapped, the position
+        return Diagnosis(
+            "rope_base",
+            f"{pc.piece}'s frequencies imply a RoPE base of {base:.4g}, not the config's rope_theta = {theta:g}",
+            evidence,
+        )
+    position = (
+        np.unwrap(per_t[:, 0]) / expected[0]
+    )  # the fastest pair turns 1 rad per position: unwrapped, the position
     offset = position - np.arange(T)
     if np.nanmax(np.abs(offset)) > 0.25:
-        return Diagnosis("rope_position", f"{pc.piece} is rotated for other positions than 0..T-1 (row t rotated for ≈ t{np.nanmedian(offset):+.2g})",
-                         evidence | {"implied_positions": [round(float(p), 3) for p in position]})
+        return Diagnosis(
+            "rope_position",
+            f"{pc.piece} is rotated for other positions than 0..T-1 (row t rotated for ≈ t{np.nanmedian(offset):+.2g})",
+            evidence | {"implied_positions": [round(float(p), 3) for p in position]},
+        )
     return None
 
 
@@ -247,7 +319,7 @@ def _scores(pc: _Piece) -> Diagnosis | None:
         return None
     real = pc.real[:, :, None] & pc.real[:, None, :]
     finite = np.isfinite(s)
-    raw = [q @ k[:, j:j + 1].transpose(0, 1, 3, 2) for j in range(K)]  # [B, H, T, T] per kv head
+    raw = [q @ k[:, j : j + 1].transpose(0, 1, 3, 2) for j in range(K)]  # [B, H, T, T] per kv head
     mapping, scales = [], []
     for h in range(H):
         j, c, r = _head_fit(np.where(finite[:, h], s[:, h], 0), [x[:, h] for x in raw], real & finite[:, h])
@@ -257,16 +329,29 @@ def _scores(pc: _Piece) -> Diagnosis | None:
         scales.append(c)
     n_rep = H // K
     expected_map = [h // n_rep for h in range(H)]
-    scale, ref_scale = float(np.median(scales)), D ** -0.5
-    evidence = {"kv_head_of_query_head": mapping, "expected": expected_map, "implied_scale": scale, "expected_scale": ref_scale}
+    scale, ref_scale = float(np.median(scales)), D**-0.5
+    evidence = {
+        "kv_head_of_query_head": mapping,
+        "expected": expected_map,
+        "implied_scale": scale,
+        "expected_scale": ref_scale,
+    }
     found = []
     if mapping != expected_map:
         tiled = [h % K for h in range(H)]
         how = "tiled (h % kv_heads)" if mapping == tiled else "another map"
-        found.append(Diagnosis("gqa_head_mapping", f"query heads read kv heads {mapping}, not {expected_map}: {how}", evidence))
+        found.append(
+            Diagnosis("gqa_head_mapping", f"query heads read kv heads {mapping}, not {expected_map}: {how}", evidence)
+        )
     if abs(scale / ref_scale - 1) > 1e-3:
-        found.append(Diagnosis("attention_scale", f"attention logits are scaled by {scale:.4g} = 1/{1 / scale:.4g}, not 1/sqrt(head_dim) = 1/{D ** 0.5:.4g}"
-                               + (" (1/head_dim)" if abs(scale * D - 1) < 1e-3 else ""), evidence))
+        found.append(
+            Diagnosis(
+                "attention_scale",
+                f"attention logits are scaled by {scale:.4g} = 1/{1 / scale:.4g}, not 1/sqrt(head_dim) = 1/{D**0.5:.4g}"
+                + (" (1/head_dim)" if abs(scale * D - 1) < 1e-3 else ""),
+                evidence,
+            )
+        )
     return found or None
 
 
@@ -293,12 +378,18 @@ def _probs(pc: _Piece) -> Diagnosis | None:
         else:
             offsets = [k for k in range(-T + 1, T) if np.array_equal(sub, jj <= tt + k)]
             rule = f"keys 0..t{offsets[0]:+d} (the diagonal moved)" if offsets else "another set of keys"
-        return Diagnosis("causal_mask", f"query t sees {rule}, not keys 0..t", {"visible_keys_of_query_0_to_3": [list(map(int, np.flatnonzero(r))) for r in sub[:4]]})
+        return Diagnosis(
+            "causal_mask",
+            f"query t sees {rule}, not keys 0..t",
+            {"visible_keys_of_query_0_to_3": [list(map(int, np.flatnonzero(r))) for r in sub[:4]]},
+        )
     masked = np.where(jj <= tt, s[..., :n_real, :n_real], -np.inf) if n_real else s
     col = np.exp(masked - masked.max(-2, keepdims=True))
     over_queries = col / col.sum(-2, keepdims=True)
     if n_real and _close_fit(p[..., :n_real, :n_real], np.nan_to_num(over_queries)) < pc.fits:
-        return Diagnosis("softmax_axis", "attention probabilities are normalised over queries (columns sum to 1), not over keys", {})
+        return Diagnosis(
+            "softmax_axis", "attention probabilities are normalised over queries (columns sum to 1), not over keys", {}
+        )
     return None
 
 
@@ -310,7 +401,11 @@ def _attn(pc: _Piece) -> Diagnosis | None:
     B, T, _ = a.shape
     per_head = probs @ np.repeat(v, H // K, axis=1)  # [B, H, T, D]
     if _close_fit(a, per_head.reshape(B, T, H * D), pc.real[..., None]) < pc.fits:
-        return Diagnosis("attention_merge", "the heads' outputs are reshaped from [B, heads, T, D] without moving heads next to head_dim", {})
+        return Diagnosis(
+            "attention_merge",
+            "the heads' outputs are reshaped from [B, heads, T, D] without moving heads next to head_dim",
+            {},
+        )
     heads = a.reshape(B, T, H, D).transpose(0, 2, 1, 3)
     real = pc.real[:, :, None]
     mapping = []
@@ -321,7 +416,11 @@ def _attn(pc: _Piece) -> Diagnosis | None:
         mapping.append(j)
     expected = [h // (H // K) for h in range(H)]
     if mapping != expected:
-        return Diagnosis("gqa_head_mapping", f"query heads take values from kv heads {mapping}, not {expected}", {"kv_head_of_query_head": mapping, "expected": expected})
+        return Diagnosis(
+            "gqa_head_mapping",
+            f"query heads take values from kv heads {mapping}, not {expected}",
+            {"kv_head_of_query_head": mapping, "expected": expected},
+        )
     return None
 
 
@@ -329,7 +428,7 @@ def _attn(pc: _Piece) -> Diagnosis | None:
 _ACTIVATIONS = {
     "silu": lambda g: g / (1 + np.exp(-g)),
     "gelu": lambda g: 0.5 * g * (1 + np.vectorize(math.erf)(g / math.sqrt(2))),
-    "gelu_tanh": lambda g: 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3))),
+    "gelu_tanh": lambda g: 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3))),
     "relu": lambda g: np.maximum(g, 0),
 }
 
@@ -344,10 +443,18 @@ def _act(pc: _Piece) -> Diagnosis | None:
             a, b = (up, gate) if swapped else (gate, up)
             if _close_fit(y, fn(a) * b, real) < pc.fits:
                 if swapped:
-                    return Diagnosis("gate_up_swapped", f"act = {name}(up)·gate: gate_proj and up_proj exchange roles", {"activation": name})
+                    return Diagnosis(
+                        "gate_up_swapped",
+                        f"act = {name}(up)·gate: gate_proj and up_proj exchange roles",
+                        {"activation": name},
+                    )
                 if name != "silu":
-                    return Diagnosis("mlp_activation", f"act = {name}(gate)·up: the MLP uses {name}, the config's hidden_act is "
-                                     f"{pc.cfg.get('hidden_act', 'silu')}", {"activation": name})
+                    return Diagnosis(
+                        "mlp_activation",
+                        f"act = {name}(gate)·up: the MLP uses {name}, the config's hidden_act is "
+                        f"{pc.cfg.get('hidden_act', 'silu')}",
+                        {"activation": name},
+                    )
                 return None
     return None
 
@@ -359,14 +466,35 @@ def _embed(pc: _Piece) -> Diagnosis | None:
     ref = W[ids]
     c = float((pc.port * ref).sum() / max((ref * ref).sum(), _TINY))
     if abs(c - 1) > 1e-3 and _close_fit(pc.port, c * ref, pc.real[..., None]) < pc.fits:
-        return Diagnosis("embedding_scale", f"token embeddings are scaled by {c:.4g}" + (" = sqrt(hidden_size)" if abs(c - math.sqrt(W.shape[1])) < 1e-3 * c else ""),
-                         {"implied_scale": c})
+        return Diagnosis(
+            "embedding_scale",
+            f"token embeddings are scaled by {c:.4g}"
+            + (" = sqrt(hidden_size)" if abs(c - math.sqrt(W.shape[1])) < 1e-3 * c else ""),
+            {"implied_scale": c},
+        )
     return None
 
 
-SOLVERS = {"input_norm": _norm, "post_norm": _norm, "head.norm": _norm, "q": _projection, "k": _projection, "v": _projection,
-           "o_proj": _projection, "gate": _projection, "up": _projection, "down": _projection, "head.logits": _projection,
-           "q_rope": _rope, "k_rope": _rope, "scores": _scores, "probs": _probs, "attn": _attn, "act": _act, "embed": _embed}
+SOLVERS = {
+    "input_norm": _norm,
+    "post_norm": _norm,
+    "head.norm": _norm,
+    "q": _projection,
+    "k": _projection,
+    "v": _projection,
+    "o_proj": _projection,
+    "gate": _projection,
+    "up": _projection,
+    "down": _projection,
+    "head.logits": _projection,
+    "q_rope": _rope,
+    "k_rope": _rope,
+    "scores": _scores,
+    "probs": _probs,
+    "attn": _attn,
+    "act": _act,
+    "embed": _embed,
+}
 
 
 def forward_pieces(result, out, case) -> list[Diagnosis] | None:
@@ -376,16 +504,26 @@ def forward_pieces(result, out, case) -> list[Diagnosis] | None:
     for t in failing:
         by_layer.setdefault(P.layer_of(t.name), set()).add(P.piece_of(t.name))
     found: dict[tuple, Diagnosis] = {}
-    for t in sorted(failing, key=lambda t: P.names(P.num_layers(case.golden)).index(t.name.removeprefix(P.PREFIX))
-                    if t.name.removeprefix(P.PREFIX) in P.names(P.num_layers(case.golden)) else 10**6):
+    for t in sorted(
+        failing,
+        key=lambda t: (
+            P.names(P.num_layers(case.golden)).index(t.name.removeprefix(P.PREFIX))
+            if t.name.removeprefix(P.PREFIX) in P.names(P.num_layers(case.golden))
+            else 10**6
+        ),
+    ):
         name, piece, layer = t.name.removeprefix(P.PREFIX), P.piece_of(t.name), P.layer_of(t.name)
         if piece == "output" and by_layer.get(layer, set()) - {"output"}:
             continue  # follows from a failing piece of the same layer
         diagnoses = None
         if not t.problem and P.PREFIX + name in out.tensors:
             if piece == "output":
-                diagnoses = Diagnosis("layer_wiring", f"layer {layer}: every piece agrees on the reference's inputs but the layer's own "
-                                      "chain does not (residual connections, the order of the pieces)", {})
+                diagnoses = Diagnosis(
+                    "layer_wiring",
+                    f"layer {layer}: every piece agrees on the reference's inputs but the layer's own "
+                    "chain does not (residual connections, the order of the pieces)",
+                    {},
+                )
             elif piece in SOLVERS:
                 diagnoses = SOLVERS[piece](_Piece(case, out, name))
         for d in diagnoses if isinstance(diagnoses, list) else [diagnoses or _unexplained(t, piece)]:
@@ -405,5 +543,8 @@ def forward_pieces(result, out, case) -> list[Diagnosis] | None:
 
 
 def _unexplained(t, piece: str) -> Diagnosis:
-    return Diagnosis("piece_divergence", f"{piece}: differs on the reference's own inputs; no solved convention explains it",
-                     {"worst": t.name, "max_abs": t.max_abs, "max_rel": t.max_rel, "where": t.where, "mismatched": t.mismatched})
+    return Diagnosis(
+        "piece_divergence",
+        f"{piece}: differs on the reference's own inputs; no solved convention explains it",
+        {"worst": t.name, "max_abs": t.max_abs, "max_rel": t.max_rel, "where": t.where, "mismatched": t.mismatched},
+    )

@@ -62,17 +62,34 @@ def schedule(result, out, case) -> Diagnosis | list[Diagnosis] | None:
     r = float(np.median(np.concatenate(port) / np.concatenate(ref)))
     own = ("t" if o.bias_correction else "none", 0)
     base = _total(case, *own)
-    fits = sorted(((abs(_total(case, bc, off) / base - r), bc, off) for bc in CONVENTIONS for off in (0, 1)))
+    fits = sorted((abs(_total(case, bc, off) / base - r), bc, off) for bc in CONVENTIONS for off in (0, 1))
     err, bc, off = fits[0]
-    evidence = {"update_ratio": round(r, 5), "steps": s.steps, "implied_bias_correction": CONVENTIONS[bc], "implied_schedule_offset": off}
+    evidence = {
+        "update_ratio": round(r, 5),
+        "steps": s.steps,
+        "implied_bias_correction": CONVENTIONS[bc],
+        "implied_schedule_offset": off,
+    }
     if err > 0.005 * abs(r) or (bc, off) == own:
         return None
     found = []
     if bc != own[0]:
         code = "bias_correction" if {bc, own[0]} == {"t", "none"} else "bias_correction_step"
-        found.append(Diagnosis(code, f"over {s.steps} updates of the same gradient the port's update is {r:.4g}× the reference's: "
-                               f"{CONVENTIONS[bc]}, where the reference has {CONVENTIONS[own[0]]}", evidence))
+        found.append(
+            Diagnosis(
+                code,
+                f"over {s.steps} updates of the same gradient the port's update is {r:.4g}× the reference's: "
+                f"{CONVENTIONS[bc]}, where the reference has {CONVENTIONS[own[0]]}",
+                evidence,
+            )
+        )
     if off:
-        found.append(Diagnosis("schedule_off_by_one", f"over {s.steps} updates the learning rates summed are those of steps 1..{s.steps}, "
-                               f"not 0..{s.steps - 1}: the schedule is read one step late", evidence))
+        found.append(
+            Diagnosis(
+                "schedule_off_by_one",
+                f"over {s.steps} updates the learning rates summed are those of steps 1..{s.steps}, "
+                f"not 0..{s.steps - 1}: the schedule is read one step late",
+                evidence,
+            )
+        )
     return found

@@ -8,60 +8,104 @@ import numpy as np
 
 from .core import Diagnosis, common_affix, f64
 
+
 def weights(result, out, case) -> Diagnosis | None:
     report = out.meta.get("load_report") or {}
     missing, unexpected = report.get("missing") or [], report.get("unexpected") or []
     if missing and unexpected:
         for pre in {u.split(".", 1)[0] + "." for u in unexpected if "." in u}:
-            if all(u.startswith(pre) for u in unexpected) and {u[len(pre):] for u in unexpected} & set(missing):
-                return Diagnosis("key_mapping", f"checkpoint keys carry a {pre!r} prefix the loader does not strip (or adds)",
-                                 {"prefix": pre, "missing": missing[:5], "unexpected": unexpected[:5]})
-        return Diagnosis("key_mapping", f"{len(missing)} parameters unfilled and {len(unexpected)} checkpoint keys unused",
-                         {"missing": missing[:10], "unexpected": unexpected[:10]})
+            if all(u.startswith(pre) for u in unexpected) and {u[len(pre) :] for u in unexpected} & set(missing):
+                return Diagnosis(
+                    "key_mapping",
+                    f"checkpoint keys carry a {pre!r} prefix the loader does not strip (or adds)",
+                    {"prefix": pre, "missing": missing[:5], "unexpected": unexpected[:5]},
+                )
+        return Diagnosis(
+            "key_mapping",
+            f"{len(missing)} parameters unfilled and {len(unexpected)} checkpoint keys unused",
+            {"missing": missing[:10], "unexpected": unexpected[:10]},
+        )
     expected = case.initial_weights
     actual = {k: v for k, v in out.tensors.items() if k.startswith("weights.")}
     extra = sorted(set(actual) - set(expected))
     absent = sorted(set(expected) - set(actual))
     if absent and not extra and not missing and all(f"weights.{u}" in absent for u in unexpected):
         modules = sorted({k.removeprefix("weights.").rsplit(".", 1)[0].split(".")[-1] for k in absent})
-        return Diagnosis("checkpoint_tensors_unused", f"{len(absent)} checkpoint tensors fill no parameter of the port "
-                         f"({', '.join(modules[:4])}): the port's model leaves these modules out",
-                         {"unused": [a.removeprefix("weights.") for a in absent[:10]], "load_report_unexpected": unexpected[:10]})
+        return Diagnosis(
+            "checkpoint_tensors_unused",
+            f"{len(absent)} checkpoint tensors fill no parameter of the port "
+            f"({', '.join(modules[:4])}): the port's model leaves these modules out",
+            {"unused": [a.removeprefix("weights.") for a in absent[:10]], "load_report_unexpected": unexpected[:10]},
+        )
     if "weights.lm_head.weight" in extra and case.settings and _tied(case):
-        return Diagnosis("tied_embeddings_ignored", "the config ties lm_head to embed_tokens, but the port has a separate lm_head.weight",
-                         {"extra": extra, "tie_word_embeddings": True})
+        return Diagnosis(
+            "tied_embeddings_ignored",
+            "the config ties lm_head to embed_tokens, but the port has a separate lm_head.weight",
+            {"extra": extra, "tie_word_embeddings": True},
+        )
     wrong = [t.name for t in result.tensors if not t.passed and t.name in expected and t.name in actual]
     if not wrong and (extra or [t for t in result.tensors if t.problem]):
-        return Diagnosis("key_mapping", "the port's parameter names differ from the checkpoint's",
-                         {"extra": extra[:10], "absent": [t.name for t in result.tensors if t.problem and "absent" in t.problem][:10]})
+        return Diagnosis(
+            "key_mapping",
+            "the port's parameter names differ from the checkpoint's",
+            {
+                "extra": extra[:10],
+                "absent": [t.name for t in result.tensors if t.problem and "absent" in t.problem][:10],
+            },
+        )
     if not wrong:
         return None
     if case.settings.precision == "bfloat16" and all(_rounds_to(actual[n], expected[n]) for n in wrong):
-        return Diagnosis("precision_mismatch", f"{len(wrong)} parameters hold the checkpoint's values unrounded where bfloat16 "
-                         "training rounds them to bfloat16: the port trains in float32", {"not_rounded": [w.removeprefix("weights.") for w in wrong[:10]]})
+        return Diagnosis(
+            "precision_mismatch",
+            f"{len(wrong)} parameters hold the checkpoint's values unrounded where bfloat16 "
+            "training rounds them to bfloat16: the port trains in float32",
+            {"not_rounded": [w.removeprefix("weights.") for w in wrong[:10]]},
+        )
     by_value = {}
     for name in wrong:
-        match = next((k for k, v in expected.items() if k != name and v.shape == actual[name].shape and np.array_equal(v, actual[name])), None)
+        match = next(
+            (
+                k
+                for k, v in expected.items()
+                if k != name and v.shape == actual[name].shape and np.array_equal(v, actual[name])
+            ),
+            None,
+        )
         if match:
             by_value[name.removeprefix("weights.")] = match.removeprefix("weights.")
     if by_value:
-        return Diagnosis("key_mapping", "parameters hold another key's checkpoint tensor (a rename or swap in the key map)",
-                         {"holds": by_value})
+        return Diagnosis(
+            "key_mapping",
+            "parameters hold another key's checkpoint tensor (a rename or swap in the key map)",
+            {"holds": by_value},
+        )
     stats = {}
     for name in [w for w in wrong if np.size(actual[w]) and np.size(expected[w])][:8]:
         a, e = f64(actual[name]), f64(expected[name])
         corr = float(np.corrcoef(a.ravel(), e.ravel())[0, 1]) if a.size > 1 and a.std() > 0 and e.std() > 0 else 0.0
-        stats[name.removeprefix("weights.")] = {"mean": round(float(a.mean()), 5), "std": round(float(a.std()), 5),
-                                                "checkpoint_std": round(float(e.std()), 5), "correlation_with_checkpoint": round(corr, 3)}
+        stats[name.removeprefix("weights.")] = {
+            "mean": round(float(a.mean()), 5),
+            "std": round(float(a.std()), 5),
+            "checkpoint_std": round(float(e.std()), 5),
+            "correlation_with_checkpoint": round(corr, 3),
+        }
     share = len(wrong) / max(1, len(expected))
     names = [w.removeprefix("weights.") for w in wrong]
     if share > 0.5:
-        return Diagnosis("weights_not_loaded", f"{len(wrong)} of {len(expected)} parameters equal no checkpoint tensor: "
-                         "the model keeps its initialisation (weights never loaded)", {"share_not_loaded": round(share, 3), "examples": stats})
+        return Diagnosis(
+            "weights_not_loaded",
+            f"{len(wrong)} of {len(expected)} parameters equal no checkpoint tensor: "
+            "the model keeps its initialisation (weights never loaded)",
+            {"share_not_loaded": round(share, 3), "examples": stats},
+        )
     pattern = common_affix(names)
-    return Diagnosis("key_mapping", f"{', '.join(names[:4])}: {'equals' if len(names) == 1 else 'equal'} no checkpoint tensor, initialisation statistics kept: "
-                     "their keys never mapped" + (f" (common to all: {pattern!r})" if pattern else ""),
-                     {"not_loaded": names, "examples": stats})
+    return Diagnosis(
+        "key_mapping",
+        f"{', '.join(names[:4])}: {'equals' if len(names) == 1 else 'equal'} no checkpoint tensor, initialisation statistics kept: "
+        "their keys never mapped" + (f" (common to all: {pattern!r})" if pattern else ""),
+        {"not_loaded": names, "examples": stats},
+    )
 
 
 def _rounds_to(value: np.ndarray, rounded: np.ndarray) -> bool:
@@ -69,7 +113,9 @@ def _rounds_to(value: np.ndarray, rounded: np.ndarray) -> bool:
     import mlx.core as mx
 
     v = np.asarray(value, np.float32)
-    return v.shape == np.shape(rounded) and np.array_equal(np.array(mx.array(v).astype(mx.bfloat16).astype(mx.float32)), rounded)
+    return v.shape == np.shape(rounded) and np.array_equal(
+        np.array(mx.array(v).astype(mx.bfloat16).astype(mx.float32)), rounded
+    )
 
 
 def _tied(case) -> bool:

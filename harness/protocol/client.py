@@ -45,7 +45,10 @@ def write_request(case, folder: Path, isolated: bool = False) -> None:
         shutil.copy(case.lora_init, folder / "lora_init.safetensors")
     if isolated:
         given = {pieces.PREFIX + k: v for k, v in pieces.given(case.golden).items()}
-        save_tensors({k: v for k, v in case.golden.items() if k == "forward.logits" or k.startswith("grad.")} | given, folder / ISOLATED_INPUTS)
+        save_tensors(
+            {k: v for k, v in case.golden.items() if k == "forward.logits" or k.startswith("grad.")} | given,
+            folder / ISOLATED_INPUTS,
+        )
 
 
 def link_tree(src: Path, dst: Path) -> None:
@@ -95,7 +98,9 @@ def response_limit(case) -> int:
 def read_response(folder: Path, stage: str, limit: int | None = None) -> StageOutput:
     unsupported = folder / f"{stage}.unsupported"
     if unsupported.exists():
-        return StageOutput(unsupported=unsupported.read_text(errors="replace").strip()[:2000] or "the port does not implement it")
+        return StageOutput(
+            unsupported=unsupported.read_text(errors="replace").strip()[:2000] or "the port does not implement it"
+        )
     err = folder / f"{stage}.error"
     if err.exists():
         return StageOutput(error=f"the port reported: {err.read_text(errors='replace').strip()[:2000]}")
@@ -103,7 +108,9 @@ def read_response(folder: Path, stage: str, limit: int | None = None) -> StageOu
     if not f.exists():
         return StageOutput(error=f"the port wrote no {f.name}")
     if limit is not None and f.stat().st_size > limit:
-        return StageOutput(error=f"the port's {f.name} holds {f.stat().st_size:,} bytes, more than the {limit:,} any stage needs: not read")
+        return StageOutput(
+            error=f"the port's {f.name} holds {f.stat().st_size:,} bytes, more than the {limit:,} any stage needs: not read"
+        )
     try:
         tensors = load_file(str(f))
     except (SafetensorError, OSError, ValueError) as e:
@@ -117,7 +124,9 @@ def read_response(folder: Path, stage: str, limit: int | None = None) -> StageOu
             return StageOutput(error=f"the port's {m.name} is not JSON: {e}")
         wrong = problems("stage-meta", meta)
         if wrong:
-            return StageOutput(error=f"the port's {m.name} breaks the protocol's schema (harness/protocol/schema/stage-meta.json) {wrong[0]}")
+            return StageOutput(
+                error=f"the port's {m.name} breaks the protocol's schema (harness/protocol/schema/stage-meta.json) {wrong[0]}"
+            )
     return StageOutput({k: np.asarray(v) for k, v in tensors.items()}, meta)
 
 
@@ -126,7 +135,9 @@ class ExternalBackend(Backend):
     state another left behind); `one_process` sends every stage in one request, so a port that asks for it
     loads the checkpoint once (`cmd-once:`), with the time limit of all its stages together."""
 
-    def __init__(self, command: str, timeout: float = DEFAULT_TIMEOUT_S, name: str | None = None, one_process: bool = False):
+    def __init__(
+        self, command: str, timeout: float = DEFAULT_TIMEOUT_S, name: str | None = None, one_process: bool = False
+    ):
         self.command = command
         self.argv = shlex.split(command)
         self.timeout = timeout
@@ -166,15 +177,24 @@ class ExternalBackend(Backend):
         start, limit = time.monotonic(), self.timeout * len(stages)
         what = "this stage" if len(stages) == 1 else "these stages"
         try:
-            proc = subprocess.run([*self.argv, str(request), str(response)], capture_output=True, text=True,
-                                  timeout=limit, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                [*self.argv, str(request), str(response)],
+                capture_output=True,
+                text=True,
+                timeout=limit,
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired:
             return {s: StageOutput(error=f"timed out after {limit:g} s (the port hangs at {what})") for s in stages}
         except OSError as e:
             return {s: StageOutput(error=f"could not start {self.argv[0]!r}: {e}") for s in stages}
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
-            how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with status {proc.returncode}"
+            how = (
+                f"killed by signal {-proc.returncode}"
+                if proc.returncode < 0
+                else f"exited with status {proc.returncode}"
+            )
             return {s: StageOutput(error=f"the port {how}: {tail}") for s in stages}
         seconds = round((time.monotonic() - start) / len(stages), 3)
         outputs = {s: read_response(response, s, getattr(self, "limit", None)) for s in stages}
@@ -185,5 +205,7 @@ class ExternalBackend(Backend):
 
 def example_adapter_backend(mutant: str | None = None) -> ExternalBackend:
     """The worked example adapter (the MLX reference behind the protocol), optionally with a mutant."""
-    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(EXAMPLE_ADAPTER))}" + (f" --mutant {mutant}" if mutant else "")
-    return ExternalBackend(cmd, name=f"cmd:example-adapter" + (f"[{mutant}]" if mutant else ""))
+    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(EXAMPLE_ADAPTER))}" + (
+        f" --mutant {mutant}" if mutant else ""
+    )
+    return ExternalBackend(cmd, name="cmd:example-adapter" + (f"[{mutant}]" if mutant else ""))

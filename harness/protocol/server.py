@@ -33,7 +33,9 @@ class Request:
         self.settings_dict = self.spec["settings"]
         self.settings = TrainSettings.from_dict(self.settings_dict)
         inputs = self.spec.get("isolated_inputs")
-        self.golden = load_file(str(folder / inputs)) if inputs else {}  # the reference's forward pieces, logits and gradients
+        self.golden = (
+            load_file(str(folder / inputs)) if inputs else {}
+        )  # the reference's forward pieces, logits and gradients
 
 
 def serve(backend, request_dir: Path, response_dir: Path) -> None:

@@ -114,7 +114,9 @@ fn pinned_mlx_version(mlx_c: &Path) -> String {
         .lines()
         .find_map(|line| {
             let tag = line.trim().strip_prefix("GIT_TAG v")?;
-            tag.split(|c: char| c == ')' || c.is_whitespace()).next().map(str::to_owned)
+            tag.split(|c: char| c == ')' || c.is_whitespace())
+                .next()
+                .map(str::to_owned)
         })
         .unwrap_or_else(|| fail(format!("no `GIT_TAG v...` in {}/CMakeLists.txt", mlx_c.display())))
 }
@@ -210,7 +212,9 @@ fn generate_bindings(mlx_c: &Path, out_dir: &Path, manifest: &Path) {
             "bindgen failed on the mlx-c headers: {e} (is libclang installed? apt-get install libclang-dev)"
         ))
     });
-    bindings.write_to_file(out_dir.join("bindings.rs")).expect("write bindings.rs");
+    bindings
+        .write_to_file(out_dir.join("bindings.rs"))
+        .expect("write bindings.rs");
 }
 
 fn main() {
@@ -243,7 +247,10 @@ fn main() {
             mlx_c.display()
         ));
     }
-    println!("cargo:rerun-if-changed={}", wheel.pkg_dir.join("lib/libmlx.so").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        wheel.pkg_dir.join("lib/libmlx.so").display()
+    );
 
     // mlx-c, static, always optimised (even in debug builds of the Rust side).
     let dst = cmake::Config::new(manifest.join("native"))
@@ -258,7 +265,10 @@ fn main() {
         .build();
     let mlxc_dir = dst.join("build").join("mlx-c");
     if !mlxc_dir.join("libmlxc.a").is_file() {
-        fail(format!("cmake finished but {} is missing", mlxc_dir.join("libmlxc.a").display()));
+        fail(format!(
+            "cmake finished but {} is missing",
+            mlxc_dir.join("libmlxc.a").display()
+        ));
     }
 
     let lib_dir = wheel.pkg_dir.join("lib");

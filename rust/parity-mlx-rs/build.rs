@@ -13,6 +13,9 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN/../mlx/lib");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
     println!("cargo:rustc-link-arg=-Wl,-rpath-link,{deps_dir}");
-    println!("cargo:rustc-env=PARITY_MLX_VERSION={}", env::var("DEP_MLX_VERSION").unwrap_or_default());
+    println!(
+        "cargo:rustc-env=PARITY_MLX_VERSION={}",
+        env::var("DEP_MLX_VERSION").unwrap_or_default()
+    );
     println!("cargo:rerun-if-env-changed=DEP_MLX_LIB_DIR");
 }

@@ -40,14 +40,27 @@ def main(argv=None) -> int:
             found, _ = r.findings()
             codes = [f"{f.stage}:{f.code}" for f in found]
             first = r.first_failure()
-            rows.append({"mutant": name, "fixture": fixture, "expected": m.expected_diagnosis, "caught": r.verdict == "fail",
-                         "named": any(c.endswith(":" + m.expected_diagnosis) for c in codes),
-                         "first_stage": first.name if first else None, "findings": codes})
-            print(f"{name:32s} {fixture:18s} {'caught' if rows[-1]['caught'] else 'MISSED':7s} "
-                  f"{'named' if rows[-1]['named'] else '-':6s} {rows[-1]['first_stage'] or ''}", flush=True)
+            rows.append(
+                {
+                    "mutant": name,
+                    "fixture": fixture,
+                    "expected": m.expected_diagnosis,
+                    "caught": r.verdict == "fail",
+                    "named": any(c.endswith(":" + m.expected_diagnosis) for c in codes),
+                    "first_stage": first.name if first else None,
+                    "findings": codes,
+                }
+            )
+            print(
+                f"{name:32s} {fixture:18s} {'caught' if rows[-1]['caught'] else 'MISSED':7s} "
+                f"{'named' if rows[-1]['named'] else '-':6s} {rows[-1]['first_stage'] or ''}",
+                flush=True,
+            )
     caught = sum(r["caught"] for r in rows)
     named = sum(r["named"] for r in rows)
-    print(f"{dev.describe()}: {caught}/{len(rows)} mutant runs caught, {named}/{len(rows)} named; {time.time() - started:.0f} s")
+    print(
+        f"{dev.describe()}: {caught}/{len(rows)} mutant runs caught, {named}/{len(rows)} named; {time.time() - started:.0f} s"
+    )
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": dev.to_dict(), "rows": rows}, f, indent=1)

@@ -47,11 +47,18 @@ impl RequestFolder {
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("request.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::failed(format!("{}: {e}", path.display())))?;
-        let request: Request = serde_json::from_str(&text).map_err(|e| Error::failed(format!("{}: {e}", path.display())))?;
+        let request: Request =
+            serde_json::from_str(&text).map_err(|e| Error::failed(format!("{}: {e}", path.display())))?;
         if request.protocol != PROTOCOL {
-            return Err(Error::failed(format!("request protocol {:?}, this adapter speaks {PROTOCOL:?}", request.protocol)));
+            return Err(Error::failed(format!(
+                "request protocol {:?}, this adapter speaks {PROTOCOL:?}",
+                request.protocol
+            )));
         }
-        Ok(RequestFolder { dir: dir.to_path_buf(), request })
+        Ok(RequestFolder {
+            dir: dir.to_path_buf(),
+            request,
+        })
     }
 
     pub fn checkpoint_dir(&self) -> PathBuf {
@@ -69,7 +76,10 @@ impl RequestFolder {
 
     pub fn batch(&self) -> Result<Batch> {
         let mut t = read_tensors(&self.dir.join(&self.request.batch))?;
-        let mut take = |k: &str| t.remove(k).ok_or_else(|| Error::failed(format!("the batch has no {k}")));
+        let mut take = |k: &str| {
+            t.remove(k)
+                .ok_or_else(|| Error::failed(format!("the batch has no {k}")))
+        };
         Ok(Batch {
             input_ids: take("input_ids")?,
             attention_mask: take("attention_mask")?,
@@ -87,7 +97,11 @@ impl RequestFolder {
     }
 
     fn setting_usize(&self, key: &str) -> Result<usize> {
-        self.request.settings.get(key).and_then(|v| v.as_u64()).map(|v| v as usize)
+        self.request
+            .settings
+            .get(key)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
             .ok_or_else(|| Error::failed(format!("settings.{key} is missing or not a count")))
     }
 

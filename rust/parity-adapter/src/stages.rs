@@ -5,10 +5,32 @@ use std::path::PathBuf;
 
 use crate::{Batch, Error, Loss, Port, RequestFolder, Result, Tensor, Tensors};
 
-pub const STAGES: [&str; 8] = ["weight_mapping", "forward", "shifted_slices", "loss", "gradients", "optimizer", "trajectory", "checkpoint"];
-pub const ISOLATED_STAGES: [&str; 4] = ["isolated_forward", "isolated_loss", "isolated_optimizer", "isolated_schedule"];
+pub const STAGES: [&str; 8] = [
+    "weight_mapping",
+    "forward",
+    "shifted_slices",
+    "loss",
+    "gradients",
+    "optimizer",
+    "trajectory",
+    "checkpoint",
+];
+pub const ISOLATED_STAGES: [&str; 4] = [
+    "isolated_forward",
+    "isolated_loss",
+    "isolated_optimizer",
+    "isolated_schedule",
+];
 /// Stages that leave the port unchanged share one load; the others each start from a fresh one.
-const READ_ONLY: [&str; 7] = ["weight_mapping", "forward", "shifted_slices", "loss", "gradients", "isolated_forward", "isolated_loss"];
+const READ_ONLY: [&str; 7] = [
+    "weight_mapping",
+    "forward",
+    "shifted_slices",
+    "loss",
+    "gradients",
+    "isolated_forward",
+    "isolated_loss",
+];
 
 /// One stage's answer: its tensors, and metadata (the load report) where the stage has any.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -27,7 +49,14 @@ fn loss_tensors(prefix: &str, l: Loss) -> Tensors {
 fn trainable<P: Port>(p: &P) -> Result<Tensors> {
     let names = p.trainable_names();
     let mut all = p.parameters()?;
-    names.iter().map(|n| all.remove(n).map(|t| (n.clone(), t)).ok_or_else(|| Error::failed(format!("trainable {n} is not a parameter")))).collect()
+    names
+        .iter()
+        .map(|n| {
+            all.remove(n)
+                .map(|t| (n.clone(), t))
+                .ok_or_else(|| Error::failed(format!("trainable {n} is not a parameter")))
+        })
+        .collect()
 }
 
 fn deltas<P: Port>(p: &P, before: &Tensors, prefix: &str) -> Result<Tensors> {
@@ -35,7 +64,9 @@ fn deltas<P: Port>(p: &P, before: &Tensors, prefix: &str) -> Result<Tensors> {
     before
         .iter()
         .map(|(k, b)| {
-            let a = after.get(k).ok_or_else(|| Error::failed(format!("{k} is gone after the update")))?;
+            let a = after
+                .get(k)
+                .ok_or_else(|| Error::failed(format!("{k} is gone after the update")))?;
             Ok((format!("{prefix}.delta.{k}"), a.minus(b)?))
         })
         .collect()
@@ -50,8 +81,16 @@ fn state<P: Port>(p: &P, prefix: &str, out: &mut Tensors) -> Result<()> {
 }
 
 /// `steps` updates: the change of every trainable parameter since `initial`, and the losses.
-fn run<P: Port>(p: &mut P, batch: &Batch, steps: usize, initial: &Tensors, prefix: &str) -> Result<(Tensors, Vec<f32>)> {
-    let losses = (0..steps).map(|_| p.step(batch).map(|l| l.total)).collect::<Result<Vec<_>>>()?;
+fn run<P: Port>(
+    p: &mut P,
+    batch: &Batch,
+    steps: usize,
+    initial: &Tensors,
+    prefix: &str,
+) -> Result<(Tensors, Vec<f32>)> {
+    let losses = (0..steps)
+        .map(|_| p.step(batch).map(|l| l.total))
+        .collect::<Result<Vec<_>>>()?;
     Ok((deltas(p, initial, prefix)?, losses))
 }
 
@@ -61,7 +100,14 @@ fn losses(name: &str, values: Vec<f32>) -> Result<(String, Tensor)> {
 
 fn given_gradients<P: Port>(p: &P, inputs: &Tensors) -> Tensors {
     let names = p.trainable_names();
-    inputs.iter().filter_map(|(k, t)| k.strip_prefix("grad.").filter(|n| names.iter().any(|m| m == n)).map(|n| (n.to_string(), t.clone()))).collect()
+    inputs
+        .iter()
+        .filter_map(|(k, t)| {
+            k.strip_prefix("grad.")
+                .filter(|n| names.iter().any(|m| m == n))
+                .map(|n| (n.to_string(), t.clone()))
+        })
+        .collect()
 }
 
 /// A scratch folder for the checkpoint stage, removed when dropped.
@@ -69,7 +115,10 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new() -> Result<Self> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         let dir = std::env::temp_dir().join(format!("parity-adapter-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         Ok(Scratch(dir))
@@ -93,15 +142,26 @@ pub fn run_stage<P: Port>(req: &RequestFolder, stage: &str, shared: &mut Option<
         "weight_mapping" => {
             let p = shared.as_ref().expect("opened above");
             out.extend(p.parameters()?.into_iter().map(|(k, t)| (format!("weights.{k}"), t)));
-            return Ok(Output { tensors: out, meta: Some(serde_json::json!({ "load_report": p.load_report() })) });
+            return Ok(Output {
+                tensors: out,
+                meta: Some(serde_json::json!({ "load_report": p.load_report() })),
+            });
         }
         "forward" => {
             let (logits, hidden) = shared.as_mut().expect("opened above").forward(&batch.input_ids)?;
             out.insert("forward.logits".into(), logits);
-            out.extend(hidden.into_iter().enumerate().map(|(i, h)| (format!("forward.hidden.{i}"), h)));
+            out.extend(
+                hidden
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, h)| (format!("forward.hidden.{i}"), h)),
+            );
         }
         "shifted_slices" => {
-            let (targets, mask) = shared.as_mut().expect("opened above").shifted(&batch.input_ids, &batch.attention_mask)?;
+            let (targets, mask) = shared
+                .as_mut()
+                .expect("opened above")
+                .shifted(&batch.input_ids, &batch.attention_mask)?;
             out.insert("shifted.targets".into(), targets);
             out.insert("shifted.mask".into(), mask);
         }
@@ -132,7 +192,9 @@ pub fn run_stage<P: Port>(req: &RequestFolder, stage: &str, shared: &mut Option<
             }
             let mut p = P::load(req)?;
             let initial = trainable(&p)?;
-            let mut all = (0..k).map(|_| p.step(&batch).map(|l| l.total)).collect::<Result<Vec<_>>>()?;
+            let mut all = (0..k)
+                .map(|_| p.step(&batch).map(|l| l.total))
+                .collect::<Result<Vec<_>>>()?;
             let scratch = Scratch::new()?;
             let saved = scratch.0.join("checkpoint");
             p.save(&saved)?;
@@ -149,16 +211,29 @@ pub fn run_stage<P: Port>(req: &RequestFolder, stage: &str, shared: &mut Option<
             out.extend([losses("checkpoint.uninterrupted.loss", l)?]);
         }
         "isolated_forward" => {
-            let given: Tensors = req.isolated_inputs()?.into_iter()
+            let given: Tensors = req
+                .isolated_inputs()?
+                .into_iter()
                 .filter_map(|(k, t)| k.strip_prefix("isolated.forward.").map(|n| (n.to_string(), t)))
                 .collect();
-            let pieces = shared.as_mut().expect("opened above").pieces(&batch.input_ids, &given)?;
+            let pieces = shared
+                .as_mut()
+                .expect("opened above")
+                .pieces(&batch.input_ids, &given)?;
             out.extend(pieces.into_iter().map(|(k, t)| (format!("isolated.forward.{k}"), t)));
         }
         "isolated_loss" => {
             let inputs = req.isolated_inputs()?;
-            let logits = inputs.get("forward.logits").ok_or_else(|| Error::failed("isolated_inputs has no forward.logits"))?;
-            out = loss_tensors("isolated.loss", shared.as_mut().expect("opened above").loss_from_logits(logits, &batch)?);
+            let logits = inputs
+                .get("forward.logits")
+                .ok_or_else(|| Error::failed("isolated_inputs has no forward.logits"))?;
+            out = loss_tensors(
+                "isolated.loss",
+                shared
+                    .as_mut()
+                    .expect("opened above")
+                    .loss_from_logits(logits, &batch)?,
+            );
         }
         "isolated_optimizer" => {
             let mut p = P::load(req)?;
@@ -176,9 +251,15 @@ pub fn run_stage<P: Port>(req: &RequestFolder, stage: &str, shared: &mut Option<
                 p.update_from_gradients(&grads)?;
             }
             out = deltas(&p, &before, "isolated.schedule")?;
-            out.insert("isolated.schedule.step".into(), Tensor::i64(vec![], vec![p.optimizer_state()?.step])?);
+            out.insert(
+                "isolated.schedule.step".into(),
+                Tensor::i64(vec![], vec![p.optimizer_state()?.step])?,
+            );
         }
         other => return Err(Error::Unsupported(format!("unknown stage {other:?}"))),
     }
-    Ok(Output { tensors: out, meta: None })
+    Ok(Output {
+        tensors: out,
+        meta: None,
+    })
 }

@@ -33,7 +33,9 @@ impl Tensor {
     fn checked(shape: Vec<usize>, data: Data, len: usize) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != len {
-            return Err(Error::failed(format!("a tensor of shape {shape:?} needs {n} values, got {len}")));
+            return Err(Error::failed(format!(
+                "a tensor of shape {shape:?} needs {n} values, got {len}"
+            )));
         }
         Ok(Tensor { shape, data })
     }
@@ -55,7 +57,10 @@ impl Tensor {
 
     /// A 0-d float32 (losses).
     pub fn scalar(x: f32) -> Self {
-        Tensor { shape: vec![], data: Data::F32(vec![x]) }
+        Tensor {
+            shape: vec![],
+            data: Data::F32(vec![x]),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -88,7 +93,10 @@ impl Tensor {
     /// `self − other`, elementwise, as float32: a parameter's change over some updates.
     pub fn minus(&self, other: &Tensor) -> Result<Tensor> {
         if self.shape != other.shape {
-            return Err(Error::failed(format!("shapes differ: {:?} and {:?}", self.shape, other.shape)));
+            return Err(Error::failed(format!(
+                "shapes differ: {:?} and {:?}",
+                self.shape, other.shape
+            )));
         }
         let (a, b) = (self.to_f32(), other.to_f32());
         Tensor::f32(self.shape.clone(), a.iter().zip(&b).map(|(x, y)| x - y).collect())
@@ -114,7 +122,10 @@ impl Tensor {
 }
 
 fn from_le<const N: usize, T>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
-    bytes.chunks_exact(N).map(|c| f(c.try_into().expect("chunks_exact yields N bytes"))).collect()
+    bytes
+        .chunks_exact(N)
+        .map(|c| f(c.try_into().expect("chunks_exact yields N bytes")))
+        .collect()
 }
 
 /// Every tensor of a safetensors file (float32, float64, int32, int64; other dtypes are refused by name).
@@ -129,9 +140,20 @@ pub fn read_tensors(path: &Path) -> Result<Tensors> {
             Dtype::F64 => Data::F64(from_le(raw, f64::from_le_bytes)),
             Dtype::I32 => Data::I32(from_le(raw, i32::from_le_bytes)),
             Dtype::I64 => Data::I64(from_le(raw, i64::from_le_bytes)),
-            other => return Err(Error::failed(format!("{}: {name} is {other:?}; the protocol uses F32, F64, I32, I64", path.display()))),
+            other => {
+                return Err(Error::failed(format!(
+                    "{}: {name} is {other:?}; the protocol uses F32, F64, I32, I64",
+                    path.display()
+                )))
+            }
         };
-        out.insert(name, Tensor { shape: view.shape().to_vec(), data });
+        out.insert(
+            name,
+            Tensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
     }
     Ok(out)
 }
@@ -161,7 +183,16 @@ impl View for &Owned {
 pub fn write_tensors(path: &Path, tensors: &Tensors) -> Result<()> {
     let owned: Vec<(String, Owned)> = tensors
         .iter()
-        .map(|(k, t)| (k.clone(), Owned { dtype: t.dtype(), shape: t.shape.clone(), bytes: t.bytes() }))
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                Owned {
+                    dtype: t.dtype(),
+                    shape: t.shape.clone(),
+                    bytes: t.bytes(),
+                },
+            )
+        })
         .collect();
     let partial = path.with_extension("partial");
     safetensors::serialize_to_file(owned.iter().map(|(k, o)| (k.as_str(), o)), None, &partial)?;
@@ -177,10 +208,22 @@ mod tests {
     fn every_protocol_dtype_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let mut t = Tensors::new();
-        t.insert("a.f32".into(), Tensor::f32(vec![2, 3], vec![1.5, -2.0, 0.0, 3.25, f32::MIN_POSITIVE, 7.0]).unwrap());
-        t.insert("b.i32".into(), Tensor::i32(vec![3], vec![-1, 0, 2_000_000_000]).unwrap());
+        t.insert(
+            "a.f32".into(),
+            Tensor::f32(vec![2, 3], vec![1.5, -2.0, 0.0, 3.25, f32::MIN_POSITIVE, 7.0]).unwrap(),
+        );
+        t.insert(
+            "b.i32".into(),
+            Tensor::i32(vec![3], vec![-1, 0, 2_000_000_000]).unwrap(),
+        );
         t.insert("c.i64".into(), Tensor::i64(vec![], vec![1 << 40]).unwrap());
-        t.insert("d.f64".into(), Tensor { shape: vec![1], data: Data::F64(vec![1e-300]) });
+        t.insert(
+            "d.f64".into(),
+            Tensor {
+                shape: vec![1],
+                data: Data::F64(vec![1e-300]),
+            },
+        );
         let path = dir.path().join("x.safetensors");
         write_tensors(&path, &t).unwrap();
         assert_eq!(read_tensors(&path).unwrap(), t);

@@ -11,7 +11,10 @@ use common::Toy;
 fn request(dir: &Path, stages: &[&str]) -> RequestFolder {
     let batch: Tensors = [
         ("input_ids".to_string(), Tensor::i32(vec![1, 3], vec![4, 5, 6]).unwrap()),
-        ("attention_mask".to_string(), Tensor::i32(vec![1, 3], vec![1, 1, 0]).unwrap()),
+        (
+            "attention_mask".to_string(),
+            Tensor::i32(vec![1, 3], vec![1, 1, 0]).unwrap(),
+        ),
         ("auth_weight".to_string(), Tensor::f32(vec![1], vec![0.5]).unwrap()),
         ("prov_entropy".to_string(), Tensor::f32(vec![1], vec![1.0]).unwrap()),
     ]
@@ -24,14 +27,20 @@ fn request(dir: &Path, stages: &[&str]) -> RequestFolder {
 }
 
 fn f32s(t: &Tensors, k: &str) -> Vec<f32> {
-    t.get(k).unwrap_or_else(|| panic!("no {k} in {:?}", t.keys().collect::<Vec<_>>())).to_f32()
+    t.get(k)
+        .unwrap_or_else(|| panic!("no {k} in {:?}", t.keys().collect::<Vec<_>>()))
+        .to_f32()
 }
 
 #[test]
 fn an_update_is_reported_as_the_parameters_change_and_the_state() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run_stage::<Toy>(&request(dir.path(), &[]), "optimizer", &mut None).unwrap().tensors;
-    assert!(f32s(&out, "optimizer.delta.theta").iter().all(|d| (d + 0.1).abs() < 1e-6));
+    let out = run_stage::<Toy>(&request(dir.path(), &[]), "optimizer", &mut None)
+        .unwrap()
+        .tensors;
+    assert!(f32s(&out, "optimizer.delta.theta")
+        .iter()
+        .all(|d| (d + 0.1).abs() < 1e-6));
     assert_eq!(out["optimizer.step"], Tensor::i64(vec![], vec![1]).unwrap());
     assert_eq!(f32s(&out, "optimizer.loss"), vec![6.0]);
 }
@@ -39,7 +48,9 @@ fn an_update_is_reported_as_the_parameters_change_and_the_state() {
 #[test]
 fn the_trajectory_is_the_change_over_all_updates_and_every_loss() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run_stage::<Toy>(&request(dir.path(), &[]), "trajectory", &mut None).unwrap().tensors;
+    let out = run_stage::<Toy>(&request(dir.path(), &[]), "trajectory", &mut None)
+        .unwrap()
+        .tensors;
     let d = f32s(&out, "trajectory.delta.theta");
     assert!((d[0] + 0.6).abs() < 1e-6, "{d:?}"); // 0.1 + 0.2 + 0.3
     assert_eq!(out["trajectory.loss"].shape, vec![3]);
@@ -48,9 +59,17 @@ fn the_trajectory_is_the_change_over_all_updates_and_every_loss() {
 #[test]
 fn the_checkpoint_stage_resumes_and_reruns_uninterrupted() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run_stage::<Toy>(&request(dir.path(), &[]), "checkpoint", &mut None).unwrap().tensors;
-    assert_eq!(f32s(&out, "checkpoint.delta.theta"), f32s(&out, "checkpoint.uninterrupted.delta.theta"));
-    assert_eq!(f32s(&out, "checkpoint.loss"), f32s(&out, "checkpoint.uninterrupted.loss"));
+    let out = run_stage::<Toy>(&request(dir.path(), &[]), "checkpoint", &mut None)
+        .unwrap()
+        .tensors;
+    assert_eq!(
+        f32s(&out, "checkpoint.delta.theta"),
+        f32s(&out, "checkpoint.uninterrupted.delta.theta")
+    );
+    assert_eq!(
+        f32s(&out, "checkpoint.loss"),
+        f32s(&out, "checkpoint.uninterrupted.loss")
+    );
     assert_eq!(out["checkpoint.loss"].shape, vec![3]);
 }
 
@@ -69,8 +88,14 @@ fn answer_writes_each_stage_and_says_what_is_not_implemented() {
     std::fs::create_dir_all(&req).unwrap();
     request(&req, &["loss", "isolated_optimizer", "no_such_stage"]);
     answer::<Toy>(&req, &resp).unwrap();
-    assert_eq!(f32s(&read_tensors(&resp.join("loss.safetensors")).unwrap(), "loss.total"), vec![6.0]);
-    assert!(resp.join("isolated_optimizer.error").exists(), "no isolated_inputs: an error, not a pass");
+    assert_eq!(
+        f32s(&read_tensors(&resp.join("loss.safetensors")).unwrap(), "loss.total"),
+        vec![6.0]
+    );
+    assert!(
+        resp.join("isolated_optimizer.error").exists(),
+        "no isolated_inputs: an error, not a pass"
+    );
     assert!(resp.join("no_such_stage.unsupported").exists());
 }
 
@@ -78,7 +103,11 @@ fn answer_writes_each_stage_and_says_what_is_not_implemented() {
 fn an_optional_request_the_port_lacks_is_unsupported() {
     let dir = tempfile::tempdir().unwrap();
     let req = request(dir.path(), &[]);
-    let logits: Tensors = [("forward.logits".to_string(), Tensor::f32(vec![1, 3, 2], vec![0.0; 6]).unwrap())].into();
+    let logits: Tensors = [(
+        "forward.logits".to_string(),
+        Tensor::f32(vec![1, 3, 2], vec![0.0; 6]).unwrap(),
+    )]
+    .into();
     write_tensors(&dir.path().join("iso.safetensors"), &logits).unwrap();
     let mut r = req.clone();
     r.request.isolated_inputs = Some("iso.safetensors".into());
@@ -92,7 +121,9 @@ fn an_optional_request_the_port_lacks_is_unsupported() {
 fn another_protocol_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     request(dir.path(), &[]);
-    let text = std::fs::read_to_string(dir.path().join("request.json")).unwrap().replace(PROTOCOL, "mlx-parity/0");
+    let text = std::fs::read_to_string(dir.path().join("request.json"))
+        .unwrap()
+        .replace(PROTOCOL, "mlx-parity/0");
     std::fs::write(dir.path().join("request.json"), text).unwrap();
     assert!(RequestFolder::open(dir.path()).is_err());
 }

@@ -12,8 +12,18 @@ use common::Toy;
 fn python(code: &str, args: &[&Path]) -> String {
     let exe = std::env::var("PARITY_PYTHON").expect("PARITY_PYTHON: the project's .venv python (rust/test.sh sets it)");
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new(exe).arg("-c").arg(code).args(args).current_dir(&repo).output().expect("python runs");
-    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(exe)
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .current_dir(&repo)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -47,9 +57,19 @@ fn a_harness_request_is_read_and_the_answer_is_read_back() {
         &[&resp],
     );
     let lines: Vec<&str> = read.lines().collect();
-    assert_eq!(lines[0], "loss None None ['loss.ce', 'loss.distrust', 'loss.total'] None", "{read}");
-    assert!(lines[1].starts_with("weight_mapping None None ['weights.theta']") && lines[1].contains("'missing': ['model.extra.bias']"), "{read}");
-    assert!(lines[2].starts_with("isolated_loss None this port does not implement"), "{read}");
+    assert_eq!(
+        lines[0], "loss None None ['loss.ce', 'loss.distrust', 'loss.total'] None",
+        "{read}"
+    );
+    assert!(
+        lines[1].starts_with("weight_mapping None None ['weights.theta']")
+            && lines[1].contains("'missing': ['model.extra.bias']"),
+        "{read}"
+    );
+    assert!(
+        lines[2].starts_with("isolated_loss None this port does not implement"),
+        "{read}"
+    );
 }
 
 #[test]
@@ -65,7 +85,11 @@ fn tensors_round_trip_between_numpy_and_the_kit() {
     );
     let t = read_tensors(&a).unwrap();
     assert_eq!(t["t"].shape, vec![3, 2]);
-    assert_eq!(t["t"].to_f32(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0], "C order, whatever numpy's layout");
+    assert_eq!(
+        t["t"].to_f32(),
+        vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0],
+        "C order, whatever numpy's layout"
+    );
     assert_eq!(t["i"], Tensor::i32(vec![2], vec![-1, i32::MAX]).unwrap());
     write_tensors(&b, &t).unwrap();
     let same = python(

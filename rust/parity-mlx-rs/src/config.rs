@@ -143,7 +143,9 @@ fn rope_settings(d: &Value) -> Result<(f64, RopeScaling)> {
         match d.get(key) {
             None | Some(Value::Null) => Ok(Default::default()),
             Some(Value::Object(m)) => Ok(m.clone()),
-            Some(v) => Err(Error::Config(format!("config.json: {key} must be a dict or null, got {v}"))),
+            Some(v) => Err(Error::Config(format!(
+                "config.json: {key} must be a dict or null, got {v}"
+            ))),
         }
     };
     let mut merged = dict("rope_scaling")?;
@@ -156,10 +158,18 @@ fn rope_settings(d: &Value) -> Result<(f64, RopeScaling)> {
             .ok_or_else(|| Error::Config(format!("config.json: rope_theta must be a number, got {v}")))?,
         None => float(d, "rope_theta", 10000.0)?,
     };
-    let rope_type = match r.get("rope_type").filter(|v| !v.is_null()).or_else(|| r.get("type").filter(|v| !v.is_null())) {
+    let rope_type = match r
+        .get("rope_type")
+        .filter(|v| !v.is_null())
+        .or_else(|| r.get("type").filter(|v| !v.is_null()))
+    {
         None => "default",
         Some(Value::String(t)) => t.as_str(),
-        Some(v) => return Err(Error::Config(format!("config.json: rope_type must be a string, got {v}"))),
+        Some(v) => {
+            return Err(Error::Config(format!(
+                "config.json: rope_type must be a string, got {v}"
+            )))
+        }
     };
     let f = |key: &str| rope_float(r, key, rope_type, source);
     let scaling = match rope_type {
@@ -202,7 +212,11 @@ impl ModelConfig {
                     )))
                 }
             },
-            Some(v) => return Err(Error::Config(format!("config.json: model_type must be a string, got {v}"))),
+            Some(v) => {
+                return Err(Error::Config(format!(
+                    "config.json: model_type must be a string, got {v}"
+                )))
+            }
         };
         match model_type {
             ModelType::Mistral => {
@@ -224,12 +238,16 @@ impl ModelConfig {
         }
         if let Some(Value::Array(types)) = d.get("layer_types") {
             if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
-                return Err(Error::Config(format!("layer_types has {t} layers: only full_attention is supported")));
+                return Err(Error::Config(format!(
+                    "layer_types has {t} layers: only full_attention is supported"
+                )));
             }
         }
         let act = d.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
         if act != "silu" {
-            return Err(Error::Config(format!("hidden_act '{act}' is not supported (only 'silu')")));
+            return Err(Error::Config(format!(
+                "hidden_act '{act}' is not supported (only 'silu')"
+            )));
         }
         let (rope_theta, rope_scaling) = rope_settings(d)?;
         let heads = req_int(d, "num_attention_heads")?;
@@ -290,12 +308,18 @@ impl ModelConfig {
     /// `rope_scaling` says; computed in double precision.
     pub fn rope_inv_freq(&self) -> Vec<f64> {
         let hd = self.head_dim as f64;
-        let base: Vec<f64> =
-            (0..self.head_dim / 2).map(|i| self.rope_theta.powf(-((2 * i) as f64) / hd)).collect();
+        let base: Vec<f64> = (0..self.head_dim / 2)
+            .map(|i| self.rope_theta.powf(-((2 * i) as f64) / hd))
+            .collect();
         match self.rope_scaling {
             RopeScaling::Default => base,
             RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let old_ctx = original_max_position_embeddings;
                 let low_wavelen = old_ctx / low_freq_factor;
                 let high_wavelen = old_ctx / high_freq_factor;
@@ -327,7 +351,11 @@ impl ModelConfig {
     }
 
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let path = if dir.is_dir() { dir.join("config.json") } else { dir.to_path_buf() };
+        let path = if dir.is_dir() {
+            dir.join("config.json")
+        } else {
+            dir.to_path_buf()
+        };
         let text = std::fs::read_to_string(&path)
             .map_err(|e| Error::Config(format!("no config.json at {} ({e})", path.display())))?;
         let v: Value = serde_json::from_str(&text)
@@ -343,18 +371,25 @@ impl ModelConfig {
         let scaling = match self.rope_scaling {
             RopeScaling::Default => serde_json::json!({}),
             RopeScaling::Linear { factor } => serde_json::json!({"factor": factor}),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 serde_json::json!({"factor": factor, "low_freq_factor": low_freq_factor,
-                    "high_freq_factor": high_freq_factor,
-                    // An integer, as transformers validates it (it warns on 8192.0).
-                    "original_max_position_embeddings": if original_max_position_embeddings.fract() == 0.0 {
-                        serde_json::json!(original_max_position_embeddings as i64)
-                    } else {
-                        serde_json::json!(original_max_position_embeddings)
-                    }})
+                "high_freq_factor": high_freq_factor,
+                // An integer, as transformers validates it (it warns on 8192.0).
+                "original_max_position_embeddings": if original_max_position_embeddings.fract() == 0.0 {
+                    serde_json::json!(original_max_position_embeddings as i64)
+                } else {
+                    serde_json::json!(original_max_position_embeddings)
+                }})
             }
         };
-        rope.as_object_mut().unwrap().extend(scaling.as_object().unwrap().clone());
+        rope.as_object_mut()
+            .unwrap()
+            .extend(scaling.as_object().unwrap().clone());
         let mut v = serde_json::json!({
             "model_type": self.model_type.as_str(),
             "architectures": [self.model_type.architecture()],
@@ -434,8 +469,10 @@ mod tests {
         let mut rope5 = llama3();
         rope5["rope_theta"] = serde_json::json!(500000.0);
         let t5 = ModelConfig::from_value(&with(serde_json::json!({"rope_parameters": rope5}))).unwrap();
-        let t4 = ModelConfig::from_value(&with(serde_json::json!({"rope_theta": 500000.0, "rope_scaling": llama3()})))
-            .unwrap();
+        let t4 = ModelConfig::from_value(&with(
+            serde_json::json!({"rope_theta": 500000.0, "rope_scaling": llama3()}),
+        ))
+        .unwrap();
         let mut old = llama3();
         let ty = old.as_object_mut().unwrap().remove("rope_type").unwrap();
         old["type"] = ty;
@@ -466,9 +503,10 @@ mod tests {
             serde_json::json!({"rope_parameters": {"rope_type": "linear", "factor": 2, "rope_theta": 1e4}}),
         ))
         .unwrap();
-        let lin4 =
-            ModelConfig::from_value(&with(serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}})))
-                .unwrap();
+        let lin4 = ModelConfig::from_value(&with(
+            serde_json::json!({"rope_scaling": {"type": "linear", "factor": 2.0}}),
+        ))
+        .unwrap();
         assert_eq!(lin5, lin4);
         assert_eq!(lin5.rope_scaling, RopeScaling::Linear { factor: 2.0 });
         // Both present: merged key by key, rope_parameters winning (as the reference merges them).
@@ -476,7 +514,10 @@ mod tests {
             "rope_scaling": {"type": "linear", "factor": 2.0, "rope_theta": 2.0},
             "rope_parameters": {"factor": 4.0, "rope_theta": 3.0}})))
         .unwrap();
-        assert_eq!((both.rope_theta, &both.rope_scaling), (3.0, &RopeScaling::Linear { factor: 4.0 }));
+        assert_eq!(
+            (both.rope_theta, &both.rope_scaling),
+            (3.0, &RopeScaling::Linear { factor: 4.0 })
+        );
     }
 
     #[test]
@@ -487,12 +528,16 @@ mod tests {
         let l = ModelConfig::from_value(&with(serde_json::json!({"attention_bias": true, "mlp_bias": true}))).unwrap();
         assert_eq!((l.qkv_bias, l.o_bias, l.mlp_bias), (true, true, true));
         // Mistral: as llama; sliding_window null (or absent) only.
-        let m = ModelConfig::from_value(&with(serde_json::json!({"model_type": "mistral", "sliding_window": null})))
-            .unwrap();
+        let m = ModelConfig::from_value(&with(
+            serde_json::json!({"model_type": "mistral", "sliding_window": null}),
+        ))
+        .unwrap();
         assert_eq!(m.model_type, ModelType::Mistral);
         assert_eq!((m.qkv_bias, m.o_bias, m.mlp_bias), (false, false, false));
-        let m = ModelConfig::from_value(&with(serde_json::json!({"model_type": "mistral", "attention_bias": true})))
-            .unwrap();
+        let m = ModelConfig::from_value(&with(
+            serde_json::json!({"model_type": "mistral", "attention_bias": true}),
+        ))
+        .unwrap();
         assert_eq!((m.qkv_bias, m.o_bias, m.mlp_bias), (true, true, false));
         // Qwen2: q/k/v with a bias, o_proj and the MLP without, whatever attention_bias says.
         for extra in [
@@ -509,21 +554,35 @@ mod tests {
 
     #[test]
     fn unsupported_configs_are_named() {
-        let e = err(with(serde_json::json!({"model_type": "mistral", "sliding_window": 4096})));
+        let e = err(with(
+            serde_json::json!({"model_type": "mistral", "sliding_window": 4096}),
+        ));
         assert!(e.contains("sliding_window") && e.contains("not supported"), "{e}");
-        let e = err(with(serde_json::json!({"model_type": "qwen2", "use_sliding_window": true})));
+        let e = err(with(
+            serde_json::json!({"model_type": "qwen2", "use_sliding_window": true}),
+        ));
         assert!(e.contains("use_sliding_window") && e.contains("not supported"), "{e}");
         let e = err(with(serde_json::json!({"model_type": "gemma"})));
         assert!(e.contains("model_type") && e.contains("'gemma'"), "{e}");
-        assert!(e.contains("'llama'") && e.contains("'mistral'") && e.contains("'qwen2'"), "{e}");
+        assert!(
+            e.contains("'llama'") && e.contains("'mistral'") && e.contains("'qwen2'"),
+            "{e}"
+        );
         for ty in ["dynamic", "yarn"] {
-            let e = err(with(serde_json::json!({"rope_parameters": {"rope_type": ty, "factor": 2.0}})));
+            let e = err(with(
+                serde_json::json!({"rope_parameters": {"rope_type": ty, "factor": 2.0}}),
+            ));
             assert!(e.contains(&format!("'{ty}'")) && e.contains("rope_type"), "{e}");
             let e = err(with(serde_json::json!({"rope_scaling": {"type": ty, "factor": 2.0}})));
             assert!(e.contains(&format!("'{ty}'")), "{e}");
         }
         // A scaling key missing is named.
-        for key in ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"] {
+        for key in [
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ] {
             let mut r = llama3();
             r.as_object_mut().unwrap().remove(key);
             let e = err(with(serde_json::json!({"rope_parameters": r})));
@@ -539,9 +598,11 @@ mod tests {
         // 628, 6283 against low_wavelen 64/1 = 64 and high_wavelen 64/4 = 16: the first kept, the second
         // smoothed (smooth = (64 / 62.83 - 1) / 3), the last two divided by 8. Expected values from plain
         // Python math (python3 -c, the same formula written out independently).
-        let cfg = with(serde_json::json!({"hidden_size": 32, "num_attention_heads": 4, "head_dim": 8,
+        let cfg = with(
+            serde_json::json!({"hidden_size": 32, "num_attention_heads": 4, "head_dim": 8,
             "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}));
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+        );
         let c = ModelConfig::from_value(&cfg).unwrap();
         let expected = [1.0, 0.013042256043820465, 0.00125, 0.000125];
         let got = c.rope_inv_freq();
@@ -583,7 +644,10 @@ mod tests {
             assert_eq!(v["rope_parameters"]["rope_type"], c.rope_scaling.rope_type());
             assert!(v.get("rope_theta").is_none() && v.get("rope_scaling").is_none());
             if let RopeScaling::Llama3 { .. } = c.rope_scaling {
-                assert_eq!(v["rope_parameters"]["original_max_position_embeddings"], serde_json::json!(64));
+                assert_eq!(
+                    v["rope_parameters"]["original_max_position_embeddings"],
+                    serde_json::json!(64)
+                );
             }
             assert_eq!(ModelConfig::from_value(&v).unwrap(), c);
         }

@@ -59,7 +59,11 @@ impl Linear {
         let bound = 1.0 / (in_dims as f32).sqrt();
         Ok(Linear {
             weight: Param::new(uniform(seed, bound, &[out_dims, in_dims])?),
-            bias: Param::new(if bias { Some(Array::zeros::<f32>(&[out_dims])?) } else { None }),
+            bias: Param::new(if bias {
+                Some(Array::zeros::<f32>(&[out_dims])?)
+            } else {
+                None
+            }),
             lora_a: Param::new(None),
             lora_b: Param::new(None),
             lora_scale: None,
@@ -115,7 +119,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(dims: i32, eps: f64) -> R<Self> {
-        Ok(RmsNorm { weight: Param::new(Array::ones::<f32>(&[dims])?), eps: eps as f32 })
+        Ok(RmsNorm {
+            weight: Param::new(Array::ones::<f32>(&[dims])?),
+            eps: eps as f32,
+        })
     }
 
     pub fn forward(&self, x: &Array) -> R<Array> {
@@ -136,7 +143,9 @@ impl Embedding {
         let scale = (1.0 / dims as f32).sqrt();
         let key = random::key(seed)?;
         let w = random::normal::<f32>(&[vocab, dims], None, None, Some(&key))?;
-        Ok(Embedding { weight: Param::new(ops::multiply(&w, Array::from_f32(scale))?) })
+        Ok(Embedding {
+            weight: Param::new(ops::multiply(&w, Array::from_f32(scale))?),
+        })
     }
 
     pub fn forward(&self, ids: &Array) -> R<Array> {
@@ -178,7 +187,8 @@ const LAYER_PIECES_READ: &[&str] = LAYER_PIECES.split_at(LAYER_PIECES.len() - 2)
 
 /// `p[key]`; a missing key is an error naming `{prefix}{key}`.
 fn lookup<'a>(p: &'a Pieces, prefix: &str, key: &str) -> R<&'a Array> {
-    p.get(key).ok_or_else(|| Exception::custom(format!("the given pieces lack '{prefix}{key}'")))
+    p.get(key)
+        .ok_or_else(|| Exception::custom(format!("the given pieces lack '{prefix}{key}'")))
 }
 
 /// One layer's pieces as they are computed: each reads its inputs from the own chain, or from the given
@@ -240,8 +250,16 @@ impl Attention {
             k_proj: Linear::new(d, cfg.num_key_value_heads * hd, qkv_b, next())?,
             v_proj: Linear::new(d, cfg.num_key_value_heads * hd, qkv_b, next())?,
             o_proj: Linear::new(cfg.num_attention_heads * hd, d, o_b, next())?,
-            q_norm: if cfg.qk_norm() { Some(RmsNorm::new(hd, cfg.rms_norm_eps)?) } else { None },
-            k_norm: if cfg.qk_norm() { Some(RmsNorm::new(hd, cfg.rms_norm_eps)?) } else { None },
+            q_norm: if cfg.qk_norm() {
+                Some(RmsNorm::new(hd, cfg.rms_norm_eps)?)
+            } else {
+                None
+            },
+            k_norm: if cfg.qk_norm() {
+                Some(RmsNorm::new(hd, cfg.rms_norm_eps)?)
+            } else {
+                None
+            },
             n_heads: cfg.num_attention_heads,
             n_kv: cfg.num_key_value_heads,
             head_dim: hd,
@@ -344,7 +362,10 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Array) -> R<Array> {
-        self.down_proj.forward(&Self::activation(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?)
+        self.down_proj.forward(&Self::activation(
+            &self.gate_proj.forward(x)?,
+            &self.up_proj.forward(x)?,
+        )?)
     }
 }
 
@@ -382,7 +403,11 @@ impl DecoderLayer {
     /// `pieces`, naming a missing given piece with `prefix`.
     fn pieces_named(&self, h: &Array, given: Option<&Pieces>, prefix: &str) -> R<Pieces> {
         let (a, m) = (&self.self_attn, &self.mlp);
-        let mut c = Chain { own: Pieces::from([("input".to_string(), h.clone())]), given, prefix };
+        let mut c = Chain {
+            own: Pieces::from([("input".to_string(), h.clone())]),
+            given,
+            prefix,
+        };
         c.put("input_norm", self.input_layernorm.forward(c.x("input")?)?);
         let (q, k, v) = a.project(c.x("input_norm")?)?;
         c.put("q", q);
@@ -451,7 +476,11 @@ impl LlamaForCausalLM {
             Some(Linear::new(cfg.hidden_size, cfg.vocab_size, false, s)?)
         };
         Ok(LlamaForCausalLM {
-            model: LlamaModel { embed_tokens, layers, norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps)? },
+            model: LlamaModel {
+                embed_tokens,
+                layers,
+                norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps)?,
+            },
             lm_head,
             tie_word_embeddings: cfg.tie_word_embeddings,
         })
@@ -564,7 +593,9 @@ impl LlamaForCausalLM {
     pub fn add_lora(&mut self, layers: i32, rank: i32, scale: f32, seed: u64) -> R<Vec<String>> {
         let n = self.model.layers.len() as i32;
         if !(1 <= layers && layers <= n) {
-            return Err(Exception::custom(format!("lora.layers must be in 1..{n}, got {layers}")));
+            return Err(Exception::custom(format!(
+                "lora.layers must be in 1..{n}, got {layers}"
+            )));
         }
         let mut names = Vec::new();
         let mut s = seed.wrapping_mul(7_919).wrapping_add(17);
@@ -602,7 +633,12 @@ impl LlamaForCausalLM {
         for (i, layer) in self.model.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let a = &layer.self_attn;
-            for (n, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+            for (n, l) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
                 lin(&mut out, format!("{p}.self_attn.{n}"), l);
             }
             if a.q_norm.is_some() {
@@ -610,7 +646,11 @@ impl LlamaForCausalLM {
                 out.push(format!("{p}.self_attn.k_norm.weight"));
             }
             let m = &layer.mlp;
-            for (n, l) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
+            for (n, l) in [
+                ("gate_proj", &m.gate_proj),
+                ("up_proj", &m.up_proj),
+                ("down_proj", &m.down_proj),
+            ] {
                 lin(&mut out, format!("{p}.mlp.{n}"), l);
             }
             out.push(format!("{p}.input_layernorm.weight"));
@@ -649,7 +689,10 @@ mod tests {
         if lora {
             m.add_lora(1, 2, 2.0, 3).unwrap();
             let a = &mut m.model.layers[1].self_attn;
-            for (i, lin) in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj].into_iter().enumerate() {
+            for (i, lin) in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]
+                .into_iter()
+                .enumerate()
+            {
                 let shape = lin.lora_b.value.as_ref().unwrap().shape().to_vec();
                 lin.lora_b = Param::new(Some(uniform(100 + i as u64, 0.3, &shape).unwrap()));
             }
@@ -685,7 +728,11 @@ mod tests {
             // the same ops on the same inputs (`output` is the whole layer, the same ops again).
             let again = m.pieces(&ids(), Some(&chain)).unwrap();
             for n in m.piece_names() {
-                assert_eq!(host(&chain[&n]), host(&again[&n]), "{n} (tied={tied}, bias={bias}, lora={lora})");
+                assert_eq!(
+                    host(&chain[&n]),
+                    host(&again[&n]),
+                    "{n} (tied={tied}, bias={bias}, lora={lora})"
+                );
             }
             // The chain is the forward pass.
             let (logits, hidden) = m.forward_with_hidden(&ids()).unwrap();
@@ -714,10 +761,19 @@ mod tests {
                 .collect();
             m.cast_parameters(Dtype::Bfloat16).unwrap();
             // Adapters kept float32 (cast_parameters comes before add_lora in a trainer; here by hand).
-            m.update_flattened(adapters.into_iter().map(|(k, v)| (std::rc::Rc::from(k.as_str()), v)).collect());
+            m.update_flattened(
+                adapters
+                    .into_iter()
+                    .map(|(k, v)| (std::rc::Rc::from(k.as_str()), v))
+                    .collect(),
+            );
             let chain = m.pieces(&ids(), None).unwrap();
             for (n, v) in &chain {
-                assert_eq!(v.dtype(), Dtype::Bfloat16, "{n} (tied={tied}, bias={bias}, lora={lora})");
+                assert_eq!(
+                    v.dtype(),
+                    Dtype::Bfloat16,
+                    "{n} (tied={tied}, bias={bias}, lora={lora})"
+                );
             }
             let again = m.pieces(&ids(), Some(&chain)).unwrap();
             for n in m.piece_names() {
@@ -735,9 +791,20 @@ mod tests {
         let y = lin.forward(&x).unwrap();
         assert_eq!(y.dtype(), Dtype::Bfloat16);
         let base = ops::matmul(&x, lin.weight.value.t()).unwrap();
-        let low = ops::matmul(ops::matmul(&x, lin.lora_a.value.as_ref().unwrap()).unwrap(), lin.lora_b.value.as_ref().unwrap()).unwrap();
+        let low = ops::matmul(
+            ops::matmul(&x, lin.lora_a.value.as_ref().unwrap()).unwrap(),
+            lin.lora_b.value.as_ref().unwrap(),
+        )
+        .unwrap();
         assert_eq!(low.dtype(), Dtype::Float32);
-        let want = ops::add(&base, ops::multiply(Array::from_f32(2.0), &low).unwrap().as_dtype(Dtype::Bfloat16).unwrap()).unwrap();
+        let want = ops::add(
+            &base,
+            ops::multiply(Array::from_f32(2.0), &low)
+                .unwrap()
+                .as_dtype(Dtype::Bfloat16)
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(host(&y), host(&want));
     }
 
@@ -745,7 +812,11 @@ mod tests {
     fn given_names_are_exactly_what_the_pieces_read() {
         let m = tiny(false, false, false);
         let chain = m.pieces(&ids(), None).unwrap();
-        let only: Pieces = m.given_names().into_iter().map(|n| (n.clone(), chain[&n].clone())).collect();
+        let only: Pieces = m
+            .given_names()
+            .into_iter()
+            .map(|n| (n.clone(), chain[&n].clone()))
+            .collect();
         m.pieces(&ids(), Some(&only)).unwrap();
         for n in m.given_names() {
             let mut less = only.clone();
@@ -761,7 +832,10 @@ mod tests {
         let m = tiny(false, false, false);
         let chain = m.pieces(&ids(), None).unwrap();
         let mut given = chain.clone();
-        given.insert("layer.1.q_rope".into(), ops::multiply(&chain["layer.1.q_rope"], Array::from_f32(2.0)).unwrap());
+        given.insert(
+            "layer.1.q_rope".into(),
+            ops::multiply(&chain["layer.1.q_rope"], Array::from_f32(2.0)).unwrap(),
+        );
         let out = m.pieces(&ids(), Some(&given)).unwrap();
         for n in m.piece_names() {
             assert_eq!(host(&chain[&n]) != host(&out[&n]), n == "layer.1.scores", "{n}");
@@ -808,8 +882,12 @@ mod tests {
             ordered.sort();
             assert_eq!(ordered, want);
             // And a checkpoint of the model's own tensors loads with nothing missing or left over.
-            let tensors: HashMap<String, Array> =
-                m.parameters().flatten().into_iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            let tensors: HashMap<String, Array> = m
+                .parameters()
+                .flatten()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
             let (loaded, report) = crate::weights::match_tensors(&m, tensors, &cfg);
             assert!(report.ok(), "{}", report.describe());
             assert_eq!(loaded.len(), want.len());
@@ -838,9 +916,11 @@ mod tests {
         assert_ne!(host(&got), host(&a.rope(&x).unwrap()));
         // llama3 with factor 1 leaves every frequency as it is: the unscaled RoPE, to rounding.
         let l3 = LlamaForCausalLM::new(
-            &config(serde_json::json!({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0,
+            &config(
+                serde_json::json!({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0,
                 "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8}})),
+                "original_max_position_embeddings": 8}}),
+            ),
             7,
         )
         .unwrap();

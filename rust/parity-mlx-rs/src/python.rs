@@ -18,7 +18,9 @@ use crate::{
 
 fn to_py_err(e: Error) -> PyErr {
     match e {
-        Error::Config(_) | Error::Settings(_) | Error::Batch(_) | Error::Weights(_) => PyValueError::new_err(e.to_string()),
+        Error::Config(_) | Error::Settings(_) | Error::Batch(_) | Error::Weights(_) => {
+            PyValueError::new_err(e.to_string())
+        }
         Error::Io(_) => PyOSError::new_err(e.to_string()),
         Error::Mlx(_) => PyRuntimeError::new_err(e.to_string()),
     }
@@ -29,7 +31,15 @@ fn to_numpy<'py>(py: Python<'py>, a: &Array) -> PyResult<Bound<'py, PyAny>> {
     let shape: Vec<usize> = a.shape().iter().map(|&d| d as usize).collect();
     let integer = matches!(
         a.dtype(),
-        Dtype::Int8 | Dtype::Int16 | Dtype::Int32 | Dtype::Int64 | Dtype::Uint8 | Dtype::Uint16 | Dtype::Uint32 | Dtype::Uint64 | Dtype::Bool
+        Dtype::Int8
+            | Dtype::Int16
+            | Dtype::Int32
+            | Dtype::Int64
+            | Dtype::Uint8
+            | Dtype::Uint16
+            | Dtype::Uint32
+            | Dtype::Uint64
+            | Dtype::Bool
     );
     if integer {
         let v = host_vec::<i32>(a).map_err(to_py_err)?;
@@ -40,7 +50,10 @@ fn to_numpy<'py>(py: Python<'py>, a: &Array) -> PyResult<Bound<'py, PyAny>> {
     }
 }
 
-fn dict_of_arrays<'py>(py: Python<'py>, items: impl IntoIterator<Item = (String, Array)>) -> PyResult<Bound<'py, PyDict>> {
+fn dict_of_arrays<'py>(
+    py: Python<'py>,
+    items: impl IntoIterator<Item = (String, Array)>,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     let mut items: Vec<(String, Array)> = items.into_iter().collect();
     items.sort_by(|a, b| a.0.cmp(&b.0));
@@ -70,7 +83,9 @@ fn numeric<'py>(
     let kind: String = arr.getattr("dtype")?.getattr("kind")?.extract()?;
     let kind = kind.chars().next().unwrap_or('?');
     if !matches!(kind, 'i' | 'u' | 'f' | 'b') {
-        return Err(PyValueError::new_err(format!("{name} must be a numeric array, got dtype kind '{kind}'")));
+        return Err(PyValueError::new_err(format!(
+            "{name} must be a numeric array, got dtype kind '{kind}'"
+        )));
     }
     let kwargs = PyDict::new(py);
     kwargs.set_item("dtype", dtype)?;
@@ -87,7 +102,9 @@ fn host_f64(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<(cha
 fn host_ids(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<(Vec<i32>, Vec<usize>)> {
     let (kind, vals, shape) = host_f64(py, obj, name)?;
     if !matches!(kind, 'i' | 'u') {
-        return Err(PyValueError::new_err(format!("{name} must be integers, got dtype kind '{kind}'")));
+        return Err(PyValueError::new_err(format!(
+            "{name} must be integers, got dtype kind '{kind}'"
+        )));
     }
     if vals.iter().any(|&v| v < i32::MIN as f64 || v > i32::MAX as f64) {
         return Err(PyValueError::new_err(format!("{name} holds values outside int32")));
@@ -132,7 +149,9 @@ fn f32_array(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Arr
 fn ids_array(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Array> {
     let (ids, shape) = host_ids(py, obj, name)?;
     if shape.len() != 2 {
-        return Err(PyValueError::new_err(format!("{name} must be [B, T], got shape {shape:?}")));
+        return Err(PyValueError::new_err(format!(
+            "{name} must be [B, T], got shape {shape:?}"
+        )));
     }
     Ok(Array::from_slice(&ids, &[shape[0] as i32, shape[1] as i32]))
 }
@@ -215,11 +234,18 @@ impl PyTrainer {
     }
 
     /// `(targets int32 [B,T-1], target_mask float32 [B,T-1])`.
-    fn shifted<'py>(&self, py: Python<'py>, input_ids: &Bound<'py, PyAny>, attention_mask: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyTuple>> {
+    fn shifted<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: &Bound<'py, PyAny>,
+        attention_mask: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
         let ids = ids_array(py, input_ids, "input_ids")?;
         let mask = ids_array(py, attention_mask, "attention_mask")?;
         if ids.shape() != mask.shape() {
-            return Err(PyValueError::new_err("attention_mask shape differs from input_ids shape"));
+            return Err(PyValueError::new_err(
+                "attention_mask shape differs from input_ids shape",
+            ));
         }
         let (t, m) = self.inner.shifted(&ids, &mask).map_err(to_py_err)?;
         PyTuple::new(py, [to_numpy(py, &t)?, to_numpy(py, &m)?])
@@ -232,7 +258,12 @@ impl PyTrainer {
     }
 
     /// `{"ce", "distrust", "total"}` of given logits `[B, T, V]` and a batch dict (the isolated loss check).
-    fn loss_from_logits<'py>(&self, py: Python<'py>, logits: &Bound<'py, PyAny>, batch: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    fn loss_from_logits<'py>(
+        &self,
+        py: Python<'py>,
+        logits: &Bound<'py, PyAny>,
+        batch: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let b = batch_from(py, batch)?;
         let l = float_array(py, logits, "logits")?;
         loss_dict(py, self.inner.loss_from_logits(&l, &b).map_err(to_py_err)?)
@@ -253,7 +284,10 @@ impl PyTrainer {
     fn gradients<'py>(&mut self, py: Python<'py>, batch: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyTuple>> {
         let b = batch_from(py, batch)?;
         let (parts, grads) = self.inner.gradients(&b).map_err(to_py_err)?;
-        PyTuple::new(py, [loss_dict(py, parts)?.into_any(), dict_of_arrays(py, grads)?.into_any()])
+        PyTuple::new(
+            py,
+            [loss_dict(py, parts)?.into_any(), dict_of_arrays(py, grads)?.into_any()],
+        )
     }
 
     /// One optimizer update on the batch (accumulated over accum_steps micro-batches).
@@ -266,8 +300,14 @@ impl PyTrainer {
     fn optimizer_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("step", self.inner.step)?;
-        d.set_item("m", dict_of_arrays(py, self.inner.m.iter().map(|(k, v)| (k.clone(), v.clone())))?)?;
-        d.set_item("v", dict_of_arrays(py, self.inner.v.iter().map(|(k, v)| (k.clone(), v.clone())))?)?;
+        d.set_item(
+            "m",
+            dict_of_arrays(py, self.inner.m.iter().map(|(k, v)| (k.clone(), v.clone())))?,
+        )?;
+        d.set_item(
+            "v",
+            dict_of_arrays(py, self.inner.v.iter().map(|(k, v)| (k.clone(), v.clone())))?,
+        )?;
         Ok(d)
     }
 
@@ -278,7 +318,9 @@ impl PyTrainer {
     /// A trainer rebuilt from a checkpoint folder alone (config.json + trainer.json settings + state).
     #[staticmethod]
     fn from_checkpoint(dir: PathBuf) -> PyResult<Self> {
-        Ok(PyTrainer { inner: Trainer::from_checkpoint(&dir).map_err(to_py_err)? })
+        Ok(PyTrainer {
+            inner: Trainer::from_checkpoint(&dir).map_err(to_py_err)?,
+        })
     }
 
     fn load_checkpoint(&mut self, dir: PathBuf) -> PyResult<()> {

@@ -105,7 +105,12 @@ pub struct OptimizerSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Schedule {
     Constant,
-    WarmupCosine { warmup_steps: i64, warmup_init: f64, decay_steps: i64, end_lr: f64 },
+    WarmupCosine {
+        warmup_steps: i64,
+        warmup_init: f64,
+        decay_steps: i64,
+        end_lr: f64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -146,7 +151,9 @@ fn obj<'a>(d: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Map<String
 fn num(d: &Map<String, Value>, key: &str, default: f64, ctx: &str) -> Result<f64> {
     match d.get(key) {
         None => Ok(default),
-        Some(v) => v.as_f64().ok_or_else(|| err(format!("{ctx}{key} must be a number, got {v}"))),
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| err(format!("{ctx}{key} must be a number, got {v}"))),
     }
 }
 
@@ -193,8 +200,18 @@ impl TrainSettings {
         check_keys(
             d,
             &[
-                "trainable", "lora", "optimizer", "schedule", "clip_norm", "accum_steps", "loss", "steps",
-                "checkpoint_at", "inject", "seed", "precision",
+                "trainable",
+                "lora",
+                "optimizer",
+                "schedule",
+                "clip_norm",
+                "accum_steps",
+                "loss",
+                "steps",
+                "checkpoint_at",
+                "inject",
+                "seed",
+                "precision",
             ],
             "settings ",
         )?;
@@ -223,7 +240,11 @@ impl TrainSettings {
         }
 
         let o = obj(d, "optimizer")?.unwrap_or(&empty);
-        check_keys(o, &["lr", "betas", "eps", "weight_decay", "bias_correction"], "optimizer ")?;
+        check_keys(
+            o,
+            &["lr", "betas", "eps", "weight_decay", "bias_correction"],
+            "optimizer ",
+        )?;
         let betas = match o.get("betas") {
             None => (0.9, 0.999),
             Some(Value::Array(b)) if b.len() == 2 && b.iter().all(Value::is_number) => {
@@ -251,7 +272,11 @@ impl TrainSettings {
         }
 
         let s = obj(d, "schedule")?.unwrap_or(&empty);
-        check_keys(s, &["kind", "warmup_steps", "warmup_init", "decay_steps", "end_lr"], "schedule ")?;
+        check_keys(
+            s,
+            &["kind", "warmup_steps", "warmup_init", "decay_steps", "end_lr"],
+            "schedule ",
+        )?;
         let warmup_steps = integer(s, "warmup_steps", 0, "schedule.")?;
         let decay_steps = integer(s, "decay_steps", 1, "schedule.")?;
         if warmup_steps < 0 || decay_steps < 1 {
@@ -287,7 +312,10 @@ impl TrainSettings {
 
         let ls = obj(d, "loss")?.unwrap_or(&empty);
         check_keys(ls, &["alpha", "lambda"], "loss ")?;
-        let loss = LossSettings { alpha: num(ls, "alpha", 2.7, "loss.")?, lambda: num(ls, "lambda", 1.0, "loss.")? };
+        let loss = LossSettings {
+            alpha: num(ls, "alpha", 2.7, "loss.")?,
+            lambda: num(ls, "lambda", 1.0, "loss.")?,
+        };
         validate_loss_scalars(loss.alpha, loss.lambda)?;
 
         let steps = integer(d, "steps", 4, "")?;
@@ -335,7 +363,12 @@ impl TrainSettings {
     pub fn to_value(&self) -> Value {
         let schedule = match &self.schedule {
             Schedule::Constant => json!({"kind": "constant"}),
-            Schedule::WarmupCosine { warmup_steps, warmup_init, decay_steps, end_lr } => json!({
+            Schedule::WarmupCosine {
+                warmup_steps,
+                warmup_init,
+                decay_steps,
+                end_lr,
+            } => json!({
                 "kind": "warmup_cosine", "warmup_steps": warmup_steps, "warmup_init": warmup_init,
                 "decay_steps": decay_steps, "end_lr": end_lr}),
         };
@@ -380,9 +413,16 @@ mod tests {
         assert_eq!(s.precision.dtype(), mlx_rs::Dtype::Bfloat16);
         assert_eq!(s.to_value()["precision"], "bfloat16");
         assert_eq!(TrainSettings::from_map(s.to_value().as_object().unwrap()).unwrap(), s);
-        assert_eq!(TrainSettings::from_json(r#"{"precision": "float32"}"#).unwrap().precision, Precision::Float32);
+        assert_eq!(
+            TrainSettings::from_json(r#"{"precision": "float32"}"#)
+                .unwrap()
+                .precision,
+            Precision::Float32
+        );
         for bad in [r#""float16""#, r#""bf16""#, "null", "32"] {
-            let e = TrainSettings::from_json(&format!(r#"{{"precision": {bad}}}"#)).err().unwrap();
+            let e = TrainSettings::from_json(&format!(r#"{{"precision": {bad}}}"#))
+                .err()
+                .unwrap();
             assert!(matches!(e, Error::Settings(_)), "{bad}");
             assert!(e.to_string().starts_with("precision must be one of"), "{e}");
         }
@@ -400,7 +440,10 @@ mod tests {
 
     #[test]
     fn rejects_alpha_and_unknown_keys() {
-        assert!(matches!(TrainSettings::from_json(r#"{"loss": {"alpha": 3.5}}"#), Err(Error::Batch(_))));
+        assert!(matches!(
+            TrainSettings::from_json(r#"{"loss": {"alpha": 3.5}}"#),
+            Err(Error::Batch(_))
+        ));
         assert!(TrainSettings::from_json(r#"{"bogus": 1}"#).is_err());
         assert!(TrainSettings::from_json(r#"{"inject": "nonsense"}"#).is_err());
     }

@@ -62,7 +62,9 @@ impl Batch {
             return bad(format!("input_ids must be [B, T] with T >= 2, got shape {ids_shape:?}"));
         }
         if mask_shape != ids_shape {
-            return bad(format!("attention_mask shape {mask_shape:?} differs from input_ids shape {ids_shape:?}"));
+            return bad(format!(
+                "attention_mask shape {mask_shape:?} differs from input_ids shape {ids_shape:?}"
+            ));
         }
         let (b, t) = (ids_shape[0], ids_shape[1]);
         if attention_mask.iter().any(|&m| m != 0.0 && m != 1.0) {
@@ -78,11 +80,19 @@ impl Batch {
                 return bad("every row needs at least 2 tokens, so it has a target to predict".into());
             }
         }
-        for (name, arr, shape) in [("auth_weight", &auth_weight, w_shape), ("prov_entropy", &prov_entropy, h_shape)] {
+        for (name, arr, shape) in [
+            ("auth_weight", &auth_weight, w_shape),
+            ("prov_entropy", &prov_entropy, h_shape),
+        ] {
             if shape != [b] {
                 return bad(format!("{name} must have shape ({b},), got {shape:?}"));
             }
-            let nonfinite: Vec<usize> = arr.iter().enumerate().filter(|(_, v)| !v.is_finite()).map(|(i, _)| i).collect();
+            let nonfinite: Vec<usize> = arr
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| !v.is_finite())
+                .map(|(i, _)| i)
+                .collect();
             if !nonfinite.is_empty() {
                 return bad(format!("{name} holds non-finite values at {nonfinite:?}"));
             }
@@ -92,7 +102,9 @@ impl Batch {
         let rows: Vec<usize> = (0..b).filter(|&i| !in_range(auth_weight[i])).collect();
         if !rows.is_empty() {
             let vals: Vec<f64> = rows.iter().map(|&i| auth_weight[i]).collect();
-            return bad(format!("auth_weight must be in [0, {AUTH_WEIGHT_MAX}]; rows {rows:?} hold {vals:?}"));
+            return bad(format!(
+                "auth_weight must be in [0, {AUTH_WEIGHT_MAX}]; rows {rows:?} hold {vals:?}"
+            ));
         }
         let rows: Vec<usize> = (0..b).filter(|&i| prov_entropy[i] < 0.0).collect();
         if !rows.is_empty() {
@@ -101,7 +113,14 @@ impl Batch {
         }
         let auth_weight: Vec<f32> = auth_weight.iter().map(|&x| x as f32).collect();
         let prov_entropy: Vec<f32> = prov_entropy.iter().map(|&x| x as f32).collect();
-        Ok(Batch { input_ids, attention_mask, auth_weight, prov_entropy, b, t })
+        Ok(Batch {
+            input_ids,
+            attention_mask,
+            auth_weight,
+            prov_entropy,
+            b,
+            t,
+        })
     }
 
     /// Micro-batches for accumulation: the batch cut in order into `parts` equal slices.
@@ -147,7 +166,12 @@ pub struct LossParts {
 }
 
 /// `(logits_s, targets, mask)`: position t predicts token t+1 (or, injected, no shift).
-pub fn shifted_slices(logits: &Array, ids: &Array, mask: &Array, no_shift: bool) -> std::result::Result<(Array, Array, Array), Exception> {
+pub fn shifted_slices(
+    logits: &Array,
+    ids: &Array,
+    mask: &Array,
+    no_shift: bool,
+) -> std::result::Result<(Array, Array, Array), Exception> {
     let t = ids.shape()[1];
     if no_shift {
         return Ok((logits.clone(), ids.clone(), mask.as_dtype(Dtype::Float32)?));
@@ -163,7 +187,9 @@ pub fn shifted_slices(logits: &Array, ids: &Array, mask: &Array, no_shift: bool)
 fn cross_entropy(logits: &Array, targets: &Array, mask: &Array) -> std::result::Result<Array, Exception> {
     let max = stop_gradient(logits.max_axis(-1, true)?)?;
     let logits = ops::subtract(logits, &max)?;
-    let score = logits.take_along_axis(targets.expand_dims(-1)?, -1)?.squeeze_axes(&[-1])?;
+    let score = logits
+        .take_along_axis(targets.expand_dims(-1)?, -1)?
+        .squeeze_axes(&[-1])?;
     let lse = logits.logsumexp_axis(-1, false)?;
     let per_token = ops::subtract(&lse, &score)?;
     ops::divide(ops::multiply(&per_token, mask)?.sum(None)?, mask.sum(None)?)
@@ -172,7 +198,10 @@ fn cross_entropy(logits: &Array, targets: &Array, mask: &Array) -> std::result::
 /// Batch mean of `alpha * (ln(1 - w + 1e-8) + H)^2`.
 fn distrust(w: &Array, h: &Array, alpha: f64) -> std::result::Result<Array, Exception> {
     let one_minus = ops::subtract(Array::from_f32(1.0), w)?;
-    let inner = ops::add(ops::log(ops::add(&one_minus, Array::from_f32(DISTRUST_EPS as f32))?)?, h)?;
+    let inner = ops::add(
+        ops::log(ops::add(&one_minus, Array::from_f32(DISTRUST_EPS as f32))?)?,
+        h,
+    )?;
     ops::multiply(Array::from_f32(alpha as f32), ops::square(&inner)?)?.mean(None)
 }
 
@@ -186,7 +215,11 @@ fn loss_arrays(
 ) -> std::result::Result<Vec<Array>, Exception> {
     let logits = model.forward(&args.0)?;
     // Under bfloat16 the logits go to the loss in float32 (`logits.astype(mx.float32)`).
-    let logits = if logits.dtype() == Dtype::Float32 { logits } else { logits.as_dtype(Dtype::Float32)? };
+    let logits = if logits.dtype() == Dtype::Float32 {
+        logits
+    } else {
+        logits.as_dtype(Dtype::Float32)?
+    };
     loss_of_logits(&logits, args, alpha, lambda, no_shift)
 }
 
@@ -219,7 +252,10 @@ pub fn host_vec<T: mlx_rs::ArrayElement + Clone>(a: &Array) -> Result<Vec<T>> {
         Err(_) => ops::multiply(&flat, Array::from_int(1).as_dtype(T::DTYPE)?)?,
     };
     contiguous.eval()?;
-    contiguous.try_as_slice::<T>().map(|s| s.to_vec()).map_err(|e| Error::Mlx(format!("reading an array: {e}")))
+    contiguous
+        .try_as_slice::<T>()
+        .map(|s| s.to_vec())
+        .map_err(|e| Error::Mlx(format!("reading an array: {e}")))
 }
 
 fn scalar(a: &Array) -> Result<f64> {
@@ -284,9 +320,14 @@ impl Trainer {
     /// config.json, the settings in trainer.json, then `load_checkpoint`.
     pub fn from_checkpoint(path: &Path) -> Result<Self> {
         let meta_path = path.join("trainer.json");
-        let text = std::fs::read_to_string(&meta_path)
-            .map_err(|_| Error::Io(format!("{} is not a trainer checkpoint (no trainer.json)", path.display())))?;
-        let meta: Value = serde_json::from_str(&text).map_err(|e| Error::Io(format!("{}: {e}", meta_path.display())))?;
+        let text = std::fs::read_to_string(&meta_path).map_err(|_| {
+            Error::Io(format!(
+                "{} is not a trainer checkpoint (no trainer.json)",
+                path.display()
+            ))
+        })?;
+        let meta: Value =
+            serde_json::from_str(&text).map_err(|e| Error::Io(format!("{}: {e}", meta_path.display())))?;
         let mut settings = meta
             .get("settings")
             .and_then(Value::as_object)
@@ -379,7 +420,12 @@ impl Trainer {
         let tensors = weights::read_safetensors(path)?;
         let params = self.model.parameters().flatten();
         let names: HashSet<&String> = self.adapter_names.iter().collect();
-        let mut missing: Vec<String> = self.adapter_names.iter().filter(|n| !tensors.contains_key(*n)).cloned().collect();
+        let mut missing: Vec<String> = self
+            .adapter_names
+            .iter()
+            .filter(|n| !tensors.contains_key(*n))
+            .cloned()
+            .collect();
         let mut unexpected: Vec<String> = tensors.keys().filter(|k| !names.contains(k)).cloned().collect();
         let mut mismatched: Vec<String> = tensors
             .iter()
@@ -399,7 +445,12 @@ impl Trainer {
         missing.sort();
         unexpected.sort();
         mismatched.sort();
-        let report = LoadReport { missing, unexpected, mismatched, ignored: vec![] };
+        let report = LoadReport {
+            missing,
+            unexpected,
+            mismatched,
+            ignored: vec![],
+        };
         if !report.ok() {
             return Err(Error::Weights(format!(
                 "{}: lora_init does not match the adapters:\n{}",
@@ -407,8 +458,7 @@ impl Trainer {
                 report.describe()
             )));
         }
-        let update: HashMap<Rc<str>, Array> =
-            tensors.into_iter().map(|(k, v)| (Rc::from(k.as_str()), v)).collect();
+        let update: HashMap<Rc<str>, Array> = tensors.into_iter().map(|(k, v)| (Rc::from(k.as_str()), v)).collect();
         self.model.update_flattened(update);
         Ok(())
     }
@@ -420,14 +470,25 @@ impl Trainer {
     }
 
     pub fn trainable_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.model.trainable_parameters().flatten().keys().map(|k| k.to_string()).collect();
+        let mut v: Vec<String> = self
+            .model
+            .trainable_parameters()
+            .flatten()
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
         v.sort();
         v
     }
 
     pub fn parameters(&self) -> Vec<(String, Array)> {
-        let mut v: Vec<(String, Array)> =
-            self.model.parameters().flatten().into_iter().map(|(k, a)| (k.to_string(), a.clone())).collect();
+        let mut v: Vec<(String, Array)> = self
+            .model
+            .parameters()
+            .flatten()
+            .into_iter()
+            .map(|(k, a)| (k.to_string(), a.clone()))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -449,7 +510,12 @@ impl Trainer {
     /// that is read must be there; the error names the missing ones.
     pub fn pieces(&self, ids: &Array, given: Option<&Pieces>) -> Result<Pieces> {
         if let Some(g) = given {
-            let missing: Vec<String> = self.model.given_names().into_iter().filter(|n| !g.contains_key(n)).collect();
+            let missing: Vec<String> = self
+                .model
+                .given_names()
+                .into_iter()
+                .filter(|n| !g.contains_key(n))
+                .collect();
             if !missing.is_empty() {
                 return Err(Error::Batch(format!(
                     "the given pieces lack {} of the forward's inputs: {}",
@@ -463,7 +529,16 @@ impl Trainer {
         let cast: Option<Pieces> = match given {
             Some(g) if dtype != Dtype::Float32 => Some(
                 g.iter()
-                    .map(|(k, v)| Ok((k.clone(), if v.dtype() == dtype { v.clone() } else { v.as_dtype(dtype)? })))
+                    .map(|(k, v)| {
+                        Ok((
+                            k.clone(),
+                            if v.dtype() == dtype {
+                                v.clone()
+                            } else {
+                                v.as_dtype(dtype)?
+                            },
+                        ))
+                    })
                     .collect::<Result<Pieces>>()?,
             ),
             _ => None,
@@ -490,7 +565,11 @@ impl Trainer {
         validate_loss_scalars(l.alpha, l.lambda)?;
         let v = loss_arrays(&self.model, &batch.arrays(), l.alpha, l.lambda, self.no_shift())?;
         eval(v.iter())?;
-        Ok(LossParts { total: scalar(&v[0])?, ce: scalar(&v[1])?, distrust: scalar(&v[2])? })
+        Ok(LossParts {
+            total: scalar(&v[0])?,
+            ce: scalar(&v[1])?,
+            distrust: scalar(&v[2])?,
+        })
     }
 
     /// The loss parts of given logits `[B, T, V]` (the isolated loss check).
@@ -499,7 +578,11 @@ impl Trainer {
         validate_loss_scalars(l.alpha, l.lambda)?;
         let v = loss_of_logits(logits, &batch.arrays(), l.alpha, l.lambda, self.no_shift())?;
         eval(v.iter())?;
-        Ok(LossParts { total: scalar(&v[0])?, ce: scalar(&v[1])?, distrust: scalar(&v[2])? })
+        Ok(LossParts {
+            total: scalar(&v[0])?,
+            ce: scalar(&v[1])?,
+            distrust: scalar(&v[2])?,
+        })
     }
 
     /// One update (clip, then AdamW) with given gradients by name (the isolated optimizer check). Given
@@ -545,7 +628,11 @@ impl Trainer {
         let mut out: Vec<&Array> = vals.iter().collect();
         out.extend(grads.values());
         eval(out)?;
-        let parts = LossParts { total: scalar(&vals[0])?, ce: scalar(&vals[1])?, distrust: scalar(&vals[2])? };
+        let parts = LossParts {
+            total: scalar(&vals[0])?,
+            ce: scalar(&vals[1])?,
+            distrust: scalar(&vals[2])?,
+        };
         Ok((parts, grads.into_iter().map(|(k, v)| (k.to_string(), v)).collect()))
     }
 
@@ -570,16 +657,21 @@ impl Trainer {
         let step = Array::from_slice(&[s], &[]);
         let lr = match &self.settings.schedule {
             Schedule::Constant => Array::from_f32(o.lr as f32),
-            Schedule::WarmupCosine { warmup_steps, warmup_init, decay_steps, end_lr } => {
+            Schedule::WarmupCosine {
+                warmup_steps,
+                warmup_init,
+                decay_steps,
+                end_lr,
+            } => {
                 let cosine = |x: &Array| -> std::result::Result<Array, Exception> {
                     // optim.cosine_decay(lr, decay_steps, end_lr)
                     let s = ops::minimum(x, Array::from_slice(&[*decay_steps as u64], &[]))?;
                     let ang = ops::multiply(Array::from_f32((std::f64::consts::PI / *decay_steps as f64) as f32), &s)?;
-                    let decay = ops::multiply(
-                        Array::from_f32(0.5),
-                        ops::add(Array::from_f32(1.0), ops::cos(&ang)?)?,
-                    )?;
-                    ops::add(Array::from_f32(*end_lr as f32), ops::multiply(&decay, Array::from_f32((o.lr - end_lr) as f32))?)
+                    let decay = ops::multiply(Array::from_f32(0.5), ops::add(Array::from_f32(1.0), ops::cos(&ang)?)?)?;
+                    ops::add(
+                        Array::from_f32(*end_lr as f32),
+                        ops::multiply(&decay, Array::from_f32((o.lr - end_lr) as f32))?,
+                    )
                 };
                 if *warmup_steps == 0 {
                     cosine(&step)?
@@ -617,7 +709,11 @@ impl Trainer {
                 tot += p.total;
             }
             let k = n as f64;
-            return Ok(LossParts { ce: ce / k, distrust: d / k, total: tot / k });
+            return Ok(LossParts {
+                ce: ce / k,
+                distrust: d / k,
+                total: tot / k,
+            });
         }
         let mut grads: Option<HashMap<String, Array>> = None;
         let (mut ce, mut d, mut tot) = (0f64, 0f64, 0f64);
@@ -650,7 +746,11 @@ impl Trainer {
         self.clip(&mut grads)?;
         self.apply_adamw(&grads)?;
         let k = n as f64;
-        Ok(LossParts { ce: ce / k, distrust: d / k, total: tot / k })
+        Ok(LossParts {
+            ce: ce / k,
+            distrust: d / k,
+            total: tot / k,
+        })
     }
 
     /// `optim.clip_grad_norm` when `clip_norm` is set: the squared norms summed in module-tree order,
@@ -706,7 +806,11 @@ impl Trainer {
             let dt = g.dtype();
             // A Python float meeting an array of the gradient's dtype (identical to `f` for float32).
             let d = |x: f64| scalar_like(x as f32, g);
-            let lr = if dt == lr_f32.dtype() { lr_f32.clone() } else { lr_f32.as_dtype(dt)? };
+            let lr = if dt == lr_f32.dtype() {
+                lr_f32.clone()
+            } else {
+                lr_f32.as_dtype(dt)?
+            };
             let p = params
                 .get(name.as_str())
                 .ok_or_else(|| Error::Mlx(format!("gradient for unknown parameter {name}")))?;
@@ -721,7 +825,10 @@ impl Trainer {
             // parameter * (1 - lr * weight_decay)
             let decayed = ops::multiply(*p, ops::subtract(d(1.0)?, ops::multiply(&lr, d(o.weight_decay)?)?)?)?;
             let m = ops::add(ops::multiply(d(b1)?, &m0)?, ops::multiply(d(1.0 - b1)?, g)?)?;
-            let v = ops::add(ops::multiply(d(b2)?, &v0)?, ops::multiply(d(1.0 - b2)?, ops::square(g)?)?)?;
+            let v = ops::add(
+                ops::multiply(d(b2)?, &v0)?,
+                ops::multiply(d(1.0 - b2)?, ops::square(g)?)?,
+            )?;
             let updated = if o.bias_correction {
                 // (lr / (1 - b1**step)).astype(g.dtype), rsqrt(1 - b2**step).astype(g.dtype): float32
                 // inside (b ** step is float32 against the uint64 step), rounded to the gradient's dtype.
@@ -761,9 +868,14 @@ impl Trainer {
 
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
         if path.exists() {
-            return Err(Error::Io(format!("{} exists; not overwriting a checkpoint", path.display())));
+            return Err(Error::Io(format!(
+                "{} exists; not overwriting a checkpoint",
+                path.display()
+            )));
         }
-        let name = path.file_name().ok_or_else(|| Error::Io(format!("bad checkpoint path {}", path.display())))?;
+        let name = path
+            .file_name()
+            .ok_or_else(|| Error::Io(format!("bad checkpoint path {}", path.display())))?;
         let tmp = path.with_file_name(format!("{}.partial", name.to_string_lossy()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
@@ -771,7 +883,11 @@ impl Trainer {
         std::fs::create_dir_all(&tmp)?;
         let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
         let params = self.parameters();
-        Array::save_safetensors(params.iter().map(|(k, v)| (k.as_str(), v)), &meta, tmp.join("model.safetensors"))?;
+        Array::save_safetensors(
+            params.iter().map(|(k, v)| (k.as_str(), v)),
+            &meta,
+            tmp.join("model.safetensors"),
+        )?;
         // Optimizer state flattened like MLX's optimizer.state: step, learning_rate, <name>.m, <name>.v.
         let mut opt: Vec<(String, Array)> = vec![("step".into(), Array::from_slice(&[self.step], &[]))];
         if let Some(lr) = &self.last_lr {
@@ -783,8 +899,15 @@ impl Trainer {
         for (k, v) in &self.v {
             opt.push((format!("{k}.v"), v.clone()));
         }
-        Array::save_safetensors(opt.iter().map(|(k, v)| (k.as_str(), v)), None, tmp.join("optimizer.safetensors"))?;
-        std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&self.cfg.to_hf_value()).unwrap())?;
+        Array::save_safetensors(
+            opt.iter().map(|(k, v)| (k.as_str(), v)),
+            None,
+            tmp.join("optimizer.safetensors"),
+        )?;
+        std::fs::write(
+            tmp.join("config.json"),
+            serde_json::to_string_pretty(&self.cfg.to_hf_value()).unwrap(),
+        )?;
         // The settings without the Rust-only keys, so the reference can read the checkpoint too.
         let mut settings = self.settings.to_value();
         let obj = settings.as_object_mut().unwrap();
@@ -806,15 +929,27 @@ impl Trainer {
     /// reference trainer) into this trainer, whose config and trainable set must match.
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
         let meta_path = path.join("trainer.json");
-        let text = std::fs::read_to_string(&meta_path)
-            .map_err(|_| Error::Io(format!("{} is not a trainer checkpoint (no trainer.json)", path.display())))?;
-        let meta: Value = serde_json::from_str(&text).map_err(|e| Error::Io(format!("{}: {e}", meta_path.display())))?;
+        let text = std::fs::read_to_string(&meta_path).map_err(|_| {
+            Error::Io(format!(
+                "{} is not a trainer checkpoint (no trainer.json)",
+                path.display()
+            ))
+        })?;
+        let meta: Value =
+            serde_json::from_str(&text).map_err(|e| Error::Io(format!("{}: {e}", meta_path.display())))?;
         if meta.get("format").and_then(Value::as_str) != Some(CHECKPOINT_FORMAT) {
-            return Err(Error::Weights(format!("{}: unknown checkpoint format {:?}", path.display(), meta.get("format"))));
+            return Err(Error::Weights(format!(
+                "{}: unknown checkpoint format {:?}",
+                path.display(),
+                meta.get("format")
+            )));
         }
         let cfg = ModelConfig::from_dir(path)?;
         if cfg != self.cfg {
-            return Err(Error::Weights(format!("{}: config.json differs from this trainer's model", path.display())));
+            return Err(Error::Weights(format!(
+                "{}: config.json differs from this trainer's model",
+                path.display()
+            )));
         }
         if let Some(tr) = meta.pointer("/settings/trainable").and_then(Value::as_str) {
             if tr != self.settings.trainable.as_str() {
@@ -828,18 +963,34 @@ impl Trainer {
         let saved = weights::read_safetensors(&path.join("model.safetensors"))?;
         let expected = self.model.parameters().flatten();
         let mut report = LoadReport::default();
-        report.missing = expected.keys().filter(|k| !saved.contains_key(k.as_ref())).map(|k| k.to_string()).collect();
-        report.unexpected = saved.keys().filter(|k| !expected.contains_key(k.as_str())).cloned().collect();
+        report.missing = expected
+            .keys()
+            .filter(|k| !saved.contains_key(k.as_ref()))
+            .map(|k| k.to_string())
+            .collect();
+        report.unexpected = saved
+            .keys()
+            .filter(|k| !expected.contains_key(k.as_str()))
+            .cloned()
+            .collect();
         report.mismatched = saved
             .iter()
-            .filter(|(k, a)| expected.get(k.as_str()).is_some_and(|p| p.shape() != a.shape() || p.dtype() != a.dtype()))
+            .filter(|(k, a)| {
+                expected
+                    .get(k.as_str())
+                    .is_some_and(|p| p.shape() != a.shape() || p.dtype() != a.dtype())
+            })
             .map(|(k, _)| k.clone())
             .collect();
         report.missing.sort();
         report.unexpected.sort();
         report.mismatched.sort();
         if !report.ok() {
-            return Err(Error::Weights(format!("{}: checkpoint does not match the model:\n{}", path.display(), report.describe())));
+            return Err(Error::Weights(format!(
+                "{}: checkpoint does not match the model:\n{}",
+                path.display(),
+                report.describe()
+            )));
         }
         let opt = weights::read_safetensors(&path.join("optimizer.safetensors"))?;
         let step = match opt.get("step") {
@@ -847,7 +998,12 @@ impl Trainer {
                 s.eval()?;
                 s.as_dtype(Dtype::Uint64)?.item_exact::<u64>()
             }
-            None => return Err(Error::Weights(format!("{}: optimizer.safetensors has no step", path.display()))),
+            None => {
+                return Err(Error::Weights(format!(
+                    "{}: optimizer.safetensors has no step",
+                    path.display()
+                )))
+            }
         };
         let names = self.trainable_names();
         let (mut m, mut v) = (HashMap::new(), HashMap::new());
@@ -895,12 +1051,23 @@ mod tests {
         std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
         let c = ModelConfig::from_value(&cfg).unwrap();
         let model = LlamaForCausalLM::new(&c, 42).unwrap();
-        let params: Vec<(String, Array)> =
-            model.parameters().flatten().into_iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let params: Vec<(String, Array)> = model
+            .parameters()
+            .flatten()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         let mut tensors: Vec<(String, Array)> = params;
-        tensors.push(("model.layers.0.self_attn.rotary_emb.inv_freq".into(), uniform(1, 1.0, &[2]).unwrap()));
-        Array::save_safetensors(tensors.iter().map(|(k, v)| (k.as_str(), v)), None, dir.join("model.safetensors"))
-            .unwrap();
+        tensors.push((
+            "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+            uniform(1, 1.0, &[2]).unwrap(),
+        ));
+        Array::save_safetensors(
+            tensors.iter().map(|(k, v)| (k.as_str(), v)),
+            None,
+            dir.join("model.safetensors"),
+        )
+        .unwrap();
     }
 
     fn batch() -> Batch {
@@ -911,7 +1078,10 @@ mod tests {
 
     /// A fresh directory removed when the returned guard drops.
     fn tmp(name: &str) -> tempfile::TempDir {
-        tempfile::Builder::new().prefix(&format!("parity-mlx-rs-test-{name}-")).tempdir().unwrap()
+        tempfile::Builder::new()
+            .prefix(&format!("parity-mlx-rs-test-{name}-"))
+            .tempdir()
+            .unwrap()
     }
 
     fn settings(extra: &str) -> TrainSettings {
@@ -923,7 +1093,10 @@ mod tests {
     }
 
     fn flat(t: &Trainer) -> Vec<(String, Vec<f32>)> {
-        t.parameters().into_iter().map(|(k, v)| (k, host_vec::<f32>(&v).unwrap())).collect()
+        t.parameters()
+            .into_iter()
+            .map(|(k, v)| (k, host_vec::<f32>(&v).unwrap()))
+            .collect()
     }
 
     #[test]
@@ -933,12 +1106,17 @@ mod tests {
         tiny_checkpoint(&d, false);
         let t = Trainer::new(&d, settings(""), None, true).unwrap();
         assert!(t.report.ok());
-        assert_eq!(t.report.ignored, vec!["model.layers.0.self_attn.rotary_emb.inv_freq".to_string()]);
+        assert_eq!(
+            t.report.ignored,
+            vec!["model.layers.0.self_attn.rotary_emb.inv_freq".to_string()]
+        );
         // A tied config does not match an untied checkpoint: lm_head.weight is unexpected.
         let d2_dir = tmp("load-tied");
         let d2 = d2_dir.path();
         tiny_checkpoint(&d2, false);
-        let cfg = std::fs::read_to_string(d2.join("config.json")).unwrap().replace("\"tie_word_embeddings\":false", "\"tie_word_embeddings\":true");
+        let cfg = std::fs::read_to_string(d2.join("config.json"))
+            .unwrap()
+            .replace("\"tie_word_embeddings\":false", "\"tie_word_embeddings\":true");
         std::fs::write(d2.join("config.json"), cfg).unwrap();
         let err = Trainer::new(&d2, settings(""), None, true).err().unwrap().to_string();
         assert!(err.contains("unexpected (1): lm_head.weight"), "{err}");
@@ -1031,13 +1209,24 @@ mod tests {
         let h_dir = tmp("bf16-load-f16");
         let h = h_dir.path();
         std::fs::copy(d.join("config.json"), h.join("config.json")).unwrap();
-        let half: Vec<(String, Array)> =
-            saved.iter().map(|(k, v)| (k.clone(), v.as_dtype(Dtype::Float16).unwrap())).collect();
-        Array::save_safetensors(half.iter().map(|(k, v)| (k.as_str(), v)), None, h.join("model.safetensors")).unwrap();
+        let half: Vec<(String, Array)> = saved
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_dtype(Dtype::Float16).unwrap()))
+            .collect();
+        Array::save_safetensors(
+            half.iter().map(|(k, v)| (k.as_str(), v)),
+            None,
+            h.join("model.safetensors"),
+        )
+        .unwrap();
         let th = Trainer::new(&h, bf16(""), None, true).unwrap();
         for (k, p) in th.parameters() {
             assert_eq!(p.dtype(), Dtype::Bfloat16, "{k}");
-            let want = saved[&k].as_dtype(Dtype::Float16).unwrap().as_dtype(Dtype::Bfloat16).unwrap();
+            let want = saved[&k]
+                .as_dtype(Dtype::Float16)
+                .unwrap()
+                .as_dtype(Dtype::Bfloat16)
+                .unwrap();
             assert_eq!(host_vec::<f32>(&p).unwrap(), host_vec::<f32>(&want).unwrap(), "{k}");
         }
         let f = Trainer::new(&d, settings(""), None, true).unwrap();
@@ -1084,7 +1273,10 @@ mod tests {
                 assert_eq!(a, b, "{k} is frozen");
             }
         }
-        assert!(before.iter().zip(&after).any(|((k, a), (_, b))| k.ends_with(".lora_b") && a != b));
+        assert!(before
+            .iter()
+            .zip(&after)
+            .any(|((k, a), (_, b))| k.ends_with(".lora_b") && a != b));
         for (k, dt) in dtypes(&t) {
             assert_eq!(dt, expected_dtype(&k), "{k}");
         }
@@ -1113,7 +1305,12 @@ mod tests {
         assert!(a.m.values().chain(a.v.values()).all(|x| x.dtype() == Dtype::Bfloat16));
         // Every reported value is a bfloat16 value: float32 from it and back is exact.
         for (k, v) in flat(&a) {
-            let again = host_vec::<f32>(&Array::from_slice(&v, &[v.len() as i32]).as_dtype(Dtype::Bfloat16).unwrap()).unwrap();
+            let again = host_vec::<f32>(
+                &Array::from_slice(&v, &[v.len() as i32])
+                    .as_dtype(Dtype::Bfloat16)
+                    .unwrap(),
+            )
+            .unwrap();
             assert_eq!(v, again, "{k}");
         }
         let ck_dir = tmp("bf16-resume-ck");
@@ -1123,7 +1320,10 @@ mod tests {
         let saved = weights::read_safetensors(&ck.join("model.safetensors")).unwrap();
         assert!(saved.values().all(|x| x.dtype() == Dtype::Bfloat16));
         let opt = weights::read_safetensors(&ck.join("optimizer.safetensors")).unwrap();
-        assert!(opt.iter().filter(|(k, _)| k.ends_with(".m") || k.ends_with(".v")).all(|(_, x)| x.dtype() == Dtype::Bfloat16));
+        assert!(opt
+            .iter()
+            .filter(|(k, _)| k.ends_with(".m") || k.ends_with(".v"))
+            .all(|(_, x)| x.dtype() == Dtype::Bfloat16));
         let l1 = a.step(&b).unwrap().total;
         // Into a fresh trainer of the same settings, and rebuilt from the folder alone.
         let mut c = Trainer::new(&d, bf16(big), None, true).unwrap();
@@ -1139,7 +1339,11 @@ mod tests {
             assert_eq!(t.step, 3);
             for (k, m) in &a.m {
                 assert_eq!(host_vec::<f32>(m).unwrap(), host_vec::<f32>(&t.m[k]).unwrap(), "{k}.m");
-                assert_eq!(host_vec::<f32>(&a.v[k]).unwrap(), host_vec::<f32>(&t.v[k]).unwrap(), "{k}.v");
+                assert_eq!(
+                    host_vec::<f32>(&a.v[k]).unwrap(),
+                    host_vec::<f32>(&t.v[k]).unwrap(),
+                    "{k}.v"
+                );
             }
         }
     }
@@ -1154,8 +1358,10 @@ mod tests {
         let mut c = Trainer::new(&d, bf16(""), None, true).unwrap();
         let (_, g) = a.gradients(&b).unwrap();
         // Given as float32 (the bfloat16 values exactly): the same update as from the own gradients.
-        let given: HashMap<String, Array> =
-            g.iter().map(|(k, v)| (k.clone(), v.as_dtype(Dtype::Float32).unwrap())).collect();
+        let given: HashMap<String, Array> = g
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_dtype(Dtype::Float32).unwrap()))
+            .collect();
         a.update_from_gradients(g).unwrap();
         c.update_from_gradients(given).unwrap();
         assert_eq!(flat(&a), flat(&c));
@@ -1164,7 +1370,10 @@ mod tests {
         // Given pieces arrive as float32 and are computed from in bfloat16: the own chain, reproduced.
         let ids = b.arrays().0;
         let own = a.pieces(&ids, None).unwrap();
-        let given: Pieces = own.iter().map(|(k, v)| (k.clone(), v.as_dtype(Dtype::Float32).unwrap())).collect();
+        let given: Pieces = own
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_dtype(Dtype::Float32).unwrap()))
+            .collect();
         let again = a.pieces(&ids, Some(&given)).unwrap();
         for (k, v) in &own {
             assert_eq!(v.dtype(), Dtype::Bfloat16, "{k}");

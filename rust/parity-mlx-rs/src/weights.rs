@@ -33,7 +33,11 @@ impl LoadReport {
 
     pub fn describe(&self) -> String {
         let mut lines = Vec::new();
-        for (title, items) in [("missing", &self.missing), ("unexpected", &self.unexpected), ("mismatched", &self.mismatched)] {
+        for (title, items) in [
+            ("missing", &self.missing),
+            ("unexpected", &self.unexpected),
+            ("mismatched", &self.mismatched),
+        ] {
             if !items.is_empty() {
                 lines.push(format!("  {title} ({}): {}", items.len(), items.join(", ")));
             }
@@ -55,9 +59,12 @@ pub fn name_map(cfg: &ModelConfig) -> BTreeMap<String, String> {
     }
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}.");
-        for (proj, bias) in
-            [("q_proj", cfg.qkv_bias), ("k_proj", cfg.qkv_bias), ("v_proj", cfg.qkv_bias), ("o_proj", cfg.o_bias)]
-        {
+        for (proj, bias) in [
+            ("q_proj", cfg.qkv_bias),
+            ("k_proj", cfg.qkv_bias),
+            ("v_proj", cfg.qkv_bias),
+            ("o_proj", cfg.o_bias),
+        ] {
             keys.push(format!("{p}self_attn.{proj}.weight"));
             if bias {
                 keys.push(format!("{p}self_attn.{proj}.bias"));
@@ -120,7 +127,10 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if single.exists() {
         return Ok(vec![single]);
     }
-    Err(Error::Io(format!("no model.safetensors or model.safetensors.index.json in {}", dir.display())))
+    Err(Error::Io(format!(
+        "no model.safetensors or model.safetensors.index.json in {}",
+        dir.display()
+    )))
 }
 
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Array>> {
@@ -136,7 +146,10 @@ pub fn read_checkpoint(dir: &Path) -> Result<HashMap<String, Array>> {
         let mut dup: Vec<&String> = part.keys().filter(|k| tensors.contains_key(*k)).collect();
         if !dup.is_empty() {
             dup.sort();
-            return Err(Error::Weights(format!("{}: keys also present in another shard: {dup:?}", f.display())));
+            return Err(Error::Weights(format!(
+                "{}: keys also present in another shard: {dup:?}",
+                f.display()
+            )));
         }
         tensors.extend(part);
     }
@@ -172,7 +185,10 @@ pub fn shape_str(shape: &[i32]) -> String {
     match shape {
         [] => "()".into(),
         [a] => format!("({a},)"),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+        ),
     }
 }
 
@@ -216,7 +232,11 @@ pub fn match_tensors(
             continue;
         }
         // bfloat16 and float16 checkpoints load into the float32 parameters (master weights): exact.
-        let t = if t.dtype() == p.dtype() { t } else { t.as_dtype(p.dtype()).expect("a float cast") };
+        let t = if t.dtype() == p.dtype() {
+            t
+        } else {
+            t.as_dtype(p.dtype()).expect("a float cast")
+        };
         loaded.insert(Rc::from(target.as_str()), t);
     }
     let mut missing: Vec<String> = nmap

@@ -12,14 +12,23 @@ pub struct Toy {
 
 impl Port for Toy {
     fn load(_: &RequestFolder) -> Result<Self> {
-        Ok(Toy { theta: vec![1.0, 2.0, 3.0], step: 0 })
+        Ok(Toy {
+            theta: vec![1.0, 2.0, 3.0],
+            step: 0,
+        })
     }
     fn resume(_: &RequestFolder, dir: &Path) -> Result<Self> {
         let t = read_tensors(&dir.join("state.safetensors"))?;
-        Ok(Toy { theta: t["theta"].to_f32(), step: t["step"].to_f32()[0] as i64 })
+        Ok(Toy {
+            theta: t["theta"].to_f32(),
+            step: t["step"].to_f32()[0] as i64,
+        })
     }
     fn load_report(&self) -> LoadReport {
-        LoadReport { missing: vec!["model.extra.bias".into()], ..Default::default() }
+        LoadReport {
+            missing: vec!["model.extra.bias".into()],
+            ..Default::default()
+        }
     }
     fn parameters(&self) -> Result<Tensors> {
         Ok([("theta".to_string(), Tensor::f32(vec![3], self.theta.clone())?)].into())
@@ -35,10 +44,17 @@ impl Port for Toy {
     }
     fn loss(&mut self, _: &Batch) -> Result<Loss> {
         let s = self.theta.iter().sum();
-        Ok(Loss { ce: s, distrust: 0.0, total: s })
+        Ok(Loss {
+            ce: s,
+            distrust: 0.0,
+            total: s,
+        })
     }
     fn gradients(&mut self, b: &Batch) -> Result<(Loss, Tensors)> {
-        Ok((self.loss(b)?, [("theta".to_string(), Tensor::f32(vec![3], vec![1.0; 3])?)].into()))
+        Ok((
+            self.loss(b)?,
+            [("theta".to_string(), Tensor::f32(vec![3], vec![1.0; 3])?)].into(),
+        ))
     }
     fn step(&mut self, b: &Batch) -> Result<Loss> {
         let l = self.loss(b)?;
@@ -48,12 +64,19 @@ impl Port for Toy {
         Ok(l)
     }
     fn optimizer_state(&self) -> Result<OptimizerState> {
-        Ok(OptimizerState { step: self.step, ..Default::default() })
+        Ok(OptimizerState {
+            step: self.step,
+            ..Default::default()
+        })
     }
     fn save(&self, dir: &Path) -> Result<()> {
         assert!(!dir.exists(), "the kit hands save a fresh path");
         std::fs::create_dir_all(dir)?;
-        let t: Tensors = [("theta".to_string(), Tensor::f32(vec![3], self.theta.clone())?), ("step".to_string(), Tensor::i64(vec![], vec![self.step])?)].into();
+        let t: Tensors = [
+            ("theta".to_string(), Tensor::f32(vec![3], self.theta.clone())?),
+            ("step".to_string(), Tensor::i64(vec![], vec![self.step])?),
+        ]
+        .into();
         write_tensors(&dir.join("state.safetensors"), &t)
     }
 }

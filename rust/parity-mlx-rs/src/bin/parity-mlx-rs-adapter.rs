@@ -11,7 +11,9 @@ use std::process::ExitCode;
 use std::sync::OnceLock;
 
 use mlx_rs::{Array, Dtype};
-use parity_adapter::{serve, Batch, Error, LoadReport, Loss, OptimizerState, Port, RequestFolder, Result, Tensor, Tensors};
+use parity_adapter::{
+    serve, Batch, Error, LoadReport, Loss, OptimizerState, Port, RequestFolder, Result, Tensor, Tensors,
+};
 use parity_mlx_rs::model::Pieces;
 use parity_mlx_rs::settings::TrainSettings;
 use parity_mlx_rs::trainer::{self, host_vec, LossParts, Trainer};
@@ -27,7 +29,9 @@ fn failed(e: impl std::fmt::Display) -> Error {
 fn tensor(a: &Array) -> Result<Tensor> {
     let shape = a.shape().iter().map(|&d| d as usize).collect();
     match a.dtype() {
-        Dtype::Float32 | Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float64 => Tensor::f32(shape, host_vec::<f32>(a).map_err(failed)?),
+        Dtype::Float32 | Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float64 => {
+            Tensor::f32(shape, host_vec::<f32>(a).map_err(failed)?)
+        }
         _ => Tensor::i32(shape, host_vec::<i32>(a).map_err(failed)?),
     }
 }
@@ -51,14 +55,24 @@ fn ints(t: &Tensor) -> Result<Array> {
 fn batch(b: &Batch) -> Result<trainer::Batch> {
     let wide = |t: &Tensor| t.to_f32().into_iter().map(f64::from).collect::<Vec<f64>>();
     trainer::Batch::new(
-        b.input_ids.to_i32()?, &b.input_ids.shape, wide(&b.attention_mask), &b.attention_mask.shape,
-        wide(&b.auth_weight), &b.auth_weight.shape, wide(&b.prov_entropy), &b.prov_entropy.shape,
+        b.input_ids.to_i32()?,
+        &b.input_ids.shape,
+        wide(&b.attention_mask),
+        &b.attention_mask.shape,
+        wide(&b.auth_weight),
+        &b.auth_weight.shape,
+        wide(&b.prov_entropy),
+        &b.prov_entropy.shape,
     )
     .map_err(failed)
 }
 
 fn loss(p: LossParts) -> Loss {
-    Loss { ce: p.ce as f32, distrust: p.distrust as f32, total: p.total as f32 }
+    Loss {
+        ce: p.ce as f32,
+        distrust: p.distrust as f32,
+        total: p.total as f32,
+    }
 }
 
 impl Port for MlxRs {
@@ -68,7 +82,9 @@ impl Port for MlxRs {
             map.insert("inject".into(), bug.clone().into());
         }
         let settings = TrainSettings::from_json(&settings.to_string()).map_err(failed)?;
-        Trainer::new(&req.checkpoint_dir(), settings, req.lora_init().as_deref(), false).map(MlxRs).map_err(failed)
+        Trainer::new(&req.checkpoint_dir(), settings, req.lora_init().as_deref(), false)
+            .map(MlxRs)
+            .map_err(failed)
     }
 
     fn resume(_: &RequestFolder, dir: &Path) -> Result<Self> {
@@ -77,7 +93,12 @@ impl Port for MlxRs {
 
     fn load_report(&self) -> LoadReport {
         let r = &self.0.report;
-        LoadReport { missing: r.missing.clone(), unexpected: r.unexpected.clone(), mismatched: r.mismatched.clone(), ignored: r.ignored.clone() }
+        LoadReport {
+            missing: r.missing.clone(),
+            unexpected: r.unexpected.clone(),
+            mismatched: r.mismatched.clone(),
+            ignored: r.ignored.clone(),
+        }
     }
 
     fn parameters(&self) -> Result<Tensors> {
@@ -94,7 +115,10 @@ impl Port for MlxRs {
     }
 
     fn shifted(&mut self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (targets, mask) = self.0.shifted(&ints(input_ids)?, &ints(attention_mask)?).map_err(failed)?;
+        let (targets, mask) = self
+            .0
+            .shifted(&ints(input_ids)?, &ints(attention_mask)?)
+            .map_err(failed)?;
         Ok((tensor(&targets)?, tensor(&mask)?))
     }
 
@@ -125,12 +149,21 @@ impl Port for MlxRs {
     }
 
     fn pieces(&mut self, input_ids: &Tensor, given: &Tensors) -> Result<Tensors> {
-        let g: Pieces = self.0.model.given_names().into_iter().filter_map(|n| given.get(&n).map(|t| (n, floats(t)))).collect();
+        let g: Pieces = self
+            .0
+            .model
+            .given_names()
+            .into_iter()
+            .filter_map(|n| given.get(&n).map(|t| (n, floats(t))))
+            .collect();
         tensors(self.0.pieces(&ints(input_ids)?, Some(&g)).map_err(failed)?)
     }
 
     fn loss_from_logits(&mut self, logits: &Tensor, b: &Batch) -> Result<Loss> {
-        self.0.loss_from_logits(&floats(logits), &batch(b)?).map(loss).map_err(failed)
+        self.0
+            .loss_from_logits(&floats(logits), &batch(b)?)
+            .map(loss)
+            .map_err(failed)
     }
 
     fn update_from_gradients(&mut self, grads: &Tensors) -> Result<()> {
