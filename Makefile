@@ -35,7 +35,7 @@ test: rust-test wheel-check  ## the Rust crates' unit tests, the wheel's install
 
 # SmolLM2-135M, real weights: build the fixture once (about 2 minutes, into ~/.cache/mlx-parity/real), audit every backend on it.
 real: rust
-	$(PY) -m mlx_parity.harness.real_model
+	$(PY) -m mlx_parity.harness.fixtures.real_model
 	.venv/bin/parity audit --fixtures-dir "$${XDG_CACHE_HOME:-$$HOME/.cache}/mlx-parity/real"
 
 selftest: rust

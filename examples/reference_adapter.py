@@ -24,7 +24,7 @@ from pathlib import Path
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mutant", help="inject one of mlx_parity.harness.mutants' porting bugs")
+    ap.add_argument("--mutant", help="inject one of mlx_parity.harness.backends.mutants' porting bugs")
     ap.add_argument("request", type=Path)
     ap.add_argument("response", type=Path)
     args = ap.parse_args()

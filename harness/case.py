@@ -26,15 +26,14 @@ from safetensors.numpy import load_file
 
 from mlx_parity.reference.precision import model_dtype
 from mlx_parity.reference.settings import TrainSettings
+from mlx_parity.reference.weights import IGNORED_KEYS, checkpoint_files
 
+from .errors import CaseError
+from .linked_checkpoint import LINK_FILE, LinkError, resolve
 from .truth import Truth, needs_truth
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = REPO_ROOT / "fixtures"
-
-
-class CaseError(ValueError):
-    """A fixture folder that is absent, incomplete or unreadable."""
 
 
 class CheckpointWeights(Mapping):
@@ -45,8 +44,6 @@ class CheckpointWeights(Mapping):
 
     def __init__(self, checkpoint: Path, adapters: dict[str, np.ndarray] | None, precision: str = "float32"):
         import mlx.core as mx
-
-        from mlx_parity.reference.weights import IGNORED_KEYS, checkpoint_files
 
         self._file: dict[str, Path] = {}
         try:
@@ -107,8 +104,6 @@ class Case:
     def checkpoint(self) -> Path:
         """The fixture's checkpoint folder; for a fixture linked to the user's checkpoint (checkpoint.json),
         its cut, made again from the source and checked against the recorded hashes (harness/linked_checkpoint.py)."""
-        from .linked_checkpoint import LINK_FILE, LinkError, resolve
-
         if not (self.path / LINK_FILE).exists():
             return self.path / "checkpoint"
         try:

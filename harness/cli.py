@@ -9,6 +9,20 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress
+from rich.table import Table
+
+from mlx_parity.reference.blas import report as blas_report
+from mlx_parity.reference.train_cli import run_training
+
+from . import device as D
+from . import selftest as st
+from .case import FIXTURES_DIR
+from .errors import FixtureError
+from .fixtures.specs import SPECS
+from .report import print_results, results_json
+from .report_page import write_report
+from .session import AuditInputError, open_session
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 fixtures_app = typer.Typer(help="Generate and verify the golden fixtures.", no_args_is_help=True)
@@ -85,91 +99,31 @@ def audit(
 
     Exit status: 0 when every stage passes, 1 when any fails, 2 for bad input.
     """
-    import contextlib
-
-    from . import device as D
-    from .audit import audit as run_audit
-    from .backends import BackendError, default_backends, get_backend
-    from .case import FIXTURES_DIR, CaseError, find_case, list_cases
-    from .fixture_create import live_case
-    from .fixtures import MANIFEST, FixtureError, check_hashes
-    from .report import print_results, results_json
-    from .stages import ALL_STAGES as STAGES
-
-    root = fixtures_dir or FIXTURES_DIR
-    live = contextlib.ExitStack()
-    if checkpoint is None and (data or layers or vocab or settings):
-        fail_input("--data, --layers, --vocab and --settings go with --checkpoint")
-    if checkpoint is not None and (fixture or fixtures_dir or data is None):
-        fail_input(
-            "--checkpoint needs --data (the batch's text) and builds its own goldens: not with --fixture or --fixtures-dir"
-        )
-    try:
-        dev = D.parse(device, tf32)
-        if dev.name == "gpu":  # the in-process backends only: an external port picks its own device
-            D.check_backends(dev, list(backend or D.IN_PROCESS))
-            D.set_tf32_env(dev.tf32)  # before anything computes: MLX reads it once
-        if checkpoint is not None:
-            say = lambda what: err.print(f"goldens from {escape(str(checkpoint))}: {escape(what)}", highlight=False)  # noqa: E731
-            cases = [
-                live.enter_context(
-                    live_case(checkpoint, text=data, layers=layers, vocab=vocab, settings=settings, progress=say)
-                )
-            ]
-            root = cases[0].path.parent
-        else:
-            cases = [find_case(n, root) for n in fixture] if fixture else list_cases(root)
-        if backend:
-            backends = [get_backend(b, timeout) for b in backend]
-        else:
-            backends = [get_backend(b, timeout) for b in D.IN_PROCESS] if dev.name == "gpu" else default_backends()
-    except (CaseError, BackendError, D.DeviceError, FixtureError) as e:
-        fail_input(str(e))
-    if not cases:
-        fail_input(f"no fixtures in {root}; run `parity fixtures generate`")
-    for b in backends if backend else []:  # a backend asked for by name must run: a typo is never a pass
-        reason = b.unavailable()
-        if reason:
-            fail_input(f"backend {b.name} cannot run: {reason}")
-    if checkpoint is None and (root / MANIFEST).exists():  # goldens built just now have nothing stored to check
-        problems = check_hashes(root, [c.name for c in cases])
-        if problems:
-            fail_input(
-                f"fixtures differ from {root / MANIFEST} (`parity fixtures verify` says more):\n  "
-                + "\n  ".join(problems)
-            )
-    elif checkpoint is None:
-        err.print(f"note: {escape(str(root))} has no {MANIFEST}: fixture files are not hash-checked", highlight=False)
-    for c in cases:
-        try:
-            c.check()
-        except CaseError as e:
-            fail_input(str(e))
     if report and report.suffix not in (".md", ".html"):
         fail_input(f"--report must end in .md or .html, got {report.name}")
-    stages = list(stage or STAGES)
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        fail_input(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
-    stages = [s for s in STAGES if s in stages]
     try:
-        frameworks = sorted({"torch" if b.name.startswith("torch") else "mlx" for b in backends} & set(D.IN_PROCESS))
-        D.activate(dev, frameworks)
-    except D.DeviceError as e:
+        session = open_session(
+            fixtures=fixture,
+            backends=backend,
+            stages=stage,
+            fixtures_dir=fixtures_dir,
+            timeout=timeout,
+            device=device,
+            tf32=tf32,
+            checkpoint=checkpoint,
+            data=data,
+            layers=layers,
+            vocab=vocab,
+            settings=settings,
+            say=lambda what: err.print(f"goldens from {escape(str(checkpoint))}: {escape(what)}", highlight=False),
+        )
+    except AuditInputError as e:
         fail_input(str(e))
-    if dev.name == "gpu":
-        err.print(f"device: {escape(dev.describe())}", highlight=False)
-    if not backend and dev.name == "cpu":
-        from .backends.mlx_rs import NOT_BUILT, extension_built
-
-        if not extension_built():
-            err.print(f"note: not auditing mlx-rs: {NOT_BUILT}", highlight=False)
-    results = []
+    for note in session.notes:
+        err.print(escape(note), highlight=False)
     with console.status("") as status:
-        for b in backends:
-            for c in cases:
-                status.update(f"auditing {b.name} on {c.name}…")
-                results.append(run_audit(b, c, stages, precision=dev.precision))
+        results = session.run(progress=status.update)
+    dev = session.device
     print_results(console, results, verbose=verbose)
     if dev.name == "gpu":
         console.print(
@@ -181,11 +135,9 @@ def audit(
         write_atomic(json_path, json.dumps(results_json(results) | {"device": dev.to_dict()}, indent=2) + "\n")
         console.print(f"JSON written to {json_path}")
     if report:
-        from .report_page import write_report
-
         write_report(report, results)
         console.print(f"report written to {report}")
-    live.close()
+    session.close()
     raise typer.Exit(1 if any(r.verdict == "fail" for r in results) else 0)
 
 
@@ -204,10 +156,6 @@ def selftest(
     cmd: protocol and the Rust port's injected bugs. Exit 0 only when every exposing cell and every
     combined bug is named and no correct backend fails.
     """
-    from rich.progress import Progress
-    from rich.table import Table
-
-    from . import selftest as st
 
     extra = st.rust_mutants()
     with Progress(console=err, transient=True) as progress:
@@ -288,11 +236,7 @@ def fixtures_generate(
     fixtures_dir: Path = typer.Option(None, "--fixtures-dir", help="Where to write (default: the bundled folder)."),
 ) -> None:
     """Build the fixtures; each is written only when the torch twin and transformers agree with MLX."""
-    from rich.progress import Progress
-
-    from .case import FIXTURES_DIR
-    from .fixture_specs import SPECS
-    from .fixtures import FixtureError, generate
+    from .fixtures.build import generate  # the torch twin: an optional extra, kept out of start-up
 
     todo = [s for s in SPECS if not name or s.name in name]
     with Progress(console=err, transient=True) as progress:
@@ -357,8 +301,7 @@ def fixtures_create(
     """A fixture from your own checkpoint: its first layers and vocabulary rows with their real shapes and
     weights, your text through its tokenizer. Written only when the torch twin and transformers agree with the
     MLX goldens; audit it with `parity audit --fixtures-dir DIR`."""
-    from .fixture_create import create
-    from .fixtures import FixtureError
+    from .fixtures.create import create  # the torch twin: an optional extra, kept out of start-up
 
     try:
         path = create(
@@ -394,10 +337,7 @@ def fixtures_verify(
     no_regenerate: bool = typer.Option(False, "--no-regenerate", help="Check hashes only."),
 ) -> None:
     """Check every fixture file against the manifest's sha256 and that regeneration reproduces it."""
-    from rich.progress import Progress
-
-    from .case import FIXTURES_DIR
-    from .fixtures import verify
+    from .fixtures.build import verify  # the torch twin: an optional extra, kept out of start-up
 
     root = fixtures_dir or FIXTURES_DIR
     with Progress(console=err, transient=True) as progress:
@@ -441,8 +381,6 @@ def train(
     seed: int = typer.Option(0),
 ) -> None:
     """Train the MLX reference: on the embedded default, or on your own config, weights and data."""
-    from mlx_parity.reference.train_cli import run_training
-
     try:
         run_training(
             checkpoint=checkpoint,
@@ -487,7 +425,6 @@ def bench(
 ) -> None:
     """Time the training step of every backend at three model sizes, each in its own process (bench/)."""
     from . import bench as B
-    from . import device as D
 
     try:
         dev = D.parse(device, bool(tf32))
@@ -518,8 +455,6 @@ def bench(
         raise typer.Exit(1 if out["failures"] else 0)
 
     if blas:
-        from mlx_parity.reference.blas import report as blas_report
-
         console.print_json(json.dumps(blas_report()))
         return
     bad = [b for b in backend or [] if b not in B.BACKENDS] + [s for s in size or [] if s not in B.SIZES]

@@ -1,5 +1,6 @@
-"""Judge one named tensor: its error against the truth, the bound its tolerance allows there, and how
-it fails (after assert_close: the largest error, where, and how many elements are past the bound)."""
+"""Judge named tensors: one tensor's error against the truth, the bound its tolerance allows there, and how
+it fails (after assert_close: the largest error, where, and how many elements are past the bound); a
+stage's group of tensors against the goldens, every name the backend adds a failure too."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .tolerances import Exact, Tolerance
+from . import pieces
+from .tolerances import EXACT, Exact, Tolerance, TruthBound, truth_bound_inputs
+from .truth import needs_truth
 
 CHUNK = 1 << 20  # elements an exact comparison takes at once: its temporaries stay ~10 MB for any tensor
 
@@ -164,3 +167,51 @@ def _exact(res: TensorResult, actual: np.ndarray, expected: np.ndarray, mask) ->
         res.expected_at, res.actual_at, res.bound_at = float(E[worst]), float(A[worst]), 0.0
     res.passed = mismatched == 0
     return res
+
+
+def compare_group(
+    actual: dict,
+    a_prefix: str,
+    case,
+    e_prefix: str,
+    tol: Tolerance,
+    expected: dict | None = None,
+    mask_for=lambda name: True,
+) -> list[TensorResult]:
+    """Compare every expected `e_prefix*` tensor with `a_prefix*`; names the backend adds are failures too.
+    Expected values are the case's goldens (judged against its truth) unless `expected` is given."""
+    golden, truth = (case.golden, case.truth) if expected is None else (expected, {})
+    exp = {k[len(e_prefix) :]: v for k, v in golden.items() if k.startswith(e_prefix)}
+    act = {k[len(a_prefix) :]: v for k, v in actual.items() if k.startswith(a_prefix)}
+    inputs = truth_bound_inputs(
+        golden, truth, e_prefix, list(exp), case.settings.precision, case.settings.steps, case.initial_weights, mask_for
+    )
+    results = []
+    for k, e in sorted(exp.items()):
+        full = e_prefix + k
+        if not isinstance(tol, TruthBound) or not needs_truth(full, e):
+            exact = EXACT if isinstance(tol, TruthBound) else tol
+            results.append(compare(a_prefix + k, act.get(k), e, exact, mask=mask_for(full)))
+        else:
+            results.append(compare(a_prefix + k, act.get(k), e, tol, mask=mask_for(full), **inputs[k]))
+    for k in sorted(set(act) - set(exp)):
+        results.append(
+            TensorResult(
+                a_prefix + k, False, problem="not expected: the reference has no such tensor", tolerance=tol.describe()
+            )
+        )
+    return results
+
+
+def forward_mask(case):
+    """Forward outputs are judged at real tokens only: what a port computes at padded positions never
+    reaches the loss (HF-style attention masking changes it and trains identically)."""
+    attention = case.batch["attention_mask"]
+    mask = attention.astype(bool)[..., None]
+
+    def where(name: str):
+        if name.startswith(pieces.PREFIX):
+            return pieces.real_tokens(name, attention)
+        return mask if name.startswith("forward.") else True
+
+    return where

@@ -12,29 +12,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-# What each stage consumes (transitively closed below).
-_CONSUMES = {
-    "weight_mapping": (),
-    "forward": ("weight_mapping",),
-    "shifted_slices": (),
-    "loss": ("forward", "shifted_slices"),
-    "gradients": ("loss",),
-    "optimizer": ("gradients",),
-    "trajectory": ("optimizer",),
-    "checkpoint": ("trajectory",),
-    "isolated_forward": (),  # each piece from the reference's inputs; its parameters are checked per finding below
-    "isolated_loss": (),
-    "isolated_optimizer": (),  # it updates the parameters the port loaded: checked per finding below
-    "isolated_schedule": (),
-}
-_ISOLATED_AFTER = {"isolated_schedule": "isolated_optimizer"}  # N updates repeat the one judged alone
-ISOLATED_BY = {
-    "forward": "isolated_forward",
-    "loss": "isolated_loss",
-    "optimizer": "isolated_optimizer",
-    "trajectory": "isolated_schedule",
-}
-RESUME_SUFFIX = "(resumed vs own uninterrupted run)"
+from .stages import REGISTRY
+from .stages.checkpoint import RESUMED
+
+# From the stage registry: what each stage consumes (transitively closed below), the isolated check that
+# repeats another, and each stage's isolated twin.
+_CONSUMES = {n: s.consumes for n, s in REGISTRY.items()}
+_ISOLATED_AFTER = {n: s.repeats for n, s in REGISTRY.items() if s.repeats}
+ISOLATED_BY = {n: s.isolated_by for n, s in REGISTRY.items() if s.isolated_by}
 # Causes about which tensors exist or move at all, not about their values: no upstream difference makes
 # gradients vanish or an update stay put, so these are findings whatever failed before them.
 STRUCTURAL = {"no_gradients", "zero_gradients", "trainable_set_mismatch", "no_update", "optimizer_not_connected"}
@@ -131,7 +116,7 @@ def analyse(stages) -> tuple[list[Finding], list[Inherited]]:
         st = by_name[name]
         if st.status != "fail":
             continue
-        if name == "checkpoint" and any(t.name.endswith(RESUME_SUFFIX) and not t.passed for t in st.tensors):
+        if name == "checkpoint" and any(t.name.endswith(RESUMED) and not t.passed for t in st.tensors):
             findings += _findings(st)  # a resume that differs from the backend's own run: its own bug
             roots[name] = [name]
             continue

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint_cut import slice_checkpoint
+
 LINK_FILE = "checkpoint.json"
 FORMAT = "mlx-parity-linked-checkpoint/1"
 
@@ -68,7 +70,6 @@ def write_link(fixture: Path, cut: Path, recipe: dict) -> Path:
 def resolve(fixture: Path) -> Path:
     """The checkpoint folder of a linked fixture: its cut, made from the source when not cached, checked
     against the recorded hashes every time."""
-    from .fixture_create import slice_checkpoint
 
     link = json.loads((fixture / LINK_FILE).read_text())
     if link.get("format") != FORMAT:

@@ -15,10 +15,16 @@ Or one test for whole audits:
 
 There is no default backend: a suite that forgets `--parity-backend` fails, it never audits the
 reference in the port's place. A failure names the stage, the tensor, the largest error, where it
-is, and the diagnosis.
+is, the diagnosis, and the `parity audit` command that reproduces it.
+
+The plugin loads in every pytest run of an environment that has mlx-parity installed, so it imports the
+harness (and MLX) only when a parity test is collected or run.
 """
 
 from __future__ import annotations
+
+import shlex
+from pathlib import Path
 
 import pytest
 
@@ -44,29 +50,42 @@ class ParityAuditFailed(AssertionError):
     pass
 
 
-def _root(fixtures_dir):
-    from pathlib import Path
-
-    from mlx_parity.harness.case import FIXTURES_DIR
-
-    return Path(fixtures_dir) if fixtures_dir else FIXTURES_DIR
-
-
-def _audit_once(config, backend: str, case):
-    """Audits are cached per session: every stage item of one (backend, fixture) shares one run."""
-    from mlx_parity.harness.audit import audit
-    from mlx_parity.harness.backends import get_backend
+def _audit_once(config, backend: str, fixture: str):
+    """Audits are cached per session: every stage item of one (backend, fixture) shares one run. Through the
+    same session as `parity audit` (harness/session.py): hashes, case and backend checks included."""
+    from mlx_parity.harness.session import AuditInputError, open_session  # only when a parity test runs
 
     cache = config.stash.setdefault(_CACHE, {})
-    key = (backend, str(case.path))
+    key = (backend, fixture)
     if key not in cache:
-        b = get_backend(backend, config.getoption("--parity-timeout"))
-        reason = b.unavailable()
-        if reason:
-            raise ParityAuditFailed(f"backend {b.name} cannot run: {reason}")
-        case.check()
-        cache[key] = audit(b, case)
+        try:
+            session = open_session(
+                fixtures=[fixture],
+                backends=[backend],
+                fixtures_dir=config.getoption("--parity-fixtures-dir"),
+                timeout=config.getoption("--parity-timeout"),
+            )
+        except AuditInputError as e:
+            raise ParityAuditFailed(str(e)) from None
+        cache[key] = session.run()[0]
     return cache[key]
+
+
+def _cases(config, fixtures: list[str] | None) -> list[str]:
+    """The fixture names asked for, or every fixture of the folder."""
+    if fixtures:
+        return fixtures
+    from mlx_parity.harness.case import FIXTURES_DIR, list_cases  # only when a parity test is collected
+
+    root = config.getoption("--parity-fixtures-dir")
+    return [c.name for c in list_cases(Path(root) if root else FIXTURES_DIR)]
+
+
+def reproduce(config, backend: str, fixture: str) -> str:
+    """The command that runs this audit again, with every failing tensor and a report page."""
+    root = config.getoption("--parity-fixtures-dir")
+    where = f" --fixtures-dir {shlex.quote(str(root))}" if root else ""
+    return f"reproduce: parity audit -b {shlex.quote(backend)} -f {shlex.quote(fixture)}{where} -v --report parity-report.html"
 
 
 _CACHE = pytest.StashKey[dict]()
@@ -82,22 +101,22 @@ class Parity:
         self.fixtures_dir = config.getoption("--parity-fixtures-dir")
 
     def audit(self, backends: list[str] | None = None, fixtures: list[str] | None = None):
-        from mlx_parity.harness.case import find_case, list_cases
-
         chosen = backends or self.backends
         if not chosen:
             raise ParityAuditFailed(NO_BACKEND)
-        root, names = _root(self.fixtures_dir), fixtures or self.fixtures
-        cases = [find_case(n, root) for n in names] if names else list_cases(root)
-        if not cases:
-            raise ParityAuditFailed(f"no fixtures in {root}")
-        return [_audit_once(self.config, b, c) for b in chosen for c in cases]
+        names = _cases(self.config, fixtures or self.fixtures)
+        if not names:
+            raise ParityAuditFailed(f"no fixtures in {self.fixtures_dir or 'the bundled folder'}")
+        return [_audit_once(self.config, b, f) for b in chosen for f in names]
 
     def assert_passes(self, backends: list[str] | None = None, fixtures: list[str] | None = None):
+        __tracebackhide__ = True
         results = self.audit(backends, fixtures)
         failed = [r for r in results if r.verdict != "pass"]
         if failed:
-            raise ParityAuditFailed("\n".join(explain(r) for r in failed))
+            raise ParityAuditFailed(
+                "\n".join(explain(r) + "\n  " + reproduce(self.config, r.backend, r.fixture) for r in failed)
+            )
         return results
 
 
@@ -108,33 +127,29 @@ class StageCheck:
         self.config, self.backend, self.fixture, self.stage = config, backend, fixture, stage
 
     def assert_passes(self):
-        from mlx_parity.harness.case import find_case
-
+        __tracebackhide__ = True
         if self.backend is None:
             raise ParityAuditFailed(NO_BACKEND)
-        result = _audit_once(
-            self.config, self.backend, find_case(self.fixture, _root(self.config.getoption("--parity-fixtures-dir")))
-        )
+        result = _audit_once(self.config, self.backend, self.fixture)
         stage = next(s for s in result.stages if s.name == self.stage)
         if stage.status != "pass":
-            raise ParityAuditFailed(explain_stage(result, stage))
+            raise ParityAuditFailed(
+                explain_stage(result, stage) + "\n  " + reproduce(self.config, self.backend, self.fixture)
+            )
         return stage
 
 
 def pytest_generate_tests(metafunc):
     if "parity_stage" not in metafunc.fixturenames:
         return
-    from mlx_parity.harness.case import list_cases
-    from mlx_parity.harness.stages import ALL_STAGES as STAGES
+    from mlx_parity.harness.stages import ALL_STAGES as STAGES  # only when a parity test is collected
 
     config = metafunc.config
     backends = config.getoption("--parity-backend")
     if not backends:
         metafunc.parametrize("parity_stage", [(None, None, None)], ids=["no-backend"], indirect=True)
         return
-    names = config.getoption("--parity-fixture") or [
-        c.name for c in list_cases(_root(config.getoption("--parity-fixtures-dir")))
-    ]
+    names = _cases(config, config.getoption("--parity-fixture"))
     params = [(b, f, s) for b in backends for f in names for s in STAGES]
     metafunc.parametrize("parity_stage", params, ids=[f"{b}-{f}-{s}" for b, f, s in params], indirect=True)
 
@@ -146,7 +161,7 @@ def parity_stage(request) -> StageCheck:
 
 
 def explain_stage(result, st) -> str:
-    from mlx_parity.harness.report import format_evidence
+    from mlx_parity.harness.report import format_evidence  # only when a parity test fails
 
     lines = [
         f"{result.backend} on {result.fixture}: stage {st.name} {'fails' if st.status == 'fail' else 'was skipped'}"

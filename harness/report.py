@@ -7,24 +7,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from .audit import AuditResult
-from .stages import ALL_STAGES
+from .stages import ALL_STAGES, REGISTRY
 
 JSON_SCHEMA_VERSION = 2  # 2: errors are measured against the float64 truth; "margin" per stage
 STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow", "not checked": "yellow"}
-SHORT = {
-    "weight_mapping": "weights",
-    "forward": "forward",
-    "shifted_slices": "shift",
-    "loss": "loss",
-    "gradients": "grads",
-    "optimizer": "optim",
-    "trajectory": "traject",
-    "checkpoint": "ckpt",
-    "isolated_forward": "iso fwd",
-    "isolated_loss": "iso loss",
-    "isolated_optimizer": "iso optim",
-    "isolated_schedule": "iso sched",
-}
+SHORT = {n: s.label for n, s in REGISTRY.items()}  # each stage's column
 
 
 def results_json(results: list[AuditResult]) -> dict:

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 from .audit import AuditResult, audit
 from .backends import Backend, default_backends
+from .backends.external import example_adapter_backend
+from .backends.mlx_rs import RUST_INJECTIONS, MlxRsBackend, MlxRsBinaryBackend
+from .backends.mutants import MUTANTS, MutantBackend, combine
 from .case import find_case, list_cases
-from .mutants import MUTANTS, MutantBackend, combine
 
 # (fixture, mutants injected together)
 COMBINATIONS = [
@@ -201,7 +203,6 @@ def mutant_backends(protocol: bool) -> list[tuple[object, Backend, str]]:
     """(mutant, backend, via) for the cmd: protocol run of every mutant."""
     if not protocol:
         return []
-    from .protocol.client import example_adapter_backend
 
     return [(m, example_adapter_backend(m.name), "cmd") for m in MUTANTS.values()]
 
@@ -260,8 +261,6 @@ def run(protocol: bool = True, progress=None, extra: list | None = None) -> dict
 
 def rust_mutants() -> list:
     """The mlx-rs port's injected failures, through its Python extension and its Rust adapter binary (when built)."""
-    from .backends.mlx_rs import RUST_INJECTIONS, MlxRsBackend, MlxRsBinaryBackend
-
     out = []
     for via, cls in (("mlx-rs", MlxRsBackend), ("mlx-rs-bin", MlxRsBinaryBackend)):
         if cls().unavailable() is None:

@@ -22,6 +22,23 @@ Two kinds, kept here and nowhere else:
   updates: a float32 Δθ is a difference of rounded parameters, each update rounding θ again, so its
   precision is that of θ, whatever the size of Δθ.
 
+On a GPU (harness/device.py measures the mode in effect; docs/gpu.md says why, with the measured margins):
+
+* `PrecisionBound`: TF32 rounds each matmul operand to 10 mantissa bits (unit roundoff 2^-11 instead of
+  float32's 2^-24). With `--tf32` every computed stage's bound is the stored float32 bound's noise and
+  ulp floor (`TruthBound`) multiplied by the ratio of the unit roundoffs, 2^13, plus each element's
+  sensitivity, which `precision_case` re-measures for the optimizer and trajectory updates at
+  TF32-sized gradient errors (they flip Adam updates whose gradient is near zero); every stage's
+  tolerance says so. Exact stages (weights, shifted slices, the step counter) stay exact.
+* `RunToRunBound`: GPU reductions are not bit-deterministic, so a resumed run cannot be held to bit
+  identity with the uninterrupted one. On a nondeterministic device the checkpoint stage runs the
+  uninterrupted trajectory twice; the resumed run must stay within `RUN_TO_RUN_MULTIPLE` × the larger
+  of that spread, the stage's relative spread × the tensor's scale and 8 ulp of that scale, plus each
+  element's update sensitivity (a repeat can happen to be bit-identical while the resume is not).
+  On the CPU, and for backends the harness does not run itself, the resume stays bit-exact. A resume
+  that loses AdamW's moments or step moves well-conditioned parameters by about the learning rate,
+  orders of magnitude past that bound.
+
 Noise: the largest margin (error / bound) measured for correct backends (torch twin in float32, MLX
 under OpenBLAS, mlx-rs) over the bundled fixtures: `python -m mlx_parity.harness.calibrate`.
 Smallest bug: the smallest injected change `tests/test_tolerances.py` shows the bound still fails.
@@ -34,8 +51,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlx_parity.reference.precision import parameter_dtype
+
+from . import pieces
+from .device import DeviceError
+
 ULP32 = 2.0**-24  # unit roundoff of float32
 UNIT_ROUNDOFF = {"float32": ULP32, "bfloat16": 2.0**-8}
+# Unit roundoff of a float32 matmul's operands in each precision mode, over float32's (2^-24).
+PRECISION_FACTOR = {"float32": 1.0, "tf32": 2.0**13}
+RUN_TO_RUN_MULTIPLE = 8.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +130,59 @@ def stage_rms(pairs) -> float:
             err = err[np.broadcast_to(np.asarray(mask, bool), err.shape)]
         sq, n = sq + float((err**2).sum()), n + err.size
     return float(np.sqrt(sq / n)) if n else 0.0
+
+
+def truth_bound_inputs(golden, truth, prefix: str, names, precision: str, steps: int, initial_weights, mask_for):
+    """The inputs of each tensor's truth bound beyond its golden, `prefix + name` for `name` in `names` (those
+    judged against the truth): {name: keyword arguments of `compare` / `TruthBound.bound`}.
+
+    The stage's floor: the reference's rms error over the stage, and for the forward's pieces per kind
+    (every layer's `output`, every layer's `q` is one computation, and a whole layer rounds far more than one
+    softmax: each kind's noise is at least its own rms over the layers). In bfloat16 the other stages' floor
+    is taken per role (every Δθ, every m, the losses): one bfloat16 loss error would otherwise floor every
+    float32 adapter's update. A parameter change Δθ also gets θ (the larger of before and after, times the
+    updates it spans: each update rounds θ again) and θ's dtype."""
+    judged = [k for k in names if f"truth.{prefix}{k}" in truth]
+    rms = stage_rms((golden[prefix + k], truth[f"truth.{prefix}{k}"], mask_for(prefix + k)) for k in judged)
+    by_role = prefix != pieces.PREFIX and precision != "float32"
+    kind = pieces.piece_of if prefix == pieces.PREFIX else (lambda k: k.split(".", 1)[0]) if by_role else (lambda k: "")
+    kind_rms = {
+        g: max(
+            0.0 if by_role else rms,
+            stage_rms(
+                (
+                    golden[prefix + k],
+                    truth[f"truth.{prefix}{k}"],
+                    mask_for(prefix + k),
+                    truth.get(f"sens.{prefix}{k}"),
+                )
+                for k in judged
+                if kind(k) == g
+            ),
+        )
+        for g in {kind(k) for k in judged}
+    }
+    params = initial_weights if truth and any(".delta." in prefix + k for k in names) else {}
+    # Δθ over N updates carries the rounding of θ at every update (decay, then the step)
+    updates = steps if prefix.startswith(("trajectory.", "isolated.schedule.")) else 1
+    inputs = {}
+    for k in names:
+        full = prefix + k
+        if f"truth.{full}" not in truth:
+            continue
+        t = truth[f"truth.{full}"]
+        pname = full.split(".delta.", 1)[-1]
+        theta = params.get("weights." + pname) if ".delta." in full else None
+        if theta is not None:  # θ before and after: the larger sets the precision Δθ can have
+            theta = updates * np.maximum(np.abs(theta), np.abs(theta + t))
+        inputs[k] = {
+            "truth": t,
+            "sensitivity": truth.get(f"sens.{full}"),
+            "stage_rms": kind_rms.get(kind(k), rms),
+            "param": theta,
+            "param_dtype": parameter_dtype(pname, precision),
+        }
+    return inputs
 
 
 Tolerance = Exact | TruthBound
@@ -240,3 +318,119 @@ def tolerance(stage: str, dtype: str = "float32") -> Tolerance:
         return TOLERANCES[(dtype, stage)]
     except KeyError:
         raise KeyError(f"no tolerance for stage {stage!r} in {dtype}: measure one before comparing") from None
+
+
+# --- a GPU: TF32 matmuls, and nondeterministic reductions ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrecisionBound(TruthBound):
+    """A float32 stage's `TruthBound` scaled by the matmul precision's unit roundoff over float32's."""
+
+    factor: float = 1.0
+    mode: str = "float32"
+
+    def describe(self) -> str:
+        return (
+            f"{self.mode}: ({self.multiple:g}× the reference's float32 error vs the float64 truth + {self.floor_ulps:g} ulp)"
+            f" × {self.factor:g}, the {self.mode}/float32 unit-roundoff ratio, + each update's sensitivity to a {self.mode} gradient error"
+        )
+
+    def bound(
+        self, reference, truth, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32"
+    ) -> np.ndarray:
+        """factor × (multiple × noise + floor) + sensitivity: the sensitivity is not scaled, since on a
+        precision case (`precision_case`) it is already measured for that precision's gradient error."""
+        base = TruthBound.bound(self, reference, truth, sensitivity, stage_rms, param, param_dtype)
+        sens = 0.0 if sensitivity is None else np.asarray(sensitivity, np.float64)
+        return self.factor * (base - sens) + sens
+
+
+def precision_tolerance(tol, precision: str):
+    """`tol` as it applies in `precision`: exact tolerances stay exact, truth bounds scale."""
+    factor = PRECISION_FACTOR.get(precision)
+    if factor is None:
+        raise DeviceError(f"no judgement for matmul precision {precision!r}; known: {', '.join(PRECISION_FACTOR)}")
+    if factor == 1.0 or not isinstance(tol, TruthBound):
+        return tol
+    return PrecisionBound(
+        multiple=tol.multiple,
+        floor_ulps=tol.floor_ulps,
+        stage_floor=tol.stage_floor,
+        noise=f"{tol.noise}; scaled by {factor:g} for {precision}",
+        catches=f"in float32: {tol.catches}",
+        factor=factor,
+        mode=precision,
+    )
+
+
+@dataclass(frozen=True)
+class RunToRunBound:
+    """The resumed run against the same backend's uninterrupted run on a nondeterministic device:
+    `allow` (multiple × the larger of the measured run-to-run spread and a few float32 ulps of the
+    tensor's scale) + each element's sensitivity (its update's conditioning, harness/fixtures/truth.py)."""
+
+    allow: float
+    spread: float
+    multiple: float = RUN_TO_RUN_MULTIPLE
+    noise: str = (
+        "run-to-run nondeterminism of the device, measured by running the uninterrupted trajectory twice; "
+        "a repeat that happens to be bit-identical is no proof of determinism, hence the ulp floor and the sensitivity"
+    )
+    catches: str = "AdamW moments or step lost on resume (moves well-conditioned parameters by ~lr); any resume bug larger than the device's own noise"
+
+    def describe(self) -> str:
+        return (
+            f"{self.multiple:g}× max(measured run-to-run spread {self.spread:.3g}, {RUN_TO_RUN_FLOOR_ULPS:g} ulp of the tensor's scale)"
+            f" = {self.allow:.3g}, + each element's update sensitivity"
+        )
+
+    def bound(
+        self, reference, truth=None, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32"
+    ) -> np.ndarray:
+        sens = 0.0 if sensitivity is None else np.asarray(sensitivity, np.float64)
+        return np.full(np.shape(reference), self.allow) + sens
+
+
+RUN_TO_RUN_FLOOR_ULPS = 8.0
+
+
+def run_to_run_bounds(
+    uninterrupted: dict[str, np.ndarray],
+    repeat: dict[str, np.ndarray],
+    scales: dict[str, float] | None = None,
+    multiple: float = RUN_TO_RUN_MULTIPLE,
+) -> dict[str, RunToRunBound]:
+    """Per tensor name, the bound a resumed run is held to on a nondeterministic device, from two
+    uninterrupted runs of one backend.
+
+    spread_k = max |repeat_k - uninterrupted_k|; scale_k = the tensor's own magnitude or the parameter's
+    (which sets a Δθ's rounding); the stage's relative spread r = max_k spread_k / scale_k; allowed_k =
+    multiple × max(spread_k, r × scale_k, RUN_TO_RUN_FLOOR_ULPS × ulp32 × scale_k). The relative term
+    gives a tensor that happened to repeat bit for bit the stage's noise; the ulp floor covers a repeat
+    that was bit-identical as a whole (seen on an H100: two uninterrupted runs equal, the resumed one a
+    few ulp of θ away, and 7e-7 away on AdamW updates whose gradient is near zero, which the element's
+    sensitivity, added by `RunToRunBound.bound`, covers). A tensor absent from the repeat gets the floor."""
+
+    scales = scales or {}
+    spread, scale = {}, {}
+    for k, u in uninterrupted.items():
+        u = np.asarray(u, np.float64)
+        finite = np.isfinite(u).all()
+        scale[k] = max(float(np.abs(u).max()) if u.size and finite else 0.0, float(scales.get(k, 0.0)))
+        r = repeat.get(k)
+        if r is None or np.shape(r) != u.shape:
+            continue
+        r = np.asarray(r, np.float64)
+        if not (finite and np.isfinite(r).all()):
+            continue
+        spread[k] = float(np.abs(r - u).max()) if u.size else 0.0
+    rel = max((spread[k] / scale[k] for k in spread if scale[k] > 0), default=0.0)
+    return {
+        k: RunToRunBound(
+            multiple * max(spread.get(k, 0.0), rel * scale[k], RUN_TO_RUN_FLOOR_ULPS * ULP32 * scale[k]),
+            spread.get(k, 0.0),
+            multiple,
+        )
+        for k in uninterrupted
+    }

@@ -287,7 +287,7 @@ class TwinTrainer:
         self.dtype = model.dtype  # the model's: bfloat16 under that precision, float64 for the truth
         self.wide = wide(torch.empty(0, dtype=self.dtype)).dtype  # adapters, the loss, the batch's floats
         # Added to every update's gradient (after accumulation, before clipping): how the float64 truth
-        # measures what a gradient error of a given size does to the updates (harness/truth.py).
+        # measures what a gradient error of a given size does to the updates (harness/fixtures/truth.py).
         # One offset per update, in turn (update k gets grad_offset[k % len]).
         self.grad_offset: list[dict[str, torch.Tensor]] | None = None
         self.hf_to_twin = {}

@@ -6,8 +6,8 @@ import numpy as np
 
 from mlx_parity.harness.audit import judge
 from mlx_parity.harness.backends import get_backend
-from mlx_parity.harness.fixtures import base_forward
-from mlx_parity.harness.oracle import check_forward, transformers_forward
+from mlx_parity.harness.fixtures.build import base_forward
+from mlx_parity.harness.fixtures.oracle import check_forward, transformers_forward
 from mlx_parity.harness.stages import STAGES
 
 

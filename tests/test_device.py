@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 from mlx_parity.harness import device as D
 from mlx_parity.harness.audit import judge
 from mlx_parity.harness.cli import app
+from mlx_parity.harness.fixtures.truth import precision_case
 from mlx_parity.harness.stages import StageOutput
-from mlx_parity.harness.tolerances import TruthBound, tolerance
+from mlx_parity.harness.tolerances import TruthBound, precision_tolerance, run_to_run_bounds, tolerance
 
 from .conftest import CASES
 
@@ -99,19 +100,19 @@ def test_measure_matmul_sees_float32_on_the_cpu():
 
 def test_precision_tolerance_scales_truth_bounds_and_keeps_exact_ones():
     fwd = tolerance("forward")
-    assert D.precision_tolerance(fwd, "float32") is fwd
-    assert D.precision_tolerance(tolerance("weight_mapping"), "tf32") is tolerance("weight_mapping")
-    t = D.precision_tolerance(fwd, "tf32")
+    assert precision_tolerance(fwd, "float32") is fwd
+    assert precision_tolerance(tolerance("weight_mapping"), "tf32") is tolerance("weight_mapping")
+    t = precision_tolerance(fwd, "tf32")
     assert isinstance(t, TruthBound) and "tf32" in t.describe() and "8192" in t.describe()
     ref, truth = np.array([1.0, 2.0, -3.0]), np.array([1.0 + 1e-7, 2.0, -3.0 - 2e-7])
     np.testing.assert_allclose(t.bound(ref, truth), 2.0**13 * fwd.bound(ref, truth))
     with pytest.raises(D.DeviceError, match="no judgement for matmul precision 'fp8'"):
-        D.precision_tolerance(fwd, "fp8")
+        precision_tolerance(fwd, "fp8")
 
 
 def test_precision_bound_does_not_scale_the_sensitivity():
     """The sensitivity of a precision case is measured for that precision's gradient error already."""
-    t = D.precision_tolerance(tolerance("optimizer"), "tf32")
+    t = precision_tolerance(tolerance("optimizer"), "tf32")
     ref, truth, sens = np.array([1e-3, -1e-3]), np.array([1e-3 + 1e-11, -1e-3]), np.array([0.0, 2e-3])
     plain = tolerance("optimizer").bound(ref, truth, sens)
     np.testing.assert_allclose(t.bound(ref, truth, sens), 2.0**13 * (plain - sens) + sens)
@@ -121,15 +122,15 @@ def test_precision_case_measures_update_sensitivity_for_tf32_gradients():
     """On a real fixture: gradients moved by the TF32 gradient bound flip Adam updates whose gradient is
     near zero (sensitivity up to 2 lr), far beyond the stored float32 sensitivity; float32 keeps the case."""
     case = CASES["gqa_padded"]
-    assert D.precision_case(case, "float32") is case
-    pc = D.precision_case(case, "tf32")
+    assert precision_case(case, "float32") is case
+    pc = precision_case(case, "tf32")
     assert pc.name == case.name and pc.golden is case.golden
     k = "sens.optimizer.delta.lm_head.weight"
     lr = case.settings.optimizer.lr
     assert np.max(case.truth[k]) < 1e-2 * lr
     assert lr < np.max(pc.truth[k]) <= 2.01 * lr
     assert np.all(pc.truth[k] >= case.truth[k])
-    assert D.precision_case(case, "tf32").truth is pc.truth  # cached per case and precision
+    assert precision_case(case, "tf32").truth is pc.truth  # cached per case and precision
 
 
 def test_tf32_judgement_passes_tf32_noise_and_fails_a_real_bug():
@@ -177,7 +178,7 @@ def test_run_to_run_bound_keeps_an_ulp_floor_when_the_repeat_is_bit_identical():
     """A bit-identical repeat on a GPU is no proof of determinism (seen on an H100): the floor is 8× 8 ulp
     of the tensor's scale (the parameter's, for a Δθ), far below a lost state's ~lr."""
     u, _, _ = _runs()
-    b = D.run_to_run_bounds(u, {k: v.copy() for k, v in u.items()}, {"checkpoint.delta.w": 0.1})
+    b = run_to_run_bounds(u, {k: v.copy() for k, v in u.items()}, {"checkpoint.delta.w": 0.1})
     assert b["checkpoint.delta.w"].spread == 0.0
     assert b["checkpoint.delta.w"].allow == pytest.approx(8 * 8 * 2.0**-24 * 0.1)
     assert b["checkpoint.loss"].allow == pytest.approx(8 * 8 * 2.0**-24 * 5.0)
@@ -191,14 +192,14 @@ def test_run_to_run_bound_keeps_an_ulp_floor_when_the_repeat_is_bit_identical():
 
 def test_run_to_run_bound_adds_each_elements_sensitivity():
     u, _, _ = _runs()
-    b = D.run_to_run_bounds(u, u)["checkpoint.delta.b"]
+    b = run_to_run_bounds(u, u)["checkpoint.delta.b"]
     sens = np.linspace(0.0, 1e-3, 16)
     np.testing.assert_allclose(b.bound(u["checkpoint.delta.b"], sensitivity=sens), b.allow + sens)
 
 
 def test_run_to_run_bound_covers_nondeterminism_and_catches_lost_state():
     u, rep, resumed = _runs()
-    b = D.run_to_run_bounds(u, rep, {"checkpoint.delta.w": 0.1, "checkpoint.delta.b": 0.1})
+    b = run_to_run_bounds(u, rep, {"checkpoint.delta.w": 0.1, "checkpoint.delta.b": 0.1})
     for k in u:
         assert np.abs(resumed[k].astype(np.float64) - u[k]).max() <= b[k].allow, k
     _, _, lost = _runs(lost_state=True)
@@ -208,7 +209,7 @@ def test_run_to_run_bound_covers_nondeterminism_and_catches_lost_state():
 def test_run_to_run_bound_gives_a_tensor_that_repeated_exactly_the_stage_noise():
     u, rep, _ = _runs()
     rep["checkpoint.delta.b"] = u["checkpoint.delta.b"].copy()  # this tensor happened to repeat bit for bit
-    b = D.run_to_run_bounds(u, rep)
+    b = run_to_run_bounds(u, rep)
     assert b["checkpoint.delta.b"].spread == 0.0 and b["checkpoint.delta.b"].allow > 0.0
 
 
@@ -247,7 +248,7 @@ def test_gpu_resume_check_end_to_end_on_the_cpu(monkeypatch, fixture):
     caught and named at the checkpoint stage."""
     from mlx_parity.harness.audit import audit
     from mlx_parity.harness.backends.mlx_backend import MLXBackend
-    from mlx_parity.harness.mutants import MUTANTS, MutantBackend
+    from mlx_parity.harness.backends.mutants import MUTANTS, MutantBackend
 
     monkeypatch.setattr(D, "_CURRENT", D.Device("gpu"))  # nondeterministic, without moving anything to a GPU
     case = CASES[fixture]

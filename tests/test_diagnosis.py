@@ -6,9 +6,9 @@ import shutil
 from safetensors.numpy import load_file, save_file
 
 from mlx_parity.harness.audit import audit, judge
+from mlx_parity.harness.audit import diagnose_stage as diagnose
 from mlx_parity.harness.backends import get_backend
 from mlx_parity.harness.case import Case
-from mlx_parity.harness.diagnosis import diagnose
 from mlx_parity.harness.stages import StageOutput
 
 from .conftest import CASES
@@ -60,7 +60,7 @@ def test_a_stage_error_is_its_diagnosis():
 
 
 def test_a_scaled_learning_rate_is_named():
-    from mlx_parity.harness.mutants import Mutant, MutantBackend, _opt
+    from mlx_parity.harness.backends.mutants import Mutant, MutantBackend, _opt
 
     m = Mutant(
         "lr_x2",

@@ -9,7 +9,7 @@ import pytest
 
 from mlx_parity.harness.audit import audit
 from mlx_parity.harness.backends import get_backend
-from mlx_parity.harness.protocol.client import ExternalBackend, example_adapter_backend
+from mlx_parity.harness.backends.external import ExternalBackend, example_adapter_backend
 from mlx_parity.harness.stages import ALL_STAGES as STAGES
 
 from .conftest import CASES
@@ -57,7 +57,7 @@ def test_the_request_links_the_checkpoint_instead_of_copying_it(tmp_path):
     [("no_shift", "gqa_padded"), ("bias_correction_flipped", "mha_sharded"), ("weights_not_loaded", "gqa_padded")],
 )
 def test_mutant_through_the_protocol_fails_with_its_diagnosis(mutant, fixture):
-    from mlx_parity.harness.mutants import MUTANTS
+    from mlx_parity.harness.backends.mutants import MUTANTS
 
     m = MUTANTS[mutant]
     first = audit(example_adapter_backend(mutant), CASES[fixture]).first_failure()

@@ -7,8 +7,8 @@ import dataclasses
 
 from mlx_parity.harness.audit import audit
 from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.backends.mutants import MUTANTS, Mutant, MutantBackend, _opt
 from mlx_parity.harness.findings import analyse
-from mlx_parity.harness.mutants import MUTANTS, Mutant, MutantBackend, _opt
 
 from .conftest import CASES
 

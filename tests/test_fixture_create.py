@@ -14,8 +14,9 @@ from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from mlx_parity.harness.cli import app
-from mlx_parity.harness.fixture_create import create
-from mlx_parity.harness.fixtures import MANIFEST, FixtureError, check_hashes
+from mlx_parity.harness.errors import CaseError, FixtureError
+from mlx_parity.harness.fixtures.create import create
+from mlx_parity.harness.fixtures.manifest import MANIFEST, check_hashes
 
 from .conftest import CASES
 
@@ -191,7 +192,7 @@ def test_audit_on_goldens_computed_now_from_a_checkpoint(tmp_path):
 def test_a_live_audit_of_a_whole_checkpoint_links_it_and_runs_only_the_transformers_check(tmp_path):
     """With nothing cut, the live case links the user's checkpoint (a real model is not copied) and measures
     transformers' forward, said as it goes; the backends are judged by the audit itself, not audited twice."""
-    from mlx_parity.harness.fixture_create import live_case
+    from mlx_parity.harness.fixtures.create import live_case
 
     src = checkpoint_with_tokenizer(tmp_path, "mistral")
     text = tmp_path / "text.txt"
@@ -209,7 +210,7 @@ def test_a_live_audit_of_a_whole_checkpoint_links_it_and_runs_only_the_transform
 def test_a_linked_fixture_keeps_its_weights_out_and_refuses_a_changed_source(tmp_path, monkeypatch):
     """--link-checkpoint: the fixture holds the cut's recipe and hashes, not its weights; the cut is made again
     from the source into the cache and audited; a moved or altered source is refused by name."""
-    from mlx_parity.harness.case import Case, CaseError
+    from mlx_parity.harness.case import Case
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     src = tmp_path / "src"

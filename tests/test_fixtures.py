@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from mlx_parity.harness.case import FIXTURES_DIR
-from mlx_parity.harness.fixtures import FixtureError, diff_fixture, generate, verify
+from mlx_parity.harness.errors import FixtureError
+from mlx_parity.harness.fixtures.build import diff_fixture, generate, verify
 
 
 def test_manifest_hashes_match():

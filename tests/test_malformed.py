@@ -8,6 +8,8 @@ raise; every other stage must still pass.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +20,7 @@ from mlx_parity.harness.audit import audit
 from mlx_parity.harness.backends.base import Backend
 from mlx_parity.harness.protocol.client import read_response
 from mlx_parity.harness.stages import ALL_STAGES as STAGES
-from mlx_parity.harness.stages import PREFIX, StageOutput
+from mlx_parity.harness.stages import PREFIX, REGISTRY, StageOutput
 
 from .conftest import CASES
 
@@ -175,12 +177,10 @@ def test_every_corruption_of_every_stage_fails_alone(how):
 
 
 def test_a_raising_diagnosis_rule_reports_itself(monkeypatch):
-    from mlx_parity.harness import diagnosis
-
     def boom(*a):
         raise ZeroDivisionError("rule bug")
 
-    monkeypatch.setitem(diagnosis.RULES, "loss", boom)
+    monkeypatch.setitem(REGISTRY, "loss", dataclasses.replace(REGISTRY["loss"], diagnose=boom))
     outputs = correct_outputs(CASE)
     outputs["loss"].tensors["loss.ce"] = outputs["loss"].tensors["loss.ce"] + 1
     result = audit(Canned(outputs), CASE)

@@ -4,7 +4,7 @@ on every fixture that exposes it."""
 import pytest
 
 from mlx_parity.harness.audit import audit
-from mlx_parity.harness.mutants import MUTANTS, MutantBackend
+from mlx_parity.harness.backends.mutants import MUTANTS, MutantBackend
 
 from .conftest import CASES
 

@@ -11,8 +11,8 @@ import pytest
 
 from mlx_parity.harness import pieces as P
 from mlx_parity.harness.audit import audit, judge
+from mlx_parity.harness.audit import diagnose_stage as diagnose
 from mlx_parity.harness.backends import get_backend
-from mlx_parity.harness.diagnosis import diagnose
 from mlx_parity.harness.stages import StageOutput
 
 from .conftest import CASES

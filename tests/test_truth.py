@@ -1,4 +1,4 @@
-"""The float64 truth verdicts rest on (harness/truth.py): it holds a model once, as stored, and its
+"""The float64 truth verdicts rest on (harness/truth.py, built by harness/fixtures/truth.py): it holds a model once, as stored, and its
 sensitivities cover gradient errors that change from one update to the next."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 
 from mlx_parity.harness.audit import judge
 from mlx_parity.harness.backends.torch_backend import TorchBackend
+from mlx_parity.harness.fixtures.truth import gradient_bounds
 from mlx_parity.harness.torch_twin import TwinTrainer
-from mlx_parity.harness.truth import gradient_bounds
 
 from .conftest import CASES
 
@@ -46,8 +46,8 @@ def test_gradient_errors_that_change_sign_between_updates_pass_the_trajectory(fi
     """A port's gradient error differs from one update to the next. The float64 twin with every gradient moved
     by 0.9 of the gradient stage's bound, + on one update and - on the next, is such a port: the truth measures
     those runs too, so it passes the trajectory; with the sensitivities of the common ±offset alone it fails."""
-    from mlx_parity.harness import truth as T
-    from mlx_parity.harness.device import _PrecisionCase
+    from mlx_parity.harness.fixtures import truth as T
+    from mlx_parity.harness.fixtures.truth import _PrecisionCase
 
     case = CASES[fixture]
     truth = {k.removeprefix("truth."): v for k, v in case.truth.items() if k.startswith("truth.")}
@@ -61,5 +61,5 @@ def test_gradient_errors_that_change_sign_between_updates_pass_the_trajectory(fi
     if case.settings.precision == "bfloat16":  # as build_truth: with the optimizer's sensitivities, for the flips
         common |= {k.removeprefix("sens."): v for k, v in case.truth.items() if k.startswith("sens.optimizer.")}
         T._flippable_trajectories(common, truth, case.settings.steps)
-    without = _PrecisionCase(case, dict(case.truth) | {f"sens.{k}": v for k, v in common.items()})
+    without = _PrecisionCase(case, dict(case.truth) | {f"sens.{k}": v for k, v in common.items()}, "float32")
     assert judge("trajectory", port, without).status == "fail"

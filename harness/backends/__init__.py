@@ -4,14 +4,23 @@ Interface (docs/backends.md): `name`, `unavailable()` (None or why it cannot run
 `run(case, stages) -> {stage: StageOutput}`. In-process trainers implement it through
 `TrainerBackend`, which only needs `open(case, strict)` and `resume(case, path)` returning a
 `mlx_parity.harness.stages.Session`.
+
+Every backend is found by name in one registry, `KINDS`: a name is `KIND` or `KIND:ARGUMENT`
+(`mutant:no_shift`, `mlx-rs:forward_only`, `cmd:./my-port-adapter`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..stages import STAGES, StageOutput
 from .base import Backend, BackendError, TrainerBackend
+from .external import DEFAULT_TIMEOUT_S, ExternalBackend
+from .mlx_backend import MLXBackend
+from .mlx_rs import RUST_INJECTIONS, MlxRsBackend, MlxRsBinaryBackend, MlxRsInProcess
+from .mutants import MUTANTS, MutantBackend
 
 TWIN_MISSING = (
     "torch is not installed: the twin is an extra (pip install 'mlx-parity[twin]'); auditing a port needs only mlx"
@@ -31,7 +40,7 @@ class MissingBackend(Backend):
         return {s: StageOutput(error=self.reason) for s in stages}
 
 
-def _torch_backend() -> Backend:
+def _torch(arg, timeout, in_process) -> Backend:
     """The twin, imported only when asked for: torch costs ~0.5 GB of memory in a process that audits only mlx."""
     if importlib.util.find_spec("torch") is None:
         return MissingBackend("torch", TWIN_MISSING)
@@ -40,57 +49,76 @@ def _torch_backend() -> Backend:
     return TorchBackend()
 
 
-def registry() -> dict:
-    """Backend name -> a callable that makes it (torch is optional: without it the twin is a MissingBackend)."""
-    from .mlx_backend import MLXBackend
+def _command(kind: str) -> Callable:
+    def make(arg, timeout, in_process) -> Backend:
+        if not arg:
+            raise BackendError(f'{kind}: needs a command line, e.g. "{kind}:./my-port-adapter"')
+        return ExternalBackend(arg, timeout, one_process=kind == "cmd-once")
 
-    return {"mlx": MLXBackend, "torch": _torch_backend}
+    return make
+
+
+def _mutant(arg, timeout, in_process) -> Backend:
+    if arg not in MUTANTS:
+        raise BackendError(f"unknown mutant {arg!r}; known: {', '.join(MUTANTS)}")
+    return MutantBackend(MUTANTS[arg])
+
+
+def _injection(arg) -> str | None:
+    if arg is not None and arg not in RUST_INJECTIONS:
+        raise BackendError(f"unknown mlx-rs injection {arg!r}; known: {', '.join(RUST_INJECTIONS)}")
+    return arg
+
+
+def _mlx_rs(arg, timeout, in_process) -> Backend:
+    """`in_process`: the extension backend itself rather than its per-stage isolated form (what
+    `mlx_parity.harness.protocol.server` serves)."""
+    inject = _injection(arg)
+    return MlxRsInProcess(inject) if in_process else MlxRsBackend(inject, timeout)
+
+
+def _mlx_rs_bin(arg, timeout, in_process) -> Backend:
+    return MlxRsBinaryBackend(_injection(arg), timeout)
+
+
+@dataclass(frozen=True)
+class Kind:
+    make: Callable  # (argument or None, timeout in s, in_process) -> Backend
+    argument: str = ""  # what follows `KIND:`, for messages; "" when the kind takes none
+    optional: bool = False  # the argument may be left out
+    default: bool = False  # audited by default when it can run here
+
+
+KINDS: dict[str, Kind] = {
+    "mlx": Kind(lambda arg, timeout, in_process: MLXBackend(), default=True),
+    "torch": Kind(_torch, default=True),
+    "mlx-rs": Kind(_mlx_rs, "INJECTION", optional=True, default=True),
+    "mlx-rs-bin": Kind(_mlx_rs_bin, "INJECTION", optional=True, default=True),
+    "mutant": Kind(_mutant, "NAME"),
+    "cmd": Kind(_command("cmd"), "COMMAND LINE"),
+    "cmd-once": Kind(_command("cmd-once"), "COMMAND LINE"),
+}
 
 
 def get_backend(name: str, timeout: float | None = None, in_process: bool = False) -> Backend:
-    """A backend by name. `in_process` asks for the extension backend itself rather than its
-    per-stage isolated form (what `mlx_parity.harness.protocol.server` serves)."""
-    if name.startswith(("cmd:", "cmd-once:")):
-        from ..protocol.client import DEFAULT_TIMEOUT_S, ExternalBackend
-
-        kind, command = (s.strip() for s in name.split(":", 1))
-        if not command:
-            raise BackendError(f'{kind}: needs a command line, e.g. "{kind}:./my-port-adapter"')
-        return ExternalBackend(command, timeout or DEFAULT_TIMEOUT_S, one_process=kind == "cmd-once")
-    if name.startswith("mutant:"):
-        from ..mutants import MUTANTS, MutantBackend
-
-        mutant = name.split(":", 1)[1]
-        if mutant not in MUTANTS:
-            raise BackendError(f"unknown mutant {mutant!r}; known: {', '.join(MUTANTS)}")
-        return MutantBackend(MUTANTS[mutant])
-    if name == "mlx-rs-bin" or name.startswith("mlx-rs-bin:"):
-        from ..protocol.client import DEFAULT_TIMEOUT_S
-        from .mlx_rs import RUST_INJECTIONS, MlxRsBinaryBackend
-
-        inject = name.split(":", 1)[1] if ":" in name else None
-        if inject is not None and inject not in RUST_INJECTIONS:
-            raise BackendError(f"unknown mlx-rs injection {inject!r}; known: {', '.join(RUST_INJECTIONS)}")
-        return MlxRsBinaryBackend(inject, timeout or DEFAULT_TIMEOUT_S)
-    if name == "mlx-rs" or name.startswith("mlx-rs:"):
-        from ..protocol.client import DEFAULT_TIMEOUT_S
-        from .mlx_rs import RUST_INJECTIONS, MlxRsBackend, MlxRsInProcess
-
-        inject = name.split(":", 1)[1] if ":" in name else None
-        if inject is not None and inject not in RUST_INJECTIONS:
-            raise BackendError(f"unknown mlx-rs injection {inject!r}; known: {', '.join(RUST_INJECTIONS)}")
-        return MlxRsInProcess(inject) if in_process else MlxRsBackend(inject, timeout or DEFAULT_TIMEOUT_S)
-    backends = registry()
-    if name not in backends:
-        raise BackendError(f"unknown backend {name!r}; known: {', '.join(backends)}")
-    return backends[name]()
+    """A backend by name: `KIND` or `KIND:ARGUMENT`."""
+    kind, sep, arg = name.partition(":")
+    spec = KINDS.get(kind.strip())
+    if spec is None or (sep and not spec.argument):
+        known = ", ".join(
+            k + (f"[:{s.argument}]" if s.optional else f":{s.argument}" if s.argument else "") for k, s in KINDS.items()
+        )
+        raise BackendError(f"unknown backend {name!r}; known: {known}")
+    if spec.argument and not spec.optional and not sep:
+        raise BackendError(f'{kind}: needs {spec.argument.lower()}, e.g. "{kind}:{spec.argument}"')
+    return spec.make(arg.strip() if sep else None, timeout or DEFAULT_TIMEOUT_S, in_process)
 
 
 def default_backends() -> list[Backend]:
     """Every backend that can run here: mlx, torch, and the mlx-rs port (through its Python extension
     and through its Rust adapter binary) when built."""
-    backends = [b for b in (make() for make in registry().values()) if not isinstance(b, MissingBackend)]
-    return backends + [b for b in (get_backend("mlx-rs"), get_backend("mlx-rs-bin")) if b.unavailable() is None]
+    made = [get_backend(name) for name, kind in KINDS.items() if kind.default]
+    return [b for b in made if b.unavailable() is None]
 
 
-__all__ = ["Backend", "BackendError", "TrainerBackend", "get_backend", "default_backends", "registry"]
+__all__ = ["Backend", "BackendError", "TrainerBackend", "KINDS", "get_backend", "default_backends"]

@@ -10,6 +10,7 @@ import numpy as np
 from mlx_parity.reference.loss import shifted_slices
 from mlx_parity.reference.trainer import Trainer
 
+from ..device import current
 from .base import TrainerBackend, TrainerSession
 
 
@@ -42,6 +43,5 @@ class MLXBackend(TrainerBackend):
     def nondeterministic(self) -> bool:
         """On a GPU (`mx.set_default_device(mx.gpu)`, `harness/device.py`) reductions are not
         bit-deterministic run to run: the checkpoint stage then measures that spread."""
-        from ..device import current
 
         return current().nondeterministic

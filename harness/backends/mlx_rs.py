@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..protocol.client import DEFAULT_TIMEOUT_S, ExternalBackend
 from .base import TrainerBackend, TrainerSession
+from .external import DEFAULT_TIMEOUT_S, ExternalBackend
 
 # injection -> (stage that must catch it, expected diagnosis, fixtures that expose it)
 RUST_INJECTIONS = {

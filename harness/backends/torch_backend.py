@@ -1,5 +1,5 @@
 """The independent PyTorch twin as a backend: in float32 an audited port like any other, in float64 the
-truth that verdicts rest on (harness/truth.py)."""
+truth that verdicts rest on (harness/fixtures/truth.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..device import current
 from ..torch_twin import TwinTrainer
 from .base import TrainerBackend, TrainerSession
 
@@ -36,7 +37,6 @@ class TorchSession(TrainerSession):
 def on_device(trainer: TwinTrainer) -> TwinTrainer:
     """The twin's model and AdamW state on this process's device (`harness/device.py`): on a GPU,
     tensors read from safetensors files (LoRA adapters, a checkpoint's moments) start on the CPU."""
-    from ..device import current
 
     if current().name == "gpu":
         trainer.model.to("cuda")  # moves each Parameter's data in place: the trainable set keeps its references
@@ -70,7 +70,5 @@ class TorchBackend(TrainerBackend):
 
     @property
     def nondeterministic(self) -> bool:
-        """On a GPU the checkpoint stage measures the run-to-run spread (`harness/device.py`)."""
-        from ..device import current
-
+        """On a GPU the checkpoint stage measures the run-to-run spread (`harness/tolerances.py` judges by it)."""
         return current().nondeterministic

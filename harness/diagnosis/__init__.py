@@ -1,5 +1,6 @@
-"""Why a stage fails: one module per stage, each rule solving the convention a port got wrong from its
-own numbers (never by re-running a known mutation), every code in `codes.CODES`.
+"""Why a stage fails: one module per stage, named after it, each rule solving the convention a port got
+wrong from its own numbers (never by re-running a known mutation), every code in `codes.CODES`. Each stage
+names its rule in the stage registry (harness/stages/); this package never imports the stages.
 
 A rule returns a Diagnosis, a list of them (the isolated forward check can find several independent
 causes at once), or None; a failure no rule explains still gets a localisation (`localise`).
@@ -11,32 +12,8 @@ import re
 
 from .codes import CODES
 from .core import Diagnosis
-from .forward import forward
-from .gradients import gradients
-from .isolated import isolated
-from .loss import loss, shifted
-from .optimizer import optimizer
-from .pieces import forward_pieces
-from .schedule import schedule
-from .trajectory import checkpoint, trajectory
-from .weights import weights
 
-__all__ = ["CODES", "RULES", "Diagnosis", "diagnose", "localise"]
-
-RULES = {
-    "weight_mapping": weights,
-    "forward": forward,
-    "shifted_slices": shifted,
-    "loss": loss,
-    "gradients": gradients,
-    "optimizer": optimizer,
-    "trajectory": trajectory,
-    "checkpoint": checkpoint,
-    "isolated_forward": forward_pieces,
-    "isolated_loss": isolated(loss, "isolated.loss."),
-    "isolated_optimizer": isolated(optimizer, "isolated.optimizer."),
-    "isolated_schedule": schedule,
-}
+__all__ = ["CODES", "Diagnosis", "diagnose", "localise"]
 
 
 def localise(result) -> Diagnosis:
@@ -61,11 +38,10 @@ def localise(result) -> Diagnosis:
     )
 
 
-def diagnose(result, out, case) -> list[Diagnosis]:
-    """Every distinct cause this stage's failure shows (at least one: a localisation)."""
+def diagnose(result, out, case, rule) -> list[Diagnosis]:
+    """Every distinct cause this stage's failure shows (at least one: a localisation); `rule` is the stage's."""
     if out.error:
         return [Diagnosis("stage_error", out.error.splitlines()[0][:300], {"error": out.error[-2000:]})]
-    rule = RULES.get(result.name)
     found = rule(result, out, case) if rule else None
     found = [d for d in (found if isinstance(found, list) else [found]) if d is not None]
     return found or [localise(result)]

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from safetensors.numpy import load_file
 
+from mlx_parity.reference.settings import TrainSettings
+
+from ..backends import get_backend
 from .tensors import save_tensors
 
 
@@ -22,7 +25,6 @@ class Request:
     """A request folder, shaped like a fixture case so any backend's `run` accepts it."""
 
     def __init__(self, folder: Path):
-        from mlx_parity.reference.settings import TrainSettings
 
         self.path = folder
         self.spec = json.loads((folder / "request.json").read_text())
@@ -59,7 +61,6 @@ def main(argv=None) -> int:
     ap.add_argument("request", type=Path)
     ap.add_argument("response", type=Path)
     args = ap.parse_args(argv)
-    from ..backends import get_backend
 
     serve(get_backend(args.backend, in_process=True), args.request, args.response)
     return 0

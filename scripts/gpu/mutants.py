@@ -1,4 +1,4 @@
-"""Does the GPU judgement still catch bugs? Every mutant of harness/mutants.py on the fixtures built to
+"""Does the GPU judgement still catch bugs? Every mutant of harness/backends/mutants.py on the fixtures built to
 expose it, with the MLX reference (and so the mutant) computing on the GPU, judged as `parity audit
 --device gpu [--tf32]` judges: caught (the audit fails), named (its expected cause is one of the
 findings), the first failing stage.
@@ -30,13 +30,15 @@ def main(argv=None) -> int:
         D.set_tf32_env(dev.tf32)
     D.activate(dev, ["mlx", "torch"] if dev.precision != "float32" else ["mlx"])
     from mlx_parity.harness.audit import audit
+    from mlx_parity.harness.backends.mutants import MUTANTS, MutantBackend
     from mlx_parity.harness.case import FIXTURES_DIR, find_case
-    from mlx_parity.harness.mutants import MUTANTS, MutantBackend
+    from mlx_parity.harness.fixtures.truth import precision_case
 
     rows, started = [], time.time()
     for name, m in MUTANTS.items():
         for fixture in m.fixtures:
-            r = audit(MutantBackend(m), find_case(fixture, FIXTURES_DIR), precision=dev.precision)
+            case = precision_case(find_case(fixture, FIXTURES_DIR), dev.precision)
+            r = audit(MutantBackend(m), case, precision=dev.precision)
             found, _ = r.findings()
             codes = [f"{f.stage}:{f.code}" for f in found]
             first = r.first_failure()

@@ -25,7 +25,7 @@ from mlx_parity.reference.settings import TrainSettings
 from mlx_parity.reference.trainer import Trainer
 from mlx_parity.reference.weights import LoadReport, load_weights, match, read_checkpoint
 
-from .backends.mlx_backend import MLXBackend, MLXSession
+from .mlx_backend import MLXBackend, MLXSession
 
 
 # --- trainers with one bug each -----------------------------------------------------------------
