@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup audit test rust rust-test wheel-check train fixtures verify selftest bench bench-full real
+.PHONY: setup lint audit test rust rust-test wheel-check train fixtures verify selftest bench bench-full real
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -30,7 +30,14 @@ audit: rust  ## the main job: audit every backend on every bundled fixture
 wheel-check: setup
 	bash scripts/wheel-check.sh
 
-test: rust-test wheel-check  ## the Rust crates' unit tests, the wheel's install check, then the whole pytest suite (the SmolLM2 check included)
+# The layout of every line: ruff (pyproject.toml [tool.ruff]) and, with a Rust toolchain, rustfmt and clippy.
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	@if command -v cargo >/dev/null 2>&1 || [ -x "$$HOME/.cargo/bin/cargo" ]; then bash rust/lint.sh; \
+	else echo "make lint: no Rust toolchain (cargo): rustfmt and clippy not run" >&2; fi
+
+test: lint rust-test wheel-check  ## lint first, the Rust crates' unit tests, the wheel's install check, then the whole pytest suite (the SmolLM2 check included)
 	$(PY) -m pytest -q
 
 # SmolLM2-135M, real weights: build the fixture once (about 2 minutes, into ~/.cache/mlx-parity/real), audit every backend on it.

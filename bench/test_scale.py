@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_parity.harness.protocol.client import EXAMPLE_ADAPTER
-from mlx_parity.harness.real_model import default_cache
+from mlx_parity.harness.backends.external import EXAMPLE_ADAPTER
+from mlx_parity.harness.fixtures.real_model import default_cache
 
 ADAPTER = f"{shlex.quote(sys.executable)} {shlex.quote(str(EXAMPLE_ADAPTER))}"
 SPELLINGS = {"in-process": "mlx", "cmd": f"cmd:{ADAPTER}", "cmd-once": f"cmd-once:{ADAPTER}"}
@@ -78,7 +78,7 @@ def test_real_model_audit(benchmark, spelling):
 @pytest.mark.scale
 @pytest.mark.parametrize("spelling", ["in-process", "cmd-once"])
 def test_live_audit_of_the_whole_model(benchmark, tmp_path, spelling):
-    from mlx_parity.harness.real_model import TEXTS
+    from mlx_parity.harness.fixtures.real_model import TEXTS
 
     checkpoint = default_cache() / "checkpoint"
     if not (checkpoint / "config.json").exists():

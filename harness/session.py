@@ -113,7 +113,7 @@ def open_session(
 ) -> AuditSession:
     """Check the input and prepare the audits; raise AuditInputError with the reason. With `checkpoint`, the
     goldens and truth are built now from it (in a temporary folder the session deletes when closed)."""
-    root = fixtures_dir or FIXTURES_DIR
+    root = Path(fixtures_dir) if fixtures_dir else FIXTURES_DIR
     live = contextlib.ExitStack()
     if checkpoint is None and (data or layers or vocab or settings):
         raise AuditInputError("--data, --layers, --vocab and --settings go with --checkpoint")

@@ -335,3 +335,12 @@ def test_gpu_bench_table_and_markdown_from_synthetic_rows():
     )
     assert "1.10× (sdpa)" in md and "out of memory" in md and "mlx/1B/bf16: skipped" in md
     assert B.gpu_precisions(None) == ["fp32", "tf32", "bf16"] and B.gpu_precisions(True) == ["tf32", "bf16"]
+
+
+def test_the_judge_runs_no_twin_a_case_comes_prepared_for_its_precision():
+    """TF32 sensitivities are measured when the case is prepared (`precision_case`), never inside the audit."""
+    from mlx_parity.harness.audit import audit
+    from mlx_parity.harness.backends.mlx_backend import MLXBackend
+
+    with pytest.raises(ValueError, match="precision_case"):
+        audit(MLXBackend(), CASES["head"], ["loss"], precision="tf32")

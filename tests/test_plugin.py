@@ -24,6 +24,25 @@ def test_plugin_failure_names_stage_tensor_and_diagnosis(pytester):
     assert "stage shifted_slices fails" in out
     assert "tensor shifted.mask: shape (4, 16), expected (4, 15)" in out
     assert "diagnosis (labels_not_shifted)" in out
+    assert "reproduce: parity audit -b mutant:no_shift -f gqa_padded -v --report parity-report.html" in out
+    assert "harness/pytest_plugin.py" not in out, "the plugin's own frames are hidden from the traceback"
+
+
+def test_plugin_checks_fixture_hashes_like_the_cli(pytester, tmp_path):
+    """The plugin audits through the CLI's session: a fixture that differs from its manifest is refused."""
+    import shutil
+
+    from mlx_parity.harness.case import FIXTURES_DIR
+
+    root = tmp_path / "fixtures"
+    shutil.copytree(FIXTURES_DIR, root, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "head" / "settings.json").write_text((root / "head" / "settings.json").read_text() + " ")
+    pytester.makepyfile(PORT_TEST)
+    result = pytester.runpytest(
+        "--parity-backend", "mlx", "--parity-fixture", "head", "--parity-fixtures-dir", str(root)
+    )
+    result.assert_outcomes(failed=1)
+    assert "head/settings.json: sha256" in result.stdout.str()
 
 
 def test_plugin_options_are_registered(pytestconfig):
