@@ -168,14 +168,7 @@ def explain_stage(result, st) -> str:
     ]
     w = st.worst()
     if w is not None:
-        lines.append(
-            f"  tensor {w.name}: "
-            + (
-                w.problem
-                or f"max abs error {w.max_abs:.3g} at {w.where}, margin {w.ratio:.3g}, "
-                f"{w.mismatched}/{w.total} elements past the bound ({w.tolerance})"
-            )
-        )
+        lines.append(f"  tensor {w.describe()}")  # the text `parity audit -v` prints for it
     else:
         lines.append(f"  {st.message}")
     if st.diagnosis:
