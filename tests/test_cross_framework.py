@@ -49,7 +49,7 @@ def test_transformers_oracle_agrees(case):
 
 def test_transformers_oracle_detects_a_wrong_forward(monkeypatch):
     """transformers' logits 0.1 % off (as a wrong checkpoint conversion would make them) fail the check."""
-    from mlx_parity.harness import oracle
+    from mlx_parity.harness.fixtures import oracle
 
     from .conftest import CASES
 

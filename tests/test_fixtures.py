@@ -101,11 +101,12 @@ def test_goldens_from_another_platform_are_judged_not_hashed(tmp_path):
 
 def test_a_killed_generate_leaves_the_old_set(copy, monkeypatch):
     """generate --force builds the whole set in a staging copy: killed half way, nothing has changed."""
-    from mlx_parity.harness import fixtures
+    from mlx_parity.harness.fixtures import build
+    from mlx_parity.harness.fixtures.manifest import fixture_files, sha256
 
-    before = fixtures.fixture_files(copy)
-    before["manifest.json"] = fixtures.sha256(copy / "manifest.json")
-    real, calls = fixtures.build_fixture, []
+    before = fixture_files(copy)
+    before["manifest.json"] = sha256(copy / "manifest.json")
+    real, calls = build.build_fixture, []
 
     def dies_on_the_second(spec, out):
         calls.append(spec.name)
@@ -114,11 +115,11 @@ def test_a_killed_generate_leaves_the_old_set(copy, monkeypatch):
         real(spec, out)
         (out / "settings.json").write_text((out / "settings.json").read_text() + " ")  # a changed fixture
 
-    monkeypatch.setattr(fixtures, "build_fixture", dies_on_the_second)
+    monkeypatch.setattr(build, "build_fixture", dies_on_the_second)
     with pytest.raises(KeyboardInterrupt):
         generate(copy, ["gqa_padded", "head"], force=True)
-    after = fixtures.fixture_files(copy)
-    after["manifest.json"] = fixtures.sha256(copy / "manifest.json")
+    after = fixture_files(copy)
+    after["manifest.json"] = sha256(copy / "manifest.json")
     assert after == before
     assert verify(copy, regenerate=False) == []
 
