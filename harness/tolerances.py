@@ -1,6 +1,6 @@
 """Every tolerance of the harness, per dtype and stage, with the noise it covers and the bug it catches.
 
-Two kinds, kept here and nowhere else:
+Every bound kind and the inputs of each tensor's bound (`truth_bound_inputs`) are kept here and nowhere else:
 
 * `Exact`: weights after loading, the shifted targets and mask, the step counter and a resumed run
   against the same backend's uninterrupted one. Copies and integer data: any changed bit is a bug.
@@ -27,7 +27,7 @@ On a GPU (harness/device.py measures the mode in effect; docs/gpu.md says why, w
 * `PrecisionBound`: TF32 rounds each matmul operand to 10 mantissa bits (unit roundoff 2^-11 instead of
   float32's 2^-24). With `--tf32` every computed stage's bound is the stored float32 bound's noise and
   ulp floor (`TruthBound`) multiplied by the ratio of the unit roundoffs, 2^13, plus each element's
-  sensitivity, which `precision_case` re-measures for the optimizer and trajectory updates at
+  sensitivity, which `precision_case` (harness/fixtures/truth.py) re-measures, when the case is prepared, for the optimizer and trajectory updates at
   TF32-sized gradient errors (they flip Adam updates whose gradient is near zero); every stage's
   tolerance says so. Exact stages (weights, shifted slices, the step counter) stay exact.
 * `RunToRunBound`: GPU reductions are not bit-deterministic, so a resumed run cannot be held to bit
