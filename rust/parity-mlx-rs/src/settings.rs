@@ -1,9 +1,12 @@
 //! Trainer settings: the JSON every backend receives (docs/training-step.md, "Trainer settings").
 use serde_json::{json, Map, Value};
 
-use crate::error::{Error, Result};
-
-pub const ALPHA_RANGE: (f64, f64) = (2.3, 3.0);
+use crate::{
+    error::{Error, Result},
+    inject::Inject,
+    loss::{validate_loss_scalars, LossSettings},
+    precision::Precision,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trainable {
@@ -18,70 +21,6 @@ impl Trainable {
             Trainable::Full => "full",
             Trainable::Lora => "lora",
             Trainable::Head => "head",
-        }
-    }
-}
-
-/// The training precision (docs/training-step.md, "Precision"): float32 everywhere, or bfloat16 the way
-/// mlx-lm trains a bfloat16 model (checkpoint tensors bfloat16 parameters, LoRA adapters float32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    Float32,
-    Bfloat16,
-}
-
-impl Precision {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Precision::Float32 => "float32",
-            Precision::Bfloat16 => "bfloat16",
-        }
-    }
-
-    /// The dtype of the checkpoint's parameters and of the forward pass.
-    pub fn dtype(&self) -> mlx_rs::Dtype {
-        match self {
-            Precision::Float32 => mlx_rs::Dtype::Float32,
-            Precision::Bfloat16 => mlx_rs::Dtype::Bfloat16,
-        }
-    }
-}
-
-/// Deliberate porting bugs for the harness self-test (settings key "inject").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Inject {
-    /// The model keeps its random initialisation; the load report says nothing.
-    WeightsNotLoaded,
-    /// The loss compares logits[:, :] with input_ids[:, :] (no shift).
-    NoShift,
-    /// step() computes the loss and applies no update; gradients() returns zeros.
-    ForwardOnly,
-    /// Gradients and optimizer moments are computed, parameters never change.
-    OptimizerDisconnected,
-}
-
-impl Inject {
-    fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "weights_not_loaded" => Inject::WeightsNotLoaded,
-            "no_shift" => Inject::NoShift,
-            "forward_only" => Inject::ForwardOnly,
-            "optimizer_disconnected" => Inject::OptimizerDisconnected,
-            other => {
-                return Err(Error::Settings(format!(
-                    "inject must be one of weights_not_loaded, no_shift, forward_only, \
-                     optimizer_disconnected or null, got '{other}'"
-                )))
-            }
-        })
-    }
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Inject::WeightsNotLoaded => "weights_not_loaded",
-            Inject::NoShift => "no_shift",
-            Inject::ForwardOnly => "forward_only",
-            Inject::OptimizerDisconnected => "optimizer_disconnected",
         }
     }
 }
@@ -111,12 +50,6 @@ pub enum Schedule {
         decay_steps: i64,
         end_lr: f64,
     },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct LossSettings {
-    pub alpha: f64,
-    pub lambda: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -176,17 +109,6 @@ fn check_keys(d: &Map<String, Value>, known: &[&str], ctx: &str) -> Result<()> {
     } else {
         Err(err(format!("unknown {ctx}keys: {unknown:?}")))
     }
-}
-
-pub fn validate_loss_scalars(alpha: f64, lambda: f64) -> Result<()> {
-    let (lo, hi) = ALPHA_RANGE;
-    if !(alpha.is_finite() && lo <= alpha && alpha <= hi) {
-        return Err(Error::Batch(format!("alpha must be in [{lo}, {hi}], got {alpha}")));
-    }
-    if !(lambda.is_finite() && lambda >= 0.0) {
-        return Err(Error::Batch(format!("lambda must be finite and >= 0, got {lambda}")));
-    }
-    Ok(())
 }
 
 impl TrainSettings {
@@ -327,7 +249,12 @@ impl TrainSettings {
         }
         let inject = match d.get("inject") {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(Inject::parse(s)?),
+            Some(Value::String(s)) => Some(Inject::parse(s).ok_or_else(|| {
+                err(format!(
+                    "inject must be one of weights_not_loaded, no_shift, forward_only, \
+                     optimizer_disconnected or null, got '{s}'"
+                ))
+            })?),
             Some(v) => return Err(err(format!("inject must be a string or null, got {v}"))),
         };
         let seed = integer(d, "seed", 0, "")?;
@@ -384,9 +311,9 @@ impl TrainSettings {
             "loss": {"alpha": self.loss.alpha, "lambda": self.loss.lambda},
             "steps": self.steps,
             "checkpoint_at": self.checkpoint_at,
-            "inject": self.inject.map(|i| i.as_str()),
+            "inject": self.inject,
             "seed": self.seed,
-            "precision": self.precision.as_str(),
+            "precision": self.precision,
         })
     }
 }
