@@ -49,7 +49,7 @@ impl Trainer {
                 }
             }
         }
-        let settings = TrainSettings::from_map(&settings)?;
+        let settings = TrainSettings::from_value(&Value::Object(settings))?;
         let cfg = ModelConfig::from_dir(path)?;
         let model = LlamaForCausalLM::new(&cfg, settings.seed)?;
         let mut t = Trainer::assemble(cfg, settings, model, LoadReport::default(), None)?;

@@ -6,33 +6,17 @@ use mlx_rs::{
     ops::{self, indexing::IndexOp},
     stop_gradient, Array, Dtype,
 };
-use serde::Serialize;
 
 use crate::{
     error::{Error, Result},
     inject::{self, Inject},
     model::LlamaForCausalLM,
+    settings::LossSettings,
 };
 
 pub const AUTH_WEIGHT_MAX: f64 = 0.99;
 pub const ALPHA_RANGE: (f64, f64) = (2.3, 3.0);
 pub const DISTRUST_EPS: f64 = 1e-8;
-
-/// The loss's scalars (settings key "loss").
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LossSettings {
-    pub alpha: f64,
-    pub lambda: f64,
-}
-
-impl Default for LossSettings {
-    fn default() -> Self {
-        LossSettings {
-            alpha: 2.7,
-            lambda: 1.0,
-        }
-    }
-}
 
 pub fn validate_loss_scalars(alpha: f64, lambda: f64) -> Result<()> {
     let (lo, hi) = ALPHA_RANGE;

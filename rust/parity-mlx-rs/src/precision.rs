@@ -16,8 +16,6 @@ pub enum Precision {
 }
 
 impl Precision {
-    pub const NAMES: [&'static str; 2] = ["float32", "bfloat16"];
-
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "float32" => Some(Precision::Float32),
