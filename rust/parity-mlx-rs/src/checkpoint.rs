@@ -145,29 +145,38 @@ impl Trainer {
         }
         let saved = weights::read_safetensors(&path.join("model.safetensors"))?;
         let expected = self.model.parameters().flatten();
-        let mut report = LoadReport::default();
-        report.missing = expected
-            .keys()
-            .filter(|k| !saved.contains_key(k.as_ref()))
-            .map(|k| k.to_string())
-            .collect();
-        report.unexpected = saved
-            .keys()
-            .filter(|k| !expected.contains_key(k.as_str()))
-            .cloned()
-            .collect();
-        report.mismatched = saved
-            .iter()
-            .filter(|(k, a)| {
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        let report = LoadReport {
+            missing: sorted(
                 expected
-                    .get(k.as_str())
-                    .is_some_and(|p| p.shape() != a.shape() || p.dtype() != a.dtype())
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        report.missing.sort();
-        report.unexpected.sort();
-        report.mismatched.sort();
+                    .keys()
+                    .filter(|k| !saved.contains_key(k.as_ref()))
+                    .map(|k| k.to_string())
+                    .collect(),
+            ),
+            unexpected: sorted(
+                saved
+                    .keys()
+                    .filter(|k| !expected.contains_key(k.as_str()))
+                    .cloned()
+                    .collect(),
+            ),
+            mismatched: sorted(
+                saved
+                    .iter()
+                    .filter(|(k, a)| {
+                        expected
+                            .get(k.as_str())
+                            .is_some_and(|p| p.shape() != a.shape() || p.dtype() != a.dtype())
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect(),
+            ),
+            ignored: vec![],
+        };
         if !report.ok() {
             return Err(Error::Weights(format!(
                 "{}: checkpoint does not match the model:\n{}",
@@ -232,19 +241,19 @@ mod tests {
     fn step_updates_and_checkpoint_resumes_bit_exactly() {
         let d_dir = tmp("resume");
         let d = d_dir.path();
-        tiny_checkpoint(&d, true);
+        tiny_checkpoint(d, true);
         let b = batch();
-        let mut a = Trainer::new(&d, settings(""), None, true).unwrap();
+        let mut a = Trainer::new(d, settings(""), None, true).unwrap();
         let before = flat(&a);
         a.step(&b).unwrap();
         assert_ne!(before, flat(&a));
         a.step(&b).unwrap();
         let ck_dir = tmp("resume-ck");
         let ck = &ck_dir.path().join("checkpoint"); // save_checkpoint refuses an existing path
-        a.save_checkpoint(&ck).unwrap();
+        a.save_checkpoint(ck).unwrap();
         let l1 = a.step(&b).unwrap().total;
-        let mut c = Trainer::new(&d, settings(""), None, true).unwrap();
-        c.load_checkpoint(&ck).unwrap();
+        let mut c = Trainer::new(d, settings(""), None, true).unwrap();
+        c.load_checkpoint(ck).unwrap();
         let l2 = c.step(&b).unwrap().total;
         assert_eq!(l1, l2);
         assert_eq!(flat(&a), flat(&c));
@@ -256,12 +265,12 @@ mod tests {
     fn bf16_step_keeps_dtypes_and_checkpoint_resumes_bit_exactly() {
         let d_dir = tmp("bf16-resume");
         let d = d_dir.path();
-        tiny_checkpoint(&d, true);
+        tiny_checkpoint(d, true);
         let b = batch();
         // A large learning rate, so that bfloat16 parameters visibly move (an update below half an ulp
         // is lost in bfloat16, as in mlx-lm).
         let big = r#", "optimizer": {"lr": 0.05, "weight_decay": 0.01}"#;
-        let mut a = Trainer::new(&d, bf16(big), None, true).unwrap();
+        let mut a = Trainer::new(d, bf16(big), None, true).unwrap();
         let before = flat(&a);
         let (parts, g) = a.gradients(&b).unwrap();
         assert!(parts.total.is_finite());
@@ -289,7 +298,7 @@ mod tests {
         }
         let ck_dir = tmp("bf16-resume-ck");
         let ck = &ck_dir.path().join("checkpoint");
-        a.save_checkpoint(&ck).unwrap();
+        a.save_checkpoint(ck).unwrap();
         // Saved as bfloat16: parameters and moments.
         let saved = weights::read_safetensors(&ck.join("model.safetensors")).unwrap();
         assert!(saved.values().all(|x| x.dtype() == Dtype::Bfloat16));
@@ -300,9 +309,9 @@ mod tests {
             .all(|(_, x)| x.dtype() == Dtype::Bfloat16));
         let l1 = a.step(&b).unwrap().total;
         // Into a fresh trainer of the same settings, and rebuilt from the folder alone.
-        let mut c = Trainer::new(&d, bf16(big), None, true).unwrap();
-        c.load_checkpoint(&ck).unwrap();
-        let mut r = Trainer::from_checkpoint(&ck).unwrap();
+        let mut c = Trainer::new(d, bf16(big), None, true).unwrap();
+        c.load_checkpoint(ck).unwrap();
+        let mut r = Trainer::from_checkpoint(ck).unwrap();
         assert_eq!(r.settings.precision, crate::precision::Precision::Bfloat16);
         for t in [&mut c, &mut r] {
             assert!(dtypes(t).values().all(|&dt| dt == Dtype::Bfloat16));

@@ -19,6 +19,8 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The four arrays of a batch, each with its shape, as the Python and protocol callers hold them.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         input_ids: Vec<i32>,
         ids_shape: &[usize],

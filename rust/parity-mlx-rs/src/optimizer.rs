@@ -164,10 +164,10 @@ mod tests {
     fn bf16_given_gradients_are_cast_to_their_parameters_dtype() {
         let d_dir = tmp("bf16-given");
         let d = d_dir.path();
-        tiny_checkpoint(&d, false);
+        tiny_checkpoint(d, false);
         let b = batch();
-        let mut a = Trainer::new(&d, bf16(""), None, true).unwrap();
-        let mut c = Trainer::new(&d, bf16(""), None, true).unwrap();
+        let mut a = Trainer::new(d, bf16(""), None, true).unwrap();
+        let mut c = Trainer::new(d, bf16(""), None, true).unwrap();
         let (_, g) = a.gradients(&b).unwrap();
         // Given as float32 (the bfloat16 values exactly): the same update as from the own gradients.
         let given: HashMap<String, Array> = g

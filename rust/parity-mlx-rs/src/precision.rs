@@ -68,9 +68,9 @@ mod tests {
     fn bf16_loads_every_checkpoint_tensor_as_bfloat16_rounded() {
         let d_dir = tmp("bf16-load");
         let d = d_dir.path();
-        tiny_checkpoint(&d, false);
+        tiny_checkpoint(d, false);
         let saved = weights::read_checkpoint(d).unwrap();
-        let t = Trainer::new(&d, bf16(""), None, true).unwrap();
+        let t = Trainer::new(d, bf16(""), None, true).unwrap();
         assert!(t.report.ok(), "{}", t.report.describe());
         assert_eq!(t.compute_dtype(), Dtype::Bfloat16);
         let mut rounded = 0;
@@ -96,7 +96,7 @@ mod tests {
             h.join("model.safetensors"),
         )
         .unwrap();
-        let th = Trainer::new(&h, bf16(""), None, true).unwrap();
+        let th = Trainer::new(h, bf16(""), None, true).unwrap();
         for (k, p) in th.parameters() {
             assert_eq!(p.dtype(), Dtype::Bfloat16, "{k}");
             let want = saved[&k]
@@ -106,7 +106,7 @@ mod tests {
                 .unwrap();
             assert_eq!(host_vec::<f32>(&p).unwrap(), host_vec::<f32>(&want).unwrap(), "{k}");
         }
-        let f = Trainer::new(&d, settings(""), None, true).unwrap();
+        let f = Trainer::new(d, settings(""), None, true).unwrap();
         assert!(dtypes(&f).values().all(|&dt| dt == Dtype::Float32));
         // The forward pass runs in bfloat16: logits and hidden states are bfloat16.
         let (logits, hidden) = t.forward(&batch().arrays().0).unwrap();
@@ -118,9 +118,9 @@ mod tests {
     fn bf16_lora_adapters_stay_float32() {
         let d_dir = tmp("bf16-lora");
         let d = d_dir.path();
-        tiny_checkpoint(&d, true);
+        tiny_checkpoint(d, true);
         let lora = r#", "trainable": "lora", "lora": {"rank": 2, "layers": 1, "scale": 2.0}"#;
-        let mut t = Trainer::new(&d, bf16(lora), None, true).unwrap();
+        let mut t = Trainer::new(d, bf16(lora), None, true).unwrap();
         let names = t.trainable_names();
         assert_eq!(names.len(), 8);
         for (k, dt) in dtypes(&t) {
@@ -135,7 +135,7 @@ mod tests {
             .collect();
         let init_path = d.join("adapters.safetensors");
         Array::save_safetensors(init.iter().map(|(k, v)| (k.as_str(), v)), None, &init_path).unwrap();
-        let t2 = Trainer::new(&d, bf16(lora), Some(&init_path), true).unwrap();
+        let t2 = Trainer::new(d, bf16(lora), Some(&init_path), true).unwrap();
         for (k, dt) in dtypes(&t2) {
             assert_eq!(dt, expected_dtype(&k), "{k}");
         }

@@ -432,8 +432,8 @@ mod tests {
     fn loads_strictly_and_ignores_rotary_buffers() {
         let d_dir = tmp("load");
         let d = d_dir.path();
-        tiny_checkpoint(&d, false);
-        let t = Trainer::new(&d, settings(""), None, true).unwrap();
+        tiny_checkpoint(d, false);
+        let t = Trainer::new(d, settings(""), None, true).unwrap();
         assert!(t.report.ok());
         assert_eq!(
             t.report.ignored,
@@ -442,12 +442,12 @@ mod tests {
         // A tied config does not match an untied checkpoint: lm_head.weight is unexpected.
         let d2_dir = tmp("load-tied");
         let d2 = d2_dir.path();
-        tiny_checkpoint(&d2, false);
+        tiny_checkpoint(d2, false);
         let cfg = std::fs::read_to_string(d2.join("config.json"))
             .unwrap()
             .replace("\"tie_word_embeddings\":false", "\"tie_word_embeddings\":true");
         std::fs::write(d2.join("config.json"), cfg).unwrap();
-        let err = Trainer::new(&d2, settings(""), None, true).err().unwrap().to_string();
+        let err = Trainer::new(d2, settings(""), None, true).err().unwrap().to_string();
         assert!(err.contains("unexpected (1): lm_head.weight"), "{err}");
     }
 }
