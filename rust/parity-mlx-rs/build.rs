@@ -4,6 +4,7 @@
 //!   wheel's `<site-packages>/mlx/lib/libmlx.so` (maturin develop / pip install of the wheel).
 //! - the absolute wheel directory found at build time: test binaries under target/, and a fallback.
 //! - `-rpath-link` to the wheel's bundled BLAS/LAPACK, so executables (tests) link.
+//!
 //! In the harness `mlx.core` is imported first anyway, which loads the same libmlx.so (soname libmlx.so).
 use std::env;
 

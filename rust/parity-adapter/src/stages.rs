@@ -131,135 +131,175 @@ impl Drop for Scratch {
     }
 }
 
-/// Run one stage. `shared` holds the load the read-only stages share (opened on first use).
+/// Run one stage. `shared` holds the load the read-only stages share (opened on first use); every
+/// other stage starts from a fresh load.
 pub fn run_stage<P: Port>(req: &RequestFolder, stage: &str, shared: &mut Option<P>) -> Result<Output> {
     let batch = req.batch()?;
-    let mut out = Tensors::new();
     if READ_ONLY.contains(&stage) && shared.is_none() {
         *shared = Some(P::load(req)?);
     }
-    match stage {
-        "weight_mapping" => {
-            let p = shared.as_ref().expect("opened above");
-            out.extend(p.parameters()?.into_iter().map(|(k, t)| (format!("weights.{k}"), t)));
-            return Ok(Output {
-                tensors: out,
-                meta: Some(serde_json::json!({ "load_report": p.load_report() })),
-            });
-        }
-        "forward" => {
-            let (logits, hidden) = shared.as_mut().expect("opened above").forward(&batch.input_ids)?;
-            out.insert("forward.logits".into(), logits);
-            out.extend(
-                hidden
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, h)| (format!("forward.hidden.{i}"), h)),
-            );
-        }
-        "shifted_slices" => {
-            let (targets, mask) = shared
-                .as_mut()
-                .expect("opened above")
-                .shifted(&batch.input_ids, &batch.attention_mask)?;
-            out.insert("shifted.targets".into(), targets);
-            out.insert("shifted.mask".into(), mask);
-        }
-        "loss" => out = loss_tensors("loss", shared.as_mut().expect("opened above").loss(&batch)?),
-        "gradients" => {
-            let (_, grads) = shared.as_mut().expect("opened above").gradients(&batch)?;
-            out.extend(grads.into_iter().map(|(k, t)| (format!("grad.{k}"), t)));
-        }
-        "optimizer" => {
-            let mut p = P::load(req)?;
-            let before = trainable(&p)?;
-            let l = p.step(&batch)?;
-            out = deltas(&p, &before, "optimizer")?;
-            state(&p, "optimizer", &mut out)?;
-            out.insert("optimizer.loss".into(), Tensor::scalar(l.total));
-        }
-        "trajectory" => {
-            let mut p = P::load(req)?;
-            let initial = trainable(&p)?;
-            let (d, l) = run(&mut p, &batch, req.steps()?, &initial, "trajectory")?;
-            out = d;
-            out.extend([losses("trajectory.loss", l)?]);
-        }
-        "checkpoint" => {
-            let (n, k) = (req.steps()?, req.checkpoint_at()?);
-            if k > n {
-                return Err(Error::failed(format!("checkpoint_at {k} is after the last update {n}")));
-            }
-            let mut p = P::load(req)?;
-            let initial = trainable(&p)?;
-            let mut all = (0..k)
-                .map(|_| p.step(&batch).map(|l| l.total))
-                .collect::<Result<Vec<_>>>()?;
-            let scratch = Scratch::new()?;
-            let saved = scratch.0.join("checkpoint");
-            p.save(&saved)?;
-            drop(p);
-            let mut resumed = P::resume(req, &saved)?;
-            let (d, rest) = run(&mut resumed, &batch, n - k, &initial, "checkpoint")?;
-            all.extend(rest);
-            out = d;
-            out.extend([losses("checkpoint.loss", all)?]);
-            let mut fresh = P::load(req)?;
-            let initial = trainable(&fresh)?;
-            let (d, l) = run(&mut fresh, &batch, n, &initial, "checkpoint.uninterrupted")?;
-            out.extend(d);
-            out.extend([losses("checkpoint.uninterrupted.loss", l)?]);
-        }
-        "isolated_forward" => {
-            let given: Tensors = req
-                .isolated_inputs()?
-                .into_iter()
-                .filter_map(|(k, t)| k.strip_prefix("isolated.forward.").map(|n| (n.to_string(), t)))
-                .collect();
-            let pieces = shared
-                .as_mut()
-                .expect("opened above")
-                .pieces(&batch.input_ids, &given)?;
-            out.extend(pieces.into_iter().map(|(k, t)| (format!("isolated.forward.{k}"), t)));
-        }
-        "isolated_loss" => {
-            let inputs = req.isolated_inputs()?;
-            let logits = inputs
-                .get("forward.logits")
-                .ok_or_else(|| Error::failed("isolated_inputs has no forward.logits"))?;
-            out = loss_tensors(
-                "isolated.loss",
-                shared
-                    .as_mut()
-                    .expect("opened above")
-                    .loss_from_logits(logits, &batch)?,
-            );
-        }
-        "isolated_optimizer" => {
-            let mut p = P::load(req)?;
-            let before = trainable(&p)?;
-            let grads = given_gradients(&p, &req.isolated_inputs()?);
-            p.update_from_gradients(&grads)?;
-            out = deltas(&p, &before, "isolated.optimizer")?;
-            state(&p, "isolated.optimizer", &mut out)?;
-        }
-        "isolated_schedule" => {
-            let mut p = P::load(req)?;
-            let before = trainable(&p)?;
-            let grads = given_gradients(&p, &req.isolated_inputs()?);
-            for _ in 0..req.steps()? {
-                p.update_from_gradients(&grads)?;
-            }
-            out = deltas(&p, &before, "isolated.schedule")?;
-            out.insert(
-                "isolated.schedule.step".into(),
-                Tensor::i64(vec![], vec![p.optimizer_state()?.step])?,
-            );
-        }
+    let tensors = match stage {
+        "weight_mapping" => return weight_mapping(opened(shared)),
+        "forward" => forward(opened(shared), &batch)?,
+        "shifted_slices" => shifted_slices(opened(shared), &batch)?,
+        "loss" => loss(opened(shared), &batch)?,
+        "gradients" => gradients(opened(shared), &batch)?,
+        "optimizer" => optimizer::<P>(req, &batch)?,
+        "trajectory" => trajectory::<P>(req, &batch)?,
+        "checkpoint" => checkpoint::<P>(req, &batch)?,
+        "isolated_forward" => isolated_forward(opened(shared), req, &batch)?,
+        "isolated_loss" => isolated_loss(opened(shared), req, &batch)?,
+        "isolated_optimizer" => isolated_optimizer::<P>(req)?,
+        "isolated_schedule" => isolated_schedule::<P>(req)?,
         other => return Err(Error::Unsupported(format!("unknown stage {other:?}"))),
-    }
+    };
+    Ok(Output { tensors, meta: None })
+}
+
+/// The shared load, opened by `run_stage` before any read-only stage.
+fn opened<P>(shared: &mut Option<P>) -> &mut P {
+    shared.as_mut().expect("opened above")
+}
+
+/// Every parameter as loaded, and the load report.
+fn weight_mapping<P: Port>(p: &P) -> Result<Output> {
     Ok(Output {
-        tensors: out,
-        meta: None,
+        tensors: p
+            .parameters()?
+            .into_iter()
+            .map(|(k, t)| (format!("weights.{k}"), t))
+            .collect(),
+        meta: Some(serde_json::json!({ "load_report": p.load_report() })),
     })
+}
+
+/// The logits and the residual stream after each decoder layer.
+fn forward<P: Port>(p: &mut P, batch: &Batch) -> Result<Tensors> {
+    let (logits, hidden) = p.forward(&batch.input_ids)?;
+    let mut out = Tensors::new();
+    out.insert("forward.logits".into(), logits);
+    out.extend(
+        hidden
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| (format!("forward.hidden.{i}"), h)),
+    );
+    Ok(out)
+}
+
+/// The next-token targets and their mask.
+fn shifted_slices<P: Port>(p: &mut P, batch: &Batch) -> Result<Tensors> {
+    let (targets, mask) = p.shifted(&batch.input_ids, &batch.attention_mask)?;
+    Ok(Tensors::from([
+        ("shifted.targets".into(), targets),
+        ("shifted.mask".into(), mask),
+    ]))
+}
+
+fn loss<P: Port>(p: &mut P, batch: &Batch) -> Result<Tensors> {
+    Ok(loss_tensors("loss", p.loss(batch)?))
+}
+
+/// The gradient of every trainable parameter, the whole batch in one pass.
+fn gradients<P: Port>(p: &mut P, batch: &Batch) -> Result<Tensors> {
+    let (_, grads) = p.gradients(batch)?;
+    Ok(grads.into_iter().map(|(k, t)| (format!("grad.{k}"), t)).collect())
+}
+
+/// One update from a fresh load: the parameters' change, the optimizer state, the loss.
+fn optimizer<P: Port>(req: &RequestFolder, batch: &Batch) -> Result<Tensors> {
+    let mut p = P::load(req)?;
+    let before = trainable(&p)?;
+    let l = p.step(batch)?;
+    let mut out = deltas(&p, &before, "optimizer")?;
+    state(&p, "optimizer", &mut out)?;
+    out.insert("optimizer.loss".into(), Tensor::scalar(l.total));
+    Ok(out)
+}
+
+/// `steps` updates from a fresh load: the parameters' change and every loss.
+fn trajectory<P: Port>(req: &RequestFolder, batch: &Batch) -> Result<Tensors> {
+    let mut p = P::load(req)?;
+    let initial = trainable(&p)?;
+    let (mut out, l) = run(&mut p, batch, req.steps()?, &initial, "trajectory")?;
+    out.extend([losses("trajectory.loss", l)?]);
+    Ok(out)
+}
+
+/// `checkpoint_at` updates, save, resume in a fresh port, the remaining updates; and the same run
+/// uninterrupted, to compare with.
+fn checkpoint<P: Port>(req: &RequestFolder, batch: &Batch) -> Result<Tensors> {
+    let (n, k) = (req.steps()?, req.checkpoint_at()?);
+    if k > n {
+        return Err(Error::failed(format!("checkpoint_at {k} is after the last update {n}")));
+    }
+    let mut p = P::load(req)?;
+    let initial = trainable(&p)?;
+    let mut all = (0..k)
+        .map(|_| p.step(batch).map(|l| l.total))
+        .collect::<Result<Vec<_>>>()?;
+    let scratch = Scratch::new()?;
+    let saved = scratch.0.join("checkpoint");
+    p.save(&saved)?;
+    drop(p);
+    let mut resumed = P::resume(req, &saved)?;
+    let (mut out, rest) = run(&mut resumed, batch, n - k, &initial, "checkpoint")?;
+    all.extend(rest);
+    out.extend([losses("checkpoint.loss", all)?]);
+    let mut fresh = P::load(req)?;
+    let initial = trainable(&fresh)?;
+    let (d, l) = run(&mut fresh, batch, n, &initial, "checkpoint.uninterrupted")?;
+    out.extend(d);
+    out.extend([losses("checkpoint.uninterrupted.loss", l)?]);
+    Ok(out)
+}
+
+/// Every piece of the forward from the reference's values of its inputs.
+fn isolated_forward<P: Port>(p: &mut P, req: &RequestFolder, batch: &Batch) -> Result<Tensors> {
+    let given: Tensors = req
+        .isolated_inputs()?
+        .into_iter()
+        .filter_map(|(k, t)| k.strip_prefix("isolated.forward.").map(|n| (n.to_string(), t)))
+        .collect();
+    let pieces = p.pieces(&batch.input_ids, &given)?;
+    Ok(pieces
+        .into_iter()
+        .map(|(k, t)| (format!("isolated.forward.{k}"), t))
+        .collect())
+}
+
+/// The loss of the reference's logits.
+fn isolated_loss<P: Port>(p: &mut P, req: &RequestFolder, batch: &Batch) -> Result<Tensors> {
+    let inputs = req.isolated_inputs()?;
+    let logits = inputs
+        .get("forward.logits")
+        .ok_or_else(|| Error::failed("isolated_inputs has no forward.logits"))?;
+    Ok(loss_tensors("isolated.loss", p.loss_from_logits(logits, batch)?))
+}
+
+/// One update from the reference's gradients, from a fresh load.
+fn isolated_optimizer<P: Port>(req: &RequestFolder) -> Result<Tensors> {
+    let mut p = P::load(req)?;
+    let before = trainable(&p)?;
+    let grads = given_gradients(&p, &req.isolated_inputs()?);
+    p.update_from_gradients(&grads)?;
+    let mut out = deltas(&p, &before, "isolated.optimizer")?;
+    state(&p, "isolated.optimizer", &mut out)?;
+    Ok(out)
+}
+
+/// `steps` updates from the same given gradients: the schedule on its own.
+fn isolated_schedule<P: Port>(req: &RequestFolder) -> Result<Tensors> {
+    let mut p = P::load(req)?;
+    let before = trainable(&p)?;
+    let grads = given_gradients(&p, &req.isolated_inputs()?);
+    for _ in 0..req.steps()? {
+        p.update_from_gradients(&grads)?;
+    }
+    let mut out = deltas(&p, &before, "isolated.schedule")?;
+    out.insert(
+        "isolated.schedule.step".into(),
+        Tensor::i64(vec![], vec![p.optimizer_state()?.step])?,
+    );
+    Ok(out)
 }

@@ -329,7 +329,9 @@ impl ModelConfig {
                         let llama = if wavelen > low_wavelen { inv / factor } else { inv };
                         let smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         let smoothed = (1.0 - smooth) * llama / factor + smooth * llama;
-                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        // not (wavelen < high) and not (wavelen > low), as the reference writes it (NaN: medium).
+                        let medium = wavelen.partial_cmp(&high_wavelen) != Some(std::cmp::Ordering::Less)
+                            && wavelen.partial_cmp(&low_wavelen) != Some(std::cmp::Ordering::Greater);
                         if medium {
                             smoothed
                         } else {

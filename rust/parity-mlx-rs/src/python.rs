@@ -10,10 +10,12 @@ use pyo3::{
 };
 
 use crate::{
+    data::Batch,
     error::Error,
+    loss::LossParts,
     model::Pieces,
     settings::TrainSettings,
-    trainer::{host_vec, Batch, LossParts, Trainer},
+    trainer::{host_vec, Trainer},
 };
 
 fn to_py_err(e: Error) -> PyErr {
@@ -299,14 +301,14 @@ impl PyTrainer {
     /// `{"step": int, "m": {name: array}, "v": {name: array}}`.
     fn optimizer_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item("step", self.inner.step)?;
+        d.set_item("step", self.inner.optimizer.step)?;
         d.set_item(
             "m",
-            dict_of_arrays(py, self.inner.m.iter().map(|(k, v)| (k.clone(), v.clone())))?,
+            dict_of_arrays(py, self.inner.optimizer.m.iter().map(|(k, v)| (k.clone(), v.clone())))?,
         )?;
         d.set_item(
             "v",
-            dict_of_arrays(py, self.inner.v.iter().map(|(k, v)| (k.clone(), v.clone())))?,
+            dict_of_arrays(py, self.inner.optimizer.v.iter().map(|(k, v)| (k.clone(), v.clone())))?,
         )?;
         Ok(d)
     }

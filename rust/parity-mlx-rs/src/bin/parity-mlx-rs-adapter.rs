@@ -14,9 +14,11 @@ use mlx_rs::{Array, Dtype};
 use parity_adapter::{
     serve, Batch, Error, LoadReport, Loss, OptimizerState, Port, RequestFolder, Result, Tensor, Tensors,
 };
+use parity_mlx_rs::data;
+use parity_mlx_rs::loss::LossParts;
 use parity_mlx_rs::model::Pieces;
 use parity_mlx_rs::settings::TrainSettings;
-use parity_mlx_rs::trainer::{self, host_vec, LossParts, Trainer};
+use parity_mlx_rs::trainer::{host_vec, Trainer};
 
 static INJECT: OnceLock<Option<String>> = OnceLock::new();
 
@@ -52,9 +54,9 @@ fn ints(t: &Tensor) -> Result<Array> {
     Ok(Array::from_slice(&t.to_i32()?, &dims(t)))
 }
 
-fn batch(b: &Batch) -> Result<trainer::Batch> {
+fn batch(b: &Batch) -> Result<data::Batch> {
     let wide = |t: &Tensor| t.to_f32().into_iter().map(f64::from).collect::<Vec<f64>>();
-    trainer::Batch::new(
+    data::Batch::new(
         b.input_ids.to_i32()?,
         &b.input_ids.shape,
         wide(&b.attention_mask),
@@ -138,9 +140,9 @@ impl Port for MlxRs {
     fn optimizer_state(&self) -> Result<OptimizerState> {
         let t = &self.0;
         Ok(OptimizerState {
-            step: t.step as i64,
-            m: tensors(t.m.iter().map(|(k, v)| (k.clone(), v.clone())))?,
-            v: tensors(t.v.iter().map(|(k, v)| (k.clone(), v.clone())))?,
+            step: t.optimizer.step as i64,
+            m: tensors(t.optimizer.m.iter().map(|(k, v)| (k.clone(), v.clone())))?,
+            v: tensors(t.optimizer.v.iter().map(|(k, v)| (k.clone(), v.clone())))?,
         })
     }
 
