@@ -21,10 +21,10 @@ _AUDITS: dict = {}
 
 
 def audit_once(backend, case, stages=ALL_STAGES):
-    """`audit()`, run once per (backend name, bundled fixture, stages) in a session: the tests that read the
+    """`audit()`, run once per (backend name, fixture folder, stages) in a session: the tests that read the
     same audit share its result (and must not change it). Only for backends whose name says everything they
     do: the registry's, the catalogue's mutants (combined ones included) and the mlx-rs injections."""
-    key = (backend.name, case.name, tuple(stages))
+    key = (backend.name, str(case.path), tuple(stages))
     if key not in _AUDITS:
         _AUDITS[key] = audit(backend, case, stages)
     return _AUDITS[key]
