@@ -156,10 +156,10 @@ def cell(result: AuditResult, diagnosis: str) -> str:
     return "localised" if result.verdict == "fail" else "passed"
 
 
-def matrix(progress=None) -> list[dict]:
-    """Every mutant on every fixture."""
+def matrix(progress=None, cases: list | None = None) -> list[dict]:
+    """Every mutant on every fixture (or on `cases`: a test's fewer cells)."""
     rows = []
-    cases = list_cases()
+    cases = list_cases() if cases is None else cases
     for m in MUTANTS.values():
         backend = MutantBackend(m)
         cells = {}
@@ -173,7 +173,7 @@ def matrix(progress=None) -> list[dict]:
                 "expected_diagnosis": m.expected_diagnosis,
                 "exposing_fixtures": list(m.fixtures),
                 "cells": cells,
-                "named_where_exposed": all(cells.get(f) == "named" for f in m.fixtures),
+                "named_where_exposed": all(cells[f] == "named" for f in m.fixtures if f in cells),
                 "exposed_by": sorted(f for f, c in cells.items() if c != "passed"),
             }
         )
@@ -207,10 +207,12 @@ def mutant_backends(protocol: bool) -> list[tuple[object, Backend, str]]:
     return [(m, example_adapter_backend(m.name), "cmd") for m in MUTANTS.values()]
 
 
-def run(protocol: bool = True, progress=None, extra: list | None = None) -> dict:
-    """extra: (name, backend, via, expected_stage, expected_diagnosis, fixtures) for backends beyond the catalogue."""
+def run(protocol: bool = True, progress=None, extra: list | None = None, cases: list | None = None) -> dict:
+    """extra: (name, backend, via, expected_stage, expected_diagnosis, fixtures) for backends beyond the catalogue;
+    cases: the fixtures of the matrix and of the false-alarm runs (every bundled one by default)."""
     say = progress or (lambda what: None)
-    rows = matrix(say)
+    cases = list_cases() if cases is None else cases
+    rows = matrix(say, cases)
     combos = []
     for fixture, names in COMBINATIONS + DESIGN_TOGETHER:
         combos.append(together(fixture, names) | {"design_list": (fixture, names) in DESIGN_TOGETHER})
@@ -229,7 +231,7 @@ def run(protocol: bool = True, progress=None, extra: list | None = None) -> dict
     for backend in default_backends():
         if backend.unavailable():
             continue
-        for case in list_cases():
+        for case in cases:
             correct.append(audit(backend, case))
             say(f"{backend.name} on {case.name}")
     false_alarms = [r for r in correct if r.verdict == "fail"]

@@ -1,27 +1,64 @@
-"""Shared fixtures: the bundled cases and audit results computed once per session."""
+"""Shared fixtures: the bundled cases, audit results computed once per session, and the bundled fixtures
+regenerated once per session."""
 
 from __future__ import annotations
 
 import functools
+import shutil
+from pathlib import Path
 
 import pytest
 
 from mlx_parity.harness.audit import audit, judge
 from mlx_parity.harness.backends import get_backend
 from mlx_parity.harness.case import list_cases
-from mlx_parity.harness.stages import StageOutput
+from mlx_parity.harness.fixtures.build import build_fixture
+from mlx_parity.harness.fixtures.specs import SPECS
+from mlx_parity.harness.stages import ALL_STAGES, StageOutput
 
 CASES = {c.name: c for c in list_cases()}
+_AUDITS: dict = {}
 
 
-@functools.cache
-def audited(backend: str, fixture: str):
-    return audit(get_backend(backend), CASES[fixture])
+def audit_once(backend, case, stages=ALL_STAGES):
+    """`audit()`, run once per (backend name, fixture folder, stages) in a session: the tests that read the
+    same audit share its result (and must not change it). Only for backends whose name says everything they
+    do: the registry's, the catalogue's mutants (combined ones included) and the mlx-rs injections."""
+    key = (backend.name, str(case.path), tuple(stages))
+    if key not in _AUDITS:
+        _AUDITS[key] = audit(backend, case, stages)
+    return _AUDITS[key]
+
+
+def audited(backend: str, fixture: str, stages=ALL_STAGES):
+    """The session's audit of a bundled fixture by a backend named as `parity audit -b` names it."""
+    return audit_once(get_backend(backend), CASES[fixture], stages)
 
 
 @pytest.fixture(params=sorted(CASES), ids=sorted(CASES))
 def case(request):
     return CASES[request.param]
+
+
+@functools.cache
+def _built(name: str, root: str):
+    """One fixture built from its spec into `root`, once per session."""
+    spec = next(s for s in SPECS if s.name == name)
+    out = Path(root) / name
+    build_fixture(spec, out)  # the real one, also where a test has replaced build.build_fixture
+    return out
+
+
+@pytest.fixture(scope="session")
+def built_once(tmp_path_factory):
+    """`build_fixture` that builds each bundled fixture once per session and copies that build wherever it is
+    asked for again (regeneration is the slow part of the fixture tests; its result does not change)."""
+    root = str(tmp_path_factory.mktemp("regenerated"))
+
+    def build(spec, out):
+        shutil.copytree(_built(spec.name, root), out)
+
+    return build
 
 
 def judge_with(case, stage: str, prefix: str, name: str, value):

@@ -6,11 +6,10 @@ from __future__ import annotations
 import dataclasses
 
 from mlx_parity.harness.audit import audit
-from mlx_parity.harness.backends import get_backend
 from mlx_parity.harness.backends.mutants import MUTANTS, Mutant, MutantBackend, _opt
 from mlx_parity.harness.findings import analyse
 
-from .conftest import CASES
+from .conftest import CASES, audited
 
 
 def _summary(result):
@@ -19,7 +18,7 @@ def _summary(result):
 
 
 def test_a_forward_bug_is_one_finding_and_the_rest_inherit_it():
-    found, inherited = _summary(audit(get_backend("mutant:rope_theta_hardcoded"), CASES["mha_sharded"]))
+    found, inherited = _summary(audited("mutant:rope_theta_hardcoded", "mha_sharded"))
     assert found == [("isolated_forward", "rope_base")]
     assert inherited == {"forward": ["isolated_forward"]} | {
         s: ["isolated_forward"] for s in ("loss", "gradients", "optimizer", "trajectory", "checkpoint")
@@ -27,7 +26,7 @@ def test_a_forward_bug_is_one_finding_and_the_rest_inherit_it():
 
 
 def test_a_loss_bug_is_found_in_the_isolated_loss_and_explains_the_end_to_end_failures():
-    found, inherited = _summary(audit(get_backend("mutant:distrust_lambda_one"), CASES["lora"]))
+    found, inherited = _summary(audited("mutant:distrust_lambda_one", "lora"))
     assert found == [("isolated_loss", "distrust_lambda")]
     assert inherited["loss"] == ["isolated_loss"] and inherited["trajectory"] == ["isolated_loss"]
 
@@ -35,7 +34,7 @@ def test_a_loss_bug_is_found_in_the_isolated_loss_and_explains_the_end_to_end_fa
 def test_a_bug_no_isolated_check_holds_is_found_where_it_first_shows():
     """Accumulation summed: the isolated optimizer (given gradients, no accumulation) passes, so the
     end-to-end optimizer stage is the finding."""
-    found, inherited = _summary(audit(get_backend("mutant:accumulation_sum"), CASES["accum_head"]))
+    found, inherited = _summary(audited("mutant:accumulation_sum", "accum_head"))
     assert found == [("optimizer", "accumulation_scaling")]
     assert inherited == {"trajectory": ["optimizer"], "checkpoint": ["optimizer"]}
 
@@ -65,9 +64,9 @@ def test_three_bugs_at_once_are_three_findings():
 
 
 def test_one_cause_seen_by_two_checks_is_one_finding():
-    found, _ = _summary(audit(get_backend("mutant:no_shift"), CASES["gqa_padded"]))
+    found, _ = _summary(audited("mutant:no_shift", "gqa_padded"))
     assert found == [("shifted_slices", "labels_not_shifted")]
 
 
 def test_a_correct_backend_has_no_findings():
-    assert analyse(audit(get_backend("torch"), CASES["head"]).stages) == ([], [])
+    assert analyse(audited("torch", "head").stages) == ([], [])

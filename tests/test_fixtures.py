@@ -8,7 +8,9 @@ import pytest
 
 from mlx_parity.harness.case import FIXTURES_DIR
 from mlx_parity.harness.errors import FixtureError
+from mlx_parity.harness.fixtures import build
 from mlx_parity.harness.fixtures.build import diff_fixture, generate, verify
+from mlx_parity.harness.fixtures.manifest import fixture_files, sha256
 
 
 def test_manifest_hashes_match():
@@ -32,7 +34,8 @@ def test_fixtures_are_small():
     assert total < 46 * 2**20, f"{total / 2**20:.1f} MiB of fixtures"
 
 
-def test_regeneration_reproduces_the_goldens():
+def test_regeneration_reproduces_the_goldens(built_once, monkeypatch):
+    monkeypatch.setattr(build, "build_fixture", built_once)  # each fixture built once per session
     assert verify(FIXTURES_DIR, regenerate=True) == []
 
 
@@ -60,7 +63,8 @@ def test_extra_and_missing_files_are_detected(copy):
     assert "lora/lora_init.safetensors: missing" in problems
 
 
-def test_changed_goldens_are_not_overwritten_without_force(copy):
+def test_changed_goldens_are_not_overwritten_without_force(copy, built_once, monkeypatch):
+    monkeypatch.setattr(build, "build_fixture", built_once)
     f = copy / "head" / "golden.safetensors"
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
@@ -99,14 +103,11 @@ def test_goldens_from_another_platform_are_judged_not_hashed(tmp_path):
     assert any("forward outside the bound" in line for line in diff_fixture(old, far, same_platform=False))
 
 
-def test_a_killed_generate_leaves_the_old_set(copy, monkeypatch):
+def test_a_killed_generate_leaves_the_old_set(copy, built_once, monkeypatch):
     """generate --force builds the whole set in a staging copy: killed half way, nothing has changed."""
-    from mlx_parity.harness.fixtures import build
-    from mlx_parity.harness.fixtures.manifest import fixture_files, sha256
-
     before = fixture_files(copy)
     before["manifest.json"] = sha256(copy / "manifest.json")
-    real, calls = build.build_fixture, []
+    real, calls = built_once, []
 
     def dies_on_the_second(spec, out):
         calls.append(spec.name)

@@ -10,7 +10,7 @@ from mlx_parity.harness.backends import get_backend
 from mlx_parity.harness.protocol.client import read_response
 from mlx_parity.harness.stages import ISOLATED_STAGES, StageOutput
 
-from .conftest import CASES
+from .conftest import CASES, audited
 from .test_malformed import Canned, correct_outputs
 
 
@@ -23,8 +23,8 @@ def test_correct_backends_pass_the_isolated_checks(backend):
     b = get_backend(backend)
     if b.unavailable():
         pytest.skip(f"{backend}: {b.unavailable()}")
-    for name in ("lora", "clip_accum_warmup", "small_eps_bias"):
-        r = _stages(audit(b, CASES[name], ISOLATED_STAGES))
+    for name in ("lora", "clip_accum_warmup", "small_eps_bias"):  # the isolated stages of the full audit
+        r = _stages(audited(backend, name))
         assert [r[s].status for s in ISOLATED_STAGES] == ["pass"] * len(ISOLATED_STAGES), {
             s: r[s].message for s in ISOLATED_STAGES
         }
@@ -33,7 +33,7 @@ def test_correct_backends_pass_the_isolated_checks(backend):
 def test_a_forward_bug_does_not_mask_the_loss_and_optimizer():
     """RoPE base hard-coded: every end-to-end stage from forward on fails; of the isolated checks only the
     forward's pieces do, at q_rope and k_rope alone."""
-    r = _stages(audit(get_backend("mutant:rope_theta_hardcoded"), CASES["mha_sharded"]))
+    r = _stages(audited("mutant:rope_theta_hardcoded", "mha_sharded"))
     assert r["forward"].status == "fail" and r["optimizer"].status == "fail"
     assert r["isolated_loss"].status == "pass" and r["isolated_optimizer"].status == "pass"
     failing = {t.name.rsplit(".", 1)[-1] for t in r["isolated_forward"].failures}
@@ -51,12 +51,13 @@ def test_a_forward_bug_does_not_mask_the_loss_and_optimizer():
     ],
 )
 def test_an_isolated_check_names_the_bug_it_holds(mutant, fixture, stage, code):
-    r = _stages(audit(get_backend(f"mutant:{mutant}"), CASES[fixture], ISOLATED_STAGES))
+    result = audited(f"mutant:{mutant}", fixture)  # its isolated stages, as an audit of those alone gives them
+    r = _stages(result)
     assert r[stage].status == "fail" and r[stage].diagnosis.code == code, (r[stage].message, r[stage].diagnosis)
     for other in (s for s in ISOLATED_STAGES if s not in (stage, "isolated_schedule")):
         assert r[other].status == "pass", r[other].message
     # N updates repeat the one judged alone: where they fail too, the one-update finding explains them
-    found, inherited = audit(get_backend(f"mutant:{mutant}"), CASES[fixture]).findings()
+    found, inherited = result.findings()
     assert [(f.stage, f.code) for f in found] == [(stage, code)]
 
 

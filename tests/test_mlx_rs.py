@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mlx_parity.harness.audit import audit
-from mlx_parity.harness.backends import get_backend
 from mlx_parity.harness.backends.mlx_rs import RUST_INJECTIONS, extension_built
 
-from .conftest import CASES
+from .conftest import CASES, audited
 
 if shutil.which("cargo") is None and not (Path.home() / ".cargo" / "bin" / "cargo").exists():
     pytest.skip(
@@ -35,7 +33,7 @@ CASE = CASES["gqa_padded"]
 
 @pytest.mark.parametrize("fixture", sorted(CASES))
 def test_every_stage_passes(P, fixture):
-    result = audit(get_backend("mlx-rs"), CASES[fixture])
+    result = audited("mlx-rs", fixture)
     failing = [f"{s.name}: {s.message}" for s in result.stages if s.status != "pass"]
     assert not failing, failing
 
@@ -43,7 +41,7 @@ def test_every_stage_passes(P, fixture):
 @pytest.mark.parametrize("inject", sorted(RUST_INJECTIONS))
 def test_injected_failure_is_caught_with_its_diagnosis(P, inject):
     stage, diagnosis, fixtures = RUST_INJECTIONS[inject]
-    first = audit(get_backend(f"mlx-rs:{inject}"), CASES[fixtures[0]]).first_failure()
+    first = audited(f"mlx-rs:{inject}", fixtures[0]).first_failure()
     assert first is not None, f"{inject} passed every stage"
     assert (first.name, first.diagnosis.code) == (stage, diagnosis), first.message
 

@@ -3,10 +3,9 @@ on every fixture that exposes it."""
 
 import pytest
 
-from mlx_parity.harness.audit import audit
-from mlx_parity.harness.backends.mutants import MUTANTS, MutantBackend
+from mlx_parity.harness.backends.mutants import MUTANTS
 
-from .conftest import CASES
+from .conftest import audited
 
 PAIRS = [(m, f) for m in MUTANTS.values() for f in m.fixtures]
 
@@ -29,7 +28,7 @@ def test_mutants_cover_design_bug_list():
 
 @pytest.mark.parametrize("mutant, fixture", PAIRS, ids=[f"{m.name}-{f}" for m, f in PAIRS])
 def test_mutant_is_caught_at_its_stage(mutant, fixture):
-    result = audit(MutantBackend(mutant), CASES[fixture])
+    result = audited(f"mutant:{mutant.name}", fixture)
     first = result.first_failure()
     assert first is not None, f"{mutant.name} passed every stage on {fixture}"
     assert first.name == mutant.expected_stage, f"{mutant.name} first failed at {first.name}: {first.message}"

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 
 from mlx_parity.harness import pieces as P
-from mlx_parity.harness.audit import audit, judge
 from mlx_parity.harness.audit import diagnose_stage as diagnose
-from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.audit import judge
 from mlx_parity.harness.stages import StageOutput
 
-from .conftest import CASES
+from .conftest import CASES, audited
 
 CASE = CASES["gqa_padded"]  # 4 query heads on 2 kv heads, head_dim 8, rope_theta 10000, padded rows
 G = {k: v.astype(np.float64) for k, v in P.given(CASE.golden).items()}
@@ -144,7 +143,7 @@ def test_an_unexplained_piece_is_localised_to_that_piece():
     ],
 )
 def test_each_forward_bug_is_one_finding_at_its_piece(mutant, fixture, code):
-    found, _ = audit(get_backend(f"mutant:{mutant}"), CASES[fixture]).findings()
+    found, _ = audited(f"mutant:{mutant}", fixture).findings()
     assert [(f.stage, f.code) for f in found] == [("isolated_forward", code)], found
 
 

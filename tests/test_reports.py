@@ -4,19 +4,17 @@ import json
 
 from typer.testing import CliRunner
 
-from mlx_parity.harness.audit import audit
-from mlx_parity.harness.backends import get_backend
 from mlx_parity.harness.cli import app
 from mlx_parity.harness.report import results_json
 from mlx_parity.harness.report_page import plots, render_html
 
-from .conftest import CASES, audited
+from .conftest import audited
 
 runner = CliRunner()
 
 
 def test_json_schema_carries_diagnosis():
-    r = audit(get_backend("mutant:padding_counted"), CASES["gqa_padded"])
+    r = audited("mutant:padding_counted", "gqa_padded")
     data = results_json([r])
     assert data["schema_version"] == 2
     loss = next(s for s in data["results"][0]["stages"] if s["name"] == "loss")
@@ -26,14 +24,14 @@ def test_json_schema_carries_diagnosis():
 
 
 def test_failing_forward_report_shows_the_per_layer_plot():
-    r = audit(get_backend("mutant:rmsnorm_eps_hardcoded"), CASES["small_eps_bias"])
+    r = audited("mutant:rmsnorm_eps_hardcoded", "small_eps_bias")
     captions = [c for c, _ in plots(r)]
     assert any("forward pass" in c for c in captions) and any("gradients" in c for c in captions)
     assert all(png.startswith(b"\x89PNG") for _, png in plots(r))
 
 
 def test_failing_trajectory_report_shows_divergence():
-    r = audit(get_backend("mutant:bias_correction_frozen"), CASES["gqa_padded"])
+    r = audited("mutant:bias_correction_frozen", "gqa_padded")
     assert any("trajectory" in c for c, _ in plots(r))
     page = render_html([r])
     assert "data:image/png;base64," in page and "bias_correction_step" in page

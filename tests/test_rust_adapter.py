@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from mlx_parity.harness.audit import audit
-from mlx_parity.harness.backends import get_backend
 from mlx_parity.harness.backends.mlx_rs import ADAPTER_BINARY, RUST_INJECTIONS
 from mlx_parity.harness.protocol.client import read_response, set_stages, write_request
 
-from .conftest import CASES
+from .conftest import CASES, audited
 
 if shutil.which("cargo") is None and not (Path.home() / ".cargo" / "bin" / "cargo").exists():
     pytest.skip(
@@ -29,7 +27,7 @@ def built():
 
 @pytest.mark.parametrize("fixture", sorted(CASES))
 def test_every_stage_passes_through_the_binary(fixture):
-    result = audit(get_backend("mlx-rs-bin"), CASES[fixture])
+    result = audited("mlx-rs-bin", fixture)
     failing = [f"{s.name}: {s.message}" for s in result.stages if s.status != "pass"]
     assert not failing, failing
 
@@ -37,7 +35,7 @@ def test_every_stage_passes_through_the_binary(fixture):
 @pytest.mark.parametrize("inject", sorted(RUST_INJECTIONS))
 def test_an_injected_bug_is_named_through_the_binary(inject):
     stage, code, fixtures = RUST_INJECTIONS[inject]
-    found, _ = audit(get_backend(f"mlx-rs-bin:{inject}"), CASES[fixtures[0]]).findings()
+    found, _ = audited(f"mlx-rs-bin:{inject}", fixtures[0]).findings()
     assert (stage, code) in [(f.stage, f.code) for f in found], found
 
 
