@@ -23,8 +23,17 @@ from pathlib import Path
 import numpy as np
 
 from .case import Case
-from .fixtures import MANIFEST, FixtureError, build_goldens, fixture_files, lora_adapters, platform_key, versions
+from .fixtures import (
+    MANIFEST,
+    MANIFEST_VERSIONS,
+    FixtureError,
+    build_goldens,
+    fixture_files,
+    lora_adapters,
+    platform_key,
+)
 from .linked_checkpoint import write_link
+from .machine import versions
 from .protocol.tensors import save_tensors
 from .tolerances import TOLERANCES
 
@@ -241,7 +250,7 @@ def add_to_manifest(root: Path, name: str, source: dict) -> None:
         if path.exists()
         else {
             "format": "mlx-parity-fixtures/2",
-            "versions": versions(),
+            "versions": versions(*MANIFEST_VERSIONS, imported=True),
             "platform": platform_key(),
             "tolerances": {f"{dtype}/{stage}": t.describe() for (dtype, stage), t in TOLERANCES.items()},
             "fixtures": {},

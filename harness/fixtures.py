@@ -17,6 +17,7 @@ from . import pieces
 from .audit import audit
 from .case import FIXTURES_DIR, Case
 from .fixture_specs import SPECS, FixtureSpec
+from .machine import versions
 from .oracle import check_forward
 from .protocol.tensors import save_tensors
 from .stages import ISOLATED_STAGES, PREFIX, STAGES, release
@@ -24,27 +25,13 @@ from .tolerances import TOLERANCES
 
 MANIFEST = "manifest.json"
 AGREEMENT = "agreement.json"
+# the libraries whose versions the manifest records, as the generating process ran them
+MANIFEST_VERSIONS = ("mlx", "torch", "transformers", "numpy", "safetensors")
 GOLDEN_PREFIXES = ("forward.", "shifted.", "loss.", "grad.", "optimizer.", "trajectory.", "isolated.")
 
 
 class FixtureError(RuntimeError):
     pass
-
-
-def versions() -> dict[str, str]:
-    import mlx.core as mx
-    import safetensors
-    import torch
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "mlx": mx.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "safetensors": safetensors.__version__,
-    }
 
 
 def sha256(path: Path) -> str:
@@ -298,7 +285,7 @@ def write_manifest(root: Path) -> None:
             fixtures[spec.name] = {"seed": spec.seed, "exposes": spec.exposes, "files": fixture_files(d)}
     manifest = {
         "format": "mlx-parity-fixtures/2",
-        "versions": versions(),
+        "versions": versions(*MANIFEST_VERSIONS, imported=True),
         "platform": platform_key(),
         "tolerances": {f"{dtype}/{stage}": t.describe() for (dtype, stage), t in TOLERANCES.items()},
         "fixtures": fixtures,
