@@ -14,6 +14,7 @@ PRECISION_LABEL = {"fp32": "float32, TF32 off", "tf32": "float32, TF32 on", "bf1
 
 
 def write_report(out: dict, path: Path) -> Path:
+    """The CPU bench's Markdown report at `path`, its plot beside it (same name, .png)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     png = path.with_suffix(".png")
     plot(out["results"], png)
@@ -88,6 +89,7 @@ def write_report(out: dict, path: Path) -> Path:
 
 
 def print_summary(console, out: dict) -> None:
+    """The CPU bench's step table, targets, skips and failures on the terminal."""
     t = Table(
         title=f"parity bench — BLAS for MLX: {out['blas']}; matmul peak {out['peak_gflops']} GFLOP/s; {out['threads']} threads"
     )
@@ -125,6 +127,8 @@ def print_summary(console, out: dict) -> None:
 
 
 def gpu_markdown(out: dict) -> str:
+    """The GPU bench's Markdown report: peaks, one row per size and precision, the GEMM profile, what was not measured."""
+
     def ms(v):
         return "—" if v is None else f"{v:.1f}"
 

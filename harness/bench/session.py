@@ -22,6 +22,7 @@ from .workload import BACKENDS, SIZES, ensure_checkpoint
 
 
 def _env(backend: str, threads: int, workdir: Path) -> dict:
+    """The environment of one bench process: its thread count fixed before any BLAS loads."""
     env = dict(os.environ)
     env.update(
         {
@@ -37,6 +38,7 @@ def _env(backend: str, threads: int, workdir: Path) -> dict:
 
 
 def _pytest(args: list[str], env: dict, out: Path, log) -> tuple[dict | None, str]:
+    """One `python -m pytest bench` process: its pytest-benchmark JSON (None if it failed) and its output's tail."""
     cmd = [
         sys.executable,
         "-m",
@@ -69,7 +71,7 @@ def run(
     stages: bool | None = None,
     log=print,
 ) -> dict:
-    """Run the suite as described in the module docstring; returns the JSON-able results."""
+    """Run the suite as the package docstring (harness/bench/__init__.py) describes; returns the JSON-able results."""
     started = time.time()
     threads = threads or os.cpu_count() or 1
     backends = list(backends or BACKENDS)
