@@ -19,13 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from mlx_parity.harness import bench as B  # imports harness first: the fast BLAS is bound before MLX works
+# imports harness first: the fast BLAS is bound before MLX works
+from mlx_parity.harness.bench.runner import Runner, backend_threads, mlx_rs_unavailable, peak_rss_mb, set_threads
+from mlx_parity.harness.bench.workload import BACKENDS, SIZES, ensure_checkpoint, make_batch, param_count
 
 
 def pytest_addoption(parser):
     g = parser.getgroup("parity bench")
-    g.addoption("--bench-backend", action="append", choices=B.BACKENDS, help="backend to time (repeatable)")
-    g.addoption("--bench-size", action="append", choices=list(B.SIZES), help="model size (repeatable)")
+    g.addoption("--bench-backend", action="append", choices=BACKENDS, help="backend to time (repeatable)")
+    g.addoption("--bench-size", action="append", choices=list(SIZES), help="model size (repeatable)")
     g.addoption("--bench-quick", action="store_true", help="fewer rounds (what `parity bench --quick` runs)")
 
 
@@ -40,8 +42,8 @@ def pytest_configure(config):
 
 
 def _backends(config) -> list[str]:
-    chosen = config.getoption("--bench-backend") or list(B.BACKENDS)
-    if "mlx-rs" in chosen and B.mlx_rs_unavailable() and not config.getoption("--bench-backend"):
+    chosen = config.getoption("--bench-backend") or list(BACKENDS)
+    if "mlx-rs" in chosen and mlx_rs_unavailable() and not config.getoption("--bench-backend"):
         chosen.remove("mlx-rs")
     return chosen
 
@@ -54,7 +56,7 @@ def pytest_generate_tests(metafunc):
             names = [b for b in names if b != "mlx-rs"]  # it shares MLX's libmlx.so and BLAS
         metafunc.parametrize("backend", names, scope="session")
     if "size" in metafunc.fixturenames:
-        metafunc.parametrize("size", config.getoption("--bench-size") or list(B.SIZES), scope="session")
+        metafunc.parametrize("size", config.getoption("--bench-size") or list(SIZES), scope="session")
 
 
 def threads() -> int:
@@ -74,9 +76,9 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def available(backend):
-    if backend == "mlx-rs" and (why := B.mlx_rs_unavailable()):
+    if backend == "mlx-rs" and (why := mlx_rs_unavailable()):
         pytest.skip(f"mlx-rs {why}")
-    B.set_threads(backend, threads())
+    set_threads(backend, threads())
     return backend
 
 
@@ -88,13 +90,13 @@ def runner(available, size, workdir):
     key = (available, size)
     if key not in _RUNNERS:
         _RUNNERS.clear()  # one model in memory at a time
-        _RUNNERS[key] = B.Runner(available, B.ensure_checkpoint(B.SIZES[size], workdir))
+        _RUNNERS[key] = Runner(available, ensure_checkpoint(SIZES[size], workdir))
     return _RUNNERS[key]
 
 
 @pytest.fixture
 def batch(size):
-    return B.make_batch(B.SIZES[size])
+    return make_batch(SIZES[size])
 
 
 def rounds(size: str, quick: bool) -> tuple[int, int]:
@@ -109,16 +111,16 @@ def record(benchmark, size):
     """Fills the benchmark's extra_info the report reads, after the timed call."""
 
     def done(backend: str, op: str, **more):
-        spec = B.SIZES[size]
+        spec = SIZES[size]
         benchmark.extra_info.update(
             {
                 "backend": backend,
                 "size": size,
                 "op": op,
-                "params": B.param_count(spec),
+                "params": param_count(spec),
                 "tokens": spec.tokens,
-                "threads": B.backend_threads(backend) if backend != "mlx-rs" else B.backend_threads("mlx"),
-                "peak_rss_mb": B.peak_rss_mb(),
+                "threads": backend_threads(backend) if backend != "mlx-rs" else backend_threads("mlx"),
+                "peak_rss_mb": peak_rss_mb(),
                 **more,
             }
         )

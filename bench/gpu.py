@@ -2,7 +2,7 @@
 
 `python -m mlx_parity.bench.gpu FRAMEWORK SIZE PRECISION [--variants a,b] [--steps N] [--device gpu|cpu]`
 prints one JSON line per variant: the median step time of a Llama training step (forward, backward,
-AdamW) on a fixed random batch, and its tokens/s. `harness/bench.py:run_gpu` starts one such process
+AdamW) on a fixed random batch, and its tokens/s. `harness/bench/gpu.py:run_gpu` starts one such process
 per (framework, size, precision), so neither framework's memory cache or compile cache affects the
 other, and MLX reads `MLX_ENABLE_TF32` fresh. `peak` measures the dense-matmul peak instead, and
 `gemm:SIZE` times each matrix product of that size's step alone (where the step's time goes).
@@ -456,7 +456,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.framework == "mlx" and os.environ.get("MLX_ENABLE_TF32") != ("1" if a.precision == "tf32" else "0"):
         print(
-            f"MLX_ENABLE_TF32 must be {'1' if a.precision == 'tf32' else '0'} for {a.precision} (set by harness/bench.py)",
+            f"MLX_ENABLE_TF32 must be {'1' if a.precision == 'tf32' else '0'} for {a.precision} (set by harness/bench/gpu.py)",
             file=sys.stderr,
         )
         return 2

@@ -424,7 +424,10 @@ def bench(
     ),
 ) -> None:
     """Time the training step of every backend at three model sizes, each in its own process (bench/)."""
-    from . import bench as B
+    from .bench.gpu import run_gpu  # the bench's modules: torch and matplotlib, kept out of start-up
+    from .bench.report import print_gpu_summary, print_summary
+    from .bench.session import run
+    from .bench.workload import BACKENDS, SIZES
 
     try:
         dev = D.parse(device, bool(tf32))
@@ -439,7 +442,7 @@ def bench(
         if why:
             fail_input("--device gpu: " + "; ".join(why))
         try:
-            out = B.run_gpu(
+            out = run_gpu(
                 sizes=size,
                 tf32=tf32,
                 frameworks=backend,
@@ -450,19 +453,19 @@ def bench(
             )
         except ValueError as e:
             fail_input(str(e))
-        B.print_gpu_summary(console, out)
+        print_gpu_summary(console, out)
         console.print(f"report written to {report}" + (f", JSON to {json_path}" if json_path else ""))
         raise typer.Exit(1 if out["failures"] else 0)
 
     if blas:
         console.print_json(json.dumps(blas_report()))
         return
-    bad = [b for b in backend or [] if b not in B.BACKENDS] + [s for s in size or [] if s not in B.SIZES]
+    bad = [b for b in backend or [] if b not in BACKENDS] + [s for s in size or [] if s not in SIZES]
     if bad:
         fail_input(
-            f"unknown backend or size {', '.join(bad)}; backends: {', '.join(B.BACKENDS)}; sizes: {', '.join(B.SIZES)}"
+            f"unknown backend or size {', '.join(bad)}; backends: {', '.join(BACKENDS)}; sizes: {', '.join(SIZES)}"
         )
-    out = B.run(
+    out = run(
         quick=quick,
         backends=backend,
         sizes=size,
@@ -471,7 +474,7 @@ def bench(
         report_path=report,
         log=lambda m: err.print(m, highlight=False),
     )
-    B.print_summary(console, out)
+    print_summary(console, out)
     console.print(
         f"report written to {report} (plot {report.with_suffix('.png')})"
         + (f", JSON to {json_path}" if json_path else "")

@@ -8,6 +8,9 @@ from typer.testing import CliRunner
 
 from mlx_parity.harness import device as D
 from mlx_parity.harness.audit import judge
+from mlx_parity.harness.bench.gpu import gpu_precisions
+from mlx_parity.harness.bench.report import gpu_markdown
+from mlx_parity.harness.bench.stats import gpu_table
 from mlx_parity.harness.cli import app
 from mlx_parity.harness.fixtures.truth import precision_case
 from mlx_parity.harness.stages import StageOutput
@@ -281,8 +284,6 @@ def test_cpu_backends_stay_deterministic_and_exact():
 
 
 def test_gpu_bench_table_and_markdown_from_synthetic_rows():
-    from mlx_parity.harness import bench as B
-
     rows = [
         {
             "framework": "torch",
@@ -316,9 +317,9 @@ def test_gpu_bench_table_and_markdown_from_synthetic_rows():
             "error": "MemoryError: out of memory",
         },
     ]
-    table = B.gpu_table(rows)
+    table = gpu_table(rows)
     assert table[0]["ratio"] == pytest.approx(1.1) and table[0]["best_mlx"] == "sdpa"
-    md = B.gpu_markdown(
+    md = gpu_markdown(
         {
             "device": "gpu",
             "gpu": "H100",
@@ -334,7 +335,7 @@ def test_gpu_bench_table_and_markdown_from_synthetic_rows():
         }
     )
     assert "1.10× (sdpa)" in md and "out of memory" in md and "mlx/1B/bf16: skipped" in md
-    assert B.gpu_precisions(None) == ["fp32", "tf32", "bf16"] and B.gpu_precisions(True) == ["tf32", "bf16"]
+    assert gpu_precisions(None) == ["fp32", "tf32", "bf16"] and gpu_precisions(True) == ["tf32", "bf16"]
 
 
 def test_the_judge_runs_no_twin_a_case_comes_prepared_for_its_precision():
