@@ -25,11 +25,12 @@ Every bound kind and the inputs of each tensor's bound (`truth_bound_inputs`) ar
 On a GPU (harness/device.py measures the mode in effect; docs/gpu.md says why, with the measured margins):
 
 * `PrecisionBound`: TF32 rounds each matmul operand to 10 mantissa bits (unit roundoff 2^-11 instead of
-  float32's 2^-24). With `--tf32` every computed stage's bound is the stored float32 bound's noise and
+  float32's 2^-24). With `--tf32` every computed float32 stage's bound is the stored float32 bound's noise and
   ulp floor (`TruthBound`) multiplied by the ratio of the unit roundoffs, 2^13, plus each element's
   sensitivity, which `precision_case` (harness/fixtures/truth.py) re-measures, when the case is prepared, for the optimizer and trajectory updates at
   TF32-sized gradient errors (they flip Adam updates whose gradient is near zero); every stage's
-  tolerance says so. Exact stages (weights, shifted slices, the step counter) stay exact.
+  tolerance says so. Exact stages (weights, shifted slices, the step counter) stay exact. A bfloat16
+  stage keeps its bfloat16 bound (`precision_factor`: TF32 rounds less than bfloat16 storage).
 * `RunToRunBound`: GPU reductions are not bit-deterministic, so a resumed run cannot be held to bit
   identity with the uninterrupted one. On a nondeterministic device the checkpoint stage runs the
   uninterrupted trajectory twice; the resumed run must stay within `RUN_TO_RUN_MULTIPLE` × the larger
@@ -58,8 +59,8 @@ from .device import DeviceError
 
 ULP32 = 2.0**-24  # unit roundoff of float32
 UNIT_ROUNDOFF = {"float32": ULP32, "bfloat16": 2.0**-8}
-# Unit roundoff of a float32 matmul's operands in each precision mode, over float32's (2^-24).
-PRECISION_FACTOR = {"float32": 1.0, "tf32": 2.0**13}
+# Unit roundoff of a float32 matmul's operands in each matmul precision mode.
+MATMUL_ROUNDOFF = {"float32": ULP32, "tf32": 2.0**-11}
 RUN_TO_RUN_MULTIPLE = 8.0
 
 
@@ -346,12 +347,26 @@ class PrecisionBound(TruthBound):
         return self.factor * (base - sens) + sens
 
 
+def precision_factor(precision: str, dtype: str = "float32") -> float:
+    """How much coarser a training step in `dtype` rounds when its float32 matmuls run in `precision`: the
+    matmul's unit roundoff over the storage dtype's, at least 1. float32 under TF32: 2^-11 / 2^-24 = 8192.
+    bfloat16 under TF32: 1, since TF32 (10 mantissa bits) rounds less than bfloat16 storage (8 bits) already
+    does, so the reference's own bfloat16 error, which the bfloat16 bound is a multiple of, still measures
+    the step's noise; scaling it by 8192 would let bugs thousands of times that noise pass."""
+    roundoff = MATMUL_ROUNDOFF.get(precision)
+    if roundoff is None:
+        raise DeviceError(f"no judgement for matmul precision {precision!r}; known: {', '.join(MATMUL_ROUNDOFF)}")
+    return max(1.0, roundoff / UNIT_ROUNDOFF[dtype])
+
+
 def precision_tolerance(tol, precision: str):
-    """`tol` as it applies in `precision`: exact tolerances stay exact, truth bounds scale."""
-    factor = PRECISION_FACTOR.get(precision)
-    if factor is None:
-        raise DeviceError(f"no judgement for matmul precision {precision!r}; known: {', '.join(PRECISION_FACTOR)}")
-    if factor == 1.0 or not isinstance(tol, TruthBound):
+    """`tol` as it applies in `precision`: exact tolerances stay exact, truth bounds scale by
+    `precision_factor` of their dtype."""
+    if not isinstance(tol, TruthBound):
+        precision_factor(precision)  # an unknown mode is refused for every stage
+        return tol
+    factor = precision_factor(precision, tol.dtype)
+    if factor == 1.0:
         return tol
     return PrecisionBound(
         multiple=tol.multiple,

@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_parity.harness import device as D
-from mlx_parity.harness.audit import judge
+from mlx_parity.harness.audit import audit, judge
+from mlx_parity.harness.backends.mutants import MUTANTS, MutantBackend
 from mlx_parity.harness.bench.gpu import gpu_precisions
 from mlx_parity.harness.bench.report import gpu_markdown
 from mlx_parity.harness.bench.stats import gpu_table
@@ -150,6 +151,27 @@ def test_tf32_judgement_passes_tf32_noise_and_fails_a_real_bug():
     assert "tf32" in ok.tolerance
     bad = judge("forward", StageOutput(out | {"forward.logits": (logits * 1.05).astype(np.float32)}), case, "tf32")
     assert bad.status == "fail"
+
+
+def test_tf32_keeps_the_bfloat16_bounds():
+    """TF32 (unit roundoff 2^-11) rounds less than bfloat16 storage (2^-8): a bfloat16 stage keeps its own
+    bound and sensitivities under `--tf32`, where ×8192 let 11 of 18 bfloat16 mutants pass unseen."""
+    for stage in ("forward", "gradients", "optimizer", "trajectory", "isolated_forward"):
+        bf16 = tolerance(stage, "bfloat16")
+        assert precision_tolerance(bf16, "tf32") is bf16
+    case = CASES["bf16_lora"]
+    pc = precision_case(case, "tf32")
+    assert pc.matmul_precision == "tf32" and pc.truth is case.truth
+
+
+def test_tf32_judgement_names_a_bfloat16_mutant():
+    """Judged as `--tf32` judges a bfloat16 fixture, the LoRA update without weight decay (0.1 % of θ's
+    change per update, inside an 8192× bound) still fails the optimizer and is named."""
+    m = MUTANTS["weight_decay_missing"]
+    r = audit(MutantBackend(m), precision_case(CASES["bf16_lora"], "tf32"), precision="tf32")
+    found, _ = r.findings()
+    assert r.verdict == "fail"
+    assert m.expected_diagnosis in [f.code for f in found]
 
 
 # --- the resume judgement against run-to-run nondeterminism ---------------------------------------------
