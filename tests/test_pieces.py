@@ -110,6 +110,44 @@ def test_rmsnorm_eps_is_solved_without_the_weight():
     assert d.code == "rmsnorm_eps" and abs(d.evidence["implied_eps"] / 1e-2 - 1) < 1e-3
 
 
+def test_rope_along_the_head_axis_is_named_not_guessed_as_a_direction():
+    """A [B, T, heads, D] tensor given to a RoPE that reads positions from axis -2 rotates by the head index;
+    its angles looked like −angle to a solver that never re-rotated the input (a wrong cause, once named)."""
+    x = G["layer.0.q"]
+    y = rope(x.transpose(0, 2, 1, 3), np.arange(H)).transpose(0, 2, 1, 3)
+    d = only("layer.0.q_rope", y)
+    assert d.code == "rope_position" and "head index" in d.summary
+
+
+def test_rope_over_fewer_dimensions_is_named_not_guessed_as_a_pairing():
+    """RoPE sized by another head_dim (here 4 of 8 dimensions): once named an interleaved pairing."""
+    x, T = G["layer.0.k"], G["layer.0.k"].shape[2]
+    inv = THETA ** (-np.arange(0, 4, 2) / 4)
+    ang = np.concatenate([np.outer(np.arange(T), inv)] * 2, -1)
+    a, b = x[..., :2], x[..., 2:4]
+    head = x[..., :4] * np.cos(ang) + np.concatenate([-b, a], -1) * np.sin(ang)
+    d = only("layer.0.k_rope", np.concatenate([head, x[..., 4:]], -1))
+    assert d.code == "rope_dims" and d.evidence["rotated_dims"] == 4
+
+
+def test_a_layer_norm_is_named_and_never_an_impossible_eps():
+    """A LayerNorm where the model has an RMSNorm once read as "RMSNorm implies eps = -0.000186"."""
+    x = G[f"layer.{P.num_layers(CASE.golden) - 1}.output"]
+    w = CASE.initial_weights["weights.model.norm.weight"].astype(np.float64)
+    xc = x - x.mean(-1, keepdims=True)
+    assert only("head.norm", w * xc / np.sqrt((xc * xc).mean(-1, keepdims=True) + 1e-5)).code == "layer_norm"
+
+
+def test_a_norm_no_eps_reproduces_is_localised():
+    """Each row scaled by its own random factor: the rows' ratios imply some eps, but no eps reproduces the
+    output, so none is named (a solver's estimate is not a cause until it re-computes the port's numbers)."""
+    x = G["layer.0.output"]
+    w = CASE.initial_weights["weights.model.layers.1.input_layernorm.weight"].astype(np.float64)
+    y = w * x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5)
+    y = y * (1 + 0.05 * np.random.default_rng(0).standard_normal(y.shape[:-1]))[..., None]
+    assert only("layer.1.input_norm", y).code == "piece_divergence"
+
+
 def test_a_weight_used_untransposed():
     x = G["layer.0.input_norm"]
     W = CASE.initial_weights["weights.model.layers.0.self_attn.q_proj.weight"].astype(np.float64)

@@ -10,6 +10,7 @@ CODES = {
     # forward, end to end (localisation only) and piece by piece (causes solved from the numbers)
     "forward_divergence": "the forward pass diverges; the isolated forward check names the piece",
     "rmsnorm_eps": "an RMSNorm's eps, solved from its output, is not the config's rms_norm_eps",
+    "layer_norm": "a LayerNorm (each row's mean subtracted) where the model has an RMSNorm",
     "norm_weight": "an RMSNorm output that the configured eps explains without its weight (weight unused or offset)",
     "bias_missing": "a projection's output lacks the checkpoint's bias",
     "weight_transposed": "a projection multiplies by the weight untransposed",
@@ -19,6 +20,7 @@ CODES = {
     "rope_position": "RoPE's angles follow another position (an offset, or another axis)",
     "rope_scaling": "RoPE's frequencies are the unscaled ones where the config scales them (llama3, linear)",
     "rope_direction": "RoPE rotates the other way",
+    "rope_dims": "RoPE rotates fewer dimensions than head_dim",
     "attention_scale": "attention logits carry another scale than 1/sqrt(head_dim)",
     "gqa_head_mapping": "query heads read other kv heads than h // (heads / kv_heads)",
     "causal_mask": "the attention mask lets a query see other keys than 0..t",

@@ -90,6 +90,10 @@ def _norm_weight(pc: _Piece) -> np.ndarray | None:
     return pc.param(name)
 
 
+def _rms_norm(x: np.ndarray, w, eps: float) -> np.ndarray:
+    return w * x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+
+
 def _norm(pc: _Piece) -> Diagnosis | None:
     """y = w·x / sqrt(mean(x²) + eps). Between two rows the weight cancels: (y_a/x_a)/(y_b/x_b) = r_b/r_a
     with r² = mean(x²) + eps, so eps is solved without trusting the port's (or the checkpoint's) weight."""
@@ -116,14 +120,24 @@ def _norm(pc: _Piece) -> Diagnosis | None:
     est = float(np.median(estimates))
     evidence = {"implied_eps": est, "configured_eps": eps}
     scale = float(ms[base])  # eps is resolvable to about float32 rounding of this
+    w = _norm_weight(pc)
+    centred = x - x.mean(-1, keepdims=True)
+    if _close_fit(y, _rms_norm(centred, 1.0 if w is None else w, eps), pc.real[..., None]) < pc.fits:
+        return Diagnosis(
+            "layer_norm",
+            f"{pc.piece} subtracts each row's mean before normalising: a LayerNorm where the model has an RMSNorm",
+            {"configured_eps": eps},
+        )
     if abs(est - eps) > max(0.3 * eps, 1e-5 * scale):
+        # named only when that eps, with the checkpoint's weight, reproduces the port's output
+        if est <= 0 or _close_fit(y, _rms_norm(x, 1.0 if w is None else w, est), pc.real[..., None]) >= pc.fits:
+            return None
         return Diagnosis(
             "rmsnorm_eps", f"RMSNorm implies eps = {est:.3g}, not the config's rms_norm_eps = {eps:g}", evidence
         )
-    w = _norm_weight(pc)
     if (
         w is not None
-        and _close_fit(y, x / np.sqrt((x * x).mean(-1, keepdims=True) + eps), pc.real[..., None]) < pc.fits
+        and _close_fit(y, _rms_norm(x, 1.0, eps), pc.real[..., None]) < pc.fits
     ):
         return Diagnosis(
             "norm_weight",
@@ -216,14 +230,38 @@ def _pairs(x: np.ndarray, halves: bool) -> tuple[np.ndarray, np.ndarray]:
     return (x[..., : D // 2], x[..., D // 2 :]) if halves else (x[..., 0::2], x[..., 1::2])
 
 
+def _rotated(x: np.ndarray, halves: bool, angle: np.ndarray) -> np.ndarray:
+    """x's pairs (halves or interleaved) rotated by `angle` (broadcast to [..., D/2])."""
+    (x1, x2), c, s = _pairs(x, halves), np.cos(angle), np.sin(angle)
+    y1, y2 = x1 * c - x2 * s, x1 * s + x2 * c
+    if halves:
+        return np.concatenate([y1, y2], -1)
+    return np.stack([y1, y2], -1).reshape(x.shape)
+
+
 def _rope(pc: _Piece) -> Diagnosis | None:
-    """Find the pairing under which the port's output is a rotation of the given input, then its angles:
-    frequencies (→ base), the position each row was rotated for, and the direction."""
+    """A convention is named only when rotating the given input by it reproduces the port's output (the
+    residual below the piece's fit); a piece no convention reproduces is localised, never guessed at."""
     x, y = pc.given(pc.piece.removesuffix("_rope")), pc.port
     if y.shape != x.shape or x.shape[-1] % 2:
         return None
-    B, Hh, T, D = x.shape
     real = pc.real[:, None, :, None]
+    return _rope_rotation(pc, x, y, real) or _rope_dims(pc, x, y, real, pc.cfg["rope_theta"])
+
+
+def _rope_rotation(pc: _Piece, x: np.ndarray, y: np.ndarray, real: np.ndarray) -> Diagnosis | None:
+    """Find the pairing under which the port's output is a rotation of the given input, then its angles:
+    frequencies (→ base), the position each row was rotated for (or the head), and the direction."""
+    B, Hh, T, D = x.shape
+    model = ModelConfig.from_file(pc.case.checkpoint)
+    theta = pc.cfg["rope_theta"]
+    plain = theta ** (-np.arange(0, D, 2) / D)
+    expected = model.rope_inv_freq() if model.head_dim == D else plain  # the config's scaling applied
+    t = np.arange(T)[:, None]
+
+    def reproduces(halves: bool, angle: np.ndarray) -> bool:
+        return _close_fit(y, _rotated(x, halves, angle), real) <= pc.fits
+
     fits = {}
     for halves in (True, False):
         (x1, x2), (y1, y2) = _pairs(x, halves), _pairs(y, halves)
@@ -232,7 +270,14 @@ def _rope(pc: _Piece) -> Diagnosis | None:
         fits[halves] = float(np.median(np.abs(ny[keep] - nx[keep]) / nx[keep])) if keep.any() else np.inf
     halves = fits[True] <= fits[False]
     if min(fits.values()) > max(1e-3, pc.fits):
-        return None  # not a rotation of pairs: localised
+        return None  # not a rotation of pairs
+    if reproduces(True, (np.arange(Hh)[:, None, None] * expected)[None]):
+        return Diagnosis(
+            "rope_position",
+            f"{pc.piece} is rotated by the head index, not the position: RoPE applied along the head axis "
+            "(a [B, T, heads, head_dim] tensor where [B, heads, T, head_dim] belongs)",
+            {"pairing": "halves (rotate_half)", "rotated_by": "head index"},
+        )
     (x1, x2), (y1, y2) = _pairs(x, halves), _pairs(y, halves)
     angle = np.arctan2(x1 * y2 - x2 * y1, x1 * y1 + x2 * y2)  # [B, H, T, D/2]
     valid = np.broadcast_to(real, angle.shape)
@@ -247,17 +292,18 @@ def _rope(pc: _Piece) -> Diagnosis | None:
     )  # [T, D/2]
     step = np.angle(np.exp(1j * np.diff(per_t, axis=0)))  # the angle added per position, wrapped
     freq = np.nanmedian(step, axis=0)  # [D/2]
-    theta, model = pc.cfg["rope_theta"], ModelConfig.from_file(pc.case.checkpoint)
-    plain = theta ** (-np.arange(0, D, 2) / D)
-    expected = model.rope_inv_freq() if model.head_dim == D else plain  # the config's scaling applied
     evidence = {"pairing": "halves (rotate_half)" if halves else "interleaved (traditional)"}
     if not halves:
+        if not reproduces(False, t * expected):
+            return None
         return Diagnosis(
             "rope_pairing",
             f"{pc.piece} rotates interleaved pairs (2i, 2i+1); the reference rotates halves (i, i+D/2)",
             evidence,
         )
     if np.all(np.isfinite(freq)) and np.median(freq[1:] / expected[1:]) < 0:
+        if not reproduces(True, -t * expected):
+            return None
         return Diagnosis("rope_direction", f"{pc.piece} rotates by −angle: sin enters with the opposite sign", evidence)
     i = np.arange(D // 2)
     usable = (i > 0) & (np.abs(freq) * (T - 1) > 1e-2) & np.isfinite(freq)
@@ -267,6 +313,8 @@ def _rope(pc: _Piece) -> Diagnosis | None:
         and np.allclose(freq[resolved], plain[resolved], rtol=1e-3)
         and not np.allclose(freq[resolved], expected[resolved], rtol=1e-3)
     ):
+        if not reproduces(True, t * plain):
+            return None
         return Diagnosis(
             "rope_scaling",
             f"{pc.piece}'s frequencies are rope_theta's unscaled ones: the config's {model.rope_type} scaling "
@@ -281,6 +329,8 @@ def _rope(pc: _Piece) -> Diagnosis | None:
         "frequencies": [round(float(f), 6) for f in freq[:4]],
     }
     if model.rope_type == "default" and np.isfinite(base) and abs(math.log(base / theta)) > 0.05:
+        if not reproduces(True, t * base ** (-np.arange(0, D, 2) / D)):
+            return None
         return Diagnosis(
             "rope_base",
             f"{pc.piece}'s frequencies imply a RoPE base of {base:.4g}, not the config's rope_theta = {theta:g}",
@@ -291,11 +341,35 @@ def _rope(pc: _Piece) -> Diagnosis | None:
     )  # the fastest pair turns 1 rad per position: unwrapped, the position
     offset = position - np.arange(T)
     if np.nanmax(np.abs(offset)) > 0.25:
+        shift = float(np.round(np.nanmedian(offset)))
+        if not reproduces(True, (t + shift) * expected):
+            return None
         return Diagnosis(
             "rope_position",
-            f"{pc.piece} is rotated for other positions than 0..T-1 (row t rotated for ≈ t{np.nanmedian(offset):+.2g})",
+            f"{pc.piece} is rotated for other positions than 0..T-1 (row t rotated for t{shift:+.0f})",
             evidence | {"implied_positions": [round(float(p), 3) for p in position]},
         )
+    return None
+
+
+def _rope_dims(pc: _Piece, x: np.ndarray, y: np.ndarray, real: np.ndarray, theta: float) -> Diagnosis | None:
+    """A rotation of fewer dimensions than head_dim (a port that sizes RoPE by hidden/heads, or a partial
+    rotary factor where the config has none): the last dimensions pass unchanged, the first `dims` are the
+    textbook rotation of `dims` dimensions. Named only when that reproduces the port's output."""
+    D, T = x.shape[-1], x.shape[-2]
+    t = np.arange(T)[:, None]
+    for dims in range(D - 2, 0, -2):
+        head = x[..., :dims]
+        angle = t * theta ** (-np.arange(0, dims, 2) / dims)
+        for halves in (True, False):
+            m = np.concatenate([_rotated(head, halves, angle), x[..., dims:]], -1)
+            if _close_fit(y, m, real) <= pc.fits:
+                return Diagnosis(
+                    "rope_dims",
+                    f"{pc.piece} rotates the first {dims} of head_dim = {D} dimensions "
+                    f"({'halves' if halves else 'interleaved pairs'} of {dims}); the rest pass unrotated",
+                    {"rotated_dims": dims, "head_dim": D},
+                )
     return None
 
 
