@@ -135,10 +135,7 @@ def _norm(pc: _Piece) -> Diagnosis | None:
         return Diagnosis(
             "rmsnorm_eps", f"RMSNorm implies eps = {est:.3g}, not the config's rms_norm_eps = {eps:g}", evidence
         )
-    if (
-        w is not None
-        and _close_fit(y, _rms_norm(x, 1.0, eps), pc.real[..., None]) < pc.fits
-    ):
+    if w is not None and _close_fit(y, _rms_norm(x, 1.0, eps), pc.real[..., None]) < pc.fits:
         return Diagnosis(
             "norm_weight",
             f"{pc.piece} equals x/sqrt(mean(x²)+eps) without its weight: the norm's weight is not applied",
