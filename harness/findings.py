@@ -103,6 +103,19 @@ def _follows_structurally(name: str, structural, by_name, failed) -> bool:
     return False
 
 
+def _forward_pieces_note(iso) -> str:
+    """What the isolated forward check said about an end-to-end forward divergence: only a check that ran
+    can have named the piece."""
+    if iso is None or iso.status not in ("pass", "fail"):
+        return (
+            "; no piece or cause is named: the port does not answer the isolated forward check "
+            "(`isolated_forward`, docs/protocol.md), which solves each piece on the reference's inputs"
+        )
+    if iso.status == "fail":
+        return "; the isolated forward check's findings name the pieces"
+    return "; every piece agrees on the reference's own inputs: the chain between them differs"
+
+
 def analyse(stages) -> tuple[list[Finding], list[Inherited]]:
     """Distinct findings and inherited failures of one audit's stage results."""
     by_name = {s.name: s for s in stages}
@@ -177,5 +190,8 @@ def analyse(stages) -> tuple[list[Finding], list[Inherited]]:
                 f,
             )
     findings = list(merged.values())
+    for f in findings:
+        if f.code == "forward_divergence":
+            f.summary += _forward_pieces_note(by_name.get("isolated_forward"))
     inherited.sort(key=lambda i: position.get(i.stage, 0))
     return findings, inherited

@@ -40,6 +40,33 @@ def test_swapped_parameters_are_named(tmp_path):
     assert d.evidence["holds"]["model.layers.0.mlp.gate_proj.weight"] == "model.layers.0.mlp.up_proj.weight"
 
 
+def test_tied_embeddings_are_named_beside_an_ignored_inv_freq_key():
+    """A port with its own lm_head on a tied config whose load report also lists RoPE's unused inv_freq
+    buffer (which the reference ignores too): the tie is the cause, not a key mapping."""
+    case = CASES["tied"]
+    out = get_backend("mlx").run(case, ("weight_mapping",))["weight_mapping"]
+    out.tensors["weights.lm_head.weight"] = out.tensors["weights.model.embed_tokens.weight"] * 0.5
+    out.meta["load_report"] = {
+        "missing": ["lm_head.weight"],
+        "unexpected": ["model.layers.0.self_attn.rotary_emb.inv_freq"],
+    }
+    found = diagnose(judge("weight_mapping", out, case), out, case)
+    assert [d.code for d in found] == ["tied_embeddings_ignored"]
+
+
+def test_a_parameter_of_another_shape_is_named_not_a_crash():
+    """A weight stored [in, out] (the checkpoint's transposed): once a ValueError inside np.corrcoef."""
+    case = CASES["gqa_padded"]
+    out = get_backend("mlx").run(case, ("weight_mapping",))["weight_mapping"]
+    name = "weights.model.layers.0.mlp.down_proj.weight"
+    out.tensors[name] = out.tensors[name].T.copy()
+    d = diagnose(judge("weight_mapping", out, case), out, case)[0]
+    assert d.code == "parameter_shape" and "transposed" in d.summary
+    assert d.evidence["port_vs_checkpoint_shape"]["model.layers.0.mlp.down_proj.weight"][0] == list(
+        out.tensors[name].shape
+    )
+
+
 def test_an_unexplained_failure_is_still_localised():
     case = CASES["gqa_padded"]
     out = get_backend("mlx").run(case, ("gradients",))["gradients"]

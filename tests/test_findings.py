@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 from mlx_parity.harness.audit import audit
+from mlx_parity.harness.backends import get_backend
 from mlx_parity.harness.backends.mutants import MUTANTS, Mutant, MutantBackend, _opt
 from mlx_parity.harness.findings import analyse
+from mlx_parity.harness.stages import STAGES
 
-from .conftest import CASES, audited
+from .conftest import CASES, audit_once, audited
 
 
 def _summary(result):
@@ -23,6 +25,15 @@ def test_a_forward_bug_is_one_finding_and_the_rest_inherit_it():
     assert inherited == {"forward": ["isolated_forward"]} | {
         s: ["isolated_forward"] for s in ("loss", "gradients", "optimizer", "trajectory", "checkpoint")
     }
+
+
+def test_a_forward_bug_without_the_isolated_check_says_no_cause_was_solved():
+    """A port that answers the eight stages only: the forward localises the layer and says that no piece
+    was checked, never that the isolated check (which did not run) names one."""
+    r = audit_once(get_backend("mutant:rope_theta_hardcoded"), CASES["mha_sharded"], STAGES)
+    found, _ = r.findings()
+    assert [(f.stage, f.code) for f in found] == [("forward", "forward_divergence")]
+    assert "does not answer the isolated forward check" in found[0].summary
 
 
 def test_a_loss_bug_is_found_in_the_isolated_loss_and_explains_the_end_to_end_failures():

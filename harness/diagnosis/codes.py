@@ -6,6 +6,7 @@ CODES = {
     "key_mapping": "parameter names and checkpoint keys do not map one to one (a prefix, a rename, a swap)",
     "checkpoint_tensors_unused": "checkpoint tensors fill no parameter of the port: a module it leaves out (Qwen3's q/k norms, biases)",
     "tied_embeddings_ignored": "the config ties lm_head to embed_tokens, the port has a separate lm_head",
+    "parameter_shape": "parameters have another shape than their checkpoint tensors (other dimensions, or transposed)",
     "precision_mismatch": "the port keeps float32 parameters where the settings train in bfloat16",
     # forward, end to end (localisation only) and piece by piece (causes solved from the numbers)
     "forward_divergence": "the forward pass diverges; the isolated forward check names the piece",

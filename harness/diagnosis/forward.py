@@ -16,7 +16,6 @@ def forward(result, out, case) -> Diagnosis | None:
     layer = first.name.rsplit(".", 1)[1] if "hidden" in first.name else "final norm / lm_head"
     return Diagnosis(
         "forward_divergence",
-        f"the forward pass first diverges at {first.name} (layer {layer}); "
-        "the isolated forward check names the piece and its cause",
+        f"the forward pass first diverges at {first.name} (layer {layer})",
         {"first_divergent": first.name, "max_abs": first.max_abs, "where": first.where, "mismatched": first.mismatched},
     )

@@ -6,12 +6,40 @@ import json
 
 import numpy as np
 
+from mlx_parity.reference.weights import IGNORED_KEYS
+
 from .core import Diagnosis, common_affix, f64
 
+LM_HEAD = "lm_head.weight"
 
-def weights(result, out, case) -> Diagnosis | None:
+
+def weights(result, out, case) -> list[Diagnosis] | None:
+    """Every distinct cause: a separate lm_head where the config ties it is one, whatever else the key map
+    gets wrong; checkpoint keys the reference ignores too (RoPE's inv_freq buffers) are none."""
     report = out.meta.get("load_report") or {}
-    missing, unexpected = report.get("missing") or [], report.get("unexpected") or []
+    missing = report.get("missing") or []
+    unexpected = [u for u in report.get("unexpected") or [] if not IGNORED_KEYS.search(u)]
+    expected = case.initial_weights
+    actual = {k: v for k, v in out.tensors.items() if k.startswith("weights.")}
+    found = []
+    tied = _tied(case) and (f"weights.{LM_HEAD}" in actual or LM_HEAD in missing)
+    if tied and f"weights.{LM_HEAD}" not in expected:
+        found.append(
+            Diagnosis(
+                "tied_embeddings_ignored",
+                "the config ties lm_head to embed_tokens, but the port has a separate lm_head.weight",
+                {"tie_word_embeddings": True, "lm_head_loaded": LM_HEAD not in missing},
+            )
+        )
+        missing = [m for m in missing if m != LM_HEAD]
+        actual = {k: v for k, v in actual.items() if k != f"weights.{LM_HEAD}"}
+    rest = _mapping(
+        result, case, missing, unexpected, expected, actual, skip={f"weights.{LM_HEAD}"} if found else set()
+    )
+    return found + ([rest] if rest else []) or None
+
+
+def _mapping(result, case, missing, unexpected, expected, actual, skip) -> Diagnosis | None:
     if missing and unexpected:
         for pre in {u.split(".", 1)[0] + "." for u in unexpected if "." in u}:
             if all(u.startswith(pre) for u in unexpected) and {u[len(pre) :] for u in unexpected} & set(missing):
@@ -25,8 +53,6 @@ def weights(result, out, case) -> Diagnosis | None:
             f"{len(missing)} parameters unfilled and {len(unexpected)} checkpoint keys unused",
             {"missing": missing[:10], "unexpected": unexpected[:10]},
         )
-    expected = case.initial_weights
-    actual = {k: v for k, v in out.tensors.items() if k.startswith("weights.")}
     extra = sorted(set(actual) - set(expected))
     absent = sorted(set(expected) - set(actual))
     if absent and not extra and not missing and all(f"weights.{u}" in absent for u in unexpected):
@@ -37,20 +63,15 @@ def weights(result, out, case) -> Diagnosis | None:
             f"({', '.join(modules[:4])}): the port's model leaves these modules out",
             {"unused": [a.removeprefix("weights.") for a in absent[:10]], "load_report_unexpected": unexpected[:10]},
         )
-    if "weights.lm_head.weight" in extra and case.settings and _tied(case):
-        return Diagnosis(
-            "tied_embeddings_ignored",
-            "the config ties lm_head to embed_tokens, but the port has a separate lm_head.weight",
-            {"extra": extra, "tie_word_embeddings": True},
-        )
-    wrong = [t.name for t in result.tensors if not t.passed and t.name in expected and t.name in actual]
-    if not wrong and (extra or [t for t in result.tensors if t.problem]):
+    tensors = [t for t in result.tensors if t.name not in skip]
+    wrong = [t.name for t in tensors if not t.passed and t.name in expected and t.name in actual]
+    if not wrong and (extra or [t for t in tensors if t.problem]):
         return Diagnosis(
             "key_mapping",
             "the port's parameter names differ from the checkpoint's",
             {
                 "extra": extra[:10],
-                "absent": [t.name for t in result.tensors if t.problem and "absent" in t.problem][:10],
+                "absent": [t.name for t in tensors if t.problem and "absent" in t.problem][:10],
             },
         )
     if not wrong:
@@ -79,6 +100,24 @@ def weights(result, out, case) -> Diagnosis | None:
             "key_mapping",
             "parameters hold another key's checkpoint tensor (a rename or swap in the key map)",
             {"holds": by_value},
+        )
+    reshaped = {
+        w.removeprefix("weights."): [list(np.shape(actual[w])), list(np.shape(expected[w]))]
+        for w in wrong
+        if np.shape(actual[w]) != np.shape(expected[w])
+    }
+    if reshaped:
+        transposed = all(a == e[::-1] for a, e in reshaped.values())
+        return Diagnosis(
+            "parameter_shape",
+            f"{len(reshaped)} parameters have another shape than their checkpoint tensor "
+            f"({', '.join(list(reshaped)[:3])}): "
+            + (
+                "each is the checkpoint's transposed, stored as [in, out]"
+                if transposed
+                else "the port builds its model from other dimensions than the config's (heads, head_dim, sizes)"
+            ),
+            {"port_vs_checkpoint_shape": dict(list(reshaped.items())[:10])},
         )
     stats = {}
     for name in [w for w in wrong if np.size(actual[w]) and np.size(expected[w])][:8]:
