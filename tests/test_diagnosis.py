@@ -100,3 +100,18 @@ def test_a_scaled_learning_rate_is_named():
     first = audit(MutantBackend(m), CASES["gqa_padded"]).first_failure()
     assert first.name == "optimizer" and first.diagnosis.code == "learning_rate"
     assert abs(first.diagnosis.evidence["update_ratio"] - 2.0) < 0.01
+
+
+def test_a_trajectory_whose_first_loss_differs_is_not_filed_after_an_update():
+    """Loss 0 is computed before any update: a difference there is no "difference after the first update"."""
+    case = CASES["trajectory_long"]
+    loss = case.golden["trajectory.loss"].copy()
+    loss[0] *= 1.01
+    out = StageOutput({k: v for k, v in case.golden.items() if k.startswith("trajectory.")} | {"trajectory.loss": loss})
+    d = diagnose(judge("trajectory", out, case), out, case)[0]
+    assert d.code == "unexplained" and "before any update" in d.summary
+    loss = case.golden["trajectory.loss"].copy()
+    loss[2] *= 1.01
+    out.tensors["trajectory.loss"] = loss
+    d = diagnose(judge("trajectory", out, case), out, case)[0]
+    assert d.code == "trajectory_divergence" and d.evidence["first_divergent_update"] == 2
