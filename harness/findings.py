@@ -81,6 +81,8 @@ def _unloaded(stages) -> set[str]:
 def _reads_unloaded(d, unloaded: set[str], stage: str) -> bool:
     """`parameters` are the prefixes of what a cause's evidence reads ("" for all of them); an update no
     rule explains may come from any parameter."""
+    if d.code == "trainable_set_mismatch":
+        return _odd_tensors_unloaded(d, unloaded)
     reads = [""] if d.code == "unexplained" and stage in ("isolated_optimizer", "isolated_schedule") else d.parameters
     return any(u.startswith(p) for p in reads for u in unloaded)
 
@@ -98,9 +100,17 @@ def _follows_structurally(name: str, structural, by_name, failed) -> bool:
             up == "weight_mapping"
             and {d.code for d in structural} == {"trainable_set_mismatch"}
             and codes & {"key_mapping", "tied_embeddings_ignored", "checkpoint_tensors_unused"}
+            and all(_odd_tensors_unloaded(d, _unloaded([by_name["weight_mapping"]])) for d in structural)
         ):
             return True
     return False
+
+
+def _odd_tensors_unloaded(d, unloaded: set[str]) -> bool:
+    """A trainable set follows from the loading only when every tensor it differs in is one that did not
+    load (or every parameter is suspect): a key mismatch elsewhere explains nothing about the others."""
+    odd = set(d.evidence.get("absent", [])) | set(d.evidence.get("extra", []))
+    return "" in unloaded or bool(odd) and odd <= unloaded
 
 
 def _forward_pieces_note(iso) -> str:

@@ -3,6 +3,7 @@ localisation of a failure no rule explains."""
 
 import shutil
 
+import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from mlx_parity.harness.audit import audit, judge
@@ -115,3 +116,17 @@ def test_a_trajectory_whose_first_loss_differs_is_not_filed_after_an_update():
     out.tensors["trajectory.loss"] = loss
     d = diagnose(judge("trajectory", out, case), out, case)[0]
     assert d.code == "trajectory_divergence" and d.evidence["first_divergent_update"] == 2
+
+
+def test_a_port_without_the_lora_parameters_is_a_trainable_set_not_a_silent_fallback():
+    """A port that trains lm_head where the settings train LoRA adapters reports none of the reference's
+    updates: that is another trainable set (once named `no_update`, "a silent fallback")."""
+    case = CASES["lora"]
+    g = case.golden
+    head = case.initial_weights["weights.lm_head.weight"]
+    out = StageOutput(
+        {k: v for k, v in g.items() if k.startswith("optimizer.") and "lora" not in k}
+        | {f"optimizer.{m}.lm_head.weight": np.full(head.shape, 1e-3, np.float32) for m in ("delta", "m", "v")}
+    )
+    d = diagnose(judge("optimizer", out, case), out, case)[0]
+    assert d.code == "trainable_set_mismatch" and d.evidence["extra"] == ["lm_head.weight"]

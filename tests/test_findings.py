@@ -81,3 +81,13 @@ def test_one_cause_seen_by_two_checks_is_one_finding():
 
 def test_a_correct_backend_has_no_findings():
     assert analyse(audited("torch", "head").stages) == ([], [])
+
+
+def test_a_trainable_set_is_not_inherited_from_an_unrelated_key_mismatch():
+    """gate_proj and up_proj swapped in the key map, and only lm_head and the final norm trained: two bugs.
+    The trainable set differs in tensors that all loaded, so it does not follow from the swap."""
+    both = dataclasses.replace(
+        MUTANTS["trains_head_only"], name="swap+head", loader=MUTANTS["gate_up_swapped_keys"].loader
+    )
+    found, _ = _summary(audit(MutantBackend(both), CASES["gqa_padded"]))
+    assert ("weight_mapping", "key_mapping") in found and ("gradients", "trainable_set_mismatch") in found

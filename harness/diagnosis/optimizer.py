@@ -16,9 +16,10 @@ def optimizer(result, out, case) -> Diagnosis | None:
     deltas = [k for k in g if k.startswith("optimizer.delta.")]
     if not deltas:
         return None
-    moved = [k for k in deltas if k in t and np.any(t[k])]
+    present = [k for k in deltas if k in t]
+    moved = [k for k in present if np.any(t[k])]
     has_state = any(k.startswith("optimizer.m.") and np.any(v) for k, v in t.items())
-    if not moved:
+    if present and not moved:  # with none of the reference's tensors at all, the set differs (below)
         if not has_state:
             return Diagnosis(
                 "no_update",
