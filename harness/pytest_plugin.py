@@ -171,7 +171,19 @@ def explain_stage(result, st) -> str:
         lines.append(f"  tensor {w.describe()}")  # the text `parity audit -v` prints for it
     else:
         lines.append(f"  {st.message}")
-    if st.diagnosis:
+    found, inherited = result.findings()
+    follows = next((i.from_stages for i in inherited if i.stage == st.name), None)
+    own = [f for f in found if f.stage == st.name]
+    if follows:  # the audit's verdict on this failure: it follows from findings elsewhere, not a cause of its own
+        lines.append(f"  inherited: follows from {', '.join(follows)}")
+        for f in (f for f in found if f.stage in follows):
+            lines.append(f"  finding at {f.stage} ({f.code}): {f.summary}")
+    elif own:
+        for f in own:
+            lines.append(f"  diagnosis ({f.code}): {f.summary}")
+            if f.evidence:
+                lines.append(f"  evidence: {format_evidence(f.evidence)}")
+    elif st.diagnosis:
         lines.append(f"  diagnosis ({st.diagnosis.code}): {st.diagnosis.summary}")
         if st.diagnosis.evidence:
             lines.append(f"  evidence: {format_evidence(st.diagnosis.evidence)}")
@@ -189,7 +201,7 @@ def explain(result) -> str:
             else f"{result.backend} on {result.fixture}: skipped ({result.stages[0].message})"
         )
     by_name = {s.name: s for s in result.stages}
-    text = "\n".join(explain_stage(result, by_name[f.stage]) for f in found)
+    text = "\n".join(explain_stage(result, by_name[stage]) for stage in dict.fromkeys(f.stage for f in found))
     if inherited:
         text += "\n  inherited: " + "; ".join(f"{i.stage} (from {', '.join(i.from_stages)})" for i in inherited)
     return text

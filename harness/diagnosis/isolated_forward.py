@@ -129,8 +129,14 @@ def _norm(pc: _Piece) -> Diagnosis | None:
             {"configured_eps": eps},
         )
     if abs(est - eps) > max(0.3 * eps, 1e-5 * scale):
-        # named only when that eps, with the checkpoint's weight, reproduces the port's output
-        if est <= 0 or _close_fit(y, _rms_norm(x, 1.0 if w is None else w, est), pc.real[..., None]) >= pc.fits:
+        # named only when that eps reproduces the port's output, with the weight the port's rows imply (per
+        # column, by least squares: the port's weight need not be the checkpoint's, as when nothing loaded)
+        if est <= 0:
+            return None
+        u = x / np.sqrt((x * x).mean(-1, keepdims=True) + est)
+        ur, yr = u[pc.real], y[pc.real]
+        implied_w = (ur * yr).sum(0) / np.maximum((ur * ur).sum(0), _TINY)
+        if _close_fit(y, implied_w * u, pc.real[..., None]) >= pc.fits:
             return None
         return Diagnosis(
             "rmsnorm_eps", f"RMSNorm implies eps = {est:.3g}, not the config's rms_norm_eps = {eps:g}", evidence
