@@ -37,8 +37,12 @@ lint: setup
 	@if command -v cargo >/dev/null 2>&1 || [ -x "$$HOME/.cargo/bin/cargo" ]; then bash rust/lint.sh; \
 	else echo "make lint: no Rust toolchain (cargo): rustfmt and clippy not run" >&2; fi
 
+# pytest on up to 4 processes (pytest-xdist), a test file per process: each file's shared audits stay in one
+# process, and the SmolLM2 fixture is built by one. PYTEST_WORKERS=0 runs it in this process.
+PYTEST_WORKERS ?= $(shell python3 -c 'import os; print(min(4, os.cpu_count() or 1))')
+
 test: lint rust-test wheel-check  ## lint first, the Rust crates' unit tests, the wheel's install check, then the whole pytest suite (the SmolLM2 check included)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # SmolLM2-135M, real weights: build the fixture once (about 2 minutes, into ~/.cache/mlx-parity/real), audit every backend on it.
 real: rust
