@@ -13,6 +13,7 @@ from mlx_parity.harness import pieces as P
 from mlx_parity.harness.audit import diagnose_stage as diagnose
 from mlx_parity.harness.audit import judge
 from mlx_parity.harness.stages import StageOutput
+from mlx_parity.reference.config import ModelConfig
 
 from .conftest import CASES, audited
 
@@ -28,12 +29,12 @@ def rope(x, positions, base=THETA):
     return x * np.cos(ang) + np.concatenate([-b, a], -1) * np.sin(ang)
 
 
-def diagnoses(piece: str, value: np.ndarray):
-    out = StageOutput({P.PREFIX + k: v.astype(np.float32) for k, v in P.given(CASE.golden).items()})
+def diagnoses(piece: str, value: np.ndarray, case=CASE):
+    out = StageOutput({P.PREFIX + k: v.astype(np.float32) for k, v in P.given(case.golden).items()})
     out.tensors[P.PREFIX + piece] = value.astype(np.float32)
-    result = judge("isolated_forward", out, CASE)
+    result = judge("isolated_forward", out, case)
     assert result.status == "fail" and {t.name for t in result.failures} == {P.PREFIX + piece}
-    return diagnose(result, out, CASE)
+    return diagnose(result, out, case)
 
 
 def only(piece, value):
@@ -64,6 +65,24 @@ def test_attention_scale_is_solved():
     q, k = G["layer.0.q_rope"], np.repeat(G["layer.0.k_rope"], H // K, axis=1)
     d = only("layer.0.scores", 0.3 * q @ k.transpose(0, 1, 3, 2))
     assert d.code == "attention_scale" and abs(d.evidence["implied_scale"] - 0.3) < 1e-5
+
+
+def _flat_repeat(kv):
+    """kv heads repeated by concatenating flattened copies, then reshaped (a `concatenate` with no axis)."""
+    B, _, T, _ = kv.shape
+    return np.concatenate([kv.ravel()] * (H // K)).reshape(B, H, T, D)
+
+
+def test_kv_heads_repeated_across_the_batch_are_named_in_scores_and_values():
+    """A flat concatenation repeats kv heads across batch rows: row 0's query heads read rows 0 and 1."""
+    q, k, v, p = G["layer.0.q_rope"], G["layer.0.k_rope"], G["layer.0.v"], G["layer.0.probs"]
+    d = only("layer.0.scores", q @ _flat_repeat(k).transpose(0, 1, 3, 2) / math.sqrt(D))
+    assert d.code == "gqa_head_mapping" and "another batch row" in d.summary
+    assert d.evidence["kv_row_and_head_of_query_row_and_head"]["0,2"] == [1, 0]
+    B, T = q.shape[0], q.shape[2]
+    attn = (p @ _flat_repeat(v)).transpose(0, 2, 1, 3).reshape(B, T, H * D)
+    d = only("layer.0.attn", attn)
+    assert d.code == "gqa_head_mapping" and "values" in d.summary
 
 
 def _softmax(s, axis):
@@ -117,6 +136,19 @@ def test_rope_along_the_head_axis_is_named_not_guessed_as_a_direction():
     y = rope(x.transpose(0, 2, 1, 3), np.arange(H)).transpose(0, 2, 1, 3)
     d = only("layer.0.q_rope", y)
     assert d.code == "rope_position" and "head index" in d.summary
+
+
+def test_rope_along_the_head_axis_with_unscaled_frequencies_is_two_causes():
+    """Two bugs in one piece (llama3 scaling ignored, and positions along the head axis): each named, since
+    rotating by the head index at rope_theta's plain frequencies reproduces the port's piece."""
+    case = CASES["llama3_rope"]
+    x = case.golden[P.PREFIX + "layer.0.q"].astype(np.float64)
+    Dh, theta = x.shape[-1], ModelConfig.from_file(case.checkpoint).rope_theta
+    inv = theta ** (-np.arange(0, Dh, 2) / Dh)
+    ang = np.concatenate([np.outer(np.arange(x.shape[1]), inv)] * 2, -1)[None, :, None, :]
+    a, b = x[..., : Dh // 2], x[..., Dh // 2 :]
+    y = x * np.cos(ang) + np.concatenate([-b, a], -1) * np.sin(ang)
+    assert {d.code for d in diagnoses("layer.0.q_rope", y, case)} == {"rope_position", "rope_scaling"}
 
 
 def test_rope_over_fewer_dimensions_is_named_not_guessed_as_a_pairing():

@@ -242,7 +242,7 @@ def _rotated(x: np.ndarray, halves: bool, angle: np.ndarray) -> np.ndarray:
     return np.stack([y1, y2], -1).reshape(x.shape)
 
 
-def _rope(pc: _Piece) -> Diagnosis | None:
+def _rope(pc: _Piece) -> Diagnosis | list | None:
     """A convention is named only when rotating the given input by it reproduces the port's output (the
     residual below the piece's fit); a piece no convention reproduces is localised, never guessed at."""
     x, y = pc.given(pc.piece.removesuffix("_rope")), pc.port
@@ -252,7 +252,7 @@ def _rope(pc: _Piece) -> Diagnosis | None:
     return _rope_rotation(pc, x, y, real) or _rope_dims(pc, x, y, real, pc.cfg["rope_theta"])
 
 
-def _rope_rotation(pc: _Piece, x: np.ndarray, y: np.ndarray, real: np.ndarray) -> Diagnosis | None:
+def _rope_rotation(pc: _Piece, x: np.ndarray, y: np.ndarray, real: np.ndarray) -> Diagnosis | list | None:
     """Find the pairing under which the port's output is a rotation of the given input, then its angles:
     frequencies (→ base), the position each row was rotated for (or the head), and the direction."""
     B, Hh, T, D = x.shape
@@ -274,13 +274,18 @@ def _rope_rotation(pc: _Piece, x: np.ndarray, y: np.ndarray, real: np.ndarray) -
     halves = fits[True] <= fits[False]
     if min(fits.values()) > max(1e-3, pc.fits):
         return None  # not a rotation of pairs
-    if reproduces(True, (np.arange(Hh)[:, None, None] * expected)[None]):
-        return Diagnosis(
-            "rope_position",
-            f"{pc.piece} is rotated by the head index, not the position: RoPE applied along the head axis "
-            "(a [B, T, heads, head_dim] tensor where [B, heads, T, head_dim] belongs)",
-            {"pairing": "halves (rotate_half)", "rotated_by": "head index"},
-        )
+    heads = np.arange(Hh)[:, None, None]
+    for freqs in (expected, plain) if model.rope_type != "default" else (expected,):
+        if reproduces(True, (heads * freqs)[None]):
+            axis = Diagnosis(
+                "rope_position",
+                f"{pc.piece} is rotated by the head index, not the position: RoPE applied along the head axis "
+                "(a [B, T, heads, head_dim] tensor where [B, heads, T, head_dim] belongs)",
+                {"pairing": "halves (rotate_half)", "rotated_by": "head index"},
+            )
+            if freqs is expected:
+                return axis
+            return [axis, _unscaled(pc, model)]
     (x1, x2), (y1, y2) = _pairs(x, halves), _pairs(y, halves)
     angle = np.arctan2(x1 * y2 - x2 * y1, x1 * y1 + x2 * y2)  # [B, H, T, D/2]
     valid = np.broadcast_to(real, angle.shape)
@@ -318,13 +323,9 @@ def _rope_rotation(pc: _Piece, x: np.ndarray, y: np.ndarray, real: np.ndarray) -
     ):
         if not reproduces(True, t * plain):
             return None
-        return Diagnosis(
-            "rope_scaling",
-            f"{pc.piece}'s frequencies are rope_theta's unscaled ones: the config's {model.rope_type} scaling "
-            f"({', '.join(f'{k} {v:g}' for k, v in model.rope_scaling)}) is not applied",
-            evidence
-            | {"frequencies": [round(float(f), 6) for f in freq], "expected": [round(float(f), 6) for f in expected]},
-        )
+        d = _unscaled(pc, model)
+        d.evidence |= evidence | {"frequencies": [round(float(f), 6) for f in freq]}
+        return d
     base = float(np.median(np.abs(freq[usable]) ** (-D / (2 * i[usable])))) if usable.any() else float("nan")
     evidence |= {
         "implied_base": base,
@@ -353,6 +354,15 @@ def _rope_rotation(pc: _Piece, x: np.ndarray, y: np.ndarray, real: np.ndarray) -
             evidence | {"implied_positions": [round(float(p), 3) for p in position]},
         )
     return None
+
+
+def _unscaled(pc: _Piece, model: ModelConfig) -> Diagnosis:
+    return Diagnosis(
+        "rope_scaling",
+        f"{pc.piece}'s frequencies are rope_theta's unscaled ones: the config's {model.rope_type} scaling "
+        f"({', '.join(f'{k} {v:g}' for k, v in model.rope_scaling)}) is not applied",
+        {"expected": [round(float(f), 6) for f in model.rope_inv_freq()]},
+    )
 
 
 def _rope_dims(pc: _Piece, x: np.ndarray, y: np.ndarray, real: np.ndarray, theta: float) -> Diagnosis | None:
@@ -401,18 +411,13 @@ def _scores(pc: _Piece) -> Diagnosis | None:
     for h in range(H):
         j, c, r = _head_fit(np.where(finite[:, h], s[:, h], 0), [x[:, h] for x in raw], real & finite[:, h])
         if r > pc.fits * 10:
-            return None
+            return _scores_across_batch(pc, q, k, s, real, finite)
         mapping.append(j)
         scales.append(c)
     n_rep = H // K
     expected_map = [h // n_rep for h in range(H)]
-    scale, ref_scale = float(np.median(scales)), D**-0.5
-    evidence = {
-        "kv_head_of_query_head": mapping,
-        "expected": expected_map,
-        "implied_scale": scale,
-        "expected_scale": ref_scale,
-    }
+    scale = float(np.median(scales))
+    evidence = {"kv_head_of_query_head": mapping, "expected": expected_map}
     found = []
     if mapping != expected_map:
         tiled = [h % K for h in range(H)]
@@ -420,16 +425,63 @@ def _scores(pc: _Piece) -> Diagnosis | None:
         found.append(
             Diagnosis("gqa_head_mapping", f"query heads read kv heads {mapping}, not {expected_map}: {how}", evidence)
         )
-    if abs(scale / ref_scale - 1) > 1e-3:
-        found.append(
-            Diagnosis(
-                "attention_scale",
-                f"attention logits are scaled by {scale:.4g} = 1/{1 / scale:.4g}, not 1/sqrt(head_dim) = 1/{D**0.5:.4g}"
-                + (" (1/head_dim)" if abs(scale * D - 1) < 1e-3 else ""),
-                evidence,
-            )
-        )
+    found += _attention_scale(scale, D, evidence)
     return found or None
+
+
+def _attention_scale(scale: float, D: int, evidence: dict) -> list[Diagnosis]:
+    if abs(scale * D**0.5 - 1) <= 1e-3:
+        return []
+    return [
+        Diagnosis(
+            "attention_scale",
+            f"attention logits are scaled by {scale:.4g} = 1/{1 / scale:.4g}, not 1/sqrt(head_dim) = 1/{D**0.5:.4g}"
+            + (" (1/head_dim)" if abs(scale * D - 1) < 1e-3 else ""),
+            evidence | {"implied_scale": scale, "expected_scale": D**-0.5},
+        )
+    ]
+
+
+def _across_batch(pc: _Piece, port, candidate, where, shape) -> tuple[dict, list[float]] | None:
+    """Each query head of each batch row fitted against every kv head of every row, `candidate(b, h, bb, j)`
+    its value had it read kv head j of row bb: {(b, h): (bb, j)} and the fitted scales, when every (row,
+    head) is reproduced and some row reads another row's; else None."""
+    B, H, K = shape
+    read, scales = {}, []
+    for b in range(B):
+        for h in range(H):
+            cands = [candidate(b, h, bb, j) for bb in range(B) for j in range(K)]
+            i, c, r = _head_fit(np.where(np.isfinite(port[b, h]), port[b, h], 0), cands, where(b, h))
+            if r > pc.fits * 10:
+                return None
+            read[(b, h)] = divmod(i, K)
+            scales.append(c)
+    if all(bb == b for (b, _), (bb, _) in read.items()):
+        return None  # within each row, and still no single map over the rows: not a layout the solver knows
+    return read, scales
+
+
+def _read_across_batch(read: dict, what: str) -> Diagnosis:
+    crossed = sum(bb != b for (b, _), (bb, _) in read.items())
+    return Diagnosis(
+        "gqa_head_mapping",
+        f"{crossed} of {len(read)} (batch row, query head) pairs take {what} from a kv head of another batch row: "
+        "the kv heads are repeated across the batch (a flat concatenation), not per group within each row",
+        {"kv_row_and_head_of_query_row_and_head": {f"{b},{h}": list(v) for (b, h), v in read.items()}},
+    )
+
+
+def _scores_across_batch(pc: _Piece, q, k, s, real, finite) -> list[Diagnosis] | None:
+    """Scores whose query heads read the keys of other batch rows (`_across_batch`)."""
+    B, H, K, D = q.shape[0], q.shape[1], k.shape[1], q.shape[-1]
+    found = _across_batch(
+        pc, s, lambda b, h, bb, j: q[b, h] @ k[bb, j].T, lambda b, h: real[b] & finite[b, h], (B, H, K)
+    )
+    if found is None:
+        return None
+    read, scales = found
+    d = _read_across_batch(read, "keys")
+    return [d, *_attention_scale(float(np.median(scales)), D, d.evidence)]
 
 
 def _probs(pc: _Piece) -> Diagnosis | None:
@@ -489,7 +541,14 @@ def _attn(pc: _Piece) -> Diagnosis | None:
     for h in range(H):
         j, c, r = _head_fit(heads[:, h], [probs[:, h] @ v[:, m] for m in range(K)], real)
         if r > pc.fits * 10 or abs(c - 1) > 1e-3:
-            return None
+            found = _across_batch(
+                pc, heads, lambda b, h, bb, j: probs[b, h] @ v[bb, j], lambda b, h: real[b], (B, H, K)
+            )
+            return (
+                None
+                if found is None or any(abs(c - 1) > 1e-3 for c in found[1])
+                else _read_across_batch(found[0], "values")
+            )
         mapping.append(j)
     expected = [h // (H // K) for h in range(H)]
     if mapping != expected:
