@@ -130,3 +130,24 @@ def test_a_port_without_the_lora_parameters_is_a_trainable_set_not_a_silent_fall
     )
     d = diagnose(judge("optimizer", out, case), out, case)[0]
     assert d.code == "trainable_set_mismatch" and d.evidence["extra"] == ["lm_head.weight"]
+
+
+def test_a_renamed_module_and_added_biases_are_two_causes():
+    """Attention under `attention.*` where the checkpoint says `self_attn.*` (never loaded), and a bias on
+    lm_head that the checkpoint has none of: the rename is named with its two names, the bias apart."""
+    case = CASES["gqa_padded"]
+    out = get_backend("mlx").run(case, ("weight_mapping",))["weight_mapping"]
+    rng = np.random.default_rng(0)
+    renamed = [f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in "qkvo"]
+    for k in renamed:
+        v = out.tensors.pop(f"weights.{k}")
+        out.tensors[f"weights.{k.replace('self_attn', 'attention')}"] = rng.standard_normal(v.shape).astype(np.float32)
+    out.tensors["weights.lm_head.bias"] = rng.standard_normal(64).astype(np.float32)
+    out.meta["load_report"] = {
+        "missing": [k.replace("self_attn", "attention") for k in renamed] + ["lm_head.bias"],
+        "unexpected": renamed,
+    }
+    found = diagnose(judge("weight_mapping", out, case), out, case)
+    assert [d.code for d in found] == ["key_mapping", "parameters_not_in_checkpoint"]
+    assert (found[0].evidence["port"], found[0].evidence["checkpoint"]) == ("attention", "self_attn")
+    assert found[1].evidence["not_in_checkpoint"] == ["lm_head.bias"]

@@ -36,10 +36,56 @@ def weights(result, out, case) -> list[Diagnosis] | None:
     rest = _mapping(
         result, case, missing, unexpected, expected, actual, skip={f"weights.{LM_HEAD}"} if found else set()
     )
-    return found + ([rest] if rest else []) or None
+    return found + (rest if isinstance(rest, list) else [rest] if rest else []) or None
 
 
-def _mapping(result, case, missing, unexpected, expected, actual, skip) -> Diagnosis | None:
+def _renamed(missing: list[str], unexpected: list[str]) -> Diagnosis | None:
+    """Parameters whose names differ from a checkpoint key in one component, the same one every time
+    (`attention` for `self_attn`): a rename in the port's module tree, so those tensors never load."""
+    by_shape = {}
+    for u in unexpected:
+        by_shape.setdefault(len(u.split(".")), []).append(u.split("."))
+    pairs = {}
+    for m in missing:
+        parts = m.split(".")
+        for u in by_shape.get(len(parts), []):
+            diff = [i for i, (a, b) in enumerate(zip(parts, u)) if a != b]
+            if len(diff) == 1:
+                pairs.setdefault((parts[diff[0]], u[diff[0]]), []).append(m)
+    if not pairs:
+        return None
+    (port_name, ckpt_name), names = max(pairs.items(), key=lambda kv: len(kv[1]))
+    return Diagnosis(
+        "key_mapping",
+        f"the port names {port_name!r} what the checkpoint names {ckpt_name!r}: {len(names)} parameters "
+        "never load from their checkpoint tensors",
+        {"port": port_name, "checkpoint": ckpt_name, "never_loaded": names[:10]},
+    )
+
+
+def _not_in_checkpoint(missing: list[str], unexpected: list[str], expected, renamed: Diagnosis | None):
+    """Parameters no checkpoint tensor matches, even renamed: the port's model has modules the checkpoint
+    (and so the config) does not, which keep their initialisation (a bias the family has none of)."""
+    port, ckpt = (renamed.evidence["port"], renamed.evidence["checkpoint"]) if renamed else ("", "")
+    keys = set(unexpected) | {k.removeprefix("weights.") for k in expected}
+    names = [m for m in missing if ".".join(ckpt if p == port else p for p in m.split(".")) not in keys]
+    if not names:
+        return None
+    kinds = sorted({m.rsplit(".", 1)[-1] for m in names})
+    return Diagnosis(
+        "parameters_not_in_checkpoint",
+        f"{len(names)} parameters of the port have no checkpoint tensor at all ({', '.join(kinds[:4])}: "
+        f"{', '.join(names[:3])}{', …' if len(names) > 3 else ''}): the port's model adds them, and they keep "
+        "their initialisation",
+        {"not_in_checkpoint": names[:10], "count": len(names)},
+    )
+
+
+def _mapping(result, case, missing, unexpected, expected, actual, skip) -> Diagnosis | list[Diagnosis] | None:
+    renamed = _renamed(missing, unexpected) if missing and unexpected else None
+    added = _not_in_checkpoint(missing, unexpected, expected, renamed) if missing else None
+    if renamed or (added and not unexpected):
+        return [d for d in (renamed, added) if d]
     if missing and unexpected:
         for pre in {u.split(".", 1)[0] + "." for u in unexpected if "." in u}:
             if all(u.startswith(pre) for u in unexpected) and {u[len(pre) :] for u in unexpected} & set(missing):
