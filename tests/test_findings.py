@@ -91,3 +91,18 @@ def test_a_trainable_set_is_not_inherited_from_an_unrelated_key_mismatch():
     )
     found, _ = _summary(audit(MutantBackend(both), CASES["gqa_padded"]))
     assert ("weight_mapping", "key_mapping") in found and ("gradients", "trainable_set_mismatch") in found
+
+
+def test_an_update_rule_bug_is_named_beside_another_trainable_set():
+    """Head-only training and a learning rate 1.5× too high: the update rule is still solved on the tensors
+    both train, from the port's own moments (a different set once ended the optimizer's diagnosis)."""
+    both = dataclasses.replace(
+        MUTANTS["trains_head_only"],
+        name="head+lr",
+        settings=lambda s: dataclasses.replace(
+            s, trainable="head", optimizer=dataclasses.replace(s.optimizer, lr=1.5 * s.optimizer.lr)
+        ),
+    )
+    found, _ = _summary(audit(MutantBackend(both), CASES["gqa_padded"]))
+    codes = {code for _, code in found}
+    assert {"trainable_set_mismatch", "learning_rate"} <= codes

@@ -42,12 +42,15 @@ def optimizer(result, out, case) -> Diagnosis | None:
             if len(set_problems) == len(result.failures)
             else "differ too (a global clipping norm over another set moves them)"
         )
-        return Diagnosis(
+        mismatch = Diagnosis(
             "trainable_set_mismatch",
             f"the update covers a different set of parameters: {len(absent)} of the "
             f"reference's tensors absent, {len(extra)} extra; the ones both update {shared}",
             {"absent": absent[:20], "extra": extra[:20]},
         )
+        # The update rule is still solved on the tensors both update, from the port's own moments: the
+        # set changes the gradient reaching them (a global clipping norm), never how m and v make the update.
+        return [mismatch, *_update(t, g, case, present)]
     # Moments first: they see the gradient the optimizer was given (after clipping and accumulation).
     found = []
     m_keys = [k for k in g if k.startswith("optimizer.m.") and k in t]
