@@ -10,7 +10,7 @@ from .backends import Backend, TrainerBackend
 from .case import Case
 from .compare import TensorResult, compare_group, forward_mask
 from .diagnosis import Diagnosis, diagnose
-from .findings import analyse
+from .findings import NOT_IMPLEMENTED, analyse
 from .stages import ALL_STAGES, REGISTRY, StageOutput
 from .tolerances import precision_tolerance, tolerance
 
@@ -117,7 +117,7 @@ def judge(
         return res
     if out.unsupported:  # an optional request may go unchecked; a core stage may not
         res.status = NOT_CHECKED if spec.optional else FAIL
-        res.message = f"not implemented by the backend: {out.unsupported}"
+        res.message = f"{NOT_IMPLEMENTED}: {out.unsupported}"
         return res
     t = out.tensors
     losses = t.get(f"{stage}.loss")

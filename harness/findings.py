@@ -23,6 +23,10 @@ ISOLATED_BY = {n: s.isolated_by for n, s in REGISTRY.items() if s.isolated_by}
 # Causes about which tensors exist or move at all, not about their values: no upstream difference makes
 # gradients vanish or an update stay put, so these are findings whatever failed before them.
 STRUCTURAL = {"no_gradients", "zero_gradients", "trainable_set_mismatch", "no_update", "optimizer_not_connected"}
+# A stage the port does not implement (a core request answered `.unsupported`) or reports an error for:
+# no upstream difference in numbers explains a missing feature or the port's own refusal, so it is always a
+# finding of its own (a port that saves no checkpoint, say).
+NOT_IMPLEMENTED = "not implemented by the backend"
 
 
 def upstream(stage: str) -> list[str]:
@@ -138,6 +142,10 @@ def analyse(stages) -> tuple[list[Finding], list[Inherited]]:
     for name in order:
         st = by_name[name]
         if st.status != "fail":
+            continue
+        if st.message.startswith(NOT_IMPLEMENTED) or any(d.code == "stage_error" for d in st.diagnoses):
+            findings += _findings(st)
+            roots[name] = [name]
             continue
         if name == "checkpoint" and any(t.name.endswith(RESUMED) and not t.passed for t in st.tensors):
             findings += _findings(st)  # a resume that differs from the backend's own run: its own bug

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlx_parity.harness.audit import audit
+from mlx_parity.harness.audit import StageResult, audit
 from mlx_parity.harness.backends import get_backend
 from mlx_parity.harness.backends.mutants import MUTANTS, Mutant, MutantBackend, _opt
-from mlx_parity.harness.findings import analyse
+from mlx_parity.harness.diagnosis import Diagnosis
+from mlx_parity.harness.findings import NOT_IMPLEMENTED, analyse
 from mlx_parity.harness.stages import STAGES
 
 from .conftest import CASES, audit_once, audited
@@ -106,3 +107,26 @@ def test_an_update_rule_bug_is_named_beside_another_trainable_set():
     found, _ = _summary(audit(MutantBackend(both), CASES["gqa_padded"]))
     codes = {code for _, code in found}
     assert {"trainable_set_mismatch", "learning_rate"} <= codes
+
+
+def test_a_stage_the_port_does_not_implement_is_a_finding_whatever_failed_before():
+    """A port that saves no checkpoint answers `checkpoint` unsupported: no upstream failure explains a
+    missing feature, so it is never filed as inherited (it was, behind a forward bug)."""
+    stages = [
+        StageResult("forward", "fail", diagnoses=[Diagnosis("forward_divergence", "layer 0", {})]),
+        StageResult("trajectory", "fail", diagnoses=[Diagnosis("unexplained", "drifts", {})]),
+        StageResult(
+            "checkpoint",
+            "fail",
+            message=f"{NOT_IMPLEMENTED}: saves no optimizer state",
+            diagnoses=[Diagnosis("error", "the stage failed without output", {})],
+        ),
+    ]
+    found, inherited = analyse(stages)
+    assert ("checkpoint", "error") in [(f.stage, f.code) for f in found]
+    assert "checkpoint" not in [i.stage for i in inherited] and "trajectory" in [i.stage for i in inherited]
+    stages[2] = StageResult(
+        "checkpoint", "fail", message="the port reported: cannot resume", diagnoses=[Diagnosis("stage_error", "x", {})]
+    )
+    found, _ = analyse(stages)
+    assert ("checkpoint", "stage_error") in [(f.stage, f.code) for f in found]
