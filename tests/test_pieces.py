@@ -248,3 +248,10 @@ def test_gradients_under_each_others_names_are_named():
 
     d = _gradient_diagnosis(swap)
     assert d.code == "gradient_names" and d.evidence["holds"][a.removeprefix("grad.")] == b.removeprefix("grad.")
+
+
+def test_an_absent_piece_is_said_to_be_absent():
+    out = StageOutput({P.PREFIX + k: v for k, v in P.given(CASE.golden).items() if k != "layer.1.attn"})
+    result = judge("isolated_forward", out, CASE)
+    d = diagnose(result, out, CASE)[0]
+    assert d.code == "piece_divergence" and "absent" in d.summary and d.evidence["problem"].startswith("absent")

@@ -679,6 +679,8 @@ def forward_pieces(result, out, case) -> list[Diagnosis] | None:
 
 
 def _unexplained(t, piece: str) -> Diagnosis:
+    if t.problem:  # absent, or of another shape or dtype: said as it is, not as a difference of values
+        return Diagnosis("piece_divergence", f"{piece}: {t.problem}", {"worst": t.name, "problem": t.problem})
     return Diagnosis(
         "piece_divergence",
         f"{piece}: differs on the reference's own inputs; no solved convention explains it",
