@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -164,17 +164,21 @@ def audit(backend: Backend, case: Case, stages=ALL_STAGES, precision: str = "flo
     source = getattr(case, "source", case)
     outputs = {} if stream else backend.run(source, stages)
     results = []
+    port_weights: dict = {}  # the port's loaded weights: a forward failure is re-computed from them
     for s in stages:
         out = (backend.run(source, [s]) if stream else outputs).get(s) or StageOutput(
             error=f"the backend returned nothing for stage {s}"
         )
+        if s == "weight_mapping":
+            port_weights = {k: v for k, v in out.tensors.items() if k.startswith("weights.")}
         try:
             r = judge(s, out, case, precision, run_to_run=bool(getattr(backend, "nondeterministic", False)))
         except Exception as e:  # a malformed output the checks above did not foresee: this stage's failure
             r = StageResult(s, FAIL, message=f"could not judge the backend's output: {type(e).__name__}: {e}")
         if r.status == FAIL:
             try:
-                r.diagnoses = diagnose_stage(r, out, case)
+                seen = replace(out, tensors=port_weights | out.tensors) if port_weights else out
+                r.diagnoses = diagnose_stage(r, seen, case)
             except Exception as e:  # a rule that raises reports itself, never kills the audit
                 r.diagnoses = [
                     Diagnosis("diagnosis_failed", f"the diagnosis rule for {s} raised {type(e).__name__}: {e}", {})

@@ -122,8 +122,9 @@ def _forward_pieces_note(iso) -> str:
     can have named the piece."""
     if iso is None or iso.status not in ("pass", "fail"):
         return (
-            "; no piece or cause is named: the port does not answer the isolated forward check "
-            "(`isolated_forward`, docs/protocol.md), which solves each piece on the reference's inputs"
+            "; no cause is named: no convention re-computed from the port's own input and weights reproduces "
+            "that layer, and the port does not answer the isolated forward check (`isolated_forward`, "
+            "docs/protocol.md), which solves each piece on the reference's inputs"
         )
     if iso.status == "fail":
         return "; the isolated forward check's findings name the pieces"
@@ -169,6 +170,13 @@ def analyse(stages) -> tuple[list[Finding], list[Inherited]]:
             if origin:
                 inherited.append(Inherited(name, list(dict.fromkeys(origin))))
             roots[name] = [name] if own else list(dict.fromkeys(origin))
+            continue
+        proven = [d for d in st.diagnoses if d.evidence.get("from_port_inputs")]
+        if proven and ISOLATED_BY.get(name) not in failed:
+            # re-computed from the port's own inputs and weights: nothing upstream explains it (where the
+            # isolated check failed, that check, on the reference's inputs, holds the finding instead)
+            findings += [f for f, d in zip(_findings(st), st.diagnoses) if d in proven]
+            roots[name] = [name]
             continue
         structural = [d for d in st.diagnoses if d.code in STRUCTURAL]
         if structural and not _follows_structurally(name, structural, by_name, failed):

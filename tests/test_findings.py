@@ -28,10 +28,20 @@ def test_a_forward_bug_is_one_finding_and_the_rest_inherit_it():
     }
 
 
+def _scaled_mlp(model) -> None:
+    """An MLP whose output is 1.5× the reference's: no convention a port can get wrong explains it."""
+    import mlx.nn as nn
+
+    for layer in model.model.layers:
+        layer.mlp.activation = lambda gate, up: 1.5 * nn.silu(gate) * up
+
+
 def test_a_forward_bug_without_the_isolated_check_says_no_cause_was_solved():
-    """A port that answers the eight stages only: the forward localises the layer and says that no piece
-    was checked, never that the isolated check (which did not run) names one."""
-    r = audit_once(get_backend("mutant:rope_theta_hardcoded"), CASES["mha_sharded"], STAGES)
+    """A port that answers the eight stages only, with a bug no convention reproduces: the forward
+    localises the layer and says that no cause was solved, never that the isolated check (which did not
+    run) names one."""
+    scaled = dataclasses.replace(MUTANTS["mlp_gelu"], name="scaled_mlp", model_hook=_scaled_mlp)
+    r = audit_once(MutantBackend(scaled), CASES["mha_sharded"], STAGES)
     found, _ = r.findings()
     assert [(f.stage, f.code) for f in found] == [("forward", "forward_divergence")]
     assert "does not answer the isolated forward check" in found[0].summary
@@ -130,3 +140,21 @@ def test_a_stage_the_port_does_not_implement_is_a_finding_whatever_failed_before
     )
     found, _ = analyse(stages)
     assert ("checkpoint", "stage_error") in [(f.stage, f.code) for f in found]
+
+
+def test_a_port_answering_only_the_eight_stages_gets_its_forward_causes():
+    """No isolated request: the first divergent layer is re-computed from the port's own input and weights
+    (harness/diagnosis/port_layer.py), and two bugs in it (RoPE base, GELU) are both named there."""
+    both = dataclasses.replace(MUTANTS["mlp_gelu"], name="base+gelu", config=MUTANTS["rope_theta_hardcoded"].config)
+    r = audit_once(MutantBackend(both), CASES["mha_sharded"], STAGES)
+    found, _ = r.findings()
+    assert {(f.stage, f.code) for f in found} == {("forward", "rope_base"), ("forward", "mlp_activation")}
+    assert all(f.evidence["from_port_inputs"] and f.evidence["reproduced_to"] < 1e-4 for f in found)
+
+
+def test_the_reference_on_a_port_that_did_not_load_its_weights_names_no_forward_convention():
+    """Random weights explain the forward: re-computed with the port's own weights, the reference's layer
+    reproduces it, so no convention is named (weight_mapping holds the cause)."""
+    r = audit_once(get_backend("mutant:weights_not_loaded"), CASES["gqa_padded"], STAGES)
+    found, _ = r.findings()
+    assert [f.code for f in found] == ["weights_not_loaded"]
