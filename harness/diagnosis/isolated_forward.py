@@ -94,6 +94,14 @@ def _rms_norm(x: np.ndarray, w, eps: float) -> np.ndarray:
     return w * x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
 
 
+def _eps_fit(pc: _Piece, x: np.ndarray, y: np.ndarray, eps: float) -> float:
+    """The relative residual of the port's norm output under `eps`, with the weight its rows imply."""
+    u = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    ur, yr = u[pc.real], y[pc.real]
+    implied_w = (ur * yr).sum(0) / np.maximum((ur * ur).sum(0), _TINY)
+    return _close_fit(y, implied_w * u, pc.real[..., None])
+
+
 def _norm(pc: _Piece) -> Diagnosis | None:
     """y = w·x / sqrt(mean(x²) + eps). Between two rows the weight cancels: (y_a/x_a)/(y_b/x_b) = r_b/r_a
     with r² = mean(x²) + eps, so eps is solved without trusting the port's (or the checkpoint's) weight."""
@@ -129,15 +137,15 @@ def _norm(pc: _Piece) -> Diagnosis | None:
             {"configured_eps": eps},
         )
     if abs(est - eps) > max(0.3 * eps, 1e-5 * scale):
-        # named only when that eps reproduces the port's output, with the weight the port's rows imply (per
-        # column, by least squares: the port's weight need not be the checkpoint's, as when nothing loaded)
-        if est <= 0:
+        # named only when that eps reproduces the port's output and the configured one does not, each with
+        # the weight the port's rows imply (per column, by least squares: the port's weight need not be the
+        # checkpoint's, as when nothing loaded)
+        if est <= 0 or _eps_fit(pc, x, y, est) >= pc.fits or _eps_fit(pc, x, y, eps) < pc.fits:
             return None
-        u = x / np.sqrt((x * x).mean(-1, keepdims=True) + est)
-        ur, yr = u[pc.real], y[pc.real]
-        implied_w = (ur * yr).sum(0) / np.maximum((ur * ur).sum(0), _TINY)
-        if _close_fit(y, implied_w * u, pc.real[..., None]) >= pc.fits:
-            return None
+        evidence |= {
+            "residual_at_implied_eps": _eps_fit(pc, x, y, est),
+            "residual_at_configured_eps": _eps_fit(pc, x, y, eps),
+        }
         return Diagnosis(
             "rmsnorm_eps", f"RMSNorm implies eps = {est:.3g}, not the config's rms_norm_eps = {eps:g}", evidence
         )
