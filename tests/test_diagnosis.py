@@ -1,6 +1,7 @@
 """Diagnosis rules beyond the mutant catalogue: a load report's prefix pattern, swapped keys, and the
 localisation of a failure no rule explains."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -151,3 +152,22 @@ def test_a_renamed_module_and_added_biases_are_two_causes():
     assert [d.code for d in found] == ["key_mapping", "parameters_not_in_checkpoint"]
     assert (found[0].evidence["port"], found[0].evidence["checkpoint"]) == ("attention", "self_attn")
     assert found[1].evidence["not_in_checkpoint"] == ["lm_head.bias"]
+
+
+def test_a_learning_rate_is_placed_on_the_schedule_where_it_matches_a_step():
+    """A first update at the warmup's peak (as a port whose step counter runs ahead would take it): the
+    summary gives the port's rate and the schedule step that has it."""
+    from mlx_parity.harness.backends.mutants import Mutant, MutantBackend
+
+    m = Mutant(
+        "lr_at_peak",
+        "warmup skipped",
+        "optimizer",
+        ("clip_accum_warmup",),
+        "learning_rate",
+        settings=lambda s: dataclasses.replace(s, schedule=dataclasses.replace(s.schedule, warmup_init=s.optimizer.lr)),
+    )
+    r = audit(MutantBackend(m), CASES["clip_accum_warmup"], ("optimizer",))
+    d = r.stages[0].diagnosis
+    assert d.code == "learning_rate" and d.evidence["schedule_step_of_port_lr"] == 2
+    assert "the schedule's rate at step 2" in d.summary

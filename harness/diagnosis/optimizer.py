@@ -155,11 +155,18 @@ def _update(t, g, case, deltas) -> list[Diagnosis]:
     if decay:
         return [decay]
     if not close(r, 1.0, 0.002) and float(np.ptp(ratios)) < 0.01 * abs(r):
+        lr = r * lr0
+        # the schedule step whose learning rate the port used, where one matches (a step counter read from
+        # the micro-batches, say): said only when it reproduces the port's rate
+        horizon = (s.steps + 1) * max(1, s.accum_steps)
+        at = next((k for k in range(horizon) if close(lr_at(s.optimizer, s.schedule, k), lr, 0.002)), None)
+        where = f"; that is the schedule's rate at step {at}, not step 0" if at else ""
         return [
             Diagnosis(
                 "learning_rate",
-                f"the update is a uniform {r:.4g}× the reference's: the learning rate differs",
-                evidence,
+                f"the update is a uniform {r:.4g}× the reference's: the port's learning rate for its first update "
+                f"is {lr:.4g} where the schedule gives {lr0:.4g}{where}",
+                evidence | {"port_lr": lr, "schedule_lr": lr0, "schedule_step_of_port_lr": at},
             )
         ]
     eps = _eps_estimate(t, g, case)
