@@ -56,6 +56,13 @@ class Finding:
 class Inherited:
     stage: str
     from_stages: list[str]
+    # the stage's own isolated check ran and passed (or it is an isolated check): the piece is clean and the
+    # failure follows from its inputs; False: nothing isolated it, so it only may follow from them
+    isolated: bool = True
+
+    def describe(self) -> str:
+        origin = ", ".join(self.from_stages)
+        return f"follows from {origin}" if self.isolated else f"may follow from {origin} (not isolated)"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,7 +196,8 @@ def analyse(stages) -> tuple[list[Finding], list[Inherited]]:
             causes.append(iso)
         if causes:
             origin = list(dict.fromkeys(r for c in causes for r in roots.get(c, [c])))
-            inherited.append(Inherited(name, origin))
+            checked = by_name.get(iso) is not None and by_name[iso].status in ("pass", "fail")
+            inherited.append(Inherited(name, origin, isolated=checked))
             roots[name] = origin
         else:
             findings += _findings(st)

@@ -172,11 +172,11 @@ def explain_stage(result, st) -> str:
     else:
         lines.append(f"  {st.message}")
     found, inherited = result.findings()
-    follows = next((i.from_stages for i in inherited if i.stage == st.name), None)
+    follows = next((i for i in inherited if i.stage == st.name), None)
     own = [f for f in found if f.stage == st.name]
     if follows:  # the audit's verdict on this failure: it follows from findings elsewhere, not a cause of its own
-        lines.append(f"  inherited: follows from {', '.join(follows)}")
-        for f in (f for f in found if f.stage in follows):
+        lines.append(f"  inherited: {follows.describe()}")
+        for f in (f for f in found if f.stage in follows.from_stages):
             lines.append(f"  finding at {f.stage} ({f.code}): {f.summary}")
     elif own:
         for f in own:
@@ -203,7 +203,7 @@ def explain(result) -> str:
     by_name = {s.name: s for s in result.stages}
     text = "\n".join(explain_stage(result, by_name[stage]) for stage in dict.fromkeys(f.stage for f in found))
     if inherited:
-        text += "\n  inherited: " + "; ".join(f"{i.stage} (from {', '.join(i.from_stages)})" for i in inherited)
+        text += "\n  inherited: " + "; ".join(f"{i.stage} ({i.describe()})" for i in inherited)
     return text
 
 

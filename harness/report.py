@@ -83,11 +83,10 @@ def print_results(console: Console, results: list[AuditResult], verbose: bool = 
                 console.print(f"    evidence: {escape(format_evidence(f.evidence))}", highlight=False)
         origins: dict[tuple, list[str]] = {}
         for i in inherited:
-            origins.setdefault(tuple(i.from_stages), []).append(i.stage)
-        for origin, followers in origins.items():
-            console.print(
-                f"    inherited: {', '.join(followers)} fail as a consequence of {', '.join(origin)}", highlight=False
-            )
+            origins.setdefault((tuple(i.from_stages), i.isolated), []).append(i.stage)
+        for (origin, isolated), followers in origins.items():
+            how = "fail as a consequence of" if isolated else "fail and may follow from (not isolated)"
+            console.print(f"    inherited: {', '.join(followers)} {how} {', '.join(origin)}", highlight=False)
         if verbose:
             for s in r.stages:
                 for t in s.failures:

@@ -123,7 +123,7 @@ def _failed(results: list[AuditResult]) -> list[tuple[AuditResult, list[tuple[St
 
 
 def _inherited_text(inherited) -> str:
-    return "; ".join(f"{i.stage} (from {', '.join(i.from_stages)})" for i in inherited)
+    return "; ".join(f"{i.stage} ({i.describe()})" for i in inherited)
 
 
 def write_report(path: Path, results: list[AuditResult]) -> None:
@@ -165,7 +165,10 @@ def render_markdown(results: list[AuditResult], files: Path, base: Path) -> str:
                 lines += [f"- Evidence: {format_evidence(f.evidence, 800)}"]
             lines += [f"- Tolerance: {st.tolerance}"]
         if inherited:
-            lines += ["", f"Inherited failures (they follow from the findings above): {_inherited_text(inherited)}."]
+            lines += [
+                "",
+                f"Inherited failures (each with what it follows from, or may where nothing isolated it): {_inherited_text(inherited)}.",
+            ]
         for j, (caption, png) in enumerate(plots(r)):
             f = files / f"{i:02d}-{j}.png"
             f.write_bytes(png)
@@ -200,7 +203,7 @@ def render_html(results: list[AuditResult]) -> str:
             parts.append(f"<p>Tolerance: {html.escape(st.tolerance)}</p>")
         if inherited:
             parts.append(
-                f"<p>Inherited failures (they follow from the findings above): {html.escape(_inherited_text(inherited))}.</p>"
+                f"<p>Inherited failures (each with what it follows from, or may where nothing isolated it): {html.escape(_inherited_text(inherited))}.</p>"
             )
         for caption, png in plots(r):
             data = base64.b64encode(png).decode()

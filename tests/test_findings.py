@@ -165,3 +165,13 @@ def test_no_eps_is_named_where_the_configured_eps_reproduces_the_norm_too():
     configured eps reproduces them as well, so no eps is named (it was, beside the real cause)."""
     found, _ = _summary(audited("mutant:weights_not_loaded", "bf16_full"))
     assert [code for _, code in found] == ["weights_not_loaded"]
+
+
+def test_inheritance_is_claimed_only_where_an_isolated_check_ran():
+    """Labels not shifted: the loss's isolated check ran, so the loss follows from it; the gradients have
+    no isolated check, so they only may follow from it, and say so."""
+    _, inherited = audited("mutant:no_shift", "gqa_padded").findings()
+    by_stage = {i.stage: i for i in inherited}
+    assert by_stage["loss"].isolated and by_stage["loss"].describe().startswith("follows from")
+    assert not by_stage["gradients"].isolated
+    assert by_stage["gradients"].describe() == "may follow from shifted_slices, isolated_loss (not isolated)"
