@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -78,3 +79,12 @@ def common_affix(names: list[str]) -> str:
 
 def initial(case, name: str) -> np.ndarray | None:
     return case.initial_weights.get(f"weights.{name}")
+
+
+# The MLP activations a port may use in place of the model's: the convention solvers try each.
+ACTIVATIONS = {
+    "silu": lambda g: g / (1 + np.exp(-g)),
+    "gelu": lambda g: 0.5 * g * (1 + np.vectorize(math.erf)(g / math.sqrt(2))),
+    "gelu_tanh": lambda g: 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3))),
+    "relu": lambda g: np.maximum(g, 0),
+}

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from mlx_parity.reference.config import ModelConfig
 
 from .. import pieces as P
-from .core import Diagnosis, f64
+from .core import ACTIVATIONS, Diagnosis, f64
 
 _TINY = 1e-30
 WEIGHT_FREE = {"rmsnorm_eps"}  # solved between rows, where the norm's weight cancels
@@ -569,20 +569,12 @@ def _attn(pc: _Piece) -> Diagnosis | None:
 
 
 # --- MLP -----------------------------------------------------------------------------------------
-_ACTIVATIONS = {
-    "silu": lambda g: g / (1 + np.exp(-g)),
-    "gelu": lambda g: 0.5 * g * (1 + np.vectorize(math.erf)(g / math.sqrt(2))),
-    "gelu_tanh": lambda g: 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3))),
-    "relu": lambda g: np.maximum(g, 0),
-}
-
-
 def _act(pc: _Piece) -> Diagnosis | None:
     gate, up, y = pc.given("gate"), pc.given("up"), pc.port
     if y.shape != gate.shape:
         return None
     real = pc.real[..., None]
-    for name, fn in _ACTIVATIONS.items():
+    for name, fn in ACTIVATIONS.items():
         for swapped in (False, True):
             a, b = (up, gate) if swapped else (gate, up)
             if _close_fit(y, fn(a) * b, real) < pc.fits:

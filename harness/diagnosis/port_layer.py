@@ -3,7 +3,8 @@ layer (its residual after the layer before, or its embedding of the tokens), its
 (`weights.*`, under whatever names the port gives them), and its output (`forward.hidden.<i>`).
 
 The layer is re-computed in float64 under every combination of the conventions a port can get wrong
-(`CHOICES`: RMSNorm eps, RoPE axis, pairing and scaling, the kv-head map, the mask, the attention scale);
+(`_choices`: RMSNorm eps, attention biases, RoPE axis, pairing, scaling and base, the kv-head map, the
+mask, the attention scale, the activation, the LoRA scale), fewest deviations first;
 a combination explains the layer when it reproduces the port's own change to the residual. A convention
 is named only when every combination that reproduces the layer agrees on it and it is not the
 reference's: several at once are found together, an ambiguous one is not named, and a layer nothing
@@ -14,7 +15,6 @@ eight stages.
 from __future__ import annotations
 
 import itertools
-import math
 import re
 
 import numpy as np
@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 
 from mlx_parity.reference.config import ModelConfig
 
-from .core import Diagnosis, f64
+from .core import ACTIVATIONS, Diagnosis, f64
 
 # Relative residual of the layer's change to the residual stream under which a combination reproduces
 # it: a float32 port's own rounding sits at ~1e-6 of it, a single wrong convention at 1e-3 and beyond.
@@ -47,18 +47,6 @@ def _choices(cfg: ModelConfig, hidden: int, biases: bool, lora: bool) -> dict[st
         "activation": ("silu", "gelu", "gelu_tanh", "relu"),
         "lora_scale": ("configured", "ignored") if lora else ("configured",),
     }
-
-
-ACTIVATIONS = {
-    "silu": lambda g: g / (1 + np.exp(-g)),
-    "gelu": lambda g: 0.5 * g * (1 + _erf(g / np.sqrt(2))),
-    "gelu_tanh": lambda g: 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))),
-    "relu": lambda g: np.maximum(g, 0),
-}
-
-
-def _erf(x):
-    return np.vectorize(math.erf)(x)
 
 
 CODES = {  # the diagnosis code of each convention, and how to say the port's choice
