@@ -88,3 +88,23 @@ ACTIVATIONS = {
     "gelu_tanh": lambda g: 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3))),
     "relu": lambda g: np.maximum(g, 0),
 }
+
+
+def rms_norm(x: np.ndarray, w, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis, times `w` (1.0 for none)."""
+    return w * x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+
+
+def pairs(x: np.ndarray, halves: bool) -> tuple[np.ndarray, np.ndarray]:
+    """RoPE's pairs of the last axis: halves (i, i + D/2, rotate_half) or interleaved (2i, 2i + 1)."""
+    D = x.shape[-1]
+    return (x[..., : D // 2], x[..., D // 2 :]) if halves else (x[..., 0::2], x[..., 1::2])
+
+
+def rotated(x: np.ndarray, halves: bool, angle: np.ndarray) -> np.ndarray:
+    """x's pairs (halves or interleaved) rotated by `angle` (broadcast to [..., D/2])."""
+    (x1, x2), c, s = pairs(x, halves), np.cos(angle), np.sin(angle)
+    y1, y2 = x1 * c - x2 * s, x1 * s + x2 * c
+    if halves:
+        return np.concatenate([y1, y2], -1)
+    return np.stack([y1, y2], -1).reshape(x.shape)

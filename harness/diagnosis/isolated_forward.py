@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from mlx_parity.reference.config import ModelConfig
 
 from .. import pieces as P
-from .core import ACTIVATIONS, Diagnosis, f64
+from .core import ACTIVATIONS, Diagnosis, f64, pairs, rms_norm, rotated
 
 _TINY = 1e-30
 WEIGHT_FREE = {"rmsnorm_eps"}  # solved between rows, where the norm's weight cancels
@@ -90,10 +90,6 @@ def _norm_weight(pc: _Piece) -> np.ndarray | None:
     return pc.param(name)
 
 
-def _rms_norm(x: np.ndarray, w, eps: float) -> np.ndarray:
-    return w * x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
-
-
 def _eps_fit(pc: _Piece, x: np.ndarray, y: np.ndarray, eps: float) -> float:
     """The relative residual of the port's norm output under `eps`, with the weight its rows imply."""
     u = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
@@ -130,7 +126,7 @@ def _norm(pc: _Piece) -> Diagnosis | None:
     scale = float(ms[base])  # eps is resolvable to about float32 rounding of this
     w = _norm_weight(pc)
     centred = x - x.mean(-1, keepdims=True)
-    if _close_fit(y, _rms_norm(centred, 1.0 if w is None else w, eps), pc.real[..., None]) < pc.fits:
+    if _close_fit(y, rms_norm(centred, 1.0 if w is None else w, eps), pc.real[..., None]) < pc.fits:
         return Diagnosis(
             "layer_norm",
             f"{pc.piece} subtracts each row's mean before normalising: a LayerNorm where the model has an RMSNorm",
@@ -149,7 +145,7 @@ def _norm(pc: _Piece) -> Diagnosis | None:
         return Diagnosis(
             "rmsnorm_eps", f"RMSNorm implies eps = {est:.3g}, not the config's rms_norm_eps = {eps:g}", evidence
         )
-    if w is not None and _close_fit(y, _rms_norm(x, 1.0, eps), pc.real[..., None]) < pc.fits:
+    if w is not None and _close_fit(y, rms_norm(x, 1.0, eps), pc.real[..., None]) < pc.fits:
         return Diagnosis(
             "norm_weight",
             f"{pc.piece} equals x/sqrt(mean(x²)+eps) without its weight: the norm's weight is not applied",
@@ -236,20 +232,6 @@ def _lora_branch(pc: _Piece, module: str, x: np.ndarray):
 
 
 # --- RoPE ----------------------------------------------------------------------------------------
-def _pairs(x: np.ndarray, halves: bool) -> tuple[np.ndarray, np.ndarray]:
-    D = x.shape[-1]
-    return (x[..., : D // 2], x[..., D // 2 :]) if halves else (x[..., 0::2], x[..., 1::2])
-
-
-def _rotated(x: np.ndarray, halves: bool, angle: np.ndarray) -> np.ndarray:
-    """x's pairs (halves or interleaved) rotated by `angle` (broadcast to [..., D/2])."""
-    (x1, x2), c, s = _pairs(x, halves), np.cos(angle), np.sin(angle)
-    y1, y2 = x1 * c - x2 * s, x1 * s + x2 * c
-    if halves:
-        return np.concatenate([y1, y2], -1)
-    return np.stack([y1, y2], -1).reshape(x.shape)
-
-
 def _rope(pc: _Piece) -> Diagnosis | list | None:
     """A convention is named only when rotating the given input by it reproduces the port's output (the
     residual below the piece's fit); a piece no convention reproduces is localised, never guessed at."""
@@ -271,11 +253,11 @@ def _rope_rotation(pc: _Piece, x: np.ndarray, y: np.ndarray, real: np.ndarray) -
     t = np.arange(T)[:, None]
 
     def reproduces(halves: bool, angle: np.ndarray) -> bool:
-        return _close_fit(y, _rotated(x, halves, angle), real) <= pc.fits
+        return _close_fit(y, rotated(x, halves, angle), real) <= pc.fits
 
     fits = {}
     for halves in (True, False):
-        (x1, x2), (y1, y2) = _pairs(x, halves), _pairs(y, halves)
+        (x1, x2), (y1, y2) = pairs(x, halves), pairs(y, halves)
         nx, ny = np.hypot(x1, x2), np.hypot(y1, y2)
         keep = np.broadcast_to(real, nx.shape) & (nx > 1e-3 * nx.max())
         fits[halves] = float(np.median(np.abs(ny[keep] - nx[keep]) / nx[keep])) if keep.any() else np.inf
@@ -294,7 +276,7 @@ def _rope_rotation(pc: _Piece, x: np.ndarray, y: np.ndarray, real: np.ndarray) -
             if freqs is expected:
                 return axis
             return [axis, _unscaled(pc, model)]
-    (x1, x2), (y1, y2) = _pairs(x, halves), _pairs(y, halves)
+    (x1, x2), (y1, y2) = pairs(x, halves), pairs(y, halves)
     angle = np.arctan2(x1 * y2 - x2 * y1, x1 * y1 + x2 * y2)  # [B, H, T, D/2]
     valid = np.broadcast_to(real, angle.shape)
     per_t = np.array(
@@ -383,7 +365,7 @@ def _rope_dims(pc: _Piece, x: np.ndarray, y: np.ndarray, real: np.ndarray, theta
         head = x[..., :dims]
         angle = t * theta ** (-np.arange(0, dims, 2) / dims)
         for halves in (True, False):
-            m = np.concatenate([_rotated(head, halves, angle), x[..., dims:]], -1)
+            m = np.concatenate([rotated(head, halves, angle), x[..., dims:]], -1)
             if _close_fit(y, m, real) <= pc.fits:
                 return Diagnosis(
                     "rope_dims",

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 
 from mlx_parity.reference.config import ModelConfig
 
-from .core import ACTIVATIONS, Diagnosis, f64
+from .core import ACTIVATIONS, Diagnosis, f64, rms_norm, rotated
 
 # Relative residual of the layer's change to the residual stream under which a combination reproduces
 # it: a float32 port's own rounding sits at ~1e-6 of it, a single wrong convention at 1e-3 and beyond.
@@ -97,22 +97,11 @@ def _linear(x, w, b):
     return y if b is None else y + b
 
 
-def _rms(x, w, eps):
-    y = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
-    return y if w is None else y * w
-
-
 def _rope(x, freqs, axis: str, pairing: str):
     """x [B, H, T, D] rotated at positions 0..T-1 (or at the head index, along the head axis)."""
-    B, H, T, D = x.shape
+    _, H, T, _ = x.shape
     pos = np.arange(T)[None, :, None] if axis == "positions" else np.arange(H)[:, None, None]
-    ang = pos * freqs  # [H or 1, T or 1, D/2]
-    c, s = np.cos(ang), np.sin(ang)
-    if pairing == "halves":
-        a, b = x[..., : D // 2], x[..., D // 2 :]
-        return np.concatenate([a * c - b * s, a * s + b * c], -1)
-    a, b = x[..., 0::2], x[..., 1::2]
-    return np.stack([a * c - b * s, a * s + b * c], -1).reshape(x.shape)
+    return rotated(x, pairing == "halves", pos * freqs)
 
 
 def _kv(kv, n_rep: int, how: str):
@@ -177,10 +166,10 @@ class _Layer:
             return y.reshape(B, T, n, -1).transpose(0, 2, 1, 3)
 
         def qkv():
-            h = _rms(x, self.p["input_layernorm.weight"], c["eps"])
+            h = rms_norm(x, self.p["input_layernorm.weight"], c["eps"])
             q, k = heads(self._proj(h, "q", bias, ls), H), heads(self._proj(h, "k", bias, ls), K)
             if self.p["q_norm.weight"] is not None and self.p["k_norm.weight"] is not None:
-                q, k = _rms(q, self.p["q_norm.weight"], c["eps"]), _rms(k, self.p["k_norm.weight"], c["eps"])
+                q, k = rms_norm(q, self.p["q_norm.weight"], c["eps"]), rms_norm(k, self.p["k_norm.weight"], c["eps"])
             return q, k, heads(self._proj(h, "v", bias, ls), K)
 
         q, k, v = self._cached(("qkv", c["eps"], bias, ls), qkv)
@@ -213,7 +202,7 @@ class _Layer:
         e = np.exp(s - s.max(-1, keepdims=True))
         a = (e / e.sum(-1, keepdims=True)) @ _kv(v, n_rep, c["kv_map"])
         x2 = x + self._proj(a.transpose(0, 2, 1, 3).reshape(B, T, -1), "o", bias, ls)
-        h2 = _rms(x2, self.p["post_attention_layernorm.weight"], c["eps"])
+        h2 = rms_norm(x2, self.p["post_attention_layernorm.weight"], c["eps"])
         gate, up = self._proj(h2, "gate", True, ls), self._proj(h2, "up", True, ls)
         return x2 + self._proj(ACTIVATIONS[c["activation"]](gate) * up, "down", True, ls)
 
