@@ -160,7 +160,12 @@ class Case:
         f = self.path / "truth.safetensors"
         if not f.exists():
             raise CaseError(f"{f} is missing: a fixture needs its float64 truth (`parity fixtures generate`)")
-        truth = Truth(_finite(f, _load(f)), self.golden)
+        stored = _finite(f, _load(f))
+        for k in [k for k in stored if k.startswith("spread.")]:  # one-byte codes under a scale: it must be >= 0
+            scale = stored.get(f"spread_scale.{k.removeprefix('spread.')}")
+            if scale is None or not float(scale) >= 0.0:
+                raise CaseError(f"{f}: {k} has no valid spread_scale (got {scale}): refusing to judge against it")
+        truth = Truth(stored, self.golden)
 
         missing = [k for k, v in self.golden.items() if needs_truth(k, v) and f"truth.{k}" not in truth]
         if missing:

@@ -65,10 +65,12 @@ def compare(
     mask=None,
     param=None,
     param_dtype: str = "float32",
+    spread=None,
 ) -> TensorResult:
     """`expected` is the reference's golden; `truth` (float64) what errors are measured against, the
     golden itself for exact tolerances. `mask` (broadcast to the shape) selects the judged elements;
-    `param` is the parameter a change Δθ belongs to (its rounding, in `param_dtype`, sets Δθ's precision)."""
+    `param` is the parameter a change Δθ belongs to (its rounding, in `param_dtype`, sets Δθ's precision);
+    `spread` the reference's noise at each element measured on perturbed inputs (harness/fixtures/spread.py)."""
     if actual is None:
         return TensorResult(name, False, problem="absent from the backend's output", tolerance=tol.describe())
     try:
@@ -102,8 +104,9 @@ def compare(
         return res
     sens = None if sensitivity is None else np.asarray(sensitivity, np.float64)[keep]
     theta = None if param is None else np.asarray(param, np.float64)[keep]
+    spread = None if spread is None else np.asarray(spread, np.float64)[keep]
     bound = np.zeros(a.shape)
-    bound[keep] = tol.bound(e[keep], c[keep], sens, stage_rms, theta, param_dtype)
+    bound[keep] = tol.bound(e[keep], c[keep], sens, stage_rms, theta, param_dtype, spread)
     diff = np.where(keep, np.abs(a - c), 0.0)
     over = diff > bound
     with np.errstate(divide="ignore", invalid="ignore"):

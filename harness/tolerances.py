@@ -10,10 +10,13 @@ Every bound kind and the inputs of each tensor's bound (`truth_bound_inputs`) ar
   float32 arithmetic costs *on this model at this element*; a port may err by a stated multiple of it:
 
       e_i     = max(|R_i - T_i| - sensitivity_i, 0)   (the error its conditioning does not explain)
-      noise_i = max(|R_i - T_i|, rms(e), rel * |T_i|[, rms over the stage])
+      noise_i = max(|R_i - T_i|, spread_i, rms(e), rel * |T_i|[, rms over the stage])
       bound_i = multiple * noise_i + sensitivity_i + floor_ulps * ulp32 * max(max|T|, |theta_i|)
 
-  R the reference's golden, T the truth, rel = rms(e) / rms(T) of the tensor. The bound grows with
+  R the reference's golden, T the truth, rel = rms(e) / rms(T) of the tensor, spread_i the largest error
+  beyond the sensitivity of the reference re-run on inputs moved by an ulp (`spread.*`, measured when the
+  fixture was built: harness/fixtures/spread.py), so an element where the golden's one sample of the noise
+  happened to land near the truth is still bounded by the noise measured there. The bound grows with
   depth, width and activation outliers by itself. `sensitivity_i` covers ill-conditioned elements (an
   Adam update where |g| is at noise level, an analytically zero gradient): it is how far the truth's
   update moves when the gradient moves by the gradient stage's own bound, measured in float64 by the
@@ -73,7 +76,14 @@ class Exact:
         return "exact"
 
     def bound(
-        self, reference, truth=None, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32"
+        self,
+        reference,
+        truth=None,
+        sensitivity=None,
+        stage_rms: float = 0.0,
+        param=None,
+        param_dtype="float32",
+        spread=None,
     ) -> np.ndarray:
         return np.zeros(np.shape(reference))
 
@@ -94,7 +104,14 @@ class TruthBound:
         return f"{self.multiple:g}× the reference's {self.dtype} error vs the float64 truth + {self.floor_ulps:g} ulp"
 
     def bound(
-        self, reference, truth, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32"
+        self,
+        reference,
+        truth,
+        sensitivity=None,
+        stage_rms: float = 0.0,
+        param=None,
+        param_dtype="float32",
+        spread=None,
     ) -> np.ndarray:
         r, t = np.asarray(reference, np.float64), np.asarray(truth, np.float64)
         if t.size == 0:
@@ -108,6 +125,8 @@ class TruthBound:
         rms_t = float(np.sqrt(np.mean(t**2)))
         rel = rms_err / rms_t if rms_t > 0 else 0.0
         noise = np.maximum(np.maximum(err, rms_err), rel * np.abs(t))
+        if spread is not None:  # the reference's noise measured again on perturbed inputs (fixtures/spread.py)
+            noise = np.maximum(noise, np.asarray(spread, np.float64))
         if self.stage_floor:
             noise = np.maximum(noise, stage_rms)
         floor = self.floor_ulps * ULP32 * float(np.abs(t).max())
@@ -179,6 +198,7 @@ def truth_bound_inputs(golden, truth, prefix: str, names, precision: str, steps:
         inputs[k] = {
             "truth": t,
             "sensitivity": truth.get(f"sens.{full}"),
+            "spread": truth.get(f"spread.{full}"),
             "stage_rms": kind_rms.get(kind(k), rms),
             "param": theta,
             "param_dtype": parameter_dtype(pname, precision),
@@ -338,11 +358,18 @@ class PrecisionBound(TruthBound):
         )
 
     def bound(
-        self, reference, truth, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32"
+        self,
+        reference,
+        truth,
+        sensitivity=None,
+        stage_rms: float = 0.0,
+        param=None,
+        param_dtype="float32",
+        spread=None,
     ) -> np.ndarray:
         """factor × (multiple × noise + floor) + sensitivity: the sensitivity is not scaled, since on a
         precision case (`precision_case`) it is already measured for that precision's gradient error."""
-        base = TruthBound.bound(self, reference, truth, sensitivity, stage_rms, param, param_dtype)
+        base = TruthBound.bound(self, reference, truth, sensitivity, stage_rms, param, param_dtype, spread)
         sens = 0.0 if sensitivity is None else np.asarray(sensitivity, np.float64)
         return self.factor * (base - sens) + sens
 
@@ -401,7 +428,14 @@ class RunToRunBound:
         )
 
     def bound(
-        self, reference, truth=None, sensitivity=None, stage_rms: float = 0.0, param=None, param_dtype="float32"
+        self,
+        reference,
+        truth=None,
+        sensitivity=None,
+        stage_rms: float = 0.0,
+        param=None,
+        param_dtype="float32",
+        spread=None,
     ) -> np.ndarray:
         sens = 0.0 if sensitivity is None else np.asarray(sensitivity, np.float64)
         return np.full(np.shape(reference), self.allow) + sens

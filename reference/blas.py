@@ -30,7 +30,8 @@ Nothing falls back silently: when no fast BLAS can be used, or `PARITY_BLAS=off`
 stderr. `active()` says what is in effect; `report()` adds the library `libmlx.so`'s `cblas_sgemm`
 slot really points to (read back from its GOT and named by `dladdr`) and a measured matmul rate;
 `parity bench --blas` prints it. `with reference_blas():` switches libmlx.so back to the bundled
-BLAS for a block (the golden fixtures are defined under it: the same on every CPU). Threads: the library's own variables (`OPENBLAS_NUM_THREADS`,
+BLAS for a block (the golden fixtures are defined under it: the same on every CPU), `with fast_blas():`
+to the fast one (inside the former too). Threads: the library's own variables (`OPENBLAS_NUM_THREADS`,
 `MKL_NUM_THREADS`), read when it loads.
 """
 
@@ -357,6 +358,28 @@ def reference_blas():
         mx.synchronize()
         for addr, _, target, base, relro in _BOUND:
             _write_slot(addr, target, base, relro)
+
+
+@contextmanager
+def fast_blas():
+    """Within this block libmlx.so calls the fast library, even inside `reference_blas()`; then what it
+    called before. For measurements that need not be the same on every CPU: a fixture's noise spread
+    (harness/fixtures/spread.py), which another BLAS path rounding differently only makes more complete."""
+    if not _BOUND:
+        yield
+        return
+    import mlx.core as mx
+
+    mx.synchronize()
+    saved = [(addr, ctypes.c_void_p.from_address(addr).value, base, relro) for addr, _, _, base, relro in _BOUND]
+    for addr, _, target, base, relro in _BOUND:
+        _write_slot(addr, target, base, relro)
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        for addr, value, base, relro in saved:
+            _write_slot(addr, value, base, relro)
 
 
 def resolved(symbol: str = "cblas_sgemm") -> str | None:

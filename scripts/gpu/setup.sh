@@ -6,8 +6,8 @@
 #                                            pin) and jsonschema's wheels, unpack them into one folder, xz it
 #                                            and split it into PARTS folders .gpuwheel1/ … (git-ignored through
 #                                            .git/info/exclude) to carry one per transfer when a transfer is
-#                                            size-limited; PARTS defaults to 5 (the
-#                                            tracked tree is ~45 MiB of a 64 MiB transfer).
+#                                            size-limited; PARTS defaults to 8 (the
+#                                            tracked tree is ~53 MiB of a 64 MiB transfer).
 #   bash scripts/gpu/setup.sh                there: keep the parts this copy of the tree carries (in
 #                                            $GPU_PARTS, /tmp/parity-gpu-parts by default), and once every
 #                                            part has arrived, join and unpack them into $GPU_SITE
@@ -28,7 +28,7 @@ PY="${PYTHON:-python3}"
 case "$PY" in /*) ;; */*) PY="$PWD/$PY" ;; esac  # the parity wrapper runs from anywhere
 
 pack() {
-    local parts="${1:-5}" work
+    local parts="${1:-8}" work
     work="$(mktemp -d)"
     grep -qx '/.gpuwheel\*/' "$REPO/.git/info/exclude" 2>/dev/null || { mkdir -p "$REPO/.git/info"; echo '/.gpuwheel*/' >>"$REPO/.git/info/exclude"; }
     "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
