@@ -364,6 +364,83 @@ def fixtures_verify(
 
 
 @app.command()
+def calibrate(
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="A Hugging Face checkpoint folder: audit random configurations of it (default: the fixtures instead).",
+    ),
+    configs: int = typer.Option(30, "--configs", min=1, help="How many random configurations of --checkpoint."),
+    seed: int = typer.Option(0, "--seed", help="Configuration i is drawn from the seed [SEED, i]."),
+    backend: list[str] | None = typer.Option(
+        None, "--backend", "-b", help="Correct backends to audit (repeatable; default: every one that can run here)."
+    ),
+    mutants: list[str] | None = typer.Option(
+        None,
+        "--mutant",
+        "-m",
+        help="Mutants to run on each configuration too (repeatable; 'all' for every one); with --checkpoint only.",
+    ),
+    fixtures_dir: Path | None = typer.Option(
+        None, "--fixtures-dir", help="Without --checkpoint: the fixtures to audit (default: the bundled ones)."
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help="Write every configuration, margin and finding here."),
+) -> None:
+    """Measure the noise the tolerances must cover: every margin of the correct backends, and each failure of
+    one counted as a false alarm. With --checkpoint, on seeded random configurations (layers 1-8, vocabulary
+    cut, full / LoRA / head, float32 / bfloat16, accumulation, clipping, schedules, both AdamW conventions,
+    batch and sequence length), each built as a live fixture here; with --mutant, what is still caught there.
+    Exits 1 if a correct backend failed anywhere."""
+    from . import calibrate as cal  # the torch twin: kept out of start-up
+    from .backends import BackendError, default_backends, get_backend
+    from .backends.mutants import MUTANTS
+
+    try:
+        backends = [get_backend(b) for b in backend] if backend else default_backends()
+    except BackendError as e:
+        fail_input(str(e))
+    names = list(MUTANTS) if mutants and "all" in mutants else list(mutants or [])
+    unknown = [m for m in names if m not in MUTANTS]
+    if unknown:
+        fail_input(f"unknown mutant(s): {', '.join(unknown)}; known: {', '.join(MUTANTS)}")
+    if names and checkpoint is None:
+        fail_input("--mutant needs --checkpoint (the bundled fixtures' mutants are `parity selftest`)")
+    say = lambda what: err.print(escape(what), highlight=False)  # noqa: E731
+    done = []
+    for conf in (
+        cal.sweep(checkpoint, configs, seed, backends, names, progress=say)
+        if checkpoint is not None
+        else cal.fixture_margins(fixtures_dir or FIXTURES_DIR, backends)
+    ):
+        done.append(conf)
+        result = cal.summary(done)
+        if json_out:  # after every configuration: a long sweep keeps what it measured
+            write_atomic(
+                json_out, json.dumps({"summary": result, "configurations": [c.to_dict() for c in done]}, indent=2)
+            )
+    table = Table(title=f"largest margin per stage over {result['configurations']} configurations (at most 1 passes)")
+    stages = sorted({s for per in result["worst_margin"].values() for s in per})
+    table.add_column("backend")
+    for s in stages:
+        table.add_column(s, justify="right")
+    for name, per in result["worst_margin"].items():
+        table.add_row(name, *(f"{per[s][0]:.3g} (#{per[s][1]})" if s in per else "-" for s in stages))
+    console.print(table)
+    for name, counts in result["mutants"].items():
+        console.print(f"{escape(name)}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), highlight=False)
+    for c in result["not_built"]:
+        console.print(f"configuration {c['configuration']} not built: {escape(c['error'])}", highlight=False)
+    alarms = result["false_alarms"]
+    console.print(
+        f"false alarms: {len(alarms)}"
+        + "".join(f"\n  configuration {a['configuration']}: {a['backend']} fails {a['stage']}" for a in alarms),
+        highlight=False,
+    )
+    if alarms:
+        raise typer.Exit(1)
+
+
+@app.command()
 def train(
     checkpoint: Path | None = typer.Option(
         None, help="Hugging Face checkpoint folder (default: a tiny model built here)."

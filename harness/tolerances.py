@@ -44,7 +44,8 @@ On a GPU (harness/device.py measures the mode in effect; docs/gpu.md says why, w
   orders of magnitude past that bound.
 
 Noise: the largest margin (error / bound) measured for correct backends (torch twin in float32, MLX
-under OpenBLAS, mlx-rs) over the bundled fixtures: `python -m mlx_parity.harness.calibrate`.
+under OpenBLAS, mlx-rs) over the bundled fixtures (`parity calibrate`) and over seeded random
+configurations of a real checkpoint (`parity calibrate --checkpoint DIR`; docs/tolerances.md).
 Smallest bug: the smallest injected change `tests/test_tolerances.py` shows the bound still fails.
 """
 

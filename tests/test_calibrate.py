@@ -1,0 +1,68 @@
+"""`parity calibrate`: random configurations of a checkpoint, audited, with their margins and false alarms."""
+
+import json
+import shutil
+
+import numpy as np
+from typer.testing import CliRunner
+
+from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.calibrate import Configuration, Run, random_configuration, summary, sweep
+from mlx_parity.harness.cli import app
+from mlx_parity.reference.settings import TrainSettings
+
+from .conftest import CASES
+
+
+def test_random_configurations_are_valid_seeded_and_cover_every_option():
+    draws = [random_configuration(np.random.default_rng([0, i]), 30) for i in range(200)]
+    assert draws[7] == random_configuration(np.random.default_rng([0, 7]), 30)
+    for d in draws:
+        s = TrainSettings.from_dict(d["settings"])  # raises on an invalid one
+        assert 1 <= d["layers"] <= 8 and d["batch_size"] % s.accum_steps == 0
+        assert (d["dtype"] == "bfloat16") == (s.precision == "bfloat16")
+        if s.trainable == "lora":
+            assert 1 <= s.lora.layers <= d["layers"]
+    settings = [TrainSettings.from_dict(d["settings"]) for d in draws]
+    assert {s.trainable for s in settings} == {"full", "lora", "head"}
+    assert {s.precision for s in settings} == {"float32", "bfloat16"}
+    assert {s.accum_steps for s in settings} == {1, 2, 4}
+    assert {s.schedule.kind for s in settings} == {"constant", "warmup_cosine"}
+    assert {s.optimizer.bias_correction for s in settings} == {True, False}
+    assert None in {s.clip_norm for s in settings} and len({s.clip_norm for s in settings}) > 2
+    assert {d["layers"] for d in draws} == set(range(1, 9))
+
+
+def test_sweep_audits_each_configuration_and_counts_what_a_mutant_does():
+    checkpoint = CASES["gqa_padded"].checkpoint
+    done = list(sweep(checkpoint, 1, 3, [get_backend("mlx")], ["no_shift"]))
+    (conf,) = done
+    assert conf.error is None and conf.seconds_to_build > 0
+    correct, mutant = conf.runs
+    assert correct.backend == "mlx" and correct.verdict == "pass" and not correct.failed
+    assert set(correct.margins) >= {"forward", "loss", "gradients", "optimizer", "trajectory"}
+    assert mutant.backend == "mutant:no_shift" and mutant.cell == "named" and "shifted_slices" in mutant.failed
+    s = summary(done)
+    assert s["false_alarms"] == [] and s["mutants"] == {"mutant:no_shift": {"named": 1}}
+    assert s["worst_margin"]["mlx"]["gradients"] == [correct.margins["gradients"], 0]
+
+
+def test_summary_counts_a_failing_correct_backend_as_a_false_alarm():
+    conf = Configuration(4, 0, {}, runs=[Run("torch", "fail", {"gradients": 1.6, "loss": 0.1}, ["gradients"])])
+    s = summary([conf])
+    assert s["false_alarms"] == [{"configuration": 4, "backend": "torch", "stage": "gradients"}]
+    assert s["worst_margin"]["torch"]["gradients"] == [1.6, 4]
+
+
+def test_cli_refuses_an_unknown_mutant_and_writes_the_fixtures_margins(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["calibrate", "--checkpoint", str(tmp_path), "-m", "no_such_bug"])
+    assert r.exit_code != 0 and "unknown mutant" in r.output
+    shutil.copytree(CASES["head"].path, tmp_path / "fixtures" / "head")
+    out = tmp_path / "cal.json"
+    r = runner.invoke(app, ["calibrate", "-b", "mlx", "--fixtures-dir", str(tmp_path / "fixtures"), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["summary"]["configurations"] == 1 and data["summary"]["false_alarms"] == []
+    assert data["configurations"][0]["options"] == {"fixture": "head"}
+    assert "false alarms: 0" in r.output
