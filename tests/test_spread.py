@@ -9,7 +9,7 @@ from safetensors.numpy import load_file, save_file
 
 from mlx_parity.harness.case import Case
 from mlx_parity.harness.errors import CaseError
-from mlx_parity.harness.fixtures.spread import perturb
+from mlx_parity.harness.fixtures.spread import _perturbed_case, perturb
 from mlx_parity.harness.tolerances import tolerance
 from mlx_parity.harness.truth import needs_truth, read_spread, store_spread
 
@@ -92,3 +92,25 @@ def test_a_spread_without_a_valid_scale_is_refused(tmp_path, scale):
     save_file(stored, str(f))
     with pytest.raises(CaseError, match="no valid spread_scale"):
         Case(tmp_path / "head").check()
+
+
+def test_a_draw_moves_every_float_input_of_the_case_by_at_most_an_ulp(tmp_path):
+    """The checkpoint, the initial adapters and the goldens (the isolated checks' inputs) move; integers and
+    the batch do not."""
+    case = CASES["lora"]
+    drawn = _perturbed_case(case, tmp_path, np.random.default_rng(0))
+    pairs = [(case.golden, drawn.golden), (dict(case.initial_weights), dict(drawn.initial_weights))]
+    moved = 0
+    for before, after in pairs:
+        assert before.keys() == after.keys()
+        for k, v in before.items():
+            w = after[k]
+            if not np.issubdtype(v.dtype, np.floating):
+                assert np.array_equal(v, w), k
+                continue
+            step = np.abs(np.spacing(v.astype(np.float32)))
+            assert (np.abs(w.astype(np.float64) - v) <= step).all(), k
+            moved += int((w != v).sum())
+    assert moved > 0
+    assert drawn.settings == case.settings
+    assert all(np.array_equal(case.batch[k], drawn.batch[k]) for k in case.batch)
