@@ -98,6 +98,7 @@ class Run:
     verdict: str
     margins: dict[str, float]
     failed: list[str]
+    worst: dict[str, str] = field(default_factory=dict)  # per stage, the tensor its margin comes from
     findings: list[str] = field(default_factory=list)
     cell: str | None = None  # for a mutant: named, localised, passed or not applicable
 
@@ -123,6 +124,7 @@ def _run(backend, case, name: str, diagnosis: str | None = None) -> Run:
         verdict=result.verdict,
         margins={s.name: round(float(s.margin), 4) for s in result.stages},
         failed=[s.name for s in result.stages if s.status != "pass"],
+        worst={s.name: max(s.tensors, key=lambda t: t.ratio).name for s in result.stages if s.tensors},
         findings=[f"{f.stage}:{f.code}" for f in result.findings()[0]],
         cell=None if diagnosis is None else cell(result, diagnosis),
     )
@@ -196,7 +198,7 @@ def fixture_margins(root: Path, backends: list) -> Iterator[Configuration]:
 
 
 def summary(configs: list[Configuration]) -> dict:
-    """Per correct backend and stage, the largest margin and where; the false alarms (a correct backend failing
+    """Per correct backend and stage, the largest margin, its configuration and tensor; the false alarms (a correct backend failing
     a stage); per mutant, how often it was named, only localised or passed."""
     worst: dict[str, dict[str, list]] = {}
     false_alarms = []
@@ -210,7 +212,7 @@ def summary(configs: list[Configuration]) -> dict:
             for stage, margin in run.margins.items():
                 best = worst.setdefault(run.backend, {}).get(stage)
                 if best is None or margin > best[0]:
-                    worst[run.backend][stage] = [margin, conf.index]
+                    worst[run.backend][stage] = [margin, conf.index, run.worst.get(stage, "")]
             false_alarms += [{"configuration": conf.index, "backend": run.backend, "stage": s} for s in run.failed]
     return {
         "configurations": len(configs),

@@ -44,14 +44,15 @@ def test_sweep_audits_each_configuration_and_counts_what_a_mutant_does():
     assert mutant.backend == "mutant:no_shift" and mutant.cell == "named" and "shifted_slices" in mutant.failed
     s = summary(done)
     assert s["false_alarms"] == [] and s["mutants"] == {"mutant:no_shift": {"named": 1}}
-    assert s["worst_margin"]["mlx"]["gradients"] == [correct.margins["gradients"], 0]
+    assert s["worst_margin"]["mlx"]["gradients"] == [correct.margins["gradients"], 0, correct.worst["gradients"]]
+    assert correct.worst["gradients"].startswith("grad.")
 
 
 def test_summary_counts_a_failing_correct_backend_as_a_false_alarm():
-    conf = Configuration(4, 0, {}, runs=[Run("torch", "fail", {"gradients": 1.6, "loss": 0.1}, ["gradients"])])
-    s = summary([conf])
+    run = Run("torch", "fail", {"gradients": 1.6, "loss": 0.1}, ["gradients"], worst={"gradients": "grad.w"})
+    s = summary([Configuration(4, 0, {}, runs=[run])])
     assert s["false_alarms"] == [{"configuration": 4, "backend": "torch", "stage": "gradients"}]
-    assert s["worst_margin"]["torch"]["gradients"] == [1.6, 4]
+    assert s["worst_margin"]["torch"]["gradients"] == [1.6, 4, "grad.w"]
 
 
 def test_cli_refuses_an_unknown_mutant_and_writes_the_fixtures_margins(tmp_path):
