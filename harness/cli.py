@@ -172,18 +172,21 @@ def selftest(
     for f in fixtures:
         table.add_column(f, justify="center")
     table.add_column("ok")
+    table.add_column("other causes")
     mark = {"named": "N", "localised": "l", "passed": ".", "not applicable": "-"}
     for row in result["matrix"]:
         cells = [(f"[bold]{mark[c]}[/]" if f in row["exposing_fixtures"] else mark[c]) for f, c in row["cells"].items()]
+        wrong = sorted({c for codes in row["other_causes"].values() for c in codes})
         table.add_row(
             escape(row["mutant"]),
             escape(row["expected_diagnosis"]),
             *cells,
             "[green]yes[/]" if row["named_where_exposed"] else "[bold red]NO[/]",
+            f"[bold red]{len(row['other_causes'])}: {escape(', '.join(wrong))}[/]" if wrong else "-",
         )
     console.print(table)
     combos = Table(title="bugs together (DESIGN.md's list marked *)")
-    for col in ("fixture", "mutants", "named", "localised only", "missed"):
+    for col in ("fixture", "mutants", "named", "localised only", "missed", "other causes"):
         combos.add_column(col)
     for c in result["combinations"]:
         by = {k: [m for m, v in c["outcome"].items() if v == k] for k in ("named", "localised", "missed")}
@@ -191,11 +194,12 @@ def selftest(
             c["fixture"] + (" *" if c["design_list"] else ""),
             escape(", ".join(c["mutants"])),
             *(escape(", ".join(by[k])) or "-" for k in ("named", "localised", "missed")),
+            escape(", ".join(c["other_causes"])) or "-",
         )
     console.print(combos)
     if result["mutants"]:
         runs = Table(title="through the protocol and the Rust port")
-        for col in ("mutant", "via", "fixture", "findings", "named"):
+        for col in ("mutant", "via", "fixture", "findings", "named", "other causes"):
             runs.add_column(col)
         for m in result["mutants"]:
             runs.add_row(
@@ -204,6 +208,7 @@ def selftest(
                 m["fixture"],
                 escape(", ".join(m["findings"])),
                 "[green]yes[/]" if m["named_as_finding"] else "[bold red]NO[/]",
+                escape(", ".join(m["other_causes"])) or "-",
             )
         console.print(runs)
     named = sum(r["named_where_exposed"] for r in result["matrix"])
@@ -211,6 +216,11 @@ def selftest(
         f"{named}/{len(result['matrix'])} mutants named on every fixture that exposes them; "
         f"{sum(c['all_named'] for c in result['combinations'])}/{len(result['combinations'])} combinations with every bug named; "
         f"{sum(m['named_as_finding'] for m in result['mutants'])}/{len(result['mutants'])} protocol and Rust runs named"
+    )
+    console.print(
+        f"causes stated besides the injected ones (each wrong): {result['cells_with_other_causes']} matrix cells, "
+        f"{sum(bool(c['other_causes']) for c in result['combinations'])} combinations, "
+        f"{sum(bool(m['other_causes']) for m in result['mutants'])} protocol and Rust runs"
     )
     console.print(
         f"DESIGN.md's list, each bug alone: {', '.join(f'{n}' + ('' if ok else ' (NOT named)') for n, ok in result['design_list_alone'].items())}"

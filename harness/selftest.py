@@ -21,6 +21,7 @@ from .backends.external import example_adapter_backend
 from .backends.mlx_rs import RUST_INJECTIONS, MlxRsBackend, MlxRsBinaryBackend
 from .backends.mutants import MUTANTS, MutantBackend, combine
 from .case import find_case, list_cases
+from .diagnosis.codes import states_a_cause
 
 # (fixture, mutants injected together)
 COMBINATIONS = [
@@ -110,6 +111,11 @@ class MutantRun:
     def caught(self) -> bool:
         return self.named
 
+    @property
+    def other_causes(self) -> list[str]:
+        """Causes the audit states besides the injected one: each is wrong, since the port has one bug."""
+        return other_causes(self.findings, {self.expected_diagnosis})
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
@@ -123,6 +129,7 @@ class MutantRun:
             "caught": self.caught,
             "findings": self.findings,
             "named_as_finding": self.named,
+            "other_causes": self.other_causes,
         }
 
 
@@ -139,6 +146,11 @@ def judge_mutant(result: AuditResult, name: str, via: str, stage: str, diagnosis
         first.diagnosis.summary if first and first.diagnosis else "passed every stage",
         [f"{f.stage}:{f.code}" for f in result.findings()[0]],
     )
+
+
+def other_causes(findings: list[str], injected: set[str]) -> list[str]:
+    """Of an audit's findings ("stage:code"), those that state a cause none of the injected bugs is."""
+    return sorted({f for f in findings if states_a_cause(f.split(":", 1)[1]) and f.split(":", 1)[1] not in injected})
 
 
 def cell(result: AuditResult, diagnosis: str) -> str:
@@ -162,9 +174,13 @@ def matrix(progress=None, cases: list | None = None) -> list[dict]:
     cases = list_cases() if cases is None else cases
     for m in MUTANTS.values():
         backend = MutantBackend(m)
-        cells = {}
+        cells, wrong = {}, {}
         for case in cases:
-            cells[case.name] = cell(audit(backend, case), m.expected_diagnosis)
+            result = audit(backend, case)
+            cells[case.name] = cell(result, m.expected_diagnosis)
+            stated = other_causes([f"{f.stage}:{f.code}" for f in result.findings()[0]], {m.expected_diagnosis})
+            if stated:
+                wrong[case.name] = stated
             if progress:
                 progress(f"matrix {m.name} on {case.name}")
         rows.append(
@@ -173,6 +189,7 @@ def matrix(progress=None, cases: list | None = None) -> list[dict]:
                 "expected_diagnosis": m.expected_diagnosis,
                 "exposing_fixtures": list(m.fixtures),
                 "cells": cells,
+                "other_causes": wrong,  # per fixture, causes stated besides the injected one
                 "named_where_exposed": all(cells[f] == "named" for f in m.fixtures if f in cells),
                 "exposed_by": sorted(f for f, c in cells.items() if c != "passed"),
             }
@@ -190,11 +207,13 @@ def together(fixture: str, names: tuple[str, ...]) -> dict:
         else ("localised" if result.verdict == "fail" else "missed")
         for n in names
     }
+    findings = [f"{f.stage}:{f.code}" for f in result.findings()[0]]
     return {
         "fixture": fixture,
         "mutants": list(names),
         "outcome": outcome,
-        "findings": [f"{f.stage}:{f.code}" for f in result.findings()[0]],
+        "findings": findings,
+        "other_causes": other_causes(findings, {MUTANTS[n].expected_diagnosis for n in names}),
         "all_named": all(v == "named" for v in outcome.values()),
     }
 
@@ -241,6 +260,7 @@ def run(protocol: bool = True, progress=None, extra: list | None = None, cases: 
         "combinations": combos,
         "design_list_alone": design,
         "mutants": [m.to_dict() for m in mutants],
+        "cells_with_other_causes": sum(len(r["other_causes"]) for r in rows),
         "false_alarms": len(false_alarms),
         "false_alarm_details": [
             {

@@ -15,7 +15,7 @@ from mlx_parity.harness import selftest
 from mlx_parity.harness.audit import audit
 from mlx_parity.harness.backends.mutants import MUTANTS
 from mlx_parity.harness.cli import app
-from mlx_parity.harness.selftest import COMBINATIONS, DESIGN_BUGS, DESIGN_TOGETHER, cell, matrix, together
+from mlx_parity.harness.selftest import COMBINATIONS, DESIGN_BUGS, DESIGN_TOGETHER, cell, matrix, other_causes, together
 from mlx_parity.harness.stages import ALL_STAGES, StageOutput
 
 from .conftest import CASES, audit_once, audited
@@ -39,6 +39,17 @@ def test_a_cell_reads_named_localised_passed_and_not_applicable():
     assert cell(audit(cannot_build, CASES[COLUMN]), "lora_scale") == "not applicable"
 
 
+def test_other_causes_are_the_stated_causes_besides_the_injected_ones():
+    findings = [
+        "shifted_slices:labels_not_shifted",
+        "loss:unexplained",
+        "forward:piece_divergence",
+        "optimizer:no_update",
+    ]
+    assert other_causes(findings, {"labels_not_shifted"}) == ["optimizer:no_update"]
+    assert other_causes(findings, {"labels_not_shifted", "no_update"}) == []
+
+
 def test_one_column_of_the_matrix(shared):
     rows = matrix(cases=[CASES[COLUMN]])
     assert [r["mutant"] for r in rows] == list(MUTANTS)
@@ -47,6 +58,7 @@ def test_one_column_of_the_matrix(shared):
         exposing = COLUMN in row["exposing_fixtures"]
         assert row["cells"][COLUMN] in (("named",) if exposing else ("named", "localised", "passed")), row
         assert row["named_where_exposed"] and set(row["exposing_fixtures"]) & {COLUMN} <= set(row["exposed_by"])
+        assert row["other_causes"] == {}, f"{row['mutant']}: a cause it does not have is stated"
     assert {r["mutant"] for r in rows if COLUMN in r["exposed_by"]} >= {
         m.name for m in MUTANTS.values() if COLUMN in m.fixtures
     }
@@ -97,7 +109,8 @@ def test_the_command_passes_and_writes_its_json(shared, monkeypatch, tmp_path):
     # several bugs in one port: each its own finding
     assert len(data["combinations"]) >= 8 and any(len(c["mutants"]) >= 3 for c in data["combinations"])
     for combo in data["combinations"]:
-        assert combo["all_named"], combo
+        assert combo["all_named"] and not combo["other_causes"], combo
+    assert data["cells_with_other_causes"] == 0 and "causes stated besides the injected ones" in res.output
     # DESIGN.md's list: each alone, and all of them across the together runs
     assert data["design_list_alone"] == {str(n): True for n in DESIGN_BUGS}
     together_ = {m for c in data["combinations"] if c["design_list"] for m in c["mutants"]}

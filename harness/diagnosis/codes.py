@@ -69,3 +69,21 @@ CODES = {
     "stage_error": "the port raised an error in this stage",
     "diagnosis_failed": "a diagnosis rule raised; the failure stands, its cause is unknown",
 }
+
+# Codes that localise a failure without stating why: every other code names a cause.
+LOCALISING = frozenset(
+    {
+        "forward_divergence",
+        "piece_divergence",
+        "layer_wiring",
+        "trajectory_divergence",
+        "unexplained",
+        "error",
+        "stage_error",
+        "diagnosis_failed",
+    }
+)
+
+
+def states_a_cause(code: str) -> bool:
+    return code in CODES and code not in LOCALISING
