@@ -13,7 +13,7 @@ from mlx_parity.harness.backends import get_backend
 from mlx_parity.harness.case import Case
 from mlx_parity.harness.stages import StageOutput
 
-from .conftest import CASES
+from .conftest import CASES, audited
 
 
 def copy_case(tmp_path, name="gqa_padded") -> Case:
@@ -171,3 +171,19 @@ def test_a_learning_rate_is_placed_on_the_schedule_where_it_matches_a_step():
     d = r.stages[0].diagnosis
     assert d.code == "learning_rate" and d.evidence["schedule_step_of_port_lr"] == 2
     assert "the schedule's rate at step 2" in d.summary
+
+
+def test_a_trainable_set_mismatch_states_no_update_cause_where_the_shared_tensors_agree():
+    """A head-only port updates the head exactly as the reference: the set is the cause, and no AdamW eps is
+    solved from an update that does not differ (the estimator's own bias on a fixture would read as one)."""
+    for fixture in ("gqa_single", "small_eps_bias"):
+        codes = {f.code for f in audited("mutant:trains_head_only", fixture).findings()[0]}
+        assert codes == {"trainable_set_mismatch"}, (fixture, codes)
+
+
+def test_clipping_missing_is_named_only_where_the_moments_are_the_inverse_of_the_references_clip_factor():
+    """Clipped tensor by tensor, each moment is scaled differently: never 'not clipped' (bf16_full, where the
+    reference's bfloat16 norm makes the float64 one useless); missing clipping is still named there."""
+    per_tensor = {f.code for f in audited("mutant:clipping_per_tensor", "bf16_full").findings()[0]}
+    assert "clipping_missing" not in per_tensor and "gradient_scale" not in per_tensor, per_tensor
+    assert "clipping_missing" in {f.code for f in audited("mutant:clipping_missing", "bf16_full").findings()[0]}

@@ -48,8 +48,11 @@ def optimizer(result, out, case) -> Diagnosis | None:
             f"reference's tensors absent, {len(extra)} extra; the ones both update {shared}",
             {"absent": absent[:20], "extra": extra[:20]},
         )
-        # The update rule is still solved on the tensors both update, from the port's own moments: the
-        # set changes the gradient reaching them (a global clipping norm), never how m and v make the update.
+        # The update rule is still solved on the tensors both update, from the port's own moments, where they
+        # differ: the set changes the gradient reaching them (a global clipping norm), never how m and v make
+        # the update. Where they agree there is nothing for another cause to reproduce.
+        if len(set_problems) == len(result.failures):
+            return [mismatch]
         return [mismatch, *_update(t, g, case, present)]
     # Moments first: they see the gradient the optimizer was given (after clipping and accumulation).
     found = []
@@ -61,7 +64,10 @@ def optimizer(result, out, case) -> Diagnosis | None:
         found.append(per_tensor)
     elif med:
         r_m = float(np.median(med))
-        uniform = all(spread < 0.02 * abs(r) for r, spread in m_ratios if np.isfinite(r))
+        # uniform: within each tensor and across tensors (clipping tensor by tensor scales each differently)
+        uniform = all(spread < 0.02 * abs(r) for r, spread in m_ratios if np.isfinite(r)) and float(
+            np.ptp(med)
+        ) < 0.02 * abs(r_m)
         if uniform and not close(r_m, 1.0, 0.005):
             n = s.accum_steps
             if n > 1 and close(r_m, float(n)):
@@ -72,12 +78,19 @@ def optimizer(result, out, case) -> Diagnosis | None:
                         {"moment_ratio": r_m, "accum_steps": n},
                     )
                 )
-            elif s.clip_norm is not None and r_m > 1:
+            elif s.clip_norm is not None and close(
+                r_m * (_reference_clip_scale(g, m_keys, s.optimizer.betas[0]) or 0.0), 1.0, 0.02
+            ):
                 found.append(
                     Diagnosis(
                         "clipping_missing",
-                        f"moments are a uniform {r_m:.3g}× the reference's: the gradient was not clipped to norm {s.clip_norm}",
-                        {"moment_ratio": r_m, "clip_norm": s.clip_norm},
+                        f"moments are a uniform {r_m:.3g}× the reference's, the inverse of the factor its clipping "
+                        f"scaled the gradient by: the gradient was not clipped to norm {s.clip_norm}",
+                        {
+                            "moment_ratio": r_m,
+                            "clip_norm": s.clip_norm,
+                            "reference_clip_scale": _reference_clip_scale(g, m_keys, s.optimizer.betas[0]),
+                        },
                     )
                 )
             else:
@@ -184,6 +197,21 @@ def _fit_to_parameters(t, g, prefix: str, case) -> float | None:
         num += float((resid * p).sum())
         den += float((p * p).sum())
     return num / den if den else None
+
+
+def _reference_clip_scale(g, m_keys, b1: float) -> float | None:
+    """The factor the reference's clipping scaled its gradients by, read from its own first moments
+    (m = (1-β1)·clipped g after one update): the norm it divided by is the one it computed, in its own
+    precision (a bfloat16 sum of squares runs well below the float64 norm)."""
+    ratios = []
+    for k in m_keys:
+        grad = f64(g.get("grad." + k.removeprefix("optimizer.m."), np.zeros(0)))
+        if grad.shape != np.shape(g[k]):
+            continue
+        nz = grad != 0
+        if nz.any():
+            ratios.append(float(np.median(f64(g[k])[nz] / ((1 - b1) * grad[nz]))))
+    return float(np.median(ratios)) if ratios else None
 
 
 def _per_tensor_clipping(m_keys, m_ratios, g, s) -> Diagnosis | None:
