@@ -7,7 +7,7 @@
 #                                            and split it into PARTS folders .gpuwheel1/ … (git-ignored through
 #                                            .git/info/exclude) to carry one per transfer when a transfer is
 #                                            size-limited; PARTS defaults to 8 (the
-#                                            tracked tree is ~53 MiB of a 64 MiB transfer).
+#                                            tracked tree is ~51 MiB of a 64 MiB transfer).
 #   bash scripts/gpu/setup.sh                there: keep the parts this copy of the tree carries (in
 #                                            $GPU_PARTS, /tmp/parity-gpu-parts by default), and once every
 #                                            part has arrived, join and unpack them into $GPU_SITE
