@@ -3,6 +3,7 @@
     python -m pytest bench                                   # every available backend and size, in this process
     python -m pytest bench --bench-backend mlx --bench-size 5M -m step
     python -m pytest bench -m scale                          # an audit of SmolLM2-135M (`make real`): memory, cmd: cost
+    python -m pytest bench -m fixtures                       # building fixtures: seconds per phase, MiB per file
     parity bench [--quick]                                   # one process per backend and size, with a report
 
 Options: `--bench-backend` (mlx, torch, mlx-rs; repeatable; default every available one), `--bench-size`
@@ -37,6 +38,7 @@ def pytest_configure(config):
         "stage: one stage of the step",
         "peak: the float32 matmul peak",
         "scale: an audit of a real model (SmolLM2-135M): peak memory and the cmd: protocol's cost",
+        "fixtures: building a fixture: seconds per phase and MiB per file",
     ):
         config.addinivalue_line("markers", m)
 
