@@ -187,3 +187,14 @@ def test_clipping_missing_is_named_only_where_the_moments_are_the_inverse_of_the
     per_tensor = {f.code for f in audited("mutant:clipping_per_tensor", "bf16_full").findings()[0]}
     assert "clipping_missing" not in per_tensor and "gradient_scale" not in per_tensor, per_tensor
     assert "clipping_missing" in {f.code for f in audited("mutant:clipping_missing", "bf16_full").findings()[0]}
+
+
+def test_an_optimizer_that_never_reaches_the_parameters_is_named_by_the_schedule_check():
+    """After a warmup from a learning rate of 0 the first update is zero in the reference too, so only the
+    N-update check sees that nothing moves (found on random SmolLM2 configurations by `parity calibrate`)."""
+    case = CASES["gqa_padded"]
+    moved = {k: np.zeros_like(v) for k, v in case.golden.items() if k.startswith("isolated.schedule.delta.")}
+    for step, code in ((case.settings.steps, "optimizer_not_connected"), (0, "no_update")):
+        out = StageOutput(moved | {"isolated.schedule.step": np.array(step, np.int64)})
+        result = judge("isolated_schedule", out, case)
+        assert result.status == "fail" and diagnose(result, out, case)[0].code == code

@@ -39,8 +39,25 @@ def schedule(result, out, case) -> Diagnosis | list[Diagnosis] | None:
     s, o, g, t = case.settings, case.settings.optimizer, case.golden, out.tensors
     names = [k.removeprefix("isolated.schedule.delta.") for k in g if k.startswith("isolated.schedule.delta.")]
     shared = [n for n in names if f"isolated.schedule.delta.{n}" in t and f"grad.{n}" in g]
-    if not shared or not any(np.any(t[f"isolated.schedule.delta.{n}"]) for n in shared):
-        return None  # nothing moved: the one-update check names why
+    if not shared:
+        return None
+    if not any(np.any(t[f"isolated.schedule.delta.{n}"]) for n in shared):
+        if not any(np.any(g[f"isolated.schedule.delta.{n}"]) for n in shared):
+            return None
+        # Nothing moved where the reference moved: named here too, since the one-update check cannot see it
+        # when the first update is zero by design (a warmup from a learning rate of 0).
+        step = int(np.asarray(t.get("isolated.schedule.step", 0)))
+        if step > 0:
+            return Diagnosis(
+                "optimizer_not_connected",
+                f"the optimizer counted {step} updates but no parameter changed: its result never reaches the model",
+                {"step": step, "reference_steps": s.steps},
+            )
+        return Diagnosis(
+            "no_update",
+            "no parameter changed and the optimizer never stepped: the updates returned without updating",
+            {"step": step, "reference_steps": s.steps},
+        )
     grads = {n: f64(g[f"grad.{n}"]) for n in shared}
     if s.clip_norm is not None:  # the same clip factor every update
         norm = float(np.sqrt(sum((x * x).sum() for x in grads.values())))
