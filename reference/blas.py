@@ -339,32 +339,9 @@ def bind_mlx(handle: ctypes.CDLL) -> int:
 
 
 @contextmanager
-def reference_blas():
-    """Within this block libmlx.so calls the reference BLAS bundled with its wheel again (its slots are
-    put back as they were), then the fast library. For results that must not depend on the machine:
-    the reference BLAS is plain loops, the same on every CPU, while OpenBLAS picks kernels per CPU, so
-    golden fixtures are built under this. Switch only while MLX is idle (between evaluations)."""
-    if not _BOUND:
-        yield
-        return
-    import mlx.core as mx
-
-    mx.synchronize()
-    for addr, original, _, base, relro in _BOUND:
-        _write_slot(addr, original, base, relro)
-    try:
-        yield
-    finally:
-        mx.synchronize()
-        for addr, _, target, base, relro in _BOUND:
-            _write_slot(addr, target, base, relro)
-
-
-@contextmanager
-def fast_blas():
-    """Within this block libmlx.so calls the fast library, even inside `reference_blas()`; then what it
-    called before. For measurements that need not be the same on every CPU: a fixture's noise spread
-    (harness/fixtures/spread.py), which another BLAS path rounding differently only makes more complete."""
+def _calling(which: str):
+    """Within the block libmlx.so's bound slots call `which` ("original": the wheel's bundled BLAS, or
+    "target": the fast library); afterwards whatever they called before. Only while MLX is idle."""
     if not _BOUND:
         yield
         return
@@ -372,14 +349,29 @@ def fast_blas():
 
     mx.synchronize()
     saved = [(addr, ctypes.c_void_p.from_address(addr).value, base, relro) for addr, _, _, base, relro in _BOUND]
-    for addr, _, target, base, relro in _BOUND:
-        _write_slot(addr, target, base, relro)
+    for addr, original, target, base, relro in _BOUND:
+        _write_slot(addr, original if which == "original" else target, base, relro)
     try:
         yield
     finally:
         mx.synchronize()
         for addr, value, base, relro in saved:
             _write_slot(addr, value, base, relro)
+
+
+def reference_blas():
+    """Within this block libmlx.so calls the reference BLAS bundled with its wheel again (its slots are
+    put back as they were), then the fast library. For results that must not depend on the machine:
+    the reference BLAS is plain loops, the same on every CPU, while OpenBLAS picks kernels per CPU, so
+    golden fixtures are built under this. Switch only while MLX is idle (between evaluations)."""
+    return _calling("original")
+
+
+def fast_blas():
+    """Within this block libmlx.so calls the fast library, even inside `reference_blas()`; then what it
+    called before. For measurements that need not be the same on every CPU: a fixture's noise spread
+    (harness/fixtures/spread.py), which another BLAS path rounding differently only makes more complete."""
+    return _calling("target")
 
 
 def resolved(symbol: str = "cblas_sgemm") -> str | None:

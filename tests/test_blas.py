@@ -135,3 +135,16 @@ def test_reference_blas_block_switches_libmlx_back_and_forth():
     np.testing.assert_array_equal(ref1, ref2)  # the reference BLAS is deterministic
     if info.fast:
         assert Path(before).name == Path(info.path).name
+
+
+@pytest.mark.skipif(not LINUX, reason="Linux-only")
+def test_fast_blas_inside_a_reference_block_switches_to_the_fast_library_and_back():
+    info = blas.active()
+    if not info.fast:
+        pytest.skip("no fast BLAS is bound here (PARITY_BLAS=off or none found): nothing to switch to")
+    fast = blas.resolved()
+    with blas.reference_blas():
+        with blas.fast_blas():
+            assert blas.resolved() == fast
+        assert "mlx_cpu.libs" in blas.resolved(), "back to the reference BLAS the outer block chose"
+    assert blas.resolved() == fast
