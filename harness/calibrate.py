@@ -137,13 +137,16 @@ def sweep(
     backends: list,
     mutants: list[str],
     progress=None,
+    only: list[int] | None = None,
+    keep: Path | None = None,
 ) -> Iterator[Configuration]:
     """`configs` random configurations of `checkpoint` (configuration i drawn from seed [seed, i]), each built
     as a live fixture and audited by every backend of `backends` and every mutant of `mutants`; yielded one by
-    one, so a long sweep's results are kept as they come."""
+    one, so a long sweep's results are kept as they come. `only` re-runs some of them (by index), `keep` builds
+    the fixtures there (`config<i>`) instead of in a temporary folder, to look at one afterwards."""
     say = progress or (lambda what: None)
     cfg = read_config(Path(checkpoint))
-    for i in range(configs):
+    for i in range(configs) if only is None else only:
         rng = np.random.default_rng([seed, i])
         options = random_configuration(rng, int(cfg["num_hidden_layers"]))
         V = int(cfg["vocab_size"])
@@ -152,6 +155,7 @@ def sweep(
             options["vocab"] = None
         conf = Configuration(i, seed, options)
         with tempfile.TemporaryDirectory(prefix="parity-calibrate-") as tmp:
+            built = Path(keep) if keep is not None else Path(tmp) / "fixtures"
             (Path(tmp) / "settings.json").write_text(json.dumps(options["settings"]))
             (Path(tmp) / "tokens.json").write_text(json.dumps(rows))
             started = time.perf_counter()
@@ -160,7 +164,7 @@ def sweep(
                 path = create(
                     f"config{i}",
                     Path(checkpoint),
-                    Path(tmp) / "fixtures",
+                    built,
                     layers=options["layers"],
                     vocab=options["vocab"],
                     token_ids=Path(tmp) / "tokens.json",

@@ -395,6 +395,12 @@ def calibrate(
         None, "--fixtures-dir", help="Without --checkpoint: the fixtures to audit (default: the bundled ones)."
     ),
     json_out: Path | None = typer.Option(None, "--json", help="Write every configuration, margin and finding here."),
+    only: list[int] | None = typer.Option(
+        None, "--only", help="Run only configuration I of the sweep (repeatable; 0-based, below --configs)."
+    ),
+    keep: Path | None = typer.Option(
+        None, "--keep", help="Build each configuration's fixture in this folder (config<I>) and keep it."
+    ),
 ) -> None:
     """Measure the noise the tolerances must cover: every margin of the correct backends, and each failure of
     one counted as a false alarm. With --checkpoint, on seeded random configurations (layers 1-8, vocabulary
@@ -415,10 +421,14 @@ def calibrate(
         fail_input(f"unknown mutant(s): {', '.join(unknown)}; known: {', '.join(MUTANTS)}")
     if names and checkpoint is None:
         fail_input("--mutant needs --checkpoint (the bundled fixtures' mutants are `parity selftest`)")
+    if (only or keep) and checkpoint is None:
+        fail_input("--only and --keep need --checkpoint")
+    if only and not all(0 <= i < configs for i in only):
+        fail_input(f"--only: configurations are 0 to {configs - 1}")
     say = lambda what: err.print(escape(what), highlight=False)  # noqa: E731
     done = []
     for conf in (
-        cal.sweep(checkpoint, configs, seed, backends, names, progress=say)
+        cal.sweep(checkpoint, configs, seed, backends, names, progress=say, only=only, keep=keep)
         if checkpoint is not None
         else cal.fixture_margins(fixtures_dir or FIXTURES_DIR, backends)
     ):

@@ -33,18 +33,21 @@ def test_random_configurations_are_valid_seeded_and_cover_every_option():
     assert {d["layers"] for d in draws} == set(range(1, 9))
 
 
-def test_sweep_audits_each_configuration_and_counts_what_a_mutant_does():
+def test_sweep_audits_each_configuration_and_counts_what_a_mutant_does(tmp_path):
     checkpoint = CASES["gqa_padded"].checkpoint
-    done = list(sweep(checkpoint, 1, 3, [get_backend("mlx")], ["no_shift"]))
-    (conf,) = done
-    assert conf.error is None and conf.seconds_to_build > 0
+    done = list(sweep(checkpoint, 2, 3, [get_backend("mlx")], ["no_shift"], only=[1], keep=tmp_path))
+    (conf,) = done  # only the second configuration, kept where asked
+    assert conf.index == 1 and conf.error is None and conf.seconds_to_build > 0
+    layers = json.loads((checkpoint / "config.json").read_text())["num_hidden_layers"]
+    drawn = random_configuration(np.random.default_rng([3, 1]), layers)
+    assert json.loads((tmp_path / "config1" / "settings.json").read_text())["trainable"] == drawn["settings"]["trainable"]
     correct, mutant = conf.runs
     assert correct.backend == "mlx" and correct.verdict == "pass" and not correct.failed
     assert set(correct.margins) >= {"forward", "loss", "gradients", "optimizer", "trajectory"}
     assert mutant.backend == "mutant:no_shift" and mutant.cell == "named" and "shifted_slices" in mutant.failed
     s = summary(done)
     assert s["false_alarms"] == [] and s["mutants"] == {"mutant:no_shift": {"named": 1}}
-    assert s["worst_margin"]["mlx"]["gradients"] == [correct.margins["gradients"], 0, correct.worst["gradients"]]
+    assert s["worst_margin"]["mlx"]["gradients"] == [correct.margins["gradients"], 1, correct.worst["gradients"]]
     assert correct.worst["gradients"].startswith("grad.")
 
 
@@ -59,6 +62,8 @@ def test_cli_refuses_an_unknown_mutant_and_writes_the_fixtures_margins(tmp_path)
     runner = CliRunner()
     r = runner.invoke(app, ["calibrate", "--checkpoint", str(tmp_path), "-m", "no_such_bug"])
     assert r.exit_code != 0 and "unknown mutant" in r.output
+    r = runner.invoke(app, ["calibrate", "--checkpoint", str(tmp_path), "--configs", "3", "--only", "3"])
+    assert r.exit_code != 0 and "configurations are 0 to 2" in r.output
     shutil.copytree(CASES["head"].path, tmp_path / "fixtures" / "head")
     out = tmp_path / "cal.json"
     r = runner.invoke(app, ["calibrate", "-b", "mlx", "--fixtures-dir", str(tmp_path / "fixtures"), "--json", str(out)])
