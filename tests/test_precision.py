@@ -67,9 +67,9 @@ def test_the_torch_twin_in_bfloat16_passes_every_stage(fixture):
         ("bf16_full", "gradients", "grad.", "grad.model.layers.0.mlp.down_proj.weight", 0.5),
         ("bf16_lora", "gradients", "grad.", "grad.model.layers.1.self_attn.v_proj.lora_b", 0.2),
         ("bf16_lora", "optimizer", "optimizer.", "optimizer.delta.model.layers.1.self_attn.v_proj.lora_b", 5e-5),
-        ("bf16_full", "optimizer", "optimizer.", "optimizer.delta.lm_head.weight", 5e-2),
+        ("bf16_full", "optimizer", "optimizer.", "optimizer.delta.lm_head.weight", 0.1),
         ("bf16_lora", "trajectory", "trajectory.", "trajectory.delta.model.layers.1.self_attn.v_proj.lora_b", 2e-2),
-        ("bf16_full", "trajectory", "trajectory.", "trajectory.delta.lm_head.weight", 0.1),
+        ("bf16_full", "trajectory", "trajectory.", "trajectory.delta.lm_head.weight", 0.2),
     ],
 )
 def test_bfloat16_bound_fails_the_documented_error_and_passes_a_bfloat16_rounding(fixture, stage, prefix, name, caught):
@@ -88,3 +88,16 @@ def test_delta_of_a_bfloat16_parameter_may_land_on_the_neighbouring_bfloat16_val
     spacing = 2.0 ** (np.floor(np.log2(theta)) - 7)  # bfloat16 keeps 8 significant bits
     assert (tol.bound(zero, zero, param=theta, param_dtype="bfloat16") >= spacing).all()
     assert (tol.bound(zero, zero, param=theta, param_dtype="float32") < 8.1 * UNIT_ROUNDOFF["float32"] * theta).all()
+
+
+def test_delta_of_a_bfloat16_parameter_may_carry_the_updates_own_roundings():
+    """A parameter near zero that an update of about -lr carries across it (seen on a random SmolLM2 bfloat16
+    configuration): the reference's update happened to land on the truth, a correct bfloat16 update that rounds
+    m, v, the square root and the division otherwise lands 3 spacings of θ away, 0.6 % of the update. An update
+    10 % off is still a bug."""
+    tol = tolerance("isolated_optimizer", "bfloat16")
+    theta, delta = 6.1e-5, -1.15e-4
+    spacing = 2.0 ** (np.floor(np.log2(abs(theta + delta))) - 7)
+    truth = np.array([delta])
+    bound = tol.bound(truth, truth, param=np.array([max(abs(theta), abs(theta + delta))]), param_dtype="bfloat16")
+    assert 3 * spacing < bound[0] < 0.1 * abs(delta)
