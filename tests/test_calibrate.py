@@ -40,7 +40,9 @@ def test_sweep_audits_each_configuration_and_counts_what_a_mutant_does(tmp_path)
     assert conf.index == 1 and conf.error is None and conf.seconds_to_build > 0
     layers = json.loads((checkpoint / "config.json").read_text())["num_hidden_layers"]
     drawn = random_configuration(np.random.default_rng([3, 1]), layers)
-    assert json.loads((tmp_path / "config1" / "settings.json").read_text())["trainable"] == drawn["settings"]["trainable"]
+    assert (
+        json.loads((tmp_path / "config1" / "settings.json").read_text())["trainable"] == drawn["settings"]["trainable"]
+    )
     correct, mutant = conf.runs
     assert correct.backend == "mlx" and correct.verdict == "pass" and not correct.failed
     assert set(correct.margins) >= {"forward", "loss", "gradients", "optimizer", "trajectory"}
