@@ -110,7 +110,7 @@ def _follows_structurally(name: str, structural, by_name, failed) -> bool:
         if (
             up == "weight_mapping"
             and {d.code for d in structural} == {"trainable_set_mismatch"}
-            and codes & {"key_mapping", "tied_embeddings_ignored", "checkpoint_tensors_unused"}
+            and codes & {"key_mapping", "tied_embeddings_ignored", "checkpoint_tensors_unused", "lora_adapters_missing"}
             and all(_odd_tensors_unloaded(d, _unloaded([by_name["weight_mapping"]])) for d in structural)
         ):
             return True

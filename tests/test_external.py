@@ -81,6 +81,27 @@ def test_a_broken_stage_is_reported_and_the_audit_carries_on(mode, stage, expect
     assert by["weight_mapping"].status == "pass" and by["shifted_slices"].status == "pass"
 
 
+def test_a_port_that_initialises_unseeded_is_named_and_its_weights_not_used_to_explain():
+    """Two loads of the same request in two processes differ: the port breaks the protocol's determinism, and
+    its reported weights are not the ones its other processes computed with."""
+    result = audit(broken("unseeded", "weight_mapping"), CASES["gqa_padded"], ("weight_mapping",))
+    (stage,) = result.stages
+    assert stage.status == "fail" and stage.diagnoses[0].code == "nondeterministic_load"
+    assert stage.diagnoses[0].evidence["differ"] == ["model.layers.0.mlp.down_proj.bias"]
+    steady = audit(
+        broken("nan", "weight_mapping"), CASES["gqa_padded"], ("weight_mapping",)
+    )  # wrong the same way twice
+    assert steady.stages[0].status == "fail"
+    assert "nondeterministic_load" not in {d.code for d in steady.stages[0].diagnoses}
+
+
+def test_a_port_without_lora_adapters_is_told_so_not_that_it_leaves_modules_out():
+    result = audit(broken("nolora", "weight_mapping"), CASES["lora"], ("weight_mapping",))
+    (d,) = result.stages[0].diagnoses
+    assert d.code == "lora_adapters_missing" and "lora_init" in d.summary
+    assert all(n.endswith((".lora_a", ".lora_b")) for n in d.evidence["unused"])
+
+
 def test_a_hanging_stage_times_out():
     result = audit(broken("hang", "loss", timeout=20), CASES["head"], ("loss", "shifted_slices"))
     assert result.stages[0].status == "fail" and "timed out after 20 s" in result.stages[0].message

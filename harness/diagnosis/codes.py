@@ -5,6 +5,8 @@ CODES = {
     "weights_not_loaded": "the model keeps its initialisation: no checkpoint tensor was loaded",
     "key_mapping": "parameter names and checkpoint keys do not map one to one (a prefix, a rename, a swap)",
     "parameters_not_in_checkpoint": "the port's model has parameters no checkpoint tensor fills (a bias the family lacks): they keep their initialisation",
+    "nondeterministic_load": "two fresh loads of the same request differ: the port initialises parameters unseeded",
+    "lora_adapters_missing": "the port has no LoRA adapters where the settings train them",
     "checkpoint_tensors_unused": "checkpoint tensors fill no parameter of the port: a module it leaves out (Qwen3's q/k norms, biases)",
     "tied_embeddings_ignored": "the config ties lm_head to embed_tokens, the port has a separate lm_head",
     "parameter_shape": "parameters have another shape than their checkpoint tensors (other dimensions, or transposed)",

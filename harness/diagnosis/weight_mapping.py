@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from mlx_parity.reference.precision import ADAPTER_SUFFIXES
 from mlx_parity.reference.weights import IGNORED_KEYS
 
 from .core import Diagnosis, common_affix, f64
@@ -102,12 +103,23 @@ def _mapping(result, case, missing, unexpected, expected, actual, skip) -> Diagn
     extra = sorted(set(actual) - set(expected))
     absent = sorted(set(expected) - set(actual))
     if absent and not extra and not missing and all(f"weights.{u}" in absent for u in unexpected):
-        modules = sorted({k.removeprefix("weights.").rsplit(".", 1)[0].split(".")[-1] for k in absent})
+        names = [a.removeprefix("weights.") for a in absent]
+        evidence = {"unused": names[:10], "load_report_unexpected": unexpected[:10]}
+        if all(n.endswith(ADAPTER_SUFFIXES) for n in names):  # lora_init's, not the checkpoint's
+            return Diagnosis(
+                "lora_adapters_missing",
+                f"the port has no LoRA adapters: the {len(names)} adapters of lora_init.safetensors fill no "
+                "parameter of its model (it does not train `trainable: lora` as the settings say)",
+                evidence,
+            )
+        kinds = sorted(
+            {".".join(n.split(".")[-2:]) for n in names}
+        )  # module and tensor: `q_proj.bias`, `q_norm.weight`
         return Diagnosis(
             "checkpoint_tensors_unused",
-            f"{len(absent)} checkpoint tensors fill no parameter of the port "
-            f"({', '.join(modules[:4])}): the port's model leaves these modules out",
-            {"unused": [a.removeprefix("weights.") for a in absent[:10]], "load_report_unexpected": unexpected[:10]},
+            f"{len(names)} checkpoint tensors fill no parameter of the port ({', '.join(kinds[:4])}"
+            f"{', …' if len(kinds) > 4 else ''}): the port's model has no such parameters",
+            evidence,
         )
     tensors = [t for t in result.tensors if t.name not in skip]
     wrong = [t.name for t in tensors if not t.passed and t.name in expected and t.name in actual]
@@ -205,3 +217,24 @@ def _rounds_to(value: np.ndarray, rounded: np.ndarray) -> bool:
 
 def _tied(case) -> bool:
     return bool(json.loads((case.checkpoint / "config.json").read_text()).get("tie_word_embeddings", False))
+
+
+def nondeterministic_load(first: dict, second: dict) -> Diagnosis | None:
+    """Two fresh loads of the same request, each in its own process (`weights.*` of both): parameters that
+    differ between them were initialised unseeded. The protocol requires a port to be deterministic from
+    the request alone; where it is not, no stage is reproducible and nothing can be re-computed from the
+    weights it reported, since the next process computed with others."""
+    differ = sorted(
+        k.removeprefix("weights.")
+        for k in first.keys() & second.keys()
+        if np.shape(first[k]) == np.shape(second[k]) and not np.array_equal(first[k], second[k], equal_nan=True)
+    )
+    if not differ:
+        return None
+    return Diagnosis(
+        "nondeterministic_load",
+        f"two fresh loads of the same request give different values for {len(differ)} parameters "
+        f"({', '.join(differ[:3])}{', …' if len(differ) > 3 else ''}): the port initialises them unseeded, so its "
+        "stages are not reproducible and its forward cannot be re-computed from the weights it reported",
+        {"differ": differ[:10], "count": len(differ)},
+    )

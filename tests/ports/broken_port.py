@@ -2,7 +2,9 @@
 """A port that misbehaves at one stage, for the robustness tests: broken_port.py MODE STAGE REQUEST RESPONSE.
 
 MODE: crash (exit 3 with a message), hang (sleep), garbage (bytes that are not safetensors),
-nan (NaN in the first tensor), shape (drop the last axis of every tensor). Other stages behave like
+nan (NaN in the first tensor), shape (drop the last axis of every tensor), unseeded (one more
+parameter, initialised from an unseeded generator: different in every process), nolora (no LoRA
+adapters among its parameters). Other stages behave like
 the reference, through the example adapter.
 """
 
@@ -28,6 +30,15 @@ if stage == bad_stage:
     f = response / f"{stage}.safetensors"
     if mode == "garbage":
         f.write_bytes(b"\x00\x01not a safetensors file")
+    elif mode == "nolora":
+        t = load_file(str(f))
+        save_file({k: v for k, v in t.items() if not k.endswith((".lora_a", ".lora_b"))}, str(f))
+    elif mode == "unseeded":
+        t = load_file(str(f))
+        t["weights.model.layers.0.mlp.down_proj.bias"] = (
+            np.random.default_rng().uniform(-0.1, 0.1, 4).astype(np.float32)
+        )
+        save_file(t, str(f))
     elif mode in ("nan", "shape"):
         t = load_file(str(f))
         first = sorted(t)[0]
