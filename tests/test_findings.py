@@ -152,6 +152,18 @@ def test_a_port_answering_only_the_eight_stages_gets_its_forward_causes():
     assert all(f.evidence["from_port_inputs"] and f.evidence["reproduced_to"] < 1e-4 for f in found)
 
 
+def test_a_port_answering_only_the_eight_stages_gets_its_update_rule_from_its_own_moments():
+    """A forward bug changes every gradient, yet the update is re-computed from the port's own m and v, so the
+    optimizer's own bug (bias correction flipped) is named beside the forward's, not inherited from it."""
+    both = dataclasses.replace(
+        MUTANTS["bias_correction_flipped"], name="base+bias_correction", config=MUTANTS["rope_theta_hardcoded"].config
+    )
+    found, inherited = audit_once(MutantBackend(both), CASES["mha_sharded"], STAGES).findings()
+    assert {(f.stage, f.code) for f in found} == {("forward", "rope_base"), ("optimizer", "bias_correction")}
+    assert all(f.evidence["from_port_inputs"] for f in found)
+    assert "optimizer" not in {i.stage for i in inherited}
+
+
 def test_the_reference_on_a_port_that_did_not_load_its_weights_names_no_forward_convention():
     """Random weights explain the forward: re-computed with the port's own weights, the reference's layer
     reproduces it, so no convention is named (weight_mapping holds the cause)."""

@@ -111,6 +111,14 @@ def optimizer(result, out, case) -> Diagnosis | None:
     return found or None
 
 
+def _own_moments(t, g, deltas) -> bool:
+    """Whether the port reported m and v for every updated tensor: the expected update is then made of its own
+    numbers alone, so a cause solved from it holds whatever went wrong upstream of the optimizer."""
+    return all(
+        np.shape(t.get(k.replace(".delta.", f".{moment}.", 1))) == np.shape(g[k]) for k in deltas for moment in "mv"
+    )
+
+
 def _expected_update(t, g, case, deltas) -> dict:
     o = case.settings.optimizer
     lr = _lr0(case)
@@ -128,6 +136,14 @@ def _expected_update(t, g, case, deltas) -> dict:
 
 
 def _update(t, g, case, deltas) -> list[Diagnosis]:
+    found = _update_rule(t, g, case, deltas)
+    if found and _own_moments(t, g, [k for k in deltas if k in t]):
+        for d in found:
+            d.evidence["from_port_inputs"] = True
+    return found
+
+
+def _update_rule(t, g, case, deltas) -> list[Diagnosis]:
     s, o = case.settings, case.settings.optimizer
     b1, b2 = o.betas
     c = (1 - b1) / np.sqrt(1 - b2)  # uncorrected / corrected at t = 1
