@@ -7,7 +7,7 @@ import numpy as np
 from mlx_parity.reference.precision import parameter_dtype
 from mlx_parity.reference.schedule import lr_at
 
-from ..tolerances import UNIT_ROUNDOFF
+from ..tolerances import ULP32, UNIT_ROUNDOFF, tolerance
 from .core import Diagnosis, close, f64, initial, ratio
 
 
@@ -119,20 +119,63 @@ def _own_moments(t, g, deltas) -> bool:
     )
 
 
-def _expected_update(t, g, case, deltas) -> dict:
+def _expected_update(t, g, case, deltas, lr=None, eps=None, wd=None, corrected=None, eps_under=False) -> dict:
+    """Δθ the contract's AdamW makes of the port's own moments (the goldens' where it reports none) and its own
+    loaded θ, in float64; each keyword replaces one convention: the update under a hypothesis."""
     o = case.settings.optimizer
-    lr = _lr0(case)
+    lr = _lr0(case) if lr is None else lr
+    eps = o.eps if eps is None else eps
+    wd = o.weight_decay if wd is None else wd
     b1, b2 = o.betas
-    c1, c2 = (1 - b1, np.sqrt(1 - b2)) if o.bias_correction else (1.0, 1.0)
+    corrected = o.bias_correction if corrected is None else corrected
+    c1, c2 = (1 - b1, np.sqrt(1 - b2)) if corrected else (1.0, 1.0)
     out = {}
     for k in deltas:
         name = k.removeprefix("optimizer.delta.")
-        m, v, p = t.get(f"optimizer.m.{name}"), t.get(f"optimizer.v.{name}"), initial(case, name)
+        m, v, p = t.get(f"optimizer.m.{name}"), t.get(f"optimizer.v.{name}"), _theta(t, case, name)
         if m is None or v is None or p is None or np.shape(m) != np.shape(g[k]) or np.shape(v) != np.shape(g[k]):
             out[k] = f64(g[k])
-        else:
-            out[k] = -lr * (o.weight_decay * f64(p) + (f64(m) / c1) / (np.sqrt(np.maximum(f64(v), 0)) / c2 + o.eps))
+            continue
+        vh = np.maximum(f64(v), 0) / c2**2
+        root = np.sqrt(vh + eps) if eps_under else np.sqrt(vh) + eps
+        out[k] = -lr * (wd * f64(p) + (f64(m) / c1) / root)
     return out
+
+
+def _theta(t, case, name: str):
+    """θ before the update: the port's own loaded value where it reported one, else the checkpoint's."""
+    own = t.get(f"weights.{name}")
+    ref = initial(case, name)
+    return own if own is not None and ref is not None and np.shape(own) == np.shape(ref) else ref
+
+
+def _correction_roundoff(case, corrected: bool) -> float:
+    """The relative error of the first update's bias corrections when 1 - b is computed from a b held in float32
+    (0.999 is 0.99900001): every float32 port carries it (√ halves it for b2); none without bias correction."""
+    b1, b2 = case.settings.optimizer.betas
+    return ULP32 * sum(w * b / (1 - b) for w, b in ((1.0, b1), (0.5, b2)) if b < 1) if corrected else 0.0
+
+
+def _unexplained(t, g, case, deltas, **hypothesis) -> float:
+    """The largest |Δθ_port − Δθ_hypothesis| over the float32 (or bfloat16) rounding a correct port's update
+    carries there (the optimizer tolerance's floors: θ's rounding, the update's own roundings): at most 1 when
+    the hypothesis reproduces the port's update at every element."""
+    tol = tolerance("optimizer", case.settings.precision)
+    expected = _expected_update(t, g, case, deltas, **hypothesis)
+    kappa = _correction_roundoff(case, hypothesis.get("corrected", case.settings.optimizer.bias_correction))
+    worst = 0.0
+    for k in deltas:
+        if k not in t or np.shape(t[k]) != np.shape(expected[k]):
+            continue
+        name = k.removeprefix("optimizer.delta.")
+        e, theta = expected[k], _theta(t, case, name)
+        theta = None if theta is None else np.maximum(np.abs(f64(theta)), np.abs(f64(theta) + e))
+        bound = tol.bound(e, e, param=theta, param_dtype=parameter_dtype(name, case.settings.precision))
+        bound = bound + kappa * np.abs(e)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.abs(f64(t[k]) - e) / bound
+        worst = max(worst, float(np.nanmax(np.where(bound > 0, q, np.where(q > 0, np.inf, 0.0)), initial=0.0)))
+    return worst
 
 
 def _update(t, g, case, deltas) -> list[Diagnosis]:
@@ -144,7 +187,11 @@ def _update(t, g, case, deltas) -> list[Diagnosis]:
 
 
 def _update_rule(t, g, case, deltas) -> list[Diagnosis]:
+    """The convention under which the port's update is what its own moments make: named only when re-computing
+    the update under it reproduces the port's at every element (`_unexplained` at most 1)."""
     s, o = case.settings, case.settings.optimizer
+    if _unexplained(t, g, case, deltas) <= 1:
+        return []  # the reference's conventions reproduce it: whatever differs came with the moments
     b1, b2 = o.betas
     c = (1 - b1) / np.sqrt(1 - b2)  # uncorrected / corrected at t = 1
     expected = _expected_update(t, g, case, deltas)
@@ -154,25 +201,22 @@ def _update_rule(t, g, case, deltas) -> list[Diagnosis]:
         return []
     r = float(np.median(ratios))
     evidence = {"update_ratio": round(r, 4), "bias_correction_factor_t1": round(float(c), 4)}
-    if o.bias_correction and close(r, c):
-        return [
-            Diagnosis(
-                "bias_correction",
-                f"the update is (1-β1)/√(1-β2) = {c:.3g}× the reference's: bias correction missing",
-                evidence,
-            )
-        ]
-    if not o.bias_correction and close(r, 1 / c):
-        return [
-            Diagnosis(
-                "bias_correction",
-                "the update is √(1-β2)/(1-β1) = %.3g× the reference's: bias correction applied where the reference has none"
-                % (1 / c),
-                evidence,
-            )
-        ]
+    flipped = not o.bias_correction
+    if close(r, c if o.bias_correction else 1 / c) and _reproduces(t, g, case, deltas, evidence, corrected=flipped):
+        said = (
+            f"the update is (1-β1)/√(1-β2) = {c:.3g}× the reference's: bias correction missing"
+            if o.bias_correction
+            else "the update is √(1-β2)/(1-β1) = %.3g× the reference's: bias correction applied where the reference "
+            "has none" % (1 / c)
+        )
+        return [Diagnosis("bias_correction", said, evidence)]
     lr0, lr1 = lr_at(s.optimizer, s.schedule, 0), lr_at(s.optimizer, s.schedule, 1)
-    if lr0 > 0 and not close(lr1, lr0, 1e-3) and close(r, lr1 / lr0, 0.01):
+    if (
+        lr0 > 0
+        and not close(lr1, lr0, 1e-3)
+        and close(r, lr1 / lr0, 0.01)
+        and _reproduces(t, g, case, deltas, evidence, lr=lr1)
+    ):
         return [
             Diagnosis(
                 "schedule_off_by_one",
@@ -181,10 +225,10 @@ def _update_rule(t, g, case, deltas) -> list[Diagnosis]:
             )
         ]
     decay = _decay_missing(t, expected, case)
-    if decay:
+    if decay and _reproduces(t, g, case, deltas, decay.evidence, wd=0.0):
         return [decay]
-    if not close(r, 1.0, 0.002) and float(np.ptp(ratios)) < 0.01 * abs(r):
-        lr = r * lr0
+    lr = _fitted_lr(t, g, case, deltas)
+    if lr is not None and not close(lr, lr0, 0.002) and _reproduces(t, g, case, deltas, evidence, lr=lr):
         # the schedule step whose learning rate the port used, where one matches (a step counter read from
         # the micro-batches, say): said only when it reproduces the port's rate
         horizon = (s.steps + 1) * max(1, s.accum_steps)
@@ -193,13 +237,38 @@ def _update_rule(t, g, case, deltas) -> list[Diagnosis]:
         return [
             Diagnosis(
                 "learning_rate",
-                f"the update is a uniform {r:.4g}× the reference's: the port's learning rate for its first update "
-                f"is {lr:.4g} where the schedule gives {lr0:.4g}{where}",
+                f"the update is a uniform {lr / lr0:.4g}× the reference's: the port's learning rate for its first "
+                f"update is {lr:.4g} where the schedule gives {lr0:.4g}{where}",
                 evidence | {"port_lr": lr, "schedule_lr": lr0, "schedule_step_of_port_lr": at},
             )
         ]
     eps = _eps_estimate(t, g, case)
-    return [eps] if eps else []
+    if eps is None:
+        return []
+    hypothesis = (
+        {"eps": eps.evidence["eps_under_sqrt"], "eps_under": True}
+        if eps.code == "adam_eps_placement"
+        else {"eps": eps.evidence["estimated_eps"]}
+    )
+    return [eps] if _reproduces(t, g, case, deltas, eps.evidence, **hypothesis) else []
+
+
+def _reproduces(t, g, case, deltas, evidence: dict, **hypothesis) -> bool:
+    """Whether the update under `hypothesis` reproduces the port's; the residual goes into the evidence."""
+    left = _unexplained(t, g, case, deltas, **hypothesis)
+    evidence["reproduced_to"] = round(left, 3)  # of the rounding a correct update carries: at most 1
+    return left <= 1
+
+
+def _fitted_lr(t, g, case, deltas) -> float | None:
+    """The learning rate that best makes the port's update of its own moments (least squares)."""
+    unit = _expected_update(t, g, case, deltas, lr=1.0)  # −(wd·θ + m̂/(√v̂ + eps))
+    num = den = 0.0
+    for k in deltas:
+        if k in t and np.shape(t[k]) == np.shape(unit[k]):
+            num += float(np.sum(f64(t[k]) * unit[k]))
+            den += float(np.sum(unit[k] ** 2))
+    return num / den if den > 0 else None
 
 
 def _fit_to_parameters(t, g, prefix: str, case) -> float | None:
@@ -304,7 +373,8 @@ def _eps_estimate(t, g, case) -> Diagnosis | None:
     lr = _lr0(case)
     b1, b2 = o.betas
     c1, c2 = (1 - b1, np.sqrt(1 - b2)) if o.bias_correction else (1.0, 1.0)
-    estimates, inside = [], []
+    estimates, inside, weights, weights_under = [], [], [], []
+    kappa = _correction_roundoff(case, o.bias_correction)
     for k in (k for k in g if k.startswith("optimizer.delta.") and k in t):
         name = k.removeprefix("optimizer.delta.")
         p = initial(case, name)
@@ -323,12 +393,16 @@ def _eps_estimate(t, g, case) -> Diagnosis | None:
             # Δθ is a float32 difference of parameters: its rounding, carried into m̂/adam, must leave eps resolvable
             sigma = np.abs(mh / adam**2) * (2.0**-23 * (np.abs(f64(p)) + np.abs(f64(t[k]))) / lr)
             ok = (np.abs(adam) > 1e-3) & (vh > 0) & (sigma < 0.2 * o.eps)
+            # and the port's own float32 update (a few roundings of m̂/adam) and bias corrections (of v̂)
+            sigma = np.sqrt(sigma**2 + (8 * ULP32 * np.abs(mh / adam)) ** 2 + (kappa * vh) ** 2)
         estimates.append(mh[ok] / adam[ok] - vh[ok])  # eps after the square root (AdamW)
         inside.append((mh[ok] / adam[ok]) ** 2 - vh[ok] ** 2)  # eps under it: m̂ / sqrt(v̂ + eps)
-    after, under = (np.concatenate(x) if x else np.zeros(0) for x in (estimates, inside))
+        weights.append(1.0 / sigma[ok] ** 2)  # each element's resolution of eps: the estimate is their weighted mean
+        weights_under.append(1.0 / (2 * np.abs(mh[ok] / adam[ok]) * sigma[ok]) ** 2)
+    after, under, w, wu = (np.concatenate(x) if x else np.zeros(0) for x in (estimates, inside, weights, weights_under))
     if after.size < 10:
         return None  # no element where eps is resolvable above float32 rounding
-    est = float(np.median(after))
+    est = float(np.sum(w * after) / np.sum(w))
     # The right placement gives the same eps at every element; the wrong one drifts with v̂.
     sig = np.abs(after) > 0.1 * max(abs(est), o.eps)
     if sig.sum() >= 10:
@@ -336,7 +410,7 @@ def _eps_estimate(t, g, case) -> Diagnosis | None:
             name: float(np.subtract(*np.quantile(x[sig], [0.75, 0.25])) / abs(np.median(x[sig])))
             for name, x in (("after", after), ("under", under))
         }
-        eps_under = float(np.median(under[sig]))
+        eps_under = float(np.sum(wu * under) / np.sum(wu))
         if spread["under"] < 0.2 < spread["after"] and eps_under > 0:
             return Diagnosis(
                 "adam_eps_placement",
