@@ -198,3 +198,35 @@ def test_an_optimizer_that_never_reaches_the_parameters_is_named_by_the_schedule
         out = StageOutput(moved | {"isolated.schedule.step": np.array(step, np.int64)})
         result = judge("isolated_schedule", out, case)
         assert result.status == "fail" and diagnose(result, out, case)[0].code == code
+
+
+def _float32_adamw(case, m, v, lr_scale=1.0):
+    """The contract's first AdamW update (bias correction on) in float32 from given moments: Δθ as θ_after − θ."""
+    o, f = case.settings.optimizer, np.float32
+    out = {}
+    for name in m:
+        p = case.initial_weights[f"weights.{name}"].astype(f)
+        lr = f(o.lr * lr_scale)
+        c1, c2 = f(lr / f(1 - f(o.betas[0]))), f(1 / np.sqrt(f(1 - f(o.betas[1]))))
+        after = p * f(1 - lr * f(o.weight_decay)) - c1 * m[name] / (np.sqrt(v[name]) * c2 + f(o.eps))
+        out[f"optimizer.delta.{name}"] = (after - p).astype(f)
+    return out
+
+
+def test_an_update_that_its_own_moments_explain_gets_no_update_cause_and_a_learning_rate_off_is_reproduced():
+    """Other gradients upstream (moments 1.3× and 0.7×) but the contract's update of them: nothing in the
+    update rule to name, although every Δθ differs from the reference's. The same with lr 0.1 % high: the
+    learning rate, named because re-computing the update at the solved rate reproduces the port's."""
+    from mlx_parity.harness.diagnosis.optimizer import _update
+
+    case = CASES["gqa_padded"]
+    g = case.golden
+    names = [k.removeprefix("optimizer.m.") for k in g if k.startswith("optimizer.m.")]
+    m = {n: (g[f"optimizer.m.{n}"] * np.float32(1.3)).astype(np.float32) for n in names}
+    v = {n: (g[f"optimizer.v.{n}"] * np.float32(0.7)).astype(np.float32) for n in names}
+    moments = {f"optimizer.m.{n}": m[n] for n in names} | {f"optimizer.v.{n}": v[n] for n in names}
+    deltas = [k for k in g if k.startswith("optimizer.delta.")]
+    assert _update(_float32_adamw(case, m, v) | moments, g, case, deltas) == []
+    (d,) = _update(_float32_adamw(case, m, v, lr_scale=1.001) | moments, g, case, deltas)
+    assert d.code == "learning_rate" and d.evidence["from_port_inputs"] and d.evidence["reproduced_to"] <= 1
+    assert abs(d.evidence["port_lr"] / case.settings.optimizer.lr - 1.001) < 1e-5

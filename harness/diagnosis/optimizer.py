@@ -228,7 +228,7 @@ def _update_rule(t, g, case, deltas) -> list[Diagnosis]:
     if decay and _reproduces(t, g, case, deltas, decay.evidence, wd=0.0):
         return [decay]
     lr = _fitted_lr(t, g, case, deltas)
-    if lr is not None and not close(lr, lr0, 0.002) and _reproduces(t, g, case, deltas, evidence, lr=lr):
+    if lr is not None and _reproduces(t, g, case, deltas, evidence, lr=lr):  # where lr0 did not (above)
         # the schedule step whose learning rate the port used, where one matches (a step counter read from
         # the micro-batches, say): said only when it reproduces the port's rate
         horizon = (s.steps + 1) * max(1, s.accum_steps)
