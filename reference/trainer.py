@@ -32,11 +32,12 @@ def to_mx_batch(batch: dict[str, np.ndarray]) -> dict[str, mx.array]:
     }
 
 
-def split_batch(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
-    """Micro-batches for accumulation: the batch cut in order into `parts` equal slices."""
+def split_batch(batch: dict[str, np.ndarray], parts: int, what: str = "accum_steps") -> list[dict[str, np.ndarray]]:
+    """Micro-batches for accumulation (or the ranks' shards of one): the batch cut in order into `parts` equal
+    slices."""
     B = len(batch["input_ids"])
     if B % parts:
-        raise SettingsError(f"batch size {B} is not divisible by accum_steps={parts}")
+        raise SettingsError(f"batch size {B} is not divisible by {what}={parts}")
     n = B // parts
     return [{k: v[i * n : (i + 1) * n] for k, v in batch.items()} for i in range(parts)]
 
@@ -44,8 +45,18 @@ def split_batch(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.n
 class Trainer:
     """A model, its trainable set and its optimizer; one `step` is one optimizer update."""
 
-    def __init__(self, model: LlamaForCausalLM, settings: TrainSettings, lora_init: dict[str, mx.array] | None = None):
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        settings: TrainSettings,
+        lora_init: dict[str, mx.array] | None = None,
+        group: mx.distributed.Group | None = None,
+    ):
+        """`group`: the ranks this trainer is one of (`mx.distributed.init()`, started by `mlx.launch`): each
+        update then takes this rank's contiguous share of every micro-batch and averages the gradients and
+        losses over the ranks (docs/training-step.md, data parallelism). None: one process."""
         self.model, self.settings = model, settings
+        self.group = group if group is not None and group.size() > 1 else None
         self.dtype = model_dtype(settings.precision)
         if self.dtype != mx.float32:  # before the adapters, which stay float32
             model.set_dtype(self.dtype)
@@ -69,14 +80,16 @@ class Trainer:
         mx.eval(model.parameters())
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str | Path, settings: TrainSettings, lora_init=None, strict: bool = True):
+    def from_pretrained(
+        cls, checkpoint: str | Path, settings: TrainSettings, lora_init=None, strict: bool = True, group=None
+    ):
         """A trainer on a Hugging Face checkpoint folder; returns (trainer, load report)."""
         cfg = ModelConfig.from_file(checkpoint)
         model = LlamaForCausalLM(cfg)
         report = load_weights(model, checkpoint, strict=strict)
         if isinstance(lora_init, (str, Path)):
             lora_init = mx.load(str(lora_init))
-        return cls(model, settings, lora_init), report
+        return cls(model, settings, lora_init, group), report
 
     def _load_adapters(self, tensors: dict[str, mx.array]) -> None:
         params = dict(tree_flatten(self.model.parameters()))
@@ -164,19 +177,29 @@ class Trainer:
         return parts
 
     def accumulate(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, float], dict]:
-        """Mean loss parts and mean gradients over the `accum_steps` micro-batches, in order."""
+        """Mean loss parts and mean gradients over the `accum_steps` micro-batches, in order; on N ranks over
+        this rank's share of each, then over the ranks (all-summed, divided by N)."""
         L.validate_batch(batch)  # the whole batch, before it is cut
         micro = split_batch(batch, self.settings.accum_steps)
-        grads, sums = None, {"ce": 0.0, "distrust": 0.0, "total": 0.0}
+        if self.group is not None:
+            micro = [split_batch(mb, self.group.size(), "the world size")[self.group.rank()] for mb in micro]
+        grads, parts = None, []
         for mb in micro:
             (total, ce, d), g = self._value_and_grad(to_mx_batch(mb))
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(total, grads)
-            for k, v in zip(("total", "ce", "distrust"), (total, ce, d)):
-                sums[k] += v.item()
+            parts.append((total.item(), ce.item(), d.item()))
         n = len(micro)
         if n > 1:
             grads = tree_map(lambda g: g / n, grads)
+        if self.group is not None:
+            world = self.group.size()
+            grads = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group) / world, grads)
+            # every rank's float32 losses, summed here in rank order as one process sums its micro-batches
+            every = mx.distributed.all_gather(mx.array(parts, dtype=mx.float32), group=self.group)
+            parts, n = [tuple(float(x) for x in row) for row in np.array(every)], n * world
+            mx.eval(grads)
+        sums = {k: sum(p[i] for p in parts) for i, k in enumerate(("total", "ce", "distrust"))}
         return {k: v / n for k, v in sums.items()}, grads
 
     def clip(self, grads: dict) -> dict:

@@ -1,0 +1,63 @@
+"""The reference trained data-parallel: one rank of `mlx.launch`, writing what it holds after N updates.
+
+    mlx.launch --backend ring -n 2 --python PYTHON -m mlx_parity.reference.data_parallel \\
+        CHECKPOINT BATCH SETTINGS OUT [--lora-init FILE] [--steps N]
+
+Every rank loads the same checkpoint, takes its contiguous share of each micro-batch of BATCH (a
+safetensors file: input_ids, attention_mask, auth_weight, prov_entropy), averages gradients and losses over
+the ranks (`Trainer(group=...)`) and runs `steps` updates (default: the settings'). Each rank writes
+`OUT/rank<r>.safetensors`: `delta.<name>` (θ_N − θ_0 of the trainable set), `m.<name>`, `v.<name>`, `step`
+and `loss` (the total before each update), so that ranks can be compared with each other and with one
+process (docs/training-step.md, data parallelism). The group is MLX's own (`mx.distributed.init`), started
+by its launcher; nothing here opens a connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from .settings import TrainSettings
+from .trainer import Trainer
+
+
+def run(checkpoint: Path, batch: dict, settings: TrainSettings, steps: int, group, lora_init=None) -> dict:
+    """`steps` updates on `batch` by this rank of `group`: its arrays to write (float32, and int64 `step`)."""
+    trainer, _ = Trainer.from_pretrained(checkpoint, settings, lora_init, group=group)
+    names = trainer.trainable_names()
+    before = {k: np.array(v.astype(mx.float32)) for k, v in trainer.parameters().items() if k in names}
+    losses = [trainer.step(batch)["total"] for _ in range(steps)]
+    after = trainer.parameters()
+    state = trainer.optimizer_state()
+    out = {f"delta.{k}": np.array(after[k].astype(mx.float32)) - before[k] for k in names}
+    out |= {f"{moment}.{k}": np.array(v.astype(mx.float32)) for moment in ("m", "v") for k, v in state[moment].items()}
+    out["step"] = np.array(state["step"], dtype=np.int64)
+    out["loss"] = np.array(losses, dtype=np.float32)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("batch", type=Path)
+    ap.add_argument("settings", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--lora-init", type=Path)
+    ap.add_argument("--steps", type=int, help="updates (default: the settings' steps)")
+    a = ap.parse_args(argv)
+    group = mx.distributed.init(strict=True)  # started by mlx.launch: a missing launcher is an error here
+    settings = TrainSettings.from_dict(json.loads(a.settings.read_text()))
+    batch = load_file(str(a.batch))
+    result = run(a.checkpoint, batch, settings, a.steps or settings.steps, group, a.lora_init)
+    a.out.mkdir(parents=True, exist_ok=True)
+    save_file(result, str(a.out / f"rank{group.rank()}.safetensors"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
