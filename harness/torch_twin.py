@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -480,19 +481,32 @@ class TwinTrainer:
         return {k: v.item() for k, v in parts.items()}, out
 
     def step(self, batch) -> dict[str, float]:
+        """One update. Under `torch.distributed` (started by torchrun) each rank takes its contiguous share of
+        every micro-batch, and gradients and losses are averaged over the ranks (docs/training-step.md)."""
         validate_batch(batch)
         n = self.settings.accum_steps
         B = len(batch["input_ids"])
         if B % n:
             raise SettingsError(f"batch size {B} is not divisible by accum_steps={n}")
-        size, acc, sums = B // n, None, {"ce": 0.0, "distrust": 0.0, "total": 0.0}
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        if (B // n) % world:
+            raise SettingsError(f"micro-batch size {B // n} is not divisible by the world size {world}")
+        size, share, acc, losses = B // n, B // n // world, None, []
         for i in range(n):
-            parts, g = self.gradients({k: v[i * size : (i + 1) * size] for k, v in batch.items()})
+            lo = i * size + rank * share
+            parts, g = self.gradients({k: v[lo : lo + share] for k, v in batch.items()})
             acc = g if acc is None else {k: acc[k] + g[k] for k in acc}
-            for k in sums:
-                sums[k] += parts[k]
-        self._update({k: g / n for k, g in acc.items()} if n > 1 else acc)
-        return {k: v / n for k, v in sums.items()}
+            losses.append([parts[k] for k in ("total", "ce", "distrust")])
+        grads = {k: g / n for k, g in acc.items()} if n > 1 else acc
+        if world > 1:
+            for g in grads.values():
+                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+            grads = {k: g / world for k, g in grads.items()}
+            every = [None] * world
+            dist.all_gather_object(every, losses)  # each rank's losses, summed in rank order as one process would
+            losses, n = [row for ranked in every for row in ranked], n * world
+        self._update(grads)
+        return {k: sum(row[i] for row in losses) / n for i, k in enumerate(("total", "ce", "distrust"))}
 
     def _update(self, grads) -> None:
         """Clip (globally), then AdamW; this update's `grad_offset`, when set, is added first."""
