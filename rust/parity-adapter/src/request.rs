@@ -36,6 +36,31 @@ pub struct Batch {
     pub prov_entropy: Tensor,
 }
 
+impl Batch {
+    /// Rows `lo..hi` of every tensor.
+    pub fn rows(&self, lo: usize, hi: usize) -> Result<Batch> {
+        Ok(Batch {
+            input_ids: self.input_ids.rows(lo, hi)?,
+            attention_mask: self.attention_mask.rows(lo, hi)?,
+            auth_weight: self.auth_weight.rows(lo, hi)?,
+            prov_entropy: self.prov_entropy.rows(lo, hi)?,
+        })
+    }
+
+    /// The batch cut in order into `parts` equal micro-batches, as an update with `accum_steps = parts` cuts
+    /// it (docs/training-step.md); a batch size `parts` does not divide is an error that says so.
+    pub fn split(&self, parts: usize) -> Result<Vec<Batch>> {
+        let b = self.input_ids.shape.first().copied().unwrap_or(0);
+        if parts == 0 || b % parts != 0 {
+            return Err(Error::failed(format!(
+                "batch size {b} is not divisible by accum_steps={parts}"
+            )));
+        }
+        let n = b / parts;
+        (0..parts).map(|i| self.rows(i * n, (i + 1) * n)).collect()
+    }
+}
+
 /// A request folder, read.
 #[derive(Clone, Debug)]
 pub struct RequestFolder {
@@ -113,5 +138,31 @@ impl RequestFolder {
     /// After how many updates the checkpoint stage saves and resumes.
     pub fn checkpoint_at(&self) -> Result<usize> {
         self.setting_usize("checkpoint_at")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_splits_in_order_into_equal_micro_batches() {
+        let batch = Batch {
+            input_ids: Tensor::i32(vec![4, 2], vec![0, 1, 2, 3, 4, 5, 6, 7]).unwrap(),
+            attention_mask: Tensor::i32(vec![4, 2], vec![1, 1, 1, 1, 1, 0, 1, 0]).unwrap(),
+            auth_weight: Tensor::f32(vec![4], vec![0.1, 0.2, 0.3, 0.4]).unwrap(),
+            prov_entropy: Tensor::f32(vec![4], vec![1.0, 2.0, 3.0, 4.0]).unwrap(),
+        };
+        let parts = batch.split(2).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[1].input_ids, Tensor::i32(vec![2, 2], vec![4, 5, 6, 7]).unwrap());
+        assert_eq!(
+            parts[1].attention_mask,
+            Tensor::i32(vec![2, 2], vec![1, 0, 1, 0]).unwrap()
+        );
+        assert_eq!(parts[0].auth_weight, Tensor::f32(vec![2], vec![0.1, 0.2]).unwrap());
+        assert_eq!(batch.split(1).unwrap(), vec![batch.clone()]);
+        let err = batch.split(3).unwrap_err().to_string();
+        assert!(err.contains("not divisible by accum_steps=3"), "{err}");
     }
 }

@@ -72,6 +72,28 @@ impl Tensor {
     }
 
     /// The values as float32 (ints and float64 converted), for a port that computes in float32.
+    /// Rows `lo..hi` along the first axis (a slice of a batch).
+    pub fn rows(&self, lo: usize, hi: usize) -> Result<Tensor> {
+        let n = self.shape.first().copied().unwrap_or(0);
+        if lo > hi || hi > n {
+            return Err(Error::failed(format!(
+                "rows {lo}..{hi} of a tensor of shape {:?}",
+                self.shape
+            )));
+        }
+        let row: usize = self.shape[1..].iter().product();
+        let (a, b) = (lo * row, hi * row);
+        let data = match &self.data {
+            Data::F32(v) => Data::F32(v[a..b].to_vec()),
+            Data::F64(v) => Data::F64(v[a..b].to_vec()),
+            Data::I32(v) => Data::I32(v[a..b].to_vec()),
+            Data::I64(v) => Data::I64(v[a..b].to_vec()),
+        };
+        let mut shape = self.shape.clone();
+        shape[0] = hi - lo;
+        Ok(Tensor { shape, data })
+    }
+
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.data {
             Data::F32(v) => v.clone(),
@@ -128,7 +150,26 @@ fn from_le<const N: usize, T>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
         .collect()
 }
 
-/// Every tensor of a safetensors file (float32, float64, int32, int64; other dtypes are refused by name).
+/// bfloat16 bits widened to float32: exact (bfloat16 is float32's upper half).
+fn bf16_to_f32(b: [u8; 2]) -> f32 {
+    f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)
+}
+
+/// IEEE half bits widened to float32: exact (every half value is a float32 value).
+fn f16_to_f32(b: [u8; 2]) -> f32 {
+    let h = u16::from_le_bytes(b);
+    let sign = if h >> 15 == 1 { -1.0 } else { 1.0 };
+    let (exp, frac) = (i32::from((h >> 10) & 0x1f), f32::from(h & 0x3ff));
+    sign * match exp {
+        0 => frac * 2f32.powi(-24),                     // subnormal: frac · 2^-24
+        31 if frac == 0.0 => f32::INFINITY,             // infinity
+        31 => f32::NAN,                                 // NaN
+        e => (1.0 + frac / 1024.0) * 2f32.powi(e - 15), // normal
+    }
+}
+
+/// Every tensor of a safetensors file: float32, float64, int32, int64, and bfloat16 or float16 (a checkpoint's
+/// stored dtype) read as the float32 values they are, exactly. Other dtypes are refused by name.
 pub fn read_tensors(path: &Path) -> Result<Tensors> {
     let bytes = std::fs::read(path).map_err(|e| Error::failed(format!("{}: {e}", path.display())))?;
     let file = SafeTensors::deserialize(&bytes).map_err(|e| Error::failed(format!("{}: {e}", path.display())))?;
@@ -140,9 +181,11 @@ pub fn read_tensors(path: &Path) -> Result<Tensors> {
             Dtype::F64 => Data::F64(from_le(raw, f64::from_le_bytes)),
             Dtype::I32 => Data::I32(from_le(raw, i32::from_le_bytes)),
             Dtype::I64 => Data::I64(from_le(raw, i64::from_le_bytes)),
+            Dtype::BF16 => Data::F32(from_le(raw, bf16_to_f32)),
+            Dtype::F16 => Data::F32(from_le(raw, f16_to_f32)),
             other => {
                 return Err(Error::failed(format!(
-                    "{}: {name} is {other:?}; the protocol uses F32, F64, I32, I64",
+                    "{}: {name} is {other:?}; readable: F32, F64, I32, I64, BF16, F16",
                     path.display()
                 )))
             }
@@ -203,6 +246,36 @@ pub fn write_tensors(path: &Path, tensors: &Tensors) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bfloat16_and_float16_read_as_their_exact_float32_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let half = |dtype, bits: &[u16]| Owned {
+            dtype,
+            shape: vec![bits.len()],
+            bytes: bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
+        };
+        // bfloat16: 1.5, -2, the smallest subnormal (2^-133), the largest finite
+        let bf = half(Dtype::BF16, &[0x3FC0, 0xC000, 0x0001, 0x7F7F]);
+        // float16: 1.5, -2, the smallest subnormal (2^-24), the largest finite (65504), infinity
+        let f16 = half(Dtype::F16, &[0x3E00, 0xC000, 0x0001, 0x7BFF, 0x7C00]);
+        let path = dir.path().join("h.safetensors");
+        safetensors::serialize_to_file([("bf", &bf), ("f16", &f16)], None, &path).unwrap();
+        let t = read_tensors(&path).unwrap();
+        assert_eq!(
+            t["bf"].data,
+            Data::F32(vec![
+                1.5,
+                -2.0,
+                f32::from_bits(0x0001_0000),
+                f32::from_bits(0x7F7F_0000)
+            ])
+        );
+        assert_eq!(
+            t["f16"].data,
+            Data::F32(vec![1.5, -2.0, 2f32.powi(-24), 65504.0, f32::INFINITY])
+        );
+    }
 
     #[test]
     fn every_protocol_dtype_round_trips() {
