@@ -37,6 +37,6 @@ mod tensor;
 pub use error::{Error, Result};
 pub use port::{LoadReport, Loss, OptimizerState, Port};
 pub use request::{Batch, Request, RequestFolder, PROTOCOL};
-pub use serve::{answer, serve};
+pub use serve::{answer, answer_with, parse_args, serve};
 pub use stages::{run_stage, Output, ISOLATED_STAGES, STAGES};
 pub use tensor::{read_tensors, write_tensors, Data, Tensor, Tensors};

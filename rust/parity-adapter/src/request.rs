@@ -1,6 +1,7 @@
 //! `REQUEST_DIR`: request.json, the checkpoint, the batch, the adapters, the reference's inputs for
 //! the isolated requests.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -61,11 +62,13 @@ impl Batch {
     }
 }
 
-/// A request folder, read.
+/// A request folder, read, with the options the adapter was started with (`--name value` before the two
+/// folders: `my-adapter --inject no_shift REQUEST_DIR RESPONSE_DIR`), for `Port::load` to read.
 #[derive(Clone, Debug)]
 pub struct RequestFolder {
     pub dir: PathBuf,
     pub request: Request,
+    pub options: BTreeMap<String, String>,
 }
 
 impl RequestFolder {
@@ -83,7 +86,13 @@ impl RequestFolder {
         Ok(RequestFolder {
             dir: dir.to_path_buf(),
             request,
+            options: BTreeMap::new(),
         })
+    }
+
+    /// The value of the adapter's option `--name`, when it was started with one.
+    pub fn option(&self, name: &str) -> Option<&str> {
+        self.options.get(name).map(String::as_str)
     }
 
     pub fn checkpoint_dir(&self) -> PathBuf {

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::OnceLock;
 
 use mlx_rs::{Array, Dtype};
 use parity_adapter::{
@@ -19,8 +18,6 @@ use parity_mlx_rs::loss::LossParts;
 use parity_mlx_rs::model::Pieces;
 use parity_mlx_rs::settings::TrainSettings;
 use parity_mlx_rs::trainer::{host_vec, Trainer};
-
-static INJECT: OnceLock<Option<String>> = OnceLock::new();
 
 struct MlxRs(Trainer);
 
@@ -80,8 +77,8 @@ fn loss(p: LossParts) -> Loss {
 impl Port for MlxRs {
     fn load(req: &RequestFolder) -> Result<Self> {
         let mut settings = req.request.settings.clone();
-        if let (Some(Some(bug)), Some(map)) = (INJECT.get(), settings.as_object_mut()) {
-            map.insert("inject".into(), bug.clone().into());
+        if let (Some(bug), Some(map)) = (req.option("inject"), settings.as_object_mut()) {
+            map.insert("inject".into(), bug.into());
         }
         let settings = TrainSettings::from_json(&settings.to_string()).map_err(failed)?;
         Trainer::new(&req.checkpoint_dir(), settings, req.lora_init().as_deref(), false)
@@ -175,15 +172,5 @@ impl Port for MlxRs {
 }
 
 fn main() -> ExitCode {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let inject = match args.iter().position(|a| a == "--inject") {
-        Some(i) if i + 1 < args.len() => Some(args.drain(i..i + 2).nth(1).expect("two drained")),
-        Some(_) => {
-            eprintln!("--inject needs a bug name");
-            return ExitCode::from(2);
-        }
-        None => None,
-    };
-    INJECT.set(inject).expect("set once");
-    serve::<MlxRs>(args)
+    serve::<MlxRs>(std::env::args().skip(1)) // `--inject BUG` arrives as req.option("inject")
 }
