@@ -53,6 +53,13 @@ pub trait Port: Sized {
     /// Every parameter of the model (trainable or not), float32, by checkpoint name. A port with tied
     /// embeddings has no `lm_head.weight`; LoRA adapters are `<module>.lora_a` [in, r] and `.lora_b` [r, out].
     fn parameters(&self) -> Result<Tensors>;
+    /// The parameters named (a subset): what the kit reads before and after updates (the trainable set).
+    /// The default copies every parameter and keeps the named ones; a port whose model is large returns
+    /// only those. A name the port has no parameter for is left out (the kit says which).
+    fn parameters_named(&self, names: &[String]) -> Result<Tensors> {
+        let mut all = self.parameters()?;
+        Ok(names.iter().filter_map(|n| all.remove_entry(n)).collect())
+    }
     /// The parameters the optimizer updates (all, the head, or the adapters, as `settings.trainable` says).
     fn trainable_names(&self) -> Vec<String>;
     /// Logits [B, T, V] and the residual stream after each decoder layer [B, T, hidden].

@@ -48,7 +48,7 @@ fn loss_tensors(prefix: &str, l: Loss) -> Tensors {
 
 fn trainable<P: Port>(p: &P) -> Result<Tensors> {
     let names = p.trainable_names();
-    let mut all = p.parameters()?;
+    let mut all = p.parameters_named(&names)?;
     names
         .iter()
         .map(|n| {
@@ -60,7 +60,7 @@ fn trainable<P: Port>(p: &P) -> Result<Tensors> {
 }
 
 fn deltas<P: Port>(p: &P, before: &Tensors, prefix: &str) -> Result<Tensors> {
-    let after = p.parameters()?;
+    let after = p.parameters_named(&before.keys().cloned().collect::<Vec<_>>())?;
     before
         .iter()
         .map(|(k, b)| {
