@@ -224,11 +224,13 @@ def nondeterministic_load(first: dict, second: dict) -> Diagnosis | None:
     differ between them were initialised unseeded. The protocol requires a port to be deterministic from
     the request alone; where it is not, no stage is reproducible and nothing can be re-computed from the
     weights it reported, since the next process computed with others."""
-    differ = sorted(
-        k.removeprefix("weights.")
-        for k in first.keys() & second.keys()
-        if np.shape(first[k]) == np.shape(second[k]) and not np.array_equal(first[k], second[k], equal_nan=True)
-    )
+
+    def same(a, b) -> bool:  # NaN equals NaN in a float array; anything else compares as it is
+        a, b = np.asarray(a), np.asarray(b)
+        floats = np.issubdtype(a.dtype, np.floating) and np.issubdtype(b.dtype, np.floating)
+        return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=floats))
+
+    differ = sorted(k.removeprefix("weights.") for k in first.keys() & second.keys() if not same(first[k], second[k]))
     if not differ:
         return None
     return Diagnosis(
