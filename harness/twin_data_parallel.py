@@ -10,46 +10,27 @@ connection. Each rank writes `OUT/rank<r>.safetensors`: `delta.<name>`, `m.<name
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.numpy import load_file, save_file
 
+from mlx_parity.reference.data_parallel import arguments, rank_outputs
 from mlx_parity.reference.settings import TrainSettings
 
 from .torch_twin import TwinTrainer
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(torch.float32).numpy()
-
-
 def run(checkpoint: Path, batch: dict, settings: TrainSettings, steps: int, lora_init=None) -> dict:
     """`steps` updates on `batch` by this rank (one process when no group is initialised): its arrays."""
     trainer, _ = TwinTrainer.from_pretrained(checkpoint, settings, lora_init)
-    names = trainer.trainable_names()
-    before = {k: _np(v) for k, v in trainer.parameters().items() if k in names}
-    losses = [trainer.step(batch)["total"] for _ in range(steps)]
-    after, state = trainer.parameters(), trainer.optimizer_state()
-    out = {f"delta.{k}": _np(after[k]) - before[k] for k in names}
-    out |= {f"{moment}.{k}": _np(v) for moment in ("m", "v") for k, v in state[moment].items()}
-    out["step"] = np.array(state["step"], dtype=np.int64)
-    out["loss"] = np.array(losses, dtype=np.float32)
-    return out
+    return rank_outputs(trainer, steps, batch, lambda t: t.detach().to(torch.float32).numpy())
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("batch", type=Path)
-    ap.add_argument("settings", type=Path)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--lora-init", type=Path)
-    ap.add_argument("--steps", type=int, help="updates (default: the settings' steps)")
+    ap = arguments(__doc__)
     ap.add_argument("--backend", default="gloo", help="torch.distributed backend (gloo on the CPU, nccl on GPUs)")
     a = ap.parse_args(argv)
     dist.init_process_group(a.backend)  # torchrun's environment: a missing launcher is an error here

@@ -26,30 +26,40 @@ from .settings import TrainSettings
 from .trainer import Trainer
 
 
-def run(checkpoint: Path, batch: dict, settings: TrainSettings, steps: int, group, lora_init=None) -> dict:
-    """`steps` updates on `batch` by this rank of `group`: its arrays to write (float32, and int64 `step`)."""
-    trainer, _ = Trainer.from_pretrained(checkpoint, settings, lora_init, group=group)
+def rank_outputs(trainer, steps: int, batch: dict, as_numpy) -> dict:
+    """`steps` updates of `trainer` (the reference's or the twin's, one surface) and what a rank writes:
+    `delta.*`, `m.*`, `v.*` (float32, through `as_numpy`), `step` (int64) and `loss` (the total before each)."""
     names = trainer.trainable_names()
-    before = {k: np.array(v.astype(mx.float32)) for k, v in trainer.parameters().items() if k in names}
+    before = {k: as_numpy(v) for k, v in trainer.parameters().items() if k in names}
     losses = [trainer.step(batch)["total"] for _ in range(steps)]
-    after = trainer.parameters()
-    state = trainer.optimizer_state()
-    out = {f"delta.{k}": np.array(after[k].astype(mx.float32)) - before[k] for k in names}
-    out |= {f"{moment}.{k}": np.array(v.astype(mx.float32)) for moment in ("m", "v") for k, v in state[moment].items()}
+    after, state = trainer.parameters(), trainer.optimizer_state()
+    out = {f"delta.{k}": as_numpy(after[k]) - before[k] for k in names}
+    out |= {f"{moment}.{k}": as_numpy(v) for moment in ("m", "v") for k, v in state[moment].items()}
     out["step"] = np.array(state["step"], dtype=np.int64)
     out["loss"] = np.array(losses, dtype=np.float32)
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The command line every rank of either engine takes."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("batch", type=Path)
     ap.add_argument("settings", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--lora-init", type=Path)
     ap.add_argument("--steps", type=int, help="updates (default: the settings' steps)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def run(checkpoint: Path, batch: dict, settings: TrainSettings, steps: int, group, lora_init=None) -> dict:
+    """`steps` updates on `batch` by this rank of `group`: its arrays to write (float32, and int64 `step`)."""
+    trainer, _ = Trainer.from_pretrained(checkpoint, settings, lora_init, group=group)
+    return rank_outputs(trainer, steps, batch, lambda v: np.array(v.astype(mx.float32)))
+
+
+def main(argv=None) -> int:
+    a = arguments(__doc__).parse_args(argv)
     group = mx.distributed.init(strict=True)  # started by mlx.launch: a missing launcher is an error here
     settings = TrainSettings.from_dict(json.loads(a.settings.read_text()))
     batch = load_file(str(a.batch))
