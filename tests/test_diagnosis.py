@@ -154,6 +154,25 @@ def test_a_renamed_module_and_added_biases_are_two_causes():
     assert found[1].evidence["not_in_checkpoint"] == ["lm_head.bias"]
 
 
+def test_added_biases_and_left_out_norms_are_two_facts_not_a_key_mapping():
+    """A port with biases the checkpoint lacks and without Qwen3's q/k norms: no unused tensor has the shape of
+    an unfilled parameter, so neither is the other renamed. A same-shaped pair stays a mapping problem."""
+    case = CASES["qwen3"]
+    out = get_backend("mlx").run(case, ("weight_mapping",))["weight_mapping"]
+    norms = [k.removeprefix("weights.") for k in out.tensors if k.endswith(("q_norm.weight", "k_norm.weight"))]
+    norm_shape = out.tensors[f"weights.{norms[0]}"].shape
+    for k in norms:
+        out.tensors.pop(f"weights.{k}")
+    hidden = out.tensors["weights.model.norm.weight"].shape[0]
+    out.tensors["weights.lm_head.bias"] = np.ones(7 * hidden, np.float32)  # no checkpoint tensor has this shape
+    out.meta["load_report"] = {"missing": ["lm_head.bias"], "unexpected": norms}
+    found = diagnose(judge("weight_mapping", out, case), out, case)
+    assert [d.code for d in found] == ["parameters_not_in_checkpoint", "checkpoint_tensors_unused"]
+    assert sorted(found[1].evidence["unused"]) == sorted(norms) and "q_norm.weight" in found[1].summary
+    out.tensors["weights.lm_head.bias"] = np.ones(norm_shape, np.float32)  # could be a q_norm under another name
+    assert "key_mapping" in [d.code for d in diagnose(judge("weight_mapping", out, case), out, case)]
+
+
 def test_a_learning_rate_is_placed_on_the_schedule_where_it_matches_a_step():
     """A first update at the warmup's peak (as a port whose step counter runs ahead would take it): the
     summary gives the port's rate and the schedule step that has it."""

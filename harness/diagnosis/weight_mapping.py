@@ -82,6 +82,17 @@ def _not_in_checkpoint(missing: list[str], unexpected: list[str], expected, rena
     )
 
 
+def _unused(names: list[str], unexpected: list[str]) -> Diagnosis:
+    """Checkpoint tensors no parameter of the port takes: a module or tensor its model does not have."""
+    kinds = sorted({".".join(n.split(".")[-2:]) for n in names})  # module and tensor: `q_proj.bias`
+    return Diagnosis(
+        "checkpoint_tensors_unused",
+        f"{len(names)} checkpoint tensors fill no parameter of the port ({', '.join(kinds[:4])}"
+        f"{', …' if len(kinds) > 4 else ''}): the port's model has no such parameters",
+        {"unused": names[:10], "load_report_unexpected": unexpected[:10]},
+    )
+
+
 def _mapping(result, case, missing, unexpected, expected, actual, skip) -> Diagnosis | list[Diagnosis] | None:
     renamed = _renamed(missing, unexpected) if missing and unexpected else None
     added = _not_in_checkpoint(missing, unexpected, expected, renamed) if missing else None
@@ -95,6 +106,12 @@ def _mapping(result, case, missing, unexpected, expected, actual, skip) -> Diagn
                     f"checkpoint keys carry a {pre!r} prefix the loader does not strip (or adds)",
                     {"prefix": pre, "missing": missing[:5], "unexpected": unexpected[:5]},
                 )
+        shapes = {np.shape(actual[f"weights.{m}"]) for m in missing if f"weights.{m}" in actual}
+        unused_shapes = {np.shape(expected[f"weights.{u}"]) for u in unexpected if f"weights.{u}" in expected}
+        if added and added.evidence["count"] == len(missing) and unused_shapes and not shapes & unused_shapes:
+            # every unfilled parameter is one the checkpoint has no tensor for, and no unused tensor has the shape
+            # of one, so none is another's name: two separate facts (biases added, q/k norms left out)
+            return [added, _unused(unexpected, unexpected)]
         return Diagnosis(
             "key_mapping",
             f"{len(missing)} parameters unfilled and {len(unexpected)} checkpoint keys unused",
@@ -104,23 +121,14 @@ def _mapping(result, case, missing, unexpected, expected, actual, skip) -> Diagn
     absent = sorted(set(expected) - set(actual))
     if absent and not extra and not missing and all(f"weights.{u}" in absent for u in unexpected):
         names = [a.removeprefix("weights.") for a in absent]
-        evidence = {"unused": names[:10], "load_report_unexpected": unexpected[:10]}
         if all(n.endswith(ADAPTER_SUFFIXES) for n in names):  # lora_init's, not the checkpoint's
             return Diagnosis(
                 "lora_adapters_missing",
                 f"the port has no LoRA adapters: the {len(names)} adapters of lora_init.safetensors fill no "
                 "parameter of its model (it does not train `trainable: lora` as the settings say)",
-                evidence,
+                {"unused": names[:10], "load_report_unexpected": unexpected[:10]},
             )
-        kinds = sorted(
-            {".".join(n.split(".")[-2:]) for n in names}
-        )  # module and tensor: `q_proj.bias`, `q_norm.weight`
-        return Diagnosis(
-            "checkpoint_tensors_unused",
-            f"{len(names)} checkpoint tensors fill no parameter of the port ({', '.join(kinds[:4])}"
-            f"{', …' if len(kinds) > 4 else ''}): the port's model has no such parameters",
-            evidence,
-        )
+        return _unused(names, unexpected)
     tensors = [t for t in result.tensors if t.name not in skip]
     wrong = [t.name for t in tensors if not t.passed and t.name in expected and t.name in actual]
     if not wrong and (extra or [t for t in tensors if t.problem]):
