@@ -5,7 +5,7 @@ N updates in the layout of `mlx_parity.reference.data_parallel`, so both engines
         CHECKPOINT BATCH SETTINGS OUT [--lora-init FILE] [--steps N] [--backend gloo]
 
 The process group is torch's own (`init_process_group` from torchrun's environment); nothing here opens a
-connection. Each rank writes `OUT/rank<r>.safetensors`: `delta.<name>`, `m.<name>`, `v.<name>`, `step`, `loss`.
+connection. Each rank writes `OUT/rank<r>.safetensors`: `optimizer.*` after the first update, `trajectory.*` after the last.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .torch_twin import TwinTrainer
 def run(checkpoint: Path, batch: dict, settings: TrainSettings, steps: int, lora_init=None) -> dict:
     """`steps` updates on `batch` by this rank (one process when no group is initialised): its arrays."""
     trainer, _ = TwinTrainer.from_pretrained(checkpoint, settings, lora_init)
-    return rank_outputs(trainer, steps, batch, lambda t: t.detach().to(torch.float32).numpy())
+    return rank_outputs(trainer, steps, batch, lambda t: t.detach().to(torch.float32).numpy().copy())  # not a view
 
 
 def main(argv=None) -> int:

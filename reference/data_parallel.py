@@ -6,9 +6,9 @@
 Every rank loads the same checkpoint, takes its contiguous share of each micro-batch of BATCH (a
 safetensors file: input_ids, attention_mask, auth_weight, prov_entropy), averages gradients and losses over
 the ranks (`Trainer(group=...)`) and runs `steps` updates (default: the settings'). Each rank writes
-`OUT/rank<r>.safetensors`: `delta.<name>` (θ_N − θ_0 of the trainable set), `m.<name>`, `v.<name>`, `step`
-and `loss` (the total before each update), so that ranks can be compared with each other and with one
-process (docs/training-step.md, data parallelism). The group is MLX's own (`mx.distributed.init`), started
+`OUT/rank<r>.safetensors`: Δθ, the moments, the step and the losses after the first update (`optimizer.*`) and
+after the last (`trajectory.*`), named as the stages name them, so that ranks are compared with each other and
+judged as one process is (docs/training-step.md, data parallelism). The group is MLX's own (`mx.distributed.init`), started
 by its launcher; nothing here opens a connection.
 """
 
@@ -27,16 +27,26 @@ from .trainer import Trainer
 
 
 def rank_outputs(trainer, steps: int, batch: dict, as_numpy) -> dict:
-    """`steps` updates of `trainer` (the reference's or the twin's, one surface) and what a rank writes:
-    `delta.*`, `m.*`, `v.*` (float32, through `as_numpy`), `step` (int64) and `loss` (the total before each)."""
+    """`steps` updates of `trainer` (the reference's or the twin's, one surface) and what a rank writes, named as
+    the optimizer and trajectory stages name theirs: after the first update `optimizer.delta.*`, `optimizer.m.*`,
+    `optimizer.v.*`, `optimizer.step`, `optimizer.loss`; after the last `trajectory.*` likewise, with
+    `trajectory.loss` the total before each update. Float32 through `as_numpy`; steps int64."""
     names = trainer.trainable_names()
     before = {k: as_numpy(v) for k, v in trainer.parameters().items() if k in names}
-    losses = [trainer.step(batch)["total"] for _ in range(steps)]
+    out, losses = {}, []
+    for i in range(steps):
+        losses.append(trainer.step(batch)["total"])
+        if i == 0:
+            out |= _held(trainer, before, "optimizer", as_numpy) | {"optimizer.loss": np.array(losses[0], np.float32)}
+    return out | _held(trainer, before, "trajectory", as_numpy) | {"trajectory.loss": np.array(losses, np.float32)}
+
+
+def _held(trainer, before: dict, prefix: str, as_numpy) -> dict:
+    """What the rank holds now: Δθ since `before`, the moments and the step count."""
     after, state = trainer.parameters(), trainer.optimizer_state()
-    out = {f"delta.{k}": as_numpy(after[k]) - before[k] for k in names}
-    out |= {f"{moment}.{k}": as_numpy(v) for moment in ("m", "v") for k, v in state[moment].items()}
-    out["step"] = np.array(state["step"], dtype=np.int64)
-    out["loss"] = np.array(losses, dtype=np.float32)
+    out = {f"{prefix}.delta.{k}": as_numpy(after[k]) - v for k, v in before.items()}
+    out |= {f"{prefix}.{moment}.{k}": as_numpy(v) for moment in ("m", "v") for k, v in state[moment].items()}
+    out[f"{prefix}.step"] = np.array(state["step"], dtype=np.int64)
     return out
 
 
