@@ -92,6 +92,14 @@ def audit(
         help="With --checkpoint: settings.json keys over the defaults (LoRA rank 8 on "
         'every kept layer, 3 steps), e.g. {"precision": "bfloat16"} or {"trainable": "full"}.',
     ),
+    world_size: int = typer.Option(
+        1,
+        "--world-size",
+        "-n",
+        help="Also train data-parallel on N ranks (the backend's own launcher on this CPU: mlx.launch, torchrun) and "
+        "judge them as one process of N × accum_steps micro-batches, and against each other bit for bit "
+        "(the data_parallel stage; docs/training-step.md).",
+    ),
 ) -> None:
     """Audit backends against the golden fixtures, stage by stage; or, with --checkpoint and --data,
     against goldens and a float64 truth computed now from your checkpoint (as `parity fixtures create`
@@ -116,6 +124,7 @@ def audit(
             vocab=vocab,
             settings=settings,
             say=lambda what: err.print(f"goldens from {escape(str(checkpoint))}: {escape(what)}", highlight=False),
+            world_size=world_size,
         )
     except AuditInputError as e:
         fail_input(str(e))

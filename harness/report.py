@@ -7,7 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .audit import AuditResult
-from .stages import ALL_STAGES, REGISTRY
+from .stages import ALL_STAGES, LAUNCHED_STAGES, REGISTRY
 
 JSON_SCHEMA_VERSION = 2  # 2: errors are measured against the float64 truth; "margin" per stage
 STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow", "not checked": "yellow"}
@@ -17,7 +17,8 @@ SHORT = {n: s.label for n, s in REGISTRY.items()}  # each stage's column
 def results_json(results: list[AuditResult]) -> dict:
     return {
         "schema_version": JSON_SCHEMA_VERSION,
-        "stages": list(ALL_STAGES),
+        "stages": list(ALL_STAGES)
+        + [s for s in LAUNCHED_STAGES if any(x.name == s for r in results for x in r.stages)],
         "results": [r.to_dict() for r in results],
     }
 

@@ -6,8 +6,9 @@
 - Combinations: two, three and more bugs in one port; each must be named as its own finding.
 - DESIGN.md's porting-bug list (the your_ai port's): each bug alone is in the matrix; together they run
   in the largest sets one port can carry (bugs that replace the same loader are alternatives).
-- The same mutants through the cmd: protocol, the Rust port's injected bugs, and no false alarm on any
-  correct backend.
+- The same mutants through the cmd: protocol (the one-process ones), the Rust port's injected bugs, and no
+  false alarm on any correct backend, on one process and on two ranks. The data-parallel mutants are audited
+  with `--world-size` 2 (harness/data_parallel.py).
 Detection and injection are independent: harness/diagnosis never imports this catalogue.
 """
 
@@ -21,6 +22,7 @@ from .backends.external import example_adapter_backend
 from .backends.mlx_rs import RUST_INJECTIONS, MlxRsBackend, MlxRsBinaryBackend
 from .backends.mutants import MUTANTS, MutantBackend, combine
 from .case import find_case, list_cases
+from .data_parallel import audit_stage, audit_world, not_applicable
 from .diagnosis.codes import states_a_cause
 
 # (fixture, mutants injected together)
@@ -176,7 +178,7 @@ def matrix(progress=None, cases: list | None = None) -> list[dict]:
         backend = MutantBackend(m)
         cells, wrong = {}, {}
         for case in cases:
-            result = audit(backend, case)
+            result = audit_world(backend, case, m.world_size)
             cells[case.name] = cell(result, m.expected_diagnosis)
             stated = other_causes([f"{f.stage}:{f.code}" for f in result.findings()[0]], {m.expected_diagnosis})
             if stated:
@@ -223,7 +225,8 @@ def mutant_backends(protocol: bool) -> list[tuple[object, Backend, str]]:
     if not protocol:
         return []
 
-    return [(m, example_adapter_backend(m.name), "cmd") for m in MUTANTS.values()]
+    # the example adapter answers the one-process requests; a data-parallel bug shows only on several ranks
+    return [(m, example_adapter_backend(m.name), "cmd") for m in MUTANTS.values() if m.world_size == 1]
 
 
 def run(protocol: bool = True, progress=None, extra: list | None = None, cases: list | None = None) -> dict:
@@ -253,6 +256,11 @@ def run(protocol: bool = True, progress=None, extra: list | None = None, cases: 
         for case in cases:
             correct.append(audit(backend, case))
             say(f"{backend.name} on {case.name}")
+        if backend.ranks is not None:  # and trained on two ranks, wherever the batch divides
+            for case in cases:
+                if not_applicable(case, 2) is None:
+                    correct.append(AuditResult(case.name, backend.name, [audit_stage(backend, case, 2)]))
+                    say(f"{backend.name} on {case.name}, 2 ranks")
     false_alarms = [r for r in correct if r.verdict == "fail"]
     design = {n: next(r for r in rows if r["mutant"] == m)["named_where_exposed"] for n, m in DESIGN_BUGS.items()}
     return {
@@ -295,6 +303,7 @@ def rust_mutants() -> list:
 
 def count_jobs(protocol: bool, extra: list | None = None) -> int:
     n = len(MUTANTS) * len(list_cases()) + len(COMBINATIONS) + len(DESIGN_TOGETHER)
-    n += len(MUTANTS) if protocol else 0
+    n += sum(m.world_size == 1 for m in MUTANTS.values()) if protocol else 0
     n += sum(len(e[5]) for e in extra or [])
-    return n + sum(len(list_cases()) for b in default_backends() if not b.unavailable())
+    ranked = sum(not_applicable(c, 2) is None for c in list_cases())
+    return n + sum(len(list_cases()) + (ranked if b.ranks else 0) for b in default_backends() if not b.unavailable())

@@ -5,18 +5,19 @@ returns, so none of them skips a check another makes."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import device as D
 from .audit import AuditResult, audit
-from .backends import Backend, BackendError, default_backends, get_backend
+from .backends import TWIN_MISSING, Backend, BackendError, default_backends, get_backend
 from .backends.mlx_rs import NOT_BUILT, extension_built
 from .case import FIXTURES_DIR, Case, find_case, list_cases
 from .errors import CaseError, FixtureError
 from .fixtures.manifest import MANIFEST, check_hashes
-from .stages import ALL_STAGES
+from .stages import ALL_STAGES, LAUNCHED_STAGES
 
 
 class AuditInputError(ValueError):
@@ -35,6 +36,7 @@ class AuditSession:
     root: Path
     notes: list[str] = field(default_factory=list)
     live: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    world_size: int = 1  # > 1: each audit ends with the data_parallel stage on that many ranks
 
     def run(self, progress: Callable[[str], None] | None = None) -> list[AuditResult]:
         """Every backend on every case. In another matmul precision (TF32) each case first gets that
@@ -44,12 +46,19 @@ class AuditSession:
             from .fixtures.truth import precision_case  # the float64 twin: torch, an optional extra
 
             cases = [precision_case(c, self.device.precision) for c in cases]
+        judge = audit
+        if self.world_size > 1:  # builds the one process's goldens and float64 truth: torch, an optional extra
+            from .data_parallel import audit_world
+
+            def judge(b, c, stages, precision):
+                return audit_world(b, c, self.world_size, stages, precision, progress)
+
         results = []
         for b in self.backends:
             for c in cases:
                 if progress:
                     progress(f"auditing {b.name} on {c.name}…")
-                results.append(audit(b, c, self.stages, precision=self.device.precision))
+                results.append(judge(b, c, self.stages, precision=self.device.precision))
         return results
 
     def close(self) -> None:
@@ -57,9 +66,17 @@ class AuditSession:
         self.live.close()
 
 
-def _check(cases, chosen, backends, stages, dev, root, checkpoint) -> tuple[list[str], list[str]]:
+def _check(cases, chosen, backends, stages, dev, root, checkpoint, world_size=1) -> tuple[list[str], list[str]]:
     """The session's checks after its cases and backends exist: (the stages to run, notes for the user)."""
     notes = []
+    if world_size < 1:
+        raise AuditInputError(f"--world-size must be at least 1, got {world_size}")
+    if world_size > 1 and dev.name != "cpu":
+        raise AuditInputError(
+            "--world-size runs the ranks on the CPU (MLX's ring, torch's gloo); not with --device gpu"
+        )
+    if world_size > 1 and importlib.util.find_spec("torch") is None:
+        raise AuditInputError(f"--world-size builds the one process's float64 truth with the twin: {TWIN_MISSING}")
     if not cases:
         raise AuditInputError(f"no fixtures in {root}; run `parity fixtures generate`")
     for b in chosen if backends else []:  # a backend asked for by name must run: a typo is never a pass
@@ -81,9 +98,12 @@ def _check(cases, chosen, backends, stages, dev, root, checkpoint) -> tuple[list
         except CaseError as e:
             raise AuditInputError(str(e)) from None
     asked = list(stages or ALL_STAGES)
-    unknown = [s for s in asked if s not in ALL_STAGES]
+    unknown = [s for s in asked if s not in ALL_STAGES + LAUNCHED_STAGES]
     if unknown:
-        raise AuditInputError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(ALL_STAGES)}")
+        known = ", ".join(ALL_STAGES + LAUNCHED_STAGES)
+        raise AuditInputError(f"unknown stage(s) {', '.join(unknown)}; stages: {known}")
+    if world_size == 1 and any(s in LAUNCHED_STAGES for s in asked):
+        raise AuditInputError(f"{', '.join(LAUNCHED_STAGES)} runs on several ranks: add --world-size N (N ≥ 2)")
     try:
         frameworks = sorted({"torch" if b.name.startswith("torch") else "mlx" for b in chosen} & set(D.IN_PROCESS))
         D.activate(dev, frameworks)
@@ -110,6 +130,7 @@ def open_session(
     vocab: int | None = None,
     settings: Path | None = None,
     say: Callable[[str], None] | None = None,
+    world_size: int = 1,
 ) -> AuditSession:
     """Check the input and prepare the audits; raise AuditInputError with the reason. With `checkpoint`, the
     goldens and truth are built now from it (in a temporary folder the session deletes when closed)."""
@@ -145,8 +166,10 @@ def open_session(
         live.close()
         raise AuditInputError(str(e)) from None
     try:
-        chosen_stages, notes = _check(cases, chosen, backends, stages, dev, root, checkpoint)
+        chosen_stages, notes = _check(cases, chosen, backends, stages, dev, root, checkpoint, world_size)
     except AuditInputError:
         live.close()
         raise
-    return AuditSession(cases, chosen, chosen_stages, dev, root, notes, live)
+    # --stage without data_parallel leaves it out; without --stage every stage runs, data_parallel included
+    world = world_size if stages is None or any(s in LAUNCHED_STAGES for s in stages) else 1
+    return AuditSession(cases, chosen, chosen_stages, dev, root, notes, live, world)

@@ -182,7 +182,7 @@ class Trainer:
         L.validate_batch(batch)  # the whole batch, before it is cut
         micro = split_batch(batch, self.settings.accum_steps)
         if self.group is not None:
-            micro = [split_batch(mb, self.group.size(), "the world size")[self.group.rank()] for mb in micro]
+            micro = [self._share(mb) for mb in micro]
         grads, parts = None, []
         for mb in micro:
             (total, ce, d), g = self._value_and_grad(to_mx_batch(mb))
@@ -193,14 +193,22 @@ class Trainer:
         if n > 1:
             grads = tree_map(lambda g: g / n, grads)
         if self.group is not None:
-            world = self.group.size()
-            grads = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group) / world, grads)
+            grads = self._all_reduce(grads)
             # every rank's float32 losses, summed here in rank order as one process sums its micro-batches
             every = mx.distributed.all_gather(mx.array(parts, dtype=mx.float32), group=self.group)
-            parts, n = [tuple(float(x) for x in row) for row in np.array(every)], n * world
+            parts, n = [tuple(float(x) for x in row) for row in np.array(every)], n * self.group.size()
             mx.eval(grads)
         sums = {k: sum(p[i] for p in parts) for i, k in enumerate(("total", "ce", "distrust"))}
         return {k: v / n for k, v in sums.items()}, grads
+
+    def _share(self, micro_batch: dict) -> dict:
+        """This rank's contiguous part of a micro-batch."""
+        return split_batch(micro_batch, self.group.size(), "the world size")[self.group.rank()]
+
+    def _all_reduce(self, grads: dict) -> dict:
+        """Every rank's mean gradient, all-summed and divided by the world size: the same values on every rank."""
+        world = self.group.size()
+        return tree_map(lambda g: mx.distributed.all_sum(g, group=self.group) / world, grads)
 
     def clip(self, grads: dict) -> dict:
         if self.settings.clip_norm is None:

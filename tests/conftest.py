@@ -12,6 +12,7 @@ import pytest
 from mlx_parity.harness.audit import audit, judge
 from mlx_parity.harness.backends import get_backend
 from mlx_parity.harness.case import list_cases
+from mlx_parity.harness.data_parallel import audit_world
 from mlx_parity.harness.fixtures.build import build_fixture
 from mlx_parity.harness.fixtures.specs import SPECS
 from mlx_parity.harness.stages import ALL_STAGES, StageOutput
@@ -20,19 +21,20 @@ CASES = {c.name: c for c in list_cases()}
 _AUDITS: dict = {}
 
 
-def audit_once(backend, case, stages=ALL_STAGES):
-    """`audit()`, run once per (backend name, fixture folder, stages) in a session: the tests that read the
-    same audit share its result (and must not change it). Only for backends whose name says everything they
-    do: the registry's, the catalogue's mutants (combined ones included) and the mlx-rs injections."""
-    key = (backend.name, str(case.path), tuple(stages))
+def audit_once(backend, case, stages=ALL_STAGES, world: int = 1):
+    """`audit()` (on `world` ranks, `audit_world()`), run once per (backend name, fixture folder, stages, world)
+    in a session: the tests that read the same audit share its result (and must not change it). Only for
+    backends whose name says everything they do: the registry's, the catalogue's mutants (combined ones
+    included) and the mlx-rs injections."""
+    key = (backend.name, str(case.path), tuple(stages), world)
     if key not in _AUDITS:
-        _AUDITS[key] = audit(backend, case, stages)
+        _AUDITS[key] = audit(backend, case, stages) if world == 1 else audit_world(backend, case, world, stages)
     return _AUDITS[key]
 
 
-def audited(backend: str, fixture: str, stages=ALL_STAGES):
+def audited(backend: str, fixture: str, stages=ALL_STAGES, world: int = 1):
     """The session's audit of a bundled fixture by a backend named as `parity audit -b` names it."""
-    return audit_once(get_backend(backend), CASES[fixture], stages)
+    return audit_once(get_backend(backend), CASES[fixture], stages, world)
 
 
 @pytest.fixture(params=sorted(CASES), ids=sorted(CASES))

@@ -7,39 +7,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from typer.testing import CliRunner
 
 from mlx_parity.harness import twin_data_parallel
+from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.backends.mlx_backend import MLXBackend
+from mlx_parity.harness.backends.torch_backend import TorchBackend
+from mlx_parity.harness.cli import app
+from mlx_parity.harness.data_parallel import audit_stage, launch, single_process_case
+from mlx_parity.harness.diagnosis.data_parallel import _first_updates
 from mlx_parity.reference import data_parallel
 from mlx_parity.reference.settings import TrainSettings
 
 from .conftest import CASES
 
-BIN = Path(sys.executable).parent
-LAUNCHERS = {  # each engine's own launcher, and the module every rank runs
-    "mlx": [str(BIN / "mlx.launch"), "--backend", "ring", "-n", "{n}", "--python", sys.executable, "--", "-m"],
-    "torch": [str(BIN / "torchrun"), "--nproc-per-node", "{n}", "-m"],
-}
-MODULES = {"mlx": data_parallel, "torch": twin_data_parallel}
+RANKS = {"mlx": MLXBackend().ranks, "torch": TorchBackend().ranks}
 
 
-def launched(engine: str, fixture: str, world: int, out: Path, steps: int | None = None) -> list[dict]:
-    case = CASES[fixture]
-    cmd = [a.format(n=world) for a in LAUNCHERS[engine]] + [MODULES[engine].__name__]
-    cmd += [str(case.checkpoint), str(case.path / "batch.safetensors"), str(case.path / "settings.json"), str(out)]
-    if case.lora_init is not None:
-        cmd += ["--lora-init", str(case.lora_init)]
-    if steps is not None:
-        cmd += ["--steps", str(steps)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return [load_file(str(out / f"rank{r}.safetensors")) for r in range(world)]
+def launched(engine: str, fixture: str, world: int, out: Path) -> list[dict]:
+    return launch(RANKS[engine], CASES[fixture], world, out)
 
 
 def one_process(engine: str, fixture: str, accum_steps: int, steps: int | None = None) -> dict:
@@ -59,13 +50,13 @@ def one_process(engine: str, fixture: str, accum_steps: int, steps: int | None =
 def test_two_ranks_train_as_one_process_of_twice_the_micro_batches(tmp_path, engine, fixture):
     """A = 1: each rank's one micro-batch is one of the single process's two, summed in the same order
     (a + b = b + a exactly), so every Δθ, m, v, step and loss is the same bit for bit, in float32 and bfloat16."""
-    ranks = launched(engine, fixture, 2, tmp_path, steps=2)
-    one = one_process(engine, fixture, accum_steps=2, steps=2)
-    assert set(ranks[0]) == set(one) and any(k.startswith("delta.") for k in one)
+    ranks = launched(engine, fixture, 2, tmp_path)
+    one = one_process(engine, fixture, accum_steps=2)
+    assert set(ranks[0]) == set(one) and any(k.startswith("trajectory.delta.") for k in one)
     for k in one:
         assert np.array_equal(ranks[0][k], ranks[1][k]), f"ranks differ at {k}"
         assert np.array_equal(ranks[0][k], one[k]), f"{k}: max diff {np.abs(ranks[0][k] - one[k]).max()}"
-    assert int(one["step"]) == 2
+    assert int(one["optimizer.step"]) == 1 and int(one["trajectory.step"]) == 4
 
 
 @pytest.mark.parametrize("engine", ["mlx", "torch"])
@@ -75,4 +66,50 @@ def test_ranks_stay_identical_under_accumulation_clipping_and_warmup(tmp_path, e
     ranks = launched(engine, "clip_accum_warmup", 2, tmp_path)
     for k in ranks[0]:
         assert np.array_equal(ranks[0][k], ranks[1][k]), f"ranks differ at {k}"
-    assert ranks[0]["loss"][0] == one_process(engine, "clip_accum_warmup", accum_steps=4, steps=1)["loss"][0]
+    assert (
+        ranks[0]["optimizer.loss"] == one_process(engine, "clip_accum_warmup", accum_steps=4, steps=1)["optimizer.loss"]
+    )
+
+
+@pytest.mark.parametrize(
+    "backend, fixture, world",
+    [("mlx", "gqa_padded", 4), ("mlx", "clip_accum_warmup", 2), ("mlx", "bf16_lora", 2), ("torch", "gqa_padded", 2)],
+)
+def test_correct_ranks_pass_the_data_parallel_stage(backend, fixture, world):
+    """Rank 0 judged as the one process of world × A micro-batches (goldens and truth built now), the ranks
+    against each other bit for bit: the reference and the twin pass, on 4 ranks too."""
+    result = audit_stage(get_backend(backend), CASES[fixture], world)
+    assert result.status == "pass", result.message
+    assert {t.name.split(".")[0] for t in result.tensors} == {"optimizer", "trajectory"}
+    assert any(t.name.startswith("optimizer.m.") for t in result.tensors) and 0 < result.margin <= 1
+
+
+def test_a_batch_that_does_not_divide_is_not_checked_and_says_why():
+    result = audit_stage(get_backend("mlx"), CASES["gqa_single"], 2)
+    assert result.status == "not checked" and "does not divide into 2 ranks" in result.message
+
+
+def test_the_contract_re_computed_from_each_shard_is_the_one_process_s_first_update():
+    """The diagnosis re-computes every hypothesis from each shard's own gradient; its `contract` must be what
+    the fixture builder's one process of 2 micro-batches gives, or no cause it names could be trusted."""
+    with single_process_case(CASES["gqa_padded"], 2) as one:
+        first = _first_updates(one, 2)
+        golden = {k: v for k, v in one.golden.items() if k.startswith("optimizer.") and k != "optimizer.loss"}
+        for rank in first["contract"]:
+            assert set(rank) == set(golden)
+            for k, v in golden.items():
+                assert np.array_equal(np.asarray(rank[k]), v), k
+    mask = CASES["gqa_padded"].batch["attention_mask"]  # two right-padded rows: the ranks' tokens differ
+    assert first["tokens"] == [int(mask[:2, 1:].sum()), int(mask[2:, 1:].sum())] and len(set(first["tokens"])) == 2
+
+
+def test_the_command_runs_the_stage_and_refuses_it_without_ranks(tmp_path):
+    out = tmp_path / "dp.json"
+    res = CliRunner().invoke(app, ["audit", "-f", "lora", "-b", "mlx", "--world-size", "2", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    stages = json.loads(out.read_text())["results"][0]["stages"]
+    assert stages[-1]["name"] == "data_parallel" and stages[-1]["status"] == "pass"
+    res = CliRunner().invoke(app, ["audit", "-f", "lora", "-b", "mlx", "--stage", "data_parallel"])
+    assert res.exit_code == 2 and "--world-size" in res.output
+    res = CliRunner().invoke(app, ["audit", "-f", "lora", "-b", "mlx", "--world-size", "0"])
+    assert res.exit_code == 2 and "at least 1" in res.output

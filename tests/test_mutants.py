@@ -28,7 +28,7 @@ def test_mutants_cover_design_bug_list():
 
 @pytest.mark.parametrize("mutant, fixture", PAIRS, ids=[f"{m.name}-{f}" for m, f in PAIRS])
 def test_mutant_is_caught_at_its_stage(mutant, fixture):
-    result = audited(f"mutant:{mutant.name}", fixture)
+    result = audited(f"mutant:{mutant.name}", fixture, world=mutant.world_size)
     first = result.first_failure()
     assert first is not None, f"{mutant.name} passed every stage on {fixture}"
     assert first.name == mutant.expected_stage, f"{mutant.name} first failed at {first.name}: {first.message}"

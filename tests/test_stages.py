@@ -10,7 +10,7 @@ import pytest
 from mlx_parity.harness import findings
 from mlx_parity.harness.fixtures import truth as truth_building
 from mlx_parity.harness.report import SHORT
-from mlx_parity.harness.stages import ALL_STAGES, ISOLATED_STAGES, PREFIX, REGISTRY, STAGES
+from mlx_parity.harness.stages import ALL_STAGES, ISOLATED_STAGES, LAUNCHED_STAGES, PREFIX, REGISTRY, STAGES
 from mlx_parity.harness.tolerances import TOLERANCES
 from mlx_parity.harness.truth import JUDGED_PREFIXES
 
@@ -55,7 +55,16 @@ def test_the_eight_stages_come_first_and_the_isolated_checks_are_optional():
         "checkpoint",
     )
     assert all(REGISTRY[s].optional for s in ISOLATED_STAGES) and not any(REGISTRY[s].optional for s in STAGES)
-    assert ALL_STAGES == tuple(REGISTRY)
+    assert ALL_STAGES + LAUNCHED_STAGES == tuple(REGISTRY)
+
+
+def test_a_launched_stage_is_run_by_ranks_after_what_it_consumes():
+    """data_parallel: no session computes it and no golden of a fixture judges it (harness/data_parallel.py)."""
+    assert LAUNCHED_STAGES == ("data_parallel",)
+    for name in LAUNCHED_STAGES:
+        s = REGISTRY[name]
+        assert s.compute is None and s.golden_prefix is None and not s.optional and s.diagnose is not None
+        assert all(c in STAGES for c in s.consumes) and s.consumes
 
 
 @pytest.mark.parametrize("name", ALL_STAGES)

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..stages import STAGES, Session, StageOutput, Unsupported, compute
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """How a backend trains data-parallel (harness/data_parallel.py): an engine's own launcher (`mlx`:
+    mlx.launch, `torch`: torchrun) starting `module` once per rank, with the command line of
+    `mlx_parity.reference.data_parallel.arguments`, then `options`."""
+
+    launcher: str
+    module: str
+    options: tuple[str, ...] = ()
 
 
 class BackendError(ValueError):
@@ -16,6 +28,7 @@ class BackendError(ValueError):
 
 class Backend(ABC):
     name: str = ""
+    ranks: Ranks | None = None  # None: it has no data-parallel launch, and the data_parallel stage is not checked
 
     def unavailable(self) -> str | None:
         """None when the backend can run here, else the reason it cannot."""

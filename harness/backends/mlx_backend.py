@@ -11,7 +11,7 @@ from mlx_parity.reference.loss import shifted_slices
 from mlx_parity.reference.trainer import Trainer
 
 from ..device import current
-from .base import TrainerBackend, TrainerSession
+from .base import Ranks, TrainerBackend, TrainerSession
 
 
 class MLXSession(TrainerSession):
@@ -31,6 +31,7 @@ class MLXSession(TrainerSession):
 
 class MLXBackend(TrainerBackend):
     name = "mlx"
+    ranks = Ranks("mlx", "mlx_parity.reference.data_parallel")
 
     def open(self, case, strict: bool = True) -> MLXSession:
         trainer, report = Trainer.from_pretrained(case.checkpoint, case.settings, case.lora_init, strict=strict)

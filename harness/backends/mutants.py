@@ -22,9 +22,10 @@ from mlx_parity.reference.config import ModelConfig
 from mlx_parity.reference.model import Attention, Linear, LlamaForCausalLM
 from mlx_parity.reference.schedule import make_schedule
 from mlx_parity.reference.settings import TrainSettings
-from mlx_parity.reference.trainer import Trainer
+from mlx_parity.reference.trainer import Trainer, split_batch
 from mlx_parity.reference.weights import LoadReport, load_weights, match, read_checkpoint
 
+from .base import Ranks
 from .mlx_backend import MLXBackend, MLXSession
 
 
@@ -123,6 +124,61 @@ class ScheduleOffByOne(Trainer):
         self.optimizer.learning_rate = sched(mx.array(1)) if callable(sched) else sched
         if callable(sched):
             self.optimizer._schedulers["learning_rate"] = lambda s: sched(s + 1)
+
+
+# --- data-parallel bugs: each differs from the reference only on N > 1 ranks ------------------------
+class DPGradientsSummed(Trainer):
+    """Gradients all-summed across the ranks and never divided by the world size."""
+
+    def _all_reduce(self, grads):
+        return tree_map(lambda g: mx.distributed.all_sum(g, group=self.group), grads)
+
+
+class DPGradientsNotReduced(Trainer):
+    """No all-reduce: every rank steps with its own share's gradient, and the ranks drift apart."""
+
+    def _all_reduce(self, grads):
+        return grads
+
+
+class DPClipPerRank(Trainer):
+    """Each rank clips its own gradient by its own norm before the all-reduce; the mean is not clipped again."""
+
+    def _all_reduce(self, grads):
+        return super()._all_reduce(super().clip(grads))
+
+    def clip(self, grads):
+        return grads if self.group is not None else super().clip(grads)
+
+
+class DPSameShard(Trainer):
+    """Every rank reads rank 0's share of each micro-batch."""
+
+    def _share(self, micro_batch):
+        return split_batch(micro_batch, self.group.size(), "the world size")[0]
+
+
+class DPTokenWeighted(Trainer):
+    """Ranks weighted by their real (shifted) target tokens, not equally: Σ n_r g_r / Σ n_r."""
+
+    def _share(self, micro_batch):
+        share = super()._share(micro_batch)
+        self._tokens = getattr(self, "_tokens", 0) + int(np.asarray(share["attention_mask"])[:, 1:].sum())
+        return share
+
+    def _all_reduce(self, grads):
+        n, self._tokens = mx.array(float(self._tokens)), 0
+        total = mx.distributed.all_sum(n, group=self.group)
+        return tree_map(lambda g: mx.distributed.all_sum(g * n, group=self.group) / total, grads)
+
+
+class DPStepPerRank(Trainer):
+    """The step counter advanced once per rank: the schedule and bias correction read step N·t at update t."""
+
+    def apply(self, grads):
+        if self.group is not None:
+            self.optimizer.state["step"] = self.optimizer.state["step"] + self.group.size() - 1
+        super().apply(grads)
 
 
 class _EpsInsideSqrt(optim.AdamW):
@@ -315,6 +371,7 @@ class Mutant:
     model_hook: Callable[[LlamaForCausalLM], None] | None = None  # changes the built model
     unshifted_targets: bool = False
     reset_optimizer_on_resume: bool = False
+    world_size: int = 1  # the ranks it is audited on (`parity audit --world-size`): 2 for a data-parallel bug
     origin: str = ""  # where the bug comes from (seed, DESIGN.md)
     tags: tuple[str, ...] = field(default_factory=tuple)
 
@@ -623,6 +680,66 @@ MUTANTS = {
             settings=lambda s: dataclasses.replace(s, precision="float32"),
         ),
         Mutant(
+            "dp_gradients_summed",
+            "data parallel: gradients all-summed across the ranks, not averaged",
+            "data_parallel",
+            ("gqa_padded", "lora"),
+            "dp_gradients_summed",
+            trainer=DPGradientsSummed,
+            world_size=2,
+            origin="issue 22",
+        ),
+        Mutant(
+            "dp_gradients_not_reduced",
+            "data parallel: no all-reduce, each rank steps on its own share",
+            "data_parallel",
+            ("gqa_padded", "lora"),
+            "dp_gradients_not_reduced",
+            trainer=DPGradientsNotReduced,
+            world_size=2,
+            origin="issue 22",
+        ),
+        Mutant(
+            "dp_clip_per_rank",
+            "data parallel: each rank clips by its own gradient norm before the all-reduce",
+            "data_parallel",
+            ("clip_accum_warmup",),
+            "dp_clip_per_rank",
+            trainer=DPClipPerRank,
+            world_size=2,
+            origin="issue 22",
+        ),
+        Mutant(
+            "dp_same_shard",
+            "data parallel: every rank reads rank 0's share of the batch",
+            "data_parallel",
+            ("gqa_padded", "lora"),
+            "dp_same_shard",
+            trainer=DPSameShard,
+            world_size=2,
+            origin="issue 22",
+        ),
+        Mutant(
+            "dp_token_weighted",
+            "data parallel: ranks weighted by their real tokens instead of equally",
+            "data_parallel",
+            ("gqa_padded",),
+            "dp_token_weighted",
+            trainer=DPTokenWeighted,
+            world_size=2,
+            origin="issue 22",
+        ),
+        Mutant(
+            "dp_step_per_rank",
+            "data parallel: the optimizer's step counter advanced once per rank",
+            "data_parallel",
+            ("gqa_padded", "lora"),
+            "dp_step_per_rank",
+            trainer=DPStepPerRank,
+            world_size=2,
+            origin="issue 22",
+        ),
+        Mutant(
             "resume_loses_optimizer_state",
             "a resumed run starts with fresh AdamW moments and step",
             "checkpoint",
@@ -673,7 +790,22 @@ def combine(names: tuple[str, ...]) -> Mutant:
         model_hook=hooks if any(m.model_hook for m in ms) else None,
         unshifted_targets=any(m.unshifted_targets for m in ms),
         reset_optimizer_on_resume=any(m.reset_optimizer_on_resume for m in ms),
+        world_size=max(m.world_size for m in ms),
     )
+
+
+def build(mutant: Mutant, checkpoint: Path, settings: TrainSettings, lora_init: Path | None, strict: bool = True):
+    """The mutant's trainer on `checkpoint` and its load report."""
+    mx.random.seed(0)  # a mutant that keeps random weights keeps the same ones every run
+    cfg = ModelConfig.from_file(checkpoint)
+    cfg = mutant.config(cfg) if mutant.config else cfg
+    model = LlamaForCausalLM(cfg)
+    if mutant.model_hook:
+        mutant.model_hook(model)
+    report = (mutant.loader or load_weights)(model, checkpoint, strict)
+    settings = mutant.settings(settings) if mutant.settings else settings
+    lora = mx.load(str(lora_init)) if lora_init else None
+    return mutant.trainer(model, settings, lora), report
 
 
 class _UnshiftedSession(MLXSession):
@@ -691,18 +823,13 @@ class MutantBackend(MLXBackend):
     def _session(self, trainer, report):
         return (_UnshiftedSession if self.mutant.unshifted_targets else MLXSession)(trainer, report)
 
+    @property
+    def ranks(self) -> Ranks:
+        return Ranks("mlx", "mlx_parity.harness.backends.mutant_ranks", ("--mutant", self.mutant.name))
+
     def open(self, case, strict: bool = True):
-        m = self.mutant
-        mx.random.seed(0)  # a mutant that keeps random weights keeps the same ones every run
-        cfg = ModelConfig.from_file(case.checkpoint)
-        cfg = m.config(cfg) if m.config else cfg
-        model = LlamaForCausalLM(cfg)
-        if m.model_hook:
-            m.model_hook(model)
-        report = (m.loader or load_weights)(model, case.checkpoint, strict)
-        settings = m.settings(case.settings) if m.settings else case.settings
-        lora = mx.load(str(case.lora_init)) if case.lora_init else None
-        return self._session(m.trainer(model, settings, lora), report.to_dict())
+        trainer, report = build(self.mutant, case.checkpoint, case.settings, case.lora_init, strict)
+        return self._session(trainer, report.to_dict())
 
     def resume(self, case, path: Path):
         trainer = self.mutant.trainer.load_checkpoint(

@@ -10,7 +10,7 @@ import torch
 
 from ..device import current
 from ..torch_twin import TwinTrainer
-from .base import TrainerBackend, TrainerSession
+from .base import Ranks, TrainerBackend, TrainerSession
 
 
 class TorchSession(TrainerSession):
@@ -58,6 +58,8 @@ class TorchBackend(TrainerBackend):
         )
         if dtype != torch.float32:
             self.name = f"torch-{str(dtype).removeprefix('torch.')}"
+        else:  # the twin's rank trains in its own precision only
+            self.ranks = Ranks("torch", "mlx_parity.harness.twin_data_parallel")
 
     def open(self, case, strict: bool = True) -> TorchSession:
         trainer, report = TwinTrainer.from_pretrained(

@@ -65,6 +65,13 @@ CODES = {
     # trajectory and checkpoint
     "trajectory_divergence": "a difference that appears only after the first update",
     "resume_state_lost": "a resumed run differs from the same port's uninterrupted run",
+    # data_parallel: causes re-computed from every shard's gradient, named when one reproduces each rank's update
+    "dp_gradients_summed": "gradients all-summed across the ranks and not divided by the world size",
+    "dp_gradients_not_reduced": "each rank steps on its own share's gradient: no all-reduce, and the ranks drift apart",
+    "dp_clip_per_rank": "each rank clips by its own gradient norm before the all-reduce, not by the global norm after it",
+    "dp_same_shard": "every rank trains on the same share of the batch (rank 0's)",
+    "dp_token_weighted": "ranks weighted by their real tokens where the contract averages them equally",
+    "dp_step_per_rank": "the optimizer's step counter advances once per rank: bias correction and schedule read N·t",
     # no rule matched, or none could run
     "unexplained": "no known cause matched; the stage, tensor and size are reported",
     "error": "the stage failed without output",

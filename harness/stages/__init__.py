@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from . import (
     checkpoint,
+    data_parallel,
     forward,
     gradients,
     isolated_forward,
@@ -40,11 +41,14 @@ REGISTRY: dict[str, Stage] = {
         isolated_loss,
         isolated_optimizer,
         isolated_schedule,
+        data_parallel,
     )
 }
-STAGES = tuple(n for n, s in REGISTRY.items() if not s.optional)  # the eight a backend must answer
+STAGES = tuple(n for n, s in REGISTRY.items() if not s.optional and not s.launched)  # the eight a backend answers
 # Optional requests: one piece judged on the reference's own inputs, so a bug upstream cannot mask it.
 ISOLATED_STAGES = tuple(n for n, s in REGISTRY.items() if s.optional)
+# Run by the backend's ranks, only when asked for (`parity audit --world-size N`): harness/data_parallel.py.
+LAUNCHED_STAGES = tuple(n for n, s in REGISTRY.items() if s.launched)
 ALL_STAGES = STAGES + ISOLATED_STAGES
 # The names each stage's goldens carry (weight_mapping's and checkpoint's are judged against other things).
 PREFIX = {n: s.golden_prefix for n, s in REGISTRY.items() if s.golden_prefix}
@@ -85,6 +89,7 @@ def compute(factory: SessionFactory, case, stages=STAGES) -> dict[str, StageOutp
 __all__ = [
     "ALL_STAGES",
     "ISOLATED_STAGES",
+    "LAUNCHED_STAGES",
     "PREFIX",
     "REGISTRY",
     "STAGES",

@@ -22,7 +22,7 @@ class Stage:
 
     name: str
     label: str  # the report's column
-    compute: Callable  # (session, case) -> StageOutput; with `reopens`, (session, case, factory)
+    compute: Callable | None  # (session, case) -> StageOutput; with `reopens`, (session, case, factory)
     golden_prefix: str | None = None  # the names of its goldens; None: judged against something else
     read_only: bool = False  # leaves the session unchanged, so it shares one load with the others
     reopens: bool = False  # opens sessions of its own (the checkpoint stage resumes from a saved state)
@@ -34,6 +34,7 @@ class Stage:
     sensitive: bool = False  # updates: the truth stores each element's sensitivity to a gradient error
     multi_update: bool = False  # several updates, each from gradients the backend computed itself
     losses: bool = False  # reports per-update losses, plotted against the reference's
+    launched: bool = False  # run by N ranks of the backend's launcher (`--world-size`), not by a session
     judge: Callable | None = None  # (out, case, tol, run_to_run) -> Judged; None: its goldens, by name
     diagnose: Callable | None = None  # why it failed (harness/diagnosis/<name>.py)
 
