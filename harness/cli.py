@@ -100,6 +100,13 @@ def audit(
         "judge them as one process of N × accum_steps micro-batches, and against each other bit for bit "
         "(the data_parallel stage; docs/training-step.md).",
     ),
+    launcher: str = typer.Option(
+        "mlx",
+        "--launcher",
+        help="With --world-size and a cmd: backend: what starts the adapter once per rank, by its engine's "
+        "convention: mlx (mlx.launch: MLX_RANK, MLX_HOSTFILE) or torch (torchrun: RANK, WORLD_SIZE, MASTER_ADDR, "
+        "MASTER_PORT). docs/protocol.md.",
+    ),
 ) -> None:
     """Audit backends against the golden fixtures, stage by stage; or, with --checkpoint and --data,
     against goldens and a float64 truth computed now from your checkpoint (as `parity fixtures create`
@@ -125,6 +132,7 @@ def audit(
             settings=settings,
             say=lambda what: err.print(f"goldens from {escape(str(checkpoint))}: {escape(what)}", highlight=False),
             world_size=world_size,
+            launcher=launcher,
         )
     except AuditInputError as e:
         fail_input(str(e))

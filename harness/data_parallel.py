@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -28,8 +29,10 @@ from .backends.base import Backend, Ranks
 from .case import Case
 from .compare import TensorResult, compare_group, forward_mask
 from .diagnosis import Diagnosis
+from .findings import NOT_IMPLEMENTED
 from .fixtures.build import build_goldens
-from .stages import ALL_STAGES, LAUNCHED_STAGES, PREFIX, REGISTRY, StageOutput
+from .protocol.client import set_stages, write_request
+from .stages import ALL_STAGES, LAUNCHED_STAGES, PREFIX, REGISTRY, StageOutput, Unsupported
 from .tolerances import precision_tolerance, tolerance
 
 (STAGE,) = LAUNCHED_STAGES
@@ -91,36 +94,45 @@ def _free(port: int) -> bool:
 
 
 def launcher_command(ranks: Ranks, world: int) -> list[str]:
-    """The engine's own launcher for `world` local ranks of `ranks.module` (CPU: MLX's ring, torch's gloo)."""
+    """The engine's own launcher for `world` local ranks of `ranks.command` (CPU: MLX's ring, torch's gloo)."""
     bin_dir = Path(sys.executable).parent
-    if ranks.launcher == "mlx":
+    if ranks.launcher == "mlx":  # no --python: the command runs as given, with MLX_RANK and MLX_HOSTFILE set
         port = str(_free_ports(world))
-        head = [str(bin_dir / "mlx.launch"), "--backend", "ring", "-n", str(world), "--starting-port", port]
-        return [*head, "--python", sys.executable, "--", "-m", ranks.module]
+        return [str(bin_dir / "mlx.launch"), "--backend", "ring", "-n", str(world), "--starting-port", port, "--"]
     if ranks.launcher == "torch":  # --standalone: a free rendezvous port, so audits side by side never collide
-        return [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", str(world), "-m", ranks.module]
-    raise LaunchError(f"unknown launcher {ranks.launcher!r}")
+        return [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", str(world), "--no-python"]
+    raise LaunchError(f"unknown launcher {ranks.launcher!r}: mlx or torch")
 
 
 def launch(ranks: Ranks, case: Case, world: int, out: Path, timeout: float = DEFAULT_TIMEOUT_S) -> list[dict]:
-    """Each rank's outputs (`rank<r>.safetensors` under `out`), after the launcher ran `world` ranks on `case`."""
-    cmd = launcher_command(ranks, world)
-    cmd += [str(case.checkpoint), str(case.path / "batch.safetensors"), str(case.path / "settings.json"), str(out)]
-    if case.lora_init is not None:
-        cmd += ["--lora-init", str(case.lora_init)]
-    cmd += list(ranks.options)
+    """Each rank's outputs, after the launcher ran `world` ranks of `ranks` on `case` (working under `out`).
+    Raises Unsupported with the port's reason when a protocol port answers that it trains on one process."""
+    if ranks.protocol:
+        request, written = out / "request", out / "response"
+        write_request(case, request)
+        set_stages(request, case, [STAGE], world, ranks.launcher)
+        written.mkdir()
+        args, files = [str(request), str(written)], [written / f"{STAGE}.rank{r}.safetensors" for r in range(world)]
+    else:
+        written = out / "ranks"
+        args = [str(case.checkpoint), str(case.path / "batch.safetensors"), str(case.path / "settings.json")]
+        args += [str(written)] + (["--lora-init", str(case.lora_init)] if case.lora_init is not None else [])
+        files = [written / f"rank{r}.safetensors" for r in range(world)]
+    cmd = [*launcher_command(ranks, world), *ranks.command, *args]
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # N ranks share the cores
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise LaunchError(f"{world} ranks did not finish in {timeout:.0f} s: {' '.join(cmd)}") from None
+        raise LaunchError(f"{world} ranks did not finish in {timeout:.0f} s: {shlex.join(cmd)}") from None
+    if ranks.protocol and (written / f"{STAGE}.unsupported").exists():
+        raise Unsupported((written / f"{STAGE}.unsupported").read_text(errors="replace").strip()[:2000])
+    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-12:])
     if done.returncode != 0:
-        tail = (done.stdout + done.stderr).strip().splitlines()[-12:]
-        raise LaunchError(f"the ranks exited with {done.returncode}: {' '.join(cmd)}\n" + "\n".join(tail))
-    missing = [r for r in range(world) if not (out / f"rank{r}.safetensors").exists()]
-    if missing:
-        raise LaunchError(f"ranks {missing} wrote no outputs under {out}")
-    return [load_file(str(out / f"rank{r}.safetensors")) for r in range(world)]
+        raise LaunchError(f"the ranks exited with {done.returncode}: {shlex.join(cmd)}\n{tail}")
+    missing = [f.name for f in files if not f.exists()]
+    if missing:  # mlx.launch exits 0 when a rank fails before it connects
+        raise LaunchError(f"the ranks wrote no {', '.join(missing)}: {shlex.join(cmd)}\n{tail}")
+    return [load_file(str(f)) for f in files]
 
 
 def judge_ranks(outputs: list[dict], one: Case, precision: str = "float32") -> tuple[list[TensorResult], str]:
@@ -175,6 +187,9 @@ def audit_stage(
             progress(f"{backend.name}: {world} ranks")
         try:
             outputs = launch(ranks, case, world, Path(tmp), timeout)
+        except Unsupported as e:
+            res.status, res.message = NOT_CHECKED, f"{NOT_IMPLEMENTED}: {e}"
+            return res
         except LaunchError as e:
             res.message = str(e)
             res.diagnoses = [Diagnosis("stage_error", str(e).splitlines()[0][:300], {"error": str(e)[-2000:]})]

@@ -6,9 +6,9 @@
 - Combinations: two, three and more bugs in one port; each must be named as its own finding.
 - DESIGN.md's porting-bug list (the your_ai port's): each bug alone is in the matrix; together they run
   in the largest sets one port can carry (bugs that replace the same loader are alternatives).
-- The same mutants through the cmd: protocol (the one-process ones), the Rust port's injected bugs, and no
-  false alarm on any correct backend, on one process and on two ranks. The data-parallel mutants are audited
-  with `--world-size` 2 (harness/data_parallel.py).
+- The same mutants through the cmd: protocol, the Rust port's injected bugs, and no false alarm on any correct
+  backend, on one process and on two ranks. The data-parallel mutants are audited with `--world-size` 2
+  (harness/data_parallel.py), through the protocol too (each rank one adapter process).
 Detection and injection are independent: harness/diagnosis never imports this catalogue.
 """
 
@@ -225,8 +225,7 @@ def mutant_backends(protocol: bool) -> list[tuple[object, Backend, str]]:
     if not protocol:
         return []
 
-    # the example adapter answers the one-process requests; a data-parallel bug shows only on several ranks
-    return [(m, example_adapter_backend(m.name), "cmd") for m in MUTANTS.values() if m.world_size == 1]
+    return [(m, example_adapter_backend(m.name), "cmd") for m in MUTANTS.values()]
 
 
 def run(protocol: bool = True, progress=None, extra: list | None = None, cases: list | None = None) -> dict:
@@ -246,8 +245,9 @@ def run(protocol: bool = True, progress=None, extra: list | None = None, cases: 
     ]
     jobs += extra or []
     for name, backend, via, stage, diag, fixtures in jobs:
+        world = MUTANTS[name].world_size if name in MUTANTS else 1  # a data-parallel bug shows on several ranks
         for f in fixtures:
-            mutants.append(judge_mutant(audit(backend, find_case(f)), name, via, stage, diag))
+            mutants.append(judge_mutant(audit_world(backend, find_case(f), world), name, via, stage, diag))
             say(f"{via} {name} on {f}")
     correct = []
     for backend in default_backends():
@@ -303,7 +303,7 @@ def rust_mutants() -> list:
 
 def count_jobs(protocol: bool, extra: list | None = None) -> int:
     n = len(MUTANTS) * len(list_cases()) + len(COMBINATIONS) + len(DESIGN_TOGETHER)
-    n += sum(m.world_size == 1 for m in MUTANTS.values()) if protocol else 0
+    n += len(MUTANTS) if protocol else 0
     n += sum(len(e[5]) for e in extra or [])
     ranked = sum(not_applicable(c, 2) is None for c in list_cases())
     return n + sum(len(list_cases()) + (ranked if b.ranks else 0) for b in default_backends() if not b.unavailable())

@@ -13,11 +13,14 @@ from pathlib import Path
 from . import device as D
 from .audit import AuditResult, audit
 from .backends import TWIN_MISSING, Backend, BackendError, default_backends, get_backend
+from .backends.external import ExternalBackend
 from .backends.mlx_rs import NOT_BUILT, extension_built
 from .case import FIXTURES_DIR, Case, find_case, list_cases
 from .errors import CaseError, FixtureError
 from .fixtures.manifest import MANIFEST, check_hashes
 from .stages import ALL_STAGES, LAUNCHED_STAGES
+
+LAUNCHERS = ("mlx", "torch")  # mlx.launch (ring), torchrun (gloo): what starts a cmd: port's ranks
 
 
 class AuditInputError(ValueError):
@@ -131,6 +134,7 @@ def open_session(
     settings: Path | None = None,
     say: Callable[[str], None] | None = None,
     world_size: int = 1,
+    launcher: str = "mlx",
 ) -> AuditSession:
     """Check the input and prepare the audits; raise AuditInputError with the reason. With `checkpoint`, the
     goldens and truth are built now from it (in a temporary folder the session deletes when closed)."""
@@ -158,8 +162,13 @@ def open_session(
             root = cases[0].path.parent
         else:
             cases = [find_case(n, root) for n in fixtures] if fixtures else list_cases(root)
+        if launcher not in LAUNCHERS:
+            raise AuditInputError(f"--launcher {launcher!r}: one of {', '.join(LAUNCHERS)}")
         if backends:
             chosen = [get_backend(b, timeout) for b in backends]
+            for b in chosen:
+                if isinstance(b, ExternalBackend):  # the port's ranks start as its engine's launcher starts them
+                    b.launcher = launcher
         else:
             chosen = [get_backend(b, timeout) for b in D.IN_PROCESS] if dev.name == "gpu" else default_backends()
     except (CaseError, BackendError, D.DeviceError, FixtureError) as e:

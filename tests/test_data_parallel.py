@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 
 from mlx_parity.harness import twin_data_parallel
 from mlx_parity.harness.backends import get_backend
+from mlx_parity.harness.backends.external import ExternalBackend
 from mlx_parity.harness.backends.mlx_backend import MLXBackend
 from mlx_parity.harness.backends.torch_backend import TorchBackend
 from mlx_parity.harness.cli import app
@@ -113,3 +115,31 @@ def test_the_command_runs_the_stage_and_refuses_it_without_ranks(tmp_path):
     assert res.exit_code == 2 and "--world-size" in res.output
     res = CliRunner().invoke(app, ["audit", "-f", "lora", "-b", "mlx", "--world-size", "0"])
     assert res.exit_code == 2 and "at least 1" in res.output
+
+
+SERVER = f"{sys.executable} -m mlx_parity.harness.protocol.server"
+
+
+@pytest.mark.parametrize(
+    "command, launcher, status, cause",
+    [  # one adapter process per rank, started by each engine's launcher; the request says which
+        (f"{SERVER} mutant:dp_token_weighted", "mlx", "fail", "dp_token_weighted"),
+        (f"{SERVER} torch", "torch", "pass", None),
+    ],
+)
+def test_a_port_behind_the_protocol_answers_one_process_per_rank(command, launcher, status, cause):
+    backend = ExternalBackend(command, launcher=launcher)
+    result = audit_stage(backend, CASES["gqa_padded"], 2)
+    assert result.status == status, result.message
+    assert [d.code for d in result.diagnoses] == ([cause] if cause else [])
+
+
+def test_a_port_that_trains_on_one_process_is_not_checked_with_its_own_reason(tmp_path):
+    """An adapter that answers the request `data_parallel.unsupported`: the stage is not checked, never passed."""
+    adapter = tmp_path / "one_process.py"
+    adapter.write_text(
+        "import sys, pathlib\n"
+        "pathlib.Path(sys.argv[2], 'data_parallel.unsupported').write_text('this port trains on one process')\n"
+    )
+    result = audit_stage(ExternalBackend(f"{sys.executable} {adapter}"), CASES["gqa_padded"], 2)
+    assert result.status == "not checked" and result.message.endswith("this port trains on one process")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,19 @@ from ..stages import STAGES, Session, StageOutput, Unsupported, compute
 @dataclass(frozen=True)
 class Ranks:
     """How a backend trains data-parallel (harness/data_parallel.py): an engine's own launcher (`mlx`:
-    mlx.launch, `torch`: torchrun) starting `module` once per rank, with the command line of
-    `mlx_parity.reference.data_parallel.arguments`, then `options`."""
+    mlx.launch, `torch`: torchrun) starts `command` once per rank. A rank module takes the command line of
+    `mlx_parity.reference.data_parallel.arguments` and writes OUT/rank<r>.safetensors; a program behind the
+    protocol (`protocol`) takes REQUEST_DIR RESPONSE_DIR and writes RESPONSE_DIR/data_parallel.rank<r>.safetensors
+    (docs/protocol.md)."""
 
     launcher: str
-    module: str
-    options: tuple[str, ...] = ()
+    command: tuple[str, ...]
+    protocol: bool = False
+
+
+def python_module(launcher: str, module: str, *options: str) -> Ranks:
+    """Ranks that run `python -m module` with this interpreter."""
+    return Ranks(launcher, (sys.executable, "-m", module, *options))
 
 
 class BackendError(ValueError):
@@ -50,6 +58,11 @@ class TrainerBackend(Backend):
 
     def run(self, case, stages=STAGES) -> dict[str, StageOutput]:
         return compute(self, case, stages)
+
+    def rank_outputs(self, case) -> tuple[int, dict[str, np.ndarray]]:
+        """This process as one rank of a data-parallel run its launcher started: (its rank, what it writes,
+        named as `mlx_parity.reference.data_parallel.rank_outputs` names it). Unsupported: one process only."""
+        raise Unsupported(f"{self.name} trains on one process only")
 
 
 class TrainerSession:

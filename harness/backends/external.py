@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..protocol.client import read_response, response_limit, set_stages, write_request
 from ..stages import ISOLATED_STAGES, STAGES, StageOutput
-from .base import Backend
+from .base import Backend, Ranks
 
 DEFAULT_TIMEOUT_S = 300.0
 EXAMPLE_ADAPTER = Path(__file__).resolve().parents[2] / "examples" / "reference_adapter.py"
@@ -29,13 +29,25 @@ class ExternalBackend(Backend):
     loads the checkpoint once (`cmd-once:`), with the time limit of all its stages together."""
 
     def __init__(
-        self, command: str, timeout: float = DEFAULT_TIMEOUT_S, name: str | None = None, one_process: bool = False
+        self,
+        command: str,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        name: str | None = None,
+        one_process: bool = False,
+        launcher: str = "mlx",
     ):
         self.command = command
         self.argv = shlex.split(command)
         self.timeout = timeout
         self.one_process = one_process
         self.name = name or f"{'cmd-once' if one_process else 'cmd'}:{command}"
+        self.launcher = launcher
+
+    @property
+    def ranks(self) -> Ranks:
+        """Its data-parallel ranks: the adapter started once per rank by `launcher`, each answering the
+        data_parallel request (docs/protocol.md); a port that trains on one process answers it unsupported."""
+        return Ranks(self.launcher, tuple(self.argv), protocol=True)
 
     def unavailable(self) -> str | None:
         if not self.argv:

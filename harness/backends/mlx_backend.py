@@ -7,11 +7,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_parity.reference.data_parallel import rank_outputs
 from mlx_parity.reference.loss import shifted_slices
 from mlx_parity.reference.trainer import Trainer
 
 from ..device import current
-from .base import Ranks, TrainerBackend, TrainerSession
+from .base import TrainerBackend, TrainerSession, python_module
 
 
 class MLXSession(TrainerSession):
@@ -31,7 +32,7 @@ class MLXSession(TrainerSession):
 
 class MLXBackend(TrainerBackend):
     name = "mlx"
-    ranks = Ranks("mlx", "mlx_parity.reference.data_parallel")
+    ranks = python_module("mlx", "mlx_parity.reference.data_parallel")
 
     def open(self, case, strict: bool = True) -> MLXSession:
         trainer, report = Trainer.from_pretrained(case.checkpoint, case.settings, case.lora_init, strict=strict)
@@ -39,6 +40,13 @@ class MLXBackend(TrainerBackend):
 
     def resume(self, case, path: Path) -> MLXSession:
         return MLXSession(Trainer.load_checkpoint(path), {})
+
+    def rank_outputs(self, case):
+        group = mx.distributed.init(strict=True)  # the launcher's environment (mlx.launch): none is an error
+        trainer = self.open(case, strict=False).t
+        trainer.group = group if group.size() > 1 else None  # all that Trainer(group=...) stores
+        steps, as_numpy = case.settings.steps, lambda v: np.array(v.astype(mx.float32))
+        return group.rank(), rank_outputs(trainer, steps, case.batch, as_numpy)
 
     @property
     def nondeterministic(self) -> bool:

@@ -8,6 +8,7 @@ key prefix, bias correction, eps, tied embeddings, padding) and others real port
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -825,7 +826,9 @@ class MutantBackend(MLXBackend):
 
     @property
     def ranks(self) -> Ranks:
-        return Ranks("mlx", "mlx_parity.harness.backends.mutant_ranks", ("--mutant", self.mutant.name))
+        """Its ranks behind the protocol: the protocol server's data-parallel rank (`MLXBackend.rank_outputs`)."""
+        server = (sys.executable, "-m", "mlx_parity.harness.protocol.server", self.name)
+        return Ranks("mlx", server, protocol=True)
 
     def open(self, case, strict: bool = True):
         trainer, report = build(self.mutant, case.checkpoint, case.settings, case.lora_init, strict)

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from .. import twin_data_parallel
 from ..device import current
 from ..torch_twin import TwinTrainer
-from .base import Ranks, TrainerBackend, TrainerSession
+from .base import TrainerBackend, TrainerSession, python_module
 
 
 class TorchSession(TrainerSession):
@@ -59,7 +61,7 @@ class TorchBackend(TrainerBackend):
         if dtype != torch.float32:
             self.name = f"torch-{str(dtype).removeprefix('torch.')}"
         else:  # the twin's rank trains in its own precision only
-            self.ranks = Ranks("torch", "mlx_parity.harness.twin_data_parallel")
+            self.ranks = python_module("torch", "mlx_parity.harness.twin_data_parallel")
 
     def open(self, case, strict: bool = True) -> TorchSession:
         trainer, report = TwinTrainer.from_pretrained(
@@ -69,6 +71,18 @@ class TorchBackend(TrainerBackend):
 
     def resume(self, case, path: Path) -> TorchSession:
         return TorchSession(on_device(TwinTrainer.load_checkpoint(path)), {}, self.grad_offset)
+
+    def rank_outputs(self, case):
+        if self.ranks is None:
+            return super().rank_outputs(case)
+        dist.init_process_group("gloo")  # torchrun's environment: none is an error
+        try:  # the twin's step reduces over the initialised group
+            outputs = twin_data_parallel.run(
+                case.checkpoint, case.batch, case.settings, case.settings.steps, case.lora_init
+            )
+            return dist.get_rank(), outputs
+        finally:
+            dist.destroy_process_group()
 
     @property
     def nondeterministic(self) -> bool:

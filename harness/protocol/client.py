@@ -56,7 +56,9 @@ def link_tree(src: Path, dst: Path) -> None:
             target.symlink_to(real)
 
 
-def set_stages(folder: Path, case, stages: list[str]) -> None:
+def set_stages(folder: Path, case, stages: list[str], world_size: int = 1, launcher: str | None = None) -> None:
+    """request.json; with `world_size` > 1 (the data_parallel request, docs/protocol.md) the launcher that
+    started the ranks, whose environment names each rank and the rendezvous."""
     request = {
         "protocol": PROTOCOL,
         "fixture": case.name,
@@ -67,6 +69,8 @@ def set_stages(folder: Path, case, stages: list[str]) -> None:
         "settings": case.settings_dict,
         "isolated_inputs": ISOLATED_INPUTS if (folder / ISOLATED_INPUTS).exists() else None,
     }
+    if world_size > 1:
+        request |= {"world_size": world_size, "launcher": launcher}
     wrong = problems("request", request)
     if wrong:  # the harness's own request: a bug here, not the port's
         raise ValueError(f"request.json breaks harness/protocol/schema/request.json {wrong[0]}")

@@ -18,7 +18,10 @@ from safetensors.numpy import load_file
 from mlx_parity.reference.settings import TrainSettings
 
 from ..backends import get_backend
+from ..stages import LAUNCHED_STAGES, Unsupported
 from .tensors import save_tensors
+
+(DATA_PARALLEL,) = LAUNCHED_STAGES
 
 
 class Request:
@@ -41,8 +44,17 @@ class Request:
 
 
 def serve(backend, request_dir: Path, response_dir: Path) -> None:
-    """Run the requested stages and write `<stage>.safetensors` (+ `.json` metadata, or `.error`)."""
+    """Run the requested stages and write `<stage>.safetensors` (+ `.json` metadata, or `.error`); as one rank
+    of a data-parallel request, `data_parallel.rank<r>.safetensors`."""
     request = Request(request_dir)
+    if request.spec["stages"] == [DATA_PARALLEL]:
+        try:
+            rank, tensors = backend.rank_outputs(request)
+        except Unsupported as e:
+            (response_dir / f"{DATA_PARALLEL}.unsupported").write_text(str(e))
+            return
+        save_tensors(tensors, response_dir / f"{DATA_PARALLEL}.rank{rank}.safetensors")
+        return
     for stage, out in backend.run(request, request.spec["stages"]).items():
         if out.unsupported:
             (response_dir / f"{stage}.unsupported").write_text(out.unsupported)
