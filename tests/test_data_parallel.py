@@ -75,12 +75,21 @@ def test_ranks_stay_identical_under_accumulation_clipping_and_warmup(tmp_path, e
 
 @pytest.mark.parametrize(
     "backend, fixture, world",
-    [("mlx", "gqa_padded", 4), ("mlx", "clip_accum_warmup", 2), ("mlx", "bf16_lora", 2), ("torch", "gqa_padded", 2)],
+    [
+        ("mlx", "gqa_padded", 4),
+        ("mlx", "clip_accum_warmup", 2),
+        ("mlx", "bf16_lora", 2),
+        ("torch", "gqa_padded", 2),
+        ("mlx-rs-bin", "clip_accum_warmup", 2),  # the Rust port on mlx-c's collectives, one adapter per rank
+    ],
 )
 def test_correct_ranks_pass_the_data_parallel_stage(backend, fixture, world):
     """Rank 0 judged as the one process of world × A micro-batches (goldens and truth built now), the ranks
-    against each other bit for bit: the reference and the twin pass, on 4 ranks too."""
-    result = audit_stage(get_backend(backend), CASES[fixture], world)
+    against each other bit for bit: the reference, the twin and the mlx-rs port pass, on 4 ranks too."""
+    port = get_backend(backend)
+    if port.unavailable():
+        pytest.skip(f"{backend}: {port.unavailable()}")
+    result = audit_stage(port, CASES[fixture], world)
     assert result.status == "pass", result.message
     assert {t.name.split(".")[0] for t in result.tensors} == {"optimizer", "trajectory"}
     assert any(t.name.startswith("optimizer.m.") for t in result.tensors) and 0 < result.margin <= 1

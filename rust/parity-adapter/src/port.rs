@@ -88,6 +88,12 @@ pub trait Port: Sized {
         unsupported("the loss of given logits")
     }
     /// Optional: one update with given gradients (clip, then AdamW at the current step; no accumulation).
+    /// This process's rank when the port trains data-parallel: `load` joined the group the request's launcher
+    /// started (`RequestFolder::world_size`) and `step` all-reduces as docs/training-step.md states. None (the
+    /// default): the port trains on one process, and the data_parallel request is answered unsupported.
+    fn rank(&self) -> Option<usize> {
+        None
+    }
     fn update_from_gradients(&mut self, _grads: &Tensors) -> Result<()> {
         unsupported("an update from given gradients")
     }

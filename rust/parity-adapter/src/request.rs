@@ -25,6 +25,13 @@ pub struct Request {
     /// The training settings (settings.json of the fixture): the port reads what it needs.
     pub settings: serde_json::Value,
     pub isolated_inputs: Option<String>,
+    /// Only with `stages: ["data_parallel"]`: the ranks the launcher started, each with this request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
+    /// With `world_size`: `mlx` (mlx.launch: MLX_RANK, MLX_HOSTFILE) or `torch` (torchrun: RANK, WORLD_SIZE,
+    /// MASTER_ADDR, MASTER_PORT), whose environment names this rank and the rendezvous.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launcher: Option<String>,
 }
 
 /// The batch every stage uses: `input_ids` int32 [B, T], `attention_mask` int32 [B, T] (1 real, 0 padding,
@@ -91,6 +98,11 @@ impl RequestFolder {
     }
 
     /// The value of the adapter's option `--name`, when it was started with one.
+    /// The ranks of a data_parallel request (1: one process).
+    pub fn world_size(&self) -> usize {
+        self.request.world_size.unwrap_or(1)
+    }
+
     pub fn option(&self, name: &str) -> Option<&str> {
         self.options.get(name).map(String::as_str)
     }

@@ -24,7 +24,8 @@ pub fn answer_with<P: Port>(request: &Path, response: &Path, options: BTreeMap<S
                 if let Some(meta) = out.meta {
                     std::fs::write(response.join(format!("{stage}.json")), serde_json::to_string(&meta)?)?;
                 }
-                write_tensors(&response.join(format!("{stage}.safetensors")), &out.tensors)?;
+                let file = out.file.as_deref().unwrap_or(stage);
+                write_tensors(&response.join(format!("{file}.safetensors")), &out.tensors)?;
             }
             Err(Error::Unsupported(why)) => std::fs::write(response.join(format!("{stage}.unsupported")), why)?,
             Err(Error::Failed(why)) => std::fs::write(response.join(format!("{stage}.error")), why)?,

@@ -37,6 +37,8 @@ const READ_ONLY: [&str; 7] = [
 pub struct Output {
     pub tensors: Tensors,
     pub meta: Option<serde_json::Value>,
+    /// The response file's name without `.safetensors` when it is not the stage's (a rank's).
+    pub file: Option<String>,
 }
 
 fn loss_tensors(prefix: &str, l: Loss) -> Tensors {
@@ -151,9 +153,14 @@ pub fn run_stage<P: Port>(req: &RequestFolder, stage: &str, shared: &mut Option<
         "isolated_loss" => isolated_loss(opened(shared), req, &batch)?,
         "isolated_optimizer" => isolated_optimizer::<P>(req)?,
         "isolated_schedule" => isolated_schedule::<P>(req)?,
+        "data_parallel" => return data_parallel::<P>(req, &batch),
         other => return Err(Error::Unsupported(format!("unknown stage {other:?}"))),
     };
-    Ok(Output { tensors, meta: None })
+    Ok(Output {
+        tensors,
+        meta: None,
+        file: None,
+    })
 }
 
 /// The shared load, opened by `run_stage` before any read-only stage.
@@ -170,6 +177,7 @@ fn weight_mapping<P: Port>(p: &P) -> Result<Output> {
             .map(|(k, t)| (format!("weights.{k}"), t))
             .collect(),
         meta: Some(serde_json::json!({ "load_report": p.load_report() })),
+        file: None,
     })
 }
 
@@ -215,6 +223,30 @@ fn optimizer<P: Port>(req: &RequestFolder, batch: &Batch) -> Result<Tensors> {
     state(&p, "optimizer", &mut out)?;
     out.insert("optimizer.loss".into(), Tensor::scalar(l.total));
     Ok(out)
+}
+
+/// One rank of a data-parallel run: what it holds after the first update (`optimizer.*`) and after the last
+/// (`trajectory.*`, with the moments and step), written as `data_parallel.rank<r>.safetensors`.
+fn data_parallel<P: Port>(req: &RequestFolder, batch: &Batch) -> Result<Output> {
+    let mut p = P::load(req)?;
+    let rank = p
+        .rank()
+        .ok_or_else(|| Error::Unsupported("this port trains on one process (Port::rank is None)".into()))?;
+    let initial = trainable(&p)?;
+    let first = p.step(batch)?;
+    let mut out = deltas(&p, &initial, "optimizer")?;
+    state(&p, "optimizer", &mut out)?;
+    out.insert("optimizer.loss".into(), Tensor::scalar(first.total));
+    let (rest, mut l) = run(&mut p, batch, req.steps()? - 1, &initial, "trajectory")?;
+    l.insert(0, first.total);
+    out.extend(rest);
+    state(&p, "trajectory", &mut out)?;
+    out.extend([losses("trajectory.loss", l)?]);
+    Ok(Output {
+        tensors: out,
+        meta: None,
+        file: Some(format!("data_parallel.rank{rank}")),
+    })
 }
 
 /// `steps` updates from a fresh load: the parameters' change and every loss.

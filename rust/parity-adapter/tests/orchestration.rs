@@ -118,6 +118,37 @@ fn an_optional_request_the_port_lacks_is_unsupported() {
 }
 
 #[test]
+fn a_rank_writes_its_first_and_last_update_under_its_own_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (req, resp) = (dir.path().join("req"), dir.path().join("resp"));
+    std::fs::create_dir_all(&req).unwrap();
+    request(&req, &["data_parallel"]);
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(req.join("request.json")).unwrap()).unwrap();
+    spec["world_size"] = 2.into();
+    spec["launcher"] = "mlx".into();
+    std::fs::write(req.join("request.json"), spec.to_string()).unwrap();
+    answer::<Toy>(&req, &resp).unwrap();
+    let out = read_tensors(&resp.join("data_parallel.rank1.safetensors")).unwrap();
+    assert!(f32s(&out, "optimizer.delta.theta")
+        .iter()
+        .all(|d| (d + 0.1).abs() < 1e-6));
+    assert!((f32s(&out, "trajectory.delta.theta")[0] + 0.6).abs() < 1e-6); // 0.1 + 0.2 + 0.3
+    assert_eq!(f32s(&out, "trajectory.loss").len(), 3);
+    assert_eq!(out["optimizer.step"], Tensor::i64(vec![], vec![1]).unwrap());
+    assert_eq!(out["trajectory.step"], Tensor::i64(vec![], vec![3]).unwrap());
+}
+
+#[test]
+fn a_port_on_one_process_answers_data_parallel_unsupported() {
+    let dir = tempfile::tempdir().unwrap();
+    match run_stage::<Toy>(&request(dir.path(), &[]), "data_parallel", &mut None) {
+        Err(Error::Unsupported(why)) => assert!(why.contains("one process"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn another_protocol_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     request(dir.path(), &[]);

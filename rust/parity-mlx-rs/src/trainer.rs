@@ -21,6 +21,7 @@ use mlx_rs::{
 use crate::{
     config::ModelConfig,
     data::Batch,
+    distributed::Group,
     error::{Error, Result},
     inject,
     loss::{loss_arrays, loss_of_logits, shifted_targets, validate_loss_scalars, LossParts},
@@ -50,6 +51,23 @@ pub fn host_vec<T: mlx_rs::ArrayElement + Clone>(a: &Array) -> Result<Vec<T>> {
         .map_err(|e| Error::Mlx(format!("reading an array: {e}")))
 }
 
+/// Every rank's micro-batch losses, in rank order, as float32 (as the reference gathers them).
+fn gathered(g: &Group, parts: &[LossParts]) -> Result<Vec<LossParts>> {
+    let mine: Vec<f32> = parts
+        .iter()
+        .flat_map(|p| [p.total as f32, p.ce as f32, p.distrust as f32])
+        .collect();
+    let every = host_vec::<f32>(&g.all_gather(&Array::from_slice(&mine, &[parts.len() as i32, 3]))?)?;
+    Ok(every
+        .chunks(3)
+        .map(|v| LossParts {
+            total: v[0] as f64,
+            ce: v[1] as f64,
+            distrust: v[2] as f64,
+        })
+        .collect())
+}
+
 /// A model, its trainable set and its optimizer; one `step` is one optimizer update.
 pub struct Trainer {
     pub cfg: ModelConfig,
@@ -58,6 +76,8 @@ pub struct Trainer {
     pub report: LoadReport,
     pub adapter_names: Vec<String>,
     pub optimizer: AdamW,
+    /// The ranks this trainer is one of (docs/training-step.md, data parallelism); None: one process.
+    pub group: Option<Group>,
 }
 
 impl Trainer {
@@ -103,6 +123,7 @@ impl Trainer {
             report,
             adapter_names: Vec::new(),
             optimizer: AdamW::default(),
+            group: None,
         };
         t.setup_trainable(lora_init)?;
         Ok(t)
@@ -365,7 +386,14 @@ impl Trainer {
     /// the micro-batches and averaged, clipped, one AdamW step.
     pub fn step(&mut self, batch: &Batch) -> Result<LossParts> {
         validate_loss_scalars(self.settings.loss.alpha, self.settings.loss.lambda)?;
-        let micro = batch.split(self.settings.accum_steps as usize)?;
+        let mut micro = batch.split(self.settings.accum_steps as usize)?;
+        if let Some(g) = &self.group {
+            // this rank's contiguous share of every micro-batch
+            micro = micro
+                .iter()
+                .map(|mb| Ok(mb.split(g.size())?.swap_remove(g.rank())))
+                .collect::<Result<_>>()?;
+        }
         if let Some(loss) = inject::loss_without_update(self, &micro) {
             return loss;
         }
@@ -395,6 +423,19 @@ impl Trainer {
                 let k = scalar_like(n as f32, g)?;
                 *g = ops::divide(&*g, &k)?;
             }
+        }
+        if let Some(g) = &self.group {
+            // all-summed, divided by the world size (in the gradient's dtype), in one order on every rank: the
+            // collectives pair up by call order, and a HashMap's order differs from process to process
+            let mut names: Vec<String> = grads.keys().cloned().collect();
+            names.sort();
+            for name in names {
+                let grad = grads.get_mut(&name).expect("a key of grads");
+                let world = scalar_like(g.size() as f32, grad)?;
+                *grad = ops::divide(&g.all_sum(grad)?, &world)?;
+            }
+            eval(grads.values())?;
+            parts = gathered(g, &parts)?;
         }
         self.clip(&mut grads)?;
         self.apply(&grads)?;

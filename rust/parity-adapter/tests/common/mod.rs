@@ -5,23 +5,31 @@ use std::path::Path;
 use parity_adapter::*;
 
 /// θ ← θ − lr·(step + 1); the loss is the sum of θ. Deterministic, so resume must equal the uninterrupted run.
+/// Asked for several ranks, it says it is the last one (it has no collectives: every rank computes alone).
 pub struct Toy {
     pub theta: Vec<f32>,
     pub step: i64,
+    pub rank: Option<usize>,
 }
 
 impl Port for Toy {
-    fn load(_: &RequestFolder) -> Result<Self> {
+    fn load(req: &RequestFolder) -> Result<Self> {
+        let world = req.world_size();
         Ok(Toy {
             theta: vec![1.0, 2.0, 3.0],
             step: 0,
+            rank: (world > 1).then_some(world - 1),
         })
+    }
+    fn rank(&self) -> Option<usize> {
+        self.rank
     }
     fn resume(_: &RequestFolder, dir: &Path) -> Result<Self> {
         let t = read_tensors(&dir.join("state.safetensors"))?;
         Ok(Toy {
             theta: t["theta"].to_f32(),
             step: t["step"].to_f32()[0] as i64,
+            rank: None,
         })
     }
     fn load_report(&self) -> LoadReport {

@@ -14,6 +14,7 @@ use parity_adapter::{
     serve, Batch, Error, LoadReport, Loss, OptimizerState, Port, RequestFolder, Result, Tensor, Tensors,
 };
 use parity_mlx_rs::data;
+use parity_mlx_rs::distributed::Group;
 use parity_mlx_rs::loss::LossParts;
 use parity_mlx_rs::model::Pieces;
 use parity_mlx_rs::settings::TrainSettings;
@@ -81,9 +82,21 @@ impl Port for MlxRs {
             map.insert("inject".into(), bug.into());
         }
         let settings = TrainSettings::from_json(&settings.to_string()).map_err(failed)?;
-        Trainer::new(&req.checkpoint_dir(), settings, req.lora_init().as_deref(), false)
-            .map(MlxRs)
-            .map_err(failed)
+        let mut t = Trainer::new(&req.checkpoint_dir(), settings, req.lora_init().as_deref(), false).map_err(failed)?;
+        if req.world_size() > 1 {
+            // MLX's ring, as mlx.launch describes it (MLX_RANK, MLX_HOSTFILE); torchrun's variables mean nothing to it
+            if req.request.launcher.as_deref() != Some("mlx") {
+                return Err(failed(
+                    "this port joins MLX's own group: start its ranks with mlx.launch (--launcher mlx)",
+                ));
+            }
+            t.group = Some(Group::init().map_err(failed)?);
+        }
+        Ok(MlxRs(t))
+    }
+
+    fn rank(&self) -> Option<usize> {
+        self.0.group.as_ref().map(|g| g.rank())
     }
 
     fn resume(_: &RequestFolder, dir: &Path) -> Result<Self> {
