@@ -8,7 +8,7 @@ import numpy as np
 
 from .backends import Backend, TrainerBackend
 from .case import Case
-from .compare import TensorResult, compare_group, forward_mask
+from .compare import ABSENT, TensorResult, compare_group, forward_mask
 from .diagnosis import Diagnosis, diagnose
 from .diagnosis.weight_mapping import nondeterministic_load
 from .findings import NOT_IMPLEMENTED, analyse
@@ -135,12 +135,34 @@ def judge(
     else:
         prefix = spec.golden_prefix
         res.tensors = compare_group(t, prefix, case, prefix, tol, mask_for=forward_mask(case))
+    declared = out.meta.get("not_computed") if spec.optional else None
+    if declared:
+        res.tensors, left = not_computed(res.tensors, declared)
+        if left:
+            res.tolerance += f"; not checked, the port cannot compute them: {left}"
+        if not res.tensors:
+            res.status, res.message = NOT_CHECKED, f"{NOT_IMPLEMENTED}: {left}"
+            return res
     if not res.tensors and not res.message:
         res.message = "nothing to compare"
     res.status = PASS if res.tensors and not res.failures and not res.message else FAIL
     if res.status == FAIL and not res.message:
         res.message = res.worst().describe()
     return res
+
+
+def not_computed(tensors: list[TensorResult], declared: dict[str, str]) -> tuple[list[TensorResult], str]:
+    """An optional request's outputs the port declared it cannot compute (`not_computed` in its stage metadata:
+    a name, or its last part such as `scores` for every layer's, with the reason): those it left out are not
+    checked, never passed; one it sent anyway is judged. Returns the judged tensors and what was left out."""
+
+    def covers(key: str, name: str) -> bool:
+        return name == key or name.endswith(f".{key}")
+
+    dropped = [r for r in tensors if r.problem == ABSENT and any(covers(k, r.name) for k in declared)]
+    kept = [r for r in tensors if r not in dropped]
+    reasons = sorted({f"{k}: {why}" for k, why in declared.items() if any(covers(k, r.name) for r in dropped)})
+    return kept, f"{len(dropped)} tensors ({'; '.join(reasons)})" if dropped else ""
 
 
 def diagnose_stage(result: StageResult, out: StageOutput, case: Case) -> list[Diagnosis]:

@@ -15,6 +15,9 @@ from .truth import needs_truth
 CHUNK = 1 << 20  # elements an exact comparison takes at once: its temporaries stay ~10 MB for any tensor
 
 
+ABSENT = "absent from the backend's output"
+
+
 @dataclass
 class TensorResult:
     name: str
@@ -72,7 +75,7 @@ def compare(
     `param` is the parameter a change Δθ belongs to (its rounding, in `param_dtype`, sets Δθ's precision);
     `spread` the reference's noise at each element measured on perturbed inputs (harness/fixtures/spread.py)."""
     if actual is None:
-        return TensorResult(name, False, problem="absent from the backend's output", tolerance=tol.describe())
+        return TensorResult(name, False, problem=ABSENT, tolerance=tol.describe())
     try:
         actual = np.asarray(actual)
     except Exception as e:  # an object array or a ragged list from a port

@@ -50,7 +50,7 @@ def not_applicable(case: Case, world: int) -> str | None:
     """Why `case` cannot be trained on `world` ranks, or None."""
     rows, accum = int(case.batch["input_ids"].shape[0]), case.settings.accum_steps
     if rows % (world * accum):
-        return f"its batch of {rows} rows does not divide into {world} ranks × {accum} micro-batches"
+        return f"its batch of {rows} row{'s' * (rows != 1)} does not divide into {world} ranks × {accum} micro-batches"
     return None
 
 

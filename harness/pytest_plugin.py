@@ -44,6 +44,17 @@ def pytest_addoption(parser):
     )
     group.addoption("--parity-fixtures-dir", default=None, help="folder of fixtures (default: the bundled ones)")
     group.addoption("--parity-timeout", type=float, default=300.0, help="seconds per stage for cmd: backends")
+    group.addoption(
+        "--parity-world-size",
+        type=int,
+        default=1,
+        help="also train on N ranks and judge the data_parallel stage (as `parity audit --world-size N`)",
+    )
+    group.addoption(
+        "--parity-launcher",
+        default="mlx",
+        help="with --parity-world-size: what starts a cmd: port's ranks, mlx (mlx.launch) or torch (torchrun)",
+    )
 
 
 class ParityAuditFailed(AssertionError):
@@ -64,6 +75,8 @@ def _audit_once(config, backend: str, fixture: str):
                 backends=[backend],
                 fixtures_dir=config.getoption("--parity-fixtures-dir"),
                 timeout=config.getoption("--parity-timeout"),
+                world_size=config.getoption("--parity-world-size"),
+                launcher=config.getoption("--parity-launcher"),
             )
         except AuditInputError as e:
             raise ParityAuditFailed(str(e)) from None
@@ -85,6 +98,9 @@ def reproduce(config, backend: str, fixture: str) -> str:
     """The command that runs this audit again, with every failing tensor and a report page."""
     root = config.getoption("--parity-fixtures-dir")
     where = f" --fixtures-dir {shlex.quote(str(root))}" if root else ""
+    world = config.getoption("--parity-world-size")
+    if world > 1:
+        where += f" --world-size {world} --launcher {shlex.quote(config.getoption('--parity-launcher'))}"
     return f"reproduce: parity audit -b {shlex.quote(backend)} -f {shlex.quote(fixture)}{where} -v --report parity-report.html"
 
 
@@ -131,7 +147,12 @@ class StageCheck:
         if self.backend is None:
             raise ParityAuditFailed(NO_BACKEND)
         result = _audit_once(self.config, self.backend, self.fixture)
+        from mlx_parity.harness.findings import NOT_IMPLEMENTED  # loaded by the audit above
+        from mlx_parity.harness.stages import LAUNCHED_STAGES
+
         stage = next(s for s in result.stages if s.name == self.stage)
+        if stage.status == "not checked" and stage.name in LAUNCHED_STAGES and NOT_IMPLEMENTED not in stage.message:
+            pytest.skip(f"{self.backend} on {self.fixture}: {stage.name} does not apply: {stage.message}")
         if stage.status != "pass":
             raise ParityAuditFailed(
                 explain_stage(result, stage) + "\n  " + reproduce(self.config, self.backend, self.fixture)
@@ -142,7 +163,7 @@ class StageCheck:
 def pytest_generate_tests(metafunc):
     if "parity_stage" not in metafunc.fixturenames:
         return
-    from mlx_parity.harness.stages import ALL_STAGES as STAGES  # only when a parity test is collected
+    from mlx_parity.harness.stages import ALL_STAGES, LAUNCHED_STAGES  # only when a parity test is collected
 
     config = metafunc.config
     backends = config.getoption("--parity-backend")
@@ -150,7 +171,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("parity_stage", [(None, None, None)], ids=["no-backend"], indirect=True)
         return
     names = _cases(config, config.getoption("--parity-fixture"))
-    params = [(b, f, s) for b in backends for f in names for s in STAGES]
+    stages = ALL_STAGES + (LAUNCHED_STAGES if config.getoption("--parity-world-size") > 1 else ())
+    params = [(b, f, s) for b in backends for f in names for s in stages]
     metafunc.parametrize("parity_stage", params, ids=[f"{b}-{f}-{s}" for b, f, s in params], indirect=True)
 
 

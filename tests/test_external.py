@@ -102,6 +102,18 @@ def test_a_port_without_lora_adapters_is_told_so_not_that_it_leaves_modules_out(
     assert all(n.endswith((".lora_a", ".lora_b")) for n in d.evidence["unused"])
 
 
+def test_pieces_a_port_declares_it_cannot_compute_are_not_checked_and_the_rest_are_judged():
+    """A fused attention kernel has no scores or probabilities: declared (`not_computed`), the other pieces
+    pass and the stage says which were not checked; left out silently, each is a failure."""
+    declared = audit(broken("fused", "isolated_forward"), CASES["gqa_padded"], ("isolated_forward",)).stages[0]
+    assert declared.status == "pass", declared.message
+    assert not any(t.name.endswith((".scores", ".probs")) for t in declared.tensors)
+    assert any(t.name.endswith(".attn") for t in declared.tensors)
+    assert "not checked, the port cannot compute them: 4 tensors (probs: fused attention" in declared.tolerance
+    silent = audit(broken("fused-undeclared", "isolated_forward"), CASES["gqa_padded"], ("isolated_forward",))
+    assert silent.stages[0].status == "fail" and "absent" in silent.stages[0].message
+
+
 def test_a_hanging_stage_times_out():
     result = audit(broken("hang", "loss", timeout=20), CASES["head"], ("loss", "shifted_slices"))
     assert result.stages[0].status == "fail" and "timed out after 20 s" in result.stages[0].message

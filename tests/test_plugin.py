@@ -104,3 +104,16 @@ def test_plugin_missing_adapter_fails(pytester):
     result = pytester.runpytest("--parity-backend", "cmd:/nonexistent/adapter", "--parity-fixture", "head")
     result.assert_outcomes(failed=1)
     assert "cannot run" in result.stdout.str()
+
+
+def test_plugin_on_several_ranks_has_a_data_parallel_item_that_names_its_cause(pytester):
+    """`--parity-world-size 2`: one more item per fixture; a batch that does not divide skips it, saying why."""
+    pytester.makepyfile(STAGE_TEST)
+    result = pytester.runpytest(
+        "--parity-backend", "mutant:dp_gradients_summed", "--parity-world-size", "2",
+        "--parity-fixture", "gqa_padded", "--parity-fixture", "gqa_single", "-rs",
+    )  # fmt: skip
+    result.assert_outcomes(passed=24, failed=1, skipped=1)  # the twelve one-process stages pass on both
+    out = result.stdout.str()
+    assert "diagnosis (dp_gradients_summed)" in out and "--world-size 2 --launcher mlx" in out
+    assert "does not divide into 2 ranks" in out

@@ -4,8 +4,9 @@
 MODE: crash (exit 3 with a message), hang (sleep), garbage (bytes that are not safetensors),
 nan (NaN in the first tensor), shape (drop the last axis of every tensor), unseeded (one more
 parameter, initialised from an unseeded generator: different in every process), nolora (no LoRA
-adapters among its parameters). Other stages behave like
-the reference, through the example adapter.
+adapters among its parameters), fused (no attention scores or probabilities among its forward's pieces,
+declared as not computed: a fused attention kernel), fused-undeclared (the same, not declared). Other
+stages behave like the reference, through the example adapter.
 """
 
 import json
@@ -39,6 +40,12 @@ if stage == bad_stage:
             np.random.default_rng().uniform(-0.1, 0.1, 4).astype(np.float32)
         )
         save_file(t, str(f))
+    elif mode in ("fused", "fused-undeclared"):
+        t = load_file(str(f))
+        save_file({k: v for k, v in t.items() if not k.endswith((".scores", ".probs"))}, str(f))
+        if mode == "fused":
+            why = "fused attention: the kernel gives the output only"
+            (response / f"{stage}.json").write_text(json.dumps({"not_computed": {"scores": why, "probs": why}}))
     elif mode in ("nan", "shape"):
         t = load_file(str(f))
         first = sorted(t)[0]

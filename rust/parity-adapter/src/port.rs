@@ -1,5 +1,6 @@
 //! What a port implements. Names are the checkpoint's (Hugging Face) parameter names everywhere.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -82,6 +83,12 @@ pub trait Port: Sized {
     /// "The forward's pieces"). `given` holds the reference's pieces without the `isolated.forward.` prefix.
     fn pieces(&mut self, _input_ids: &Tensor, _given: &Tensors) -> Result<Tensors> {
         unsupported("the forward's pieces")
+    }
+    /// Optional: the pieces `pieces` leaves out because the port cannot compute them, each a piece's name or
+    /// its last part (`"scores"` for every layer's) with the reason (`"fused attention"`). The harness does
+    /// not check those (never passes them) and judges the rest; a piece left out and not named here fails.
+    fn pieces_not_computed(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
     }
     /// Optional: the loss of given logits [B, T, V] on the batch.
     fn loss_from_logits(&mut self, _logits: &Tensor, _batch: &Batch) -> Result<Loss> {

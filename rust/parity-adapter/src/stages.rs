@@ -149,7 +149,17 @@ pub fn run_stage<P: Port>(req: &RequestFolder, stage: &str, shared: &mut Option<
         "optimizer" => optimizer::<P>(req, &batch)?,
         "trajectory" => trajectory::<P>(req, &batch)?,
         "checkpoint" => checkpoint::<P>(req, &batch)?,
-        "isolated_forward" => isolated_forward(opened(shared), req, &batch)?,
+        "isolated_forward" => {
+            let p = opened(shared);
+            let pieces = isolated_forward(p, req, &batch)?;
+            let left = p.pieces_not_computed();
+            let meta = (!left.is_empty()).then(|| serde_json::json!({ "not_computed": left }));
+            return Ok(Output {
+                tensors: pieces,
+                meta,
+                file: None,
+            });
+        }
         "isolated_loss" => isolated_loss(opened(shared), req, &batch)?,
         "isolated_optimizer" => isolated_optimizer::<P>(req)?,
         "isolated_schedule" => isolated_schedule::<P>(req)?,

@@ -140,6 +140,30 @@ fn a_rank_writes_its_first_and_last_update_under_its_own_name() {
 }
 
 #[test]
+fn the_pieces_a_port_cannot_compute_are_named_beside_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (req, resp) = (dir.path().join("req"), dir.path().join("resp"));
+    std::fs::create_dir_all(&req).unwrap();
+    request(&req, &["isolated_forward"]);
+    let given: Tensors = [(
+        "isolated.forward.embed".to_string(),
+        Tensor::f32(vec![1], vec![0.0]).unwrap(),
+    )]
+    .into();
+    write_tensors(&req.join("iso.safetensors"), &given).unwrap();
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(req.join("request.json")).unwrap()).unwrap();
+    spec["isolated_inputs"] = "iso.safetensors".into();
+    std::fs::write(req.join("request.json"), spec.to_string()).unwrap();
+    answer::<Toy>(&req, &resp).unwrap();
+    let out = read_tensors(&resp.join("isolated_forward.safetensors")).unwrap();
+    assert!(out.contains_key("isolated.forward.embed"));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(resp.join("isolated_forward.json")).unwrap()).unwrap();
+    assert_eq!(meta["not_computed"]["scores"], "fused attention");
+}
+
+#[test]
 fn a_port_on_one_process_answers_data_parallel_unsupported() {
     let dir = tempfile::tempdir().unwrap();
     match run_stage::<Toy>(&request(dir.path(), &[]), "data_parallel", &mut None) {

@@ -24,6 +24,17 @@ impl Port for Toy {
     fn rank(&self) -> Option<usize> {
         self.rank
     }
+    /// The embedding only: its attention is "fused", so it says it cannot give the scores.
+    fn pieces(&mut self, ids: &Tensor, _given: &Tensors) -> Result<Tensors> {
+        Ok([(
+            "embed".to_string(),
+            Tensor::f32(ids.shape.clone(), vec![0.5; ids.len()])?,
+        )]
+        .into())
+    }
+    fn pieces_not_computed(&self) -> std::collections::BTreeMap<String, String> {
+        [("scores".to_string(), "fused attention".to_string())].into()
+    }
     fn resume(_: &RequestFolder, dir: &Path) -> Result<Self> {
         let t = read_tensors(&dir.join("state.safetensors"))?;
         Ok(Toy {
