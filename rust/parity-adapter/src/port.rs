@@ -1,4 +1,5 @@
-//! What a port implements. Names are the checkpoint's (Hugging Face) parameter names everywhere.
+//! What a port implements. Names are the checkpoint's (Hugging Face) parameter names everywhere, or the port's
+//! own mapped to them by `Port::checkpoint_name`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -95,6 +96,14 @@ pub trait Port: Sized {
         unsupported("the loss of given logits")
     }
     /// Optional: one update with given gradients (clip, then AdamW at the current step; no accumulation).
+    /// Optional: the checkpoint (Hugging Face) name of one of the port's own parameter names, for a port whose
+    /// modules are named otherwise (`layers.0.attention.wq` for `model.layers.0.self_attn.q_proj.weight`). The
+    /// kit then takes every name the port returns (parameters, trainable names, gradients, moments) as its own
+    /// and writes it under this name, and gives the port the reference's gradients under its own names. The
+    /// load report stays in checkpoint names. Default: the port's names are the checkpoint's.
+    fn checkpoint_name(&self, own: &str) -> String {
+        own.to_string()
+    }
     /// This process's rank when the port trains data-parallel: `load` joined the group the request's launcher
     /// started (`RequestFolder::world_size`) and `step` all-reduces as docs/training-step.md states. None (the
     /// default): the port trains on one process, and the data_parallel request is answered unsupported.

@@ -69,15 +69,16 @@ fn deltas<P: Port>(p: &P, before: &Tensors, prefix: &str) -> Result<Tensors> {
             let a = after
                 .get(k)
                 .ok_or_else(|| Error::failed(format!("{k} is gone after the update")))?;
-            Ok((format!("{prefix}.delta.{k}"), a.minus(b)?))
+            Ok((format!("{prefix}.delta.{}", p.checkpoint_name(k)), a.minus(b)?))
         })
         .collect()
 }
 
 fn state<P: Port>(p: &P, prefix: &str, out: &mut Tensors) -> Result<()> {
     let s = p.optimizer_state()?;
-    out.extend(s.m.into_iter().map(|(k, t)| (format!("{prefix}.m.{k}"), t)));
-    out.extend(s.v.into_iter().map(|(k, t)| (format!("{prefix}.v.{k}"), t)));
+    let name = |k: &str| p.checkpoint_name(k);
+    out.extend(s.m.into_iter().map(|(k, t)| (format!("{prefix}.m.{}", name(&k)), t)));
+    out.extend(s.v.into_iter().map(|(k, t)| (format!("{prefix}.v.{}", name(&k)), t)));
     out.insert(format!("{prefix}.step"), Tensor::i64(vec![], vec![s.step])?);
     Ok(())
 }
@@ -100,14 +101,13 @@ fn losses(name: &str, values: Vec<f32>) -> Result<(String, Tensor)> {
     Ok((name.to_string(), Tensor::f32(vec![values.len()], values)?))
 }
 
+/// The reference's gradients of the port's trainable set, under the port's own names.
 fn given_gradients<P: Port>(p: &P, inputs: &Tensors) -> Tensors {
-    let names = p.trainable_names();
-    inputs
-        .iter()
-        .filter_map(|(k, t)| {
-            k.strip_prefix("grad.")
-                .filter(|n| names.iter().any(|m| m == n))
-                .map(|n| (n.to_string(), t.clone()))
+    p.trainable_names()
+        .into_iter()
+        .filter_map(|own| {
+            let given = inputs.get(&format!("grad.{}", p.checkpoint_name(&own)))?;
+            Some((own, given.clone()))
         })
         .collect()
 }
@@ -184,7 +184,7 @@ fn weight_mapping<P: Port>(p: &P) -> Result<Output> {
         tensors: p
             .parameters()?
             .into_iter()
-            .map(|(k, t)| (format!("weights.{k}"), t))
+            .map(|(k, t)| (format!("weights.{}", p.checkpoint_name(&k)), t))
             .collect(),
         meta: Some(serde_json::json!({ "load_report": p.load_report() })),
         file: None,
@@ -221,7 +221,10 @@ fn loss<P: Port>(p: &mut P, batch: &Batch) -> Result<Tensors> {
 /// The gradient of every trainable parameter, the whole batch in one pass.
 fn gradients<P: Port>(p: &mut P, batch: &Batch) -> Result<Tensors> {
     let (_, grads) = p.gradients(batch)?;
-    Ok(grads.into_iter().map(|(k, t)| (format!("grad.{k}"), t)).collect())
+    Ok(grads
+        .into_iter()
+        .map(|(k, t)| (format!("grad.{}", p.checkpoint_name(&k)), t))
+        .collect())
 }
 
 /// One update from a fresh load: the parameters' change, the optimizer state, the loss.

@@ -164,6 +164,30 @@ fn the_pieces_a_port_cannot_compute_are_named_beside_the_others() {
 }
 
 #[test]
+fn a_port_s_own_names_are_written_as_the_checkpoint_s_and_given_gradients_reach_it_under_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut req = request(dir.path(), &[]);
+    req.options.insert("prefix".into(), "model.".into());
+    let given: Tensors = [(
+        "grad.model.theta".to_string(),
+        Tensor::f32(vec![3], vec![1.0, 2.0, 3.0]).unwrap(),
+    )]
+    .into();
+    write_tensors(&dir.path().join("iso.safetensors"), &given).unwrap();
+    req.request.isolated_inputs = Some("iso.safetensors".into());
+    let weights = run_stage::<Toy>(&req, "weight_mapping", &mut None).unwrap().tensors;
+    assert_eq!(weights.keys().collect::<Vec<_>>(), ["weights.model.theta"]);
+    let grads = run_stage::<Toy>(&req, "gradients", &mut None).unwrap().tensors;
+    assert!(grads.contains_key("grad.model.theta"));
+    let update = run_stage::<Toy>(&req, "isolated_optimizer", &mut None).unwrap().tensors;
+    let d = f32s(&update, "isolated.optimizer.delta.model.theta");
+    assert!(
+        d.iter().zip([0.1, 0.2, 0.3]).all(|(d, e)| (d + e).abs() < 1e-6),
+        "{d:?}"
+    );
+}
+
+#[test]
 fn a_port_on_one_process_answers_data_parallel_unsupported() {
     let dir = tempfile::tempdir().unwrap();
     match run_stage::<Toy>(&request(dir.path(), &[]), "data_parallel", &mut None) {

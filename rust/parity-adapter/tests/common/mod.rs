@@ -10,6 +10,8 @@ pub struct Toy {
     pub theta: Vec<f32>,
     pub step: i64,
     pub rank: Option<usize>,
+    /// `--prefix P`: its parameter is `theta` to itself and `P` + `theta` in the checkpoint.
+    pub prefix: Option<String>,
 }
 
 impl Port for Toy {
@@ -19,10 +21,24 @@ impl Port for Toy {
             theta: vec![1.0, 2.0, 3.0],
             step: 0,
             rank: (world > 1).then_some(world - 1),
+            prefix: req.option("prefix").map(str::to_string),
         })
     }
     fn rank(&self) -> Option<usize> {
         self.rank
+    }
+    /// θ ← θ − 0.1·g with the given gradient of `theta` (its own name).
+    fn update_from_gradients(&mut self, grads: &Tensors) -> Result<()> {
+        let g = grads
+            .get("theta")
+            .ok_or_else(|| Error::failed("no gradient for theta"))?
+            .to_f32();
+        self.theta.iter_mut().zip(g).for_each(|(t, g)| *t -= 0.1 * g);
+        self.step += 1;
+        Ok(())
+    }
+    fn checkpoint_name(&self, own: &str) -> String {
+        format!("{}{own}", self.prefix.as_deref().unwrap_or(""))
     }
     /// The embedding only: its attention is "fused", so it says it cannot give the scores.
     fn pieces(&mut self, ids: &Tensor, _given: &Tensors) -> Result<Tensors> {
@@ -41,6 +57,7 @@ impl Port for Toy {
             theta: t["theta"].to_f32(),
             step: t["step"].to_f32()[0] as i64,
             rank: None,
+            prefix: None,
         })
     }
     fn load_report(&self) -> LoadReport {
