@@ -30,7 +30,6 @@ from .case import Case
 from .compare import TensorResult, compare_group, forward_mask
 from .diagnosis import Diagnosis
 from .findings import NOT_IMPLEMENTED
-from .fixtures.build import build_goldens
 from .protocol.client import set_stages, write_request
 from .stages import ALL_STAGES, LAUNCHED_STAGES, PREFIX, REGISTRY, StageOutput, Unsupported
 from .tolerances import precision_tolerance, tolerance
@@ -69,6 +68,8 @@ def single_process_case(case: Case, world: int, progress=None) -> Iterator[Case]
         (path / "case.json").write_text(json.dumps(info, indent=2) + "\n")
         settings = case.settings_dict | {"accum_steps": case.settings.accum_steps * world}
         (path / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        from .fixtures.build import build_goldens  # here: the goldens need the twin (torch), the wheel alone has none
+
         build_goldens(Case(path), require_agreement=False, progress=progress, audit_backends=False)
         yield Case(path)
 
