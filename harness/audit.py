@@ -10,6 +10,7 @@ from .backends import Backend, TrainerBackend
 from .case import Case
 from .compare import ABSENT, TensorResult, compare_group, forward_mask
 from .diagnosis import Diagnosis, diagnose
+from .diagnosis.codes import states_a_cause
 from .diagnosis.weight_mapping import nondeterministic_load
 from .findings import NOT_IMPLEMENTED, analyse
 from .stages import ALL_STAGES, REGISTRY, StageOutput
@@ -202,6 +203,9 @@ def audit(backend: Backend, case: Case, stages=ALL_STAGES, precision: str = "flo
             try:
                 seen = replace(out, tensors=port_weights | out.tensors) if port_weights else out
                 r.diagnoses = diagnose_stage(r, seen, case)
+                probe = REGISTRY[s].probe
+                if probe and not out.error and not any(states_a_cause(d.code) for d in r.diagnoses):
+                    r.diagnoses = [*probe(backend, source), *r.diagnoses]  # its own run on probe inputs
             except Exception as e:  # a rule that raises reports itself, never kills the audit
                 r.diagnoses = [
                     Diagnosis("diagnosis_failed", f"the diagnosis rule for {s} raised {type(e).__name__}: {e}", {})

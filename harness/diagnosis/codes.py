@@ -28,6 +28,8 @@ CODES = {
     "attention_scale": "attention logits carry another scale than 1/sqrt(head_dim)",
     "gqa_head_mapping": "query heads read other kv heads than h // (heads / kv_heads)",
     "causal_mask": "the attention mask lets a query see other keys than 0..t",
+    "batch_rows_mixed": "a row's forward depends on another row of the batch (a reshape or repeat across the batch axis)",
+    "position_blind": "attention ignores token order: RoPE does not rotate by position",
     "softmax_axis": "attention probabilities are normalised over the wrong axis",
     "attention_merge": "the heads' outputs are merged in another layout than [B, T, heads·head_dim]",
     "mlp_activation": "the MLP's activation is another function than SiLU",

@@ -37,6 +37,7 @@ class Stage:
     launched: bool = False  # run by N ranks of the backend's launcher (`--world-size`), not by a session
     judge: Callable | None = None  # (out, case, tol, run_to_run) -> Judged; None: its goldens, by name
     diagnose: Callable | None = None  # why it failed (harness/diagnosis/<name>.py)
+    probe: Callable | None = None  # (backend, case) -> diagnoses from the backend run on inputs built to show a cause
 
     @property
     def tolerance(self) -> str:

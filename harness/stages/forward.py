@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..diagnosis.forward import forward
+from ..probes import probe_forward
 from .base import Session, Stage, StageOutput, as_f32
 
 
@@ -23,4 +24,5 @@ STAGE = Stage(
     isolated_by="isolated_forward",
     truth=True,
     diagnose=forward,
+    probe=probe_forward,  # when its diagnosis names no cause: the port's own forward on probe batches
 )
