@@ -42,6 +42,8 @@ def diagnose(result, out, case, rule) -> list[Diagnosis]:
     """Every distinct cause this stage's failure shows (at least one: a localisation); `rule` is the stage's."""
     if out.error:
         return [Diagnosis("stage_error", out.error.splitlines()[0][:300], {"error": out.error[-2000:]})]
+    if out.unsupported:  # the port's own word that it does not do this: no rule reads outputs it never gave
+        return [Diagnosis("error", result.message, {})]
     found = rule(result, out, case) if rule else None
     found = [d for d in (found if isinstance(found, list) else [found]) if d is not None]
     return found or [localise(result)]
