@@ -19,9 +19,10 @@ rust: setup
 	@if command -v cargo >/dev/null 2>&1 || [ -x "$$HOME/.cargo/bin/cargo" ]; then bash rust/build.sh; \
 	else echo "make rust: no Rust toolchain (cargo): the mlx-rs extension is not built" >&2; fi
 
-rust-test: rust  ## the Rust crate's own unit tests
+rust-test: rust  ## the Rust crates' own unit tests
 	@if command -v cargo >/dev/null 2>&1 || [ -x "$$HOME/.cargo/bin/cargo" ]; then \
-		bash rust/test.sh -p parity-mlx-rs --lib && bash rust/test.sh -p parity-adapter -- --include-ignored; fi
+		bash rust/test.sh -p parity-mlx-rs --lib && bash rust/test.sh -p parity-candle --lib && \
+		bash rust/test.sh -p parity-adapter -- --include-ignored; fi
 
 audit: rust  ## the main job: audit every backend on every bundled fixture
 	.venv/bin/parity audit --json out.json

@@ -170,7 +170,7 @@ def selftest(
     The matrix shows, per mutant and fixture, whether the audit names the injected cause as one of its
     findings (N), fails without naming it (l), passes (.) or cannot build the bug there (-); bold cells
     are the fixtures built to expose it. Then bugs injected together, DESIGN.md's porting-bug list, the
-    cmd: protocol and the Rust port's injected bugs. Exit 0 only when every exposing cell and every
+    cmd: protocol and the Rust ports' injected bugs (mlx-rs, candle). Exit 0 only when every exposing cell and every
     combined bug is named and no correct backend fails.
     """
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .audit import AuditResult, audit
 from .backends import Backend, default_backends
+from .backends.candle import CANDLE_INJECTIONS, CandleBinaryBackend
 from .backends.external import example_adapter_backend
 from .backends.mlx_rs import RUST_INJECTIONS, MlxRsBackend, MlxRsBinaryBackend
 from .backends.mutants import MUTANTS, MutantBackend, combine
@@ -250,10 +251,8 @@ def run(protocol: bool = True, progress=None, extra: list | None = None, cases: 
             mutants.append(judge_mutant(audit_world(backend, find_case(f), world), name, via, stage, diag))
             say(f"{via} {name} on {f}")
     correct = []
-    for backend in default_backends():
-        if backend.unavailable():
-            continue
-        for case in cases:
+    for backend in correct_backends():
+        for case in filter(lambda c: implements(backend, c), cases):
             correct.append(audit(backend, case))
             say(f"{backend.name} on {case.name}")
         if backend.ranks is not None:  # and trained on two ranks, wherever the batch divides
@@ -290,7 +289,8 @@ def run(protocol: bool = True, progress=None, extra: list | None = None, cases: 
 
 
 def rust_mutants() -> list:
-    """The mlx-rs port's injected failures, through its Python extension and its Rust adapter binary (when built)."""
+    """The Rust ports' injected failures: mlx-rs through its Python extension and its adapter binary, candle
+    through its adapter binary (each when built)."""
     out = []
     for via, cls in (("mlx-rs", MlxRsBackend), ("mlx-rs-bin", MlxRsBinaryBackend)):
         if cls().unavailable() is None:
@@ -298,7 +298,23 @@ def rust_mutants() -> list:
                 (f"{via}:{name}", cls(inject=name), via, stage, diag, fixtures)
                 for name, (stage, diag, fixtures) in RUST_INJECTIONS.items()
             ]
+    if CandleBinaryBackend().unavailable() is None:
+        out += [
+            (f"candle-bin:{name}", CandleBinaryBackend(inject=name), "candle-bin", stage, diag, (fixture,))
+            for name, (stage, diag, fixture) in CANDLE_INJECTIONS.items()
+        ]
     return out
+
+
+def correct_backends() -> list[Backend]:
+    """Every correct backend that can run here: the default ones and the candle port when built."""
+    candle = CandleBinaryBackend()
+    return [b for b in default_backends() if not b.unavailable()] + ([candle] if not candle.unavailable() else [])
+
+
+def implements(backend: Backend, case) -> bool:
+    """Whether the backend trains in the case's precision (a port may implement float32 only)."""
+    return backend.precisions is None or case.settings.precision in backend.precisions
 
 
 def count_jobs(protocol: bool, extra: list | None = None) -> int:
@@ -306,4 +322,4 @@ def count_jobs(protocol: bool, extra: list | None = None) -> int:
     n += len(MUTANTS) if protocol else 0
     n += sum(len(e[5]) for e in extra or [])
     ranked = sum(not_applicable(c, 2) is None for c in list_cases())
-    return n + sum(len(list_cases()) + (ranked if b.ranks else 0) for b in default_backends() if not b.unavailable())
+    return n + sum(sum(implements(b, c) for c in list_cases()) + (ranked if b.ranks else 0) for b in correct_backends())

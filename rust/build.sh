@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the mlx-rs port (Python extension `parity_mlx_rs`) and install it into the project's .venv,
-# and its protocol adapter binary (rust/target/release/parity-mlx-rs-adapter).
+# its protocol adapter binary (rust/target/release/parity-mlx-rs-adapter), and the candle port's
+# (rust/target/release/parity-candle-adapter).
 #
 #   rust/build.sh            # from anywhere; PARITY_VENV overrides the venv (default <repo>/.venv)
 #
@@ -61,6 +62,9 @@ cd "$HERE"
 log "cargo build --release --bin parity-mlx-rs-adapter"
 cargo build --release --quiet -p parity-mlx-rs --features adapter --bin parity-mlx-rs-adapter
 "$HERE/target/release/parity-mlx-rs-adapter" 2>/dev/null && die "the adapter binary accepted no arguments"
+log "cargo build --release --bin parity-candle-adapter (the candle port; its first build compiles candle: a few minutes)"
+cargo build --release --quiet -p parity-candle --bin parity-candle-adapter
+"$HERE/target/release/parity-candle-adapter" 2>/dev/null && die "the candle adapter binary accepted no arguments"
 
 # 6. Smoke: the extension loads next to mlx.core and shares its MLX.
 "$VENV/bin/python" - <<'PY'

@@ -37,6 +37,7 @@ class BackendError(ValueError):
 class Backend(ABC):
     name: str = ""
     ranks: Ranks | None = None  # None: it has no data-parallel launch, and the data_parallel stage is not checked
+    precisions: tuple[str, ...] | None = None  # the training precisions it implements (None: every one)
 
     def unavailable(self) -> str | None:
         """None when the backend can run here, else the reason it cannot."""
