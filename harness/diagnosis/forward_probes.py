@@ -128,12 +128,12 @@ def findings(outs: dict) -> list[Diagnosis]:
     found = []
     evidence = {"changed_by_last_token": future, "changed_by_first_token": past, "probe_tokens": t} | OWN
     if future > CHANGED:
-        seen = "" if past is None else ", and the ones before it" if past > CHANGED else ", but not the ones before it"
+        seen = "" if past is None else ", and the ones before" if past > CHANGED else ", but not the ones before"
         found.append(
             Diagnosis(
                 "causal_mask",
-                f"two rows of one batch that differ only in their last token differ at every earlier position "
-                f"({future:.2g} of their scale): each position sees the tokens after it{seen} (the port's own "
+                f"two rows of one batch that differ only in their last token differ at earlier positions (by up "
+                f"to {future:.2g} of their scale): positions see the tokens after them{seen} (the port's own "
                 "forward on a probe batch)",
                 evidence,
             )
