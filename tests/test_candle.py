@@ -4,19 +4,13 @@ float32; the bfloat16-trained fixtures fail with the port's own reason and nothi
 bug is named. Skipped only where no Rust toolchain exists; where one does, the binary must be built (the
 README's test command builds it)."""
 
-import shutil
-from pathlib import Path
-
 import pytest
 
 from mlx_parity.harness.backends.candle import CANDLE_BINARY, CANDLE_INJECTIONS
 
-from .conftest import CASES, audited
+from .conftest import CASES, audited, skip_without_cargo
 
-if shutil.which("cargo") is None and not (Path.home() / ".cargo" / "bin" / "cargo").exists():
-    pytest.skip(
-        "no Rust toolchain (cargo) on this machine: the candle port cannot be built here", allow_module_level=True
-    )
+skip_without_cargo("the candle port")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -4,7 +4,6 @@ be built (the README's test command builds it)."""
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +11,9 @@ from safetensors.numpy import load_file, save_file
 
 from mlx_parity.harness.backends.mlx_rs import RUST_INJECTIONS, extension_built
 
-from .conftest import CASES, audited
+from .conftest import CASES, audited, skip_without_cargo
 
-if shutil.which("cargo") is None and not (Path.home() / ".cargo" / "bin" / "cargo").exists():
-    pytest.skip(
-        "no Rust toolchain (cargo) on this machine: the mlx-rs port cannot be built here", allow_module_level=True
-    )
+skip_without_cargo("the mlx-rs port")
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,14 @@ named, and the answers the kit writes accepted by the harness's client and its s
 where no Rust toolchain exists; where one does, the binary must be built (the README's test command
 builds it)."""
 
-import shutil
-from pathlib import Path
-
 import pytest
 
 from mlx_parity.harness.backends.mlx_rs import ADAPTER_BINARY, RUST_INJECTIONS
 from mlx_parity.harness.protocol.client import read_response, set_stages, write_request
 
-from .conftest import CASES, audited
+from .conftest import CASES, audited, skip_without_cargo
 
-if shutil.which("cargo") is None and not (Path.home() / ".cargo" / "bin" / "cargo").exists():
-    pytest.skip(
-        "no Rust toolchain (cargo) on this machine: the Rust adapter cannot be built here", allow_module_level=True
-    )
+skip_without_cargo("the Rust adapter")
 
 
 @pytest.fixture(scope="module", autouse=True)
