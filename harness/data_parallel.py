@@ -120,7 +120,11 @@ def launch(ranks: Ranks, case: Case, world: int, out: Path, timeout: float = DEF
         args += [str(written)] + (["--lora-init", str(case.lora_init)] if case.lora_init is not None else [])
         files = [written / f"rank{r}.safetensors" for r in range(world)]
     cmd = [*launcher_command(ranks, world), *ranks.command, *args]
-    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # N ranks share the cores
+    # N ranks share the cores; the launchers' own scratch files (mlx.launch's per-rank pid and host files,
+    # torchrun's torchelastic_* folders, which neither removes) go under `out`, deleted with it
+    scratch = out / "tmp"
+    scratch.mkdir(exist_ok=True)
+    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TMPDIR": str(scratch)}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:

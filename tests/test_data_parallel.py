@@ -152,3 +152,16 @@ def test_a_port_that_trains_on_one_process_is_not_checked_with_its_own_reason(tm
     )
     result = audit_stage(ExternalBackend(f"{sys.executable} {adapter}"), CASES["gqa_padded"], 2)
     assert result.status == "not checked" and result.message.endswith("this port trains on one process")
+
+
+@pytest.mark.parametrize("engine", ["mlx", "torch"])
+def test_the_launchers_leave_nothing_in_the_temporary_folder(tmp_path, monkeypatch, engine):
+    """mlx.launch writes a pid file and a host file per rank with mktemp and torchrun a torchelastic_* folder,
+    and neither removes them: the launch gives them a scratch folder of its own, deleted with its work."""
+    shared = tmp_path / "shared-tmp"
+    shared.mkdir()
+    monkeypatch.setenv("TMPDIR", str(shared))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert len(launched(engine, "gqa_padded", 2, out)) == 2
+    assert not list(shared.iterdir()), sorted(p.name for p in shared.iterdir())
