@@ -14,9 +14,11 @@ Every bound kind and the inputs of each tensor's bound (`truth_bound_inputs`) ar
       bound_i = multiple * noise_i + sensitivity_i + floor_ulps * ulp32 * max(max|T|, |theta_i|)
 
   R the reference's golden, T the truth, rel = rms(e) / rms(T) of the tensor, spread_i the largest error
-  beyond the sensitivity of the reference re-run on inputs moved by an ulp (`spread.*`, measured when the
-  fixture was built: harness/fixtures/spread.py), so an element where the golden's one sample of the noise
-  happened to land near the truth is still bounded by the noise measured there. The bound grows with
+  beyond the sensitivity of the reference re-run on inputs moved by an ulp and of the float64 twin run with
+  drawn float32 rounding errors in every operation (`spread.*`, measured when the fixture was built:
+  harness/fixtures/spread.py, random_rounding.py), so an element where the golden's one sample of the noise
+  happened to land near the truth, or where another summation order errs more than the reference's BLAS, is
+  still bounded by the noise measured there. The bound grows with
   depth, width and activation outliers by itself. `sensitivity_i` covers ill-conditioned elements (an
   Adam update where |g| is at noise level, an analytically zero gradient): it is how far the truth's
   update moves when the gradient moves by the gradient stage's own bound, measured in float64 by the

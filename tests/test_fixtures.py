@@ -87,7 +87,14 @@ def _shift_golden(folder, name, delta):
     g[name] = (g[name].astype(np.float64) + delta).astype(np.float32)
     t[f"offset.{name}"] = (t[f"offset.{name}"].astype(np.float64) - delta).astype(np.float32)
     save_file(g, str(folder / "golden.safetensors"))
-    save_file(t, str(folder / "truth.safetensors"))
+    save_file(t, str(folder / "truth.safetensors"), metadata=_truth_metadata(folder))
+
+
+def _truth_metadata(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "truth.safetensors"), "np") as f:
+        return f.metadata()
 
 
 def test_goldens_from_another_platform_are_judged_not_hashed(tmp_path):
@@ -106,20 +113,25 @@ def test_goldens_from_another_platform_are_judged_not_hashed(tmp_path):
 
 def test_spreads_are_measured_not_compared_but_their_layout_is(tmp_path):
     """A regenerated spread is another sample of the noise: its values may differ anywhere, but a spread
-    that is missing or stored in another layout is a change."""
+    that is missing, drawn by other runs (the truth file's metadata says which) or stored in another layout is a
+    change."""
     from safetensors.numpy import load_file, save_file
 
-    old, other_values, other_layout = tmp_path / "old", tmp_path / "values", tmp_path / "layout"
-    for d in (old, other_values, other_layout):
+    old, values, layout, drawn = (tmp_path / d for d in ("old", "values", "layout", "drawn"))
+    for d in (old, values, layout, drawn):
         shutil.copytree(FIXTURES_DIR / "head", d)
-    t = load_file(str(other_values / "truth.safetensors"))
+    meta = _truth_metadata(old)
+    assert "float64 twin runs under random rounding: 4" in meta["spread"]
+    t = load_file(str(values / "truth.safetensors"))
     name = next(k for k in t if k.startswith("spread."))
+    save_file(t, str(drawn / "truth.safetensors"), metadata={"spread": "reference runs on inputs moved by an ulp: 4"})
     t[name] = (t[name] // 2).astype(t[name].dtype)
-    save_file(t, str(other_values / "truth.safetensors"))
+    save_file(t, str(values / "truth.safetensors"), metadata=meta)
     t[name] = t[name].astype(np.uint16)
-    save_file(t, str(other_layout / "truth.safetensors"))
-    assert diff_fixture(old, other_values, same_platform=False) == []
-    assert any("another layout" in line for line in diff_fixture(old, other_layout, same_platform=False))
+    save_file(t, str(layout / "truth.safetensors"), metadata=meta)
+    assert diff_fixture(old, values, same_platform=False) == []
+    for changed in (layout, drawn):
+        assert any("drawn otherwise or stored in another layout" in line for line in diff_fixture(old, changed, False))
 
 
 def test_a_killed_generate_leaves_the_old_set(copy, built_once, monkeypatch):
