@@ -45,7 +45,7 @@ PYTEST_WORKERS ?= $(shell python3 -c 'import os; print(min(4, os.cpu_count() or 
 test: lint rust-test wheel-check  ## lint first, the Rust crates' unit tests, the wheel's install check, then the whole pytest suite (the SmolLM2 check included)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
-# SmolLM2-135M, real weights: build the fixture once (about 2 minutes, into ~/.cache/mlx-parity/real), audit every backend on it.
+# SmolLM2-135M, real weights: build the fixture once (into ~/.cache/mlx-parity/real), audit every backend on it.
 real: rust
 	$(PY) -m mlx_parity.harness.fixtures.real_model
 	.venv/bin/parity audit --fixtures-dir "$${XDG_CACHE_HOME:-$$HOME/.cache}/mlx-parity/real"
