@@ -27,7 +27,7 @@ from .case import Case, list_cases
 from .checkpoint_cut import read_config
 from .errors import FixtureError
 from .fixtures.create import create
-from .selftest import cell
+from .selftest import cell, implements
 
 VOCAB_CUTS = (512, 1024, 2048, 4096)
 SEQ_LENS = (16, 24, 32, 40)
@@ -112,6 +112,7 @@ class Configuration:
     transformers_forward: float | None = None
     error: str | None = None  # the configuration could not be built (the reference refused it)
     runs: list[Run] = field(default_factory=list)
+    not_implemented: list[str] = field(default_factory=list)  # backends that do not train in its precision
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -186,6 +187,9 @@ def sweep(
             conf.transformers_forward = agreement["margins"].get("transformers", {}).get("forward")
             case = Case(path)
             for backend in backends:
+                if not implements(backend, case):  # a float32-only port refuses bfloat16, saying so: no noise
+                    conf.not_implemented.append(backend.name)
+                    continue
                 say(f"configuration {i + 1}/{configs}: {backend.name}")
                 conf.runs.append(_run(backend, case, backend.name))
             for name in mutants:
@@ -198,7 +202,13 @@ def sweep(
 def fixture_margins(root: Path, backends: list) -> Iterator[Configuration]:
     """Every backend audited on every fixture of `root`, as configurations (their options name the fixture)."""
     for i, case in enumerate(list_cases(root)):
-        yield Configuration(i, 0, {"fixture": case.name}, runs=[_run(b, case, b.name) for b in backends])
+        yield Configuration(
+            i,
+            0,
+            {"fixture": case.name},
+            runs=[_run(b, case, b.name) for b in backends if implements(b, case)],
+            not_implemented=[b.name for b in backends if not implements(b, case)],
+        )
 
 
 def summary(configs: list[Configuration]) -> dict:

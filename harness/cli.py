@@ -467,6 +467,13 @@ def calibrate(
         console.print(f"{escape(name)}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), highlight=False)
     for c in result["not_built"]:
         console.print(f"configuration {c['configuration']} not built: {escape(c['error'])}", highlight=False)
+    for c in done:
+        if c.not_implemented:
+            console.print(
+                f"configuration {c.index}: not run by {', '.join(c.not_implemented)} "
+                f"(not trained in {c.options.get('dtype') or 'its precision'} by that port)",
+                highlight=False,
+            )
     alarms = result["false_alarms"]
     console.print(
         f"false alarms: {len(alarms)}"

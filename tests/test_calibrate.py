@@ -7,7 +7,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from mlx_parity.harness.backends import get_backend
-from mlx_parity.harness.calibrate import Configuration, Run, random_configuration, summary, sweep
+from mlx_parity.harness.calibrate import Configuration, Run, fixture_margins, random_configuration, summary, sweep
 from mlx_parity.harness.cli import app
 from mlx_parity.reference.settings import TrainSettings
 
@@ -74,3 +74,16 @@ def test_cli_refuses_an_unknown_mutant_and_writes_the_fixtures_margins(tmp_path)
     assert data["summary"]["configurations"] == 1 and data["summary"]["false_alarms"] == []
     assert data["configurations"][0]["options"] == {"fixture": "head"}
     assert "false alarms: 0" in r.output
+
+
+def test_a_backend_that_does_not_train_in_a_fixtures_precision_is_not_run_there(tmp_path):
+    """A float32-only port (the candle one) refuses bfloat16 with `.unsupported`: in a sweep that is no false
+    alarm, it is said as not implemented."""
+    for name in ("head", "bf16_lora"):
+        shutil.copytree(CASES[name].path, tmp_path / name)
+    float32_only = get_backend("mlx")
+    float32_only.precisions = ("float32",)
+    done = {c.options["fixture"]: c for c in fixture_margins(tmp_path, [float32_only])}
+    assert done["bf16_lora"].runs == [] and done["bf16_lora"].not_implemented == ["mlx"]
+    assert [r.verdict for r in done["head"].runs] == ["pass"] and done["head"].not_implemented == []
+    assert summary(list(done.values()))["false_alarms"] == []
