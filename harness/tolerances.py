@@ -242,7 +242,7 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
         floor_ulps=8.0,
         stage_floor=True,
         noise="torch twin 0.19, MLX (OpenBLAS) and mlx-rs 0.13 of the bound; SmolLM2-135M: torch 0.01",
-        catches="any loss part 2e-6 off (relative); one padding token of 56 counted in the cross-entropy",
+        catches="the cross-entropy 3e-6 off (relative; 2e-6 before the spread took the twin's random-rounding draws, whose model of a vocabulary-wide sum errs more than the reference's), the total and the distrust term 2e-6; one padding token of 56 counted in the cross-entropy",
     ),
     (
         "float32",

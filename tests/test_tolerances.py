@@ -84,7 +84,9 @@ def test_smallest_bug_fails_its_stage(mutant, stage):
     "stage, prefix, name, caught, passes",
     [
         ("forward", "forward.", "forward.logits", 2e-6, 1e-7),
-        ("loss", "loss.", "loss.ce", 2e-6, 1e-7),
+        ("loss", "loss.", "loss.ce", 3e-6, 1e-7),  # 2e-6 passes (0.91) since the spread takes the twin's draws
+        ("loss", "loss.", "loss.total", 2e-6, 1e-7),
+        ("loss", "loss.", "loss.distrust", 2e-6, 1e-7),
         ("gradients", "grad.", "grad.model.layers.1.mlp.down_proj.weight", 2e-5, 1e-7),
         ("optimizer", "optimizer.", "optimizer.delta.lm_head.weight", 5e-4, 1e-6),
         ("trajectory", "trajectory.", "trajectory.delta.lm_head.weight", 1e-3, 1e-6),
