@@ -199,16 +199,20 @@ def sweep(
         yield conf
 
 
-def fixture_margins(root: Path, backends: list) -> Iterator[Configuration]:
-    """Every backend audited on every fixture of `root`, as configurations (their options name the fixture)."""
+def fixture_margins(root: Path, backends: list, mutants: list[str] = ()) -> Iterator[Configuration]:
+    """Every backend and every mutant of `mutants` audited on every fixture of `root`, as configurations (their
+    options name the fixture): the bundled fixtures, or a sweep's kept ones (`sweep(keep=...)`)."""
     for i, case in enumerate(list_cases(root)):
-        yield Configuration(
-            i,
-            0,
-            {"fixture": case.name},
-            runs=[_run(b, case, b.name) for b in backends if implements(b, case)],
-            not_implemented=[b.name for b in backends if not implements(b, case)],
-        )
+        conf = Configuration(i, 0, {"fixture": case.name})
+        for b in backends:
+            if implements(b, case):
+                conf.runs.append(_run(b, case, b.name))
+            else:
+                conf.not_implemented.append(b.name)
+        for name in mutants:
+            m = MUTANTS[name]
+            conf.runs.append(_run(MutantBackend(m), case, f"mutant:{name}", m.expected_diagnosis))
+        yield conf
 
 
 def summary(configs: list[Configuration]) -> dict:

@@ -406,7 +406,7 @@ def calibrate(
         None,
         "--mutant",
         "-m",
-        help="Mutants to run on each configuration too (repeatable; 'all' for every one); with --checkpoint only.",
+        help="Mutants to run on each configuration or fixture too (repeatable; 'all' for every one).",
     ),
     fixtures_dir: Path | None = typer.Option(
         None, "--fixtures-dir", help="Without --checkpoint: the fixtures to audit (default: the bundled ones)."
@@ -422,7 +422,8 @@ def calibrate(
     """Measure the noise the tolerances must cover: every margin of the correct backends, and each failure of
     one counted as a false alarm. With --checkpoint, on seeded random configurations (layers 1-8, vocabulary
     cut, full / LoRA / head, float32 / bfloat16, accumulation, clipping, schedules, both AdamW conventions,
-    batch and sequence length), each built as a live fixture here; with --mutant, what is still caught there.
+    batch and sequence length), each built as a live fixture here (--keep keeps them, for --fixtures-dir later); with
+    --mutant, what is still caught there.
     Exits 1 if a correct backend failed anywhere."""
     from . import calibrate as cal  # the torch twin: kept out of start-up
     from .backends import BackendError, default_backends, get_backend
@@ -436,8 +437,6 @@ def calibrate(
     unknown = [m for m in names if m not in MUTANTS]
     if unknown:
         fail_input(f"unknown mutant(s): {', '.join(unknown)}; known: {', '.join(MUTANTS)}")
-    if names and checkpoint is None:
-        fail_input("--mutant needs --checkpoint (the bundled fixtures' mutants are `parity selftest`)")
     if (only or keep) and checkpoint is None:
         fail_input("--only and --keep need --checkpoint")
     if only and not all(0 <= i < configs for i in only):
@@ -447,7 +446,7 @@ def calibrate(
     for conf in (
         cal.sweep(checkpoint, configs, seed, backends, names, progress=say, only=only, keep=keep)
         if checkpoint is not None
-        else cal.fixture_margins(fixtures_dir or FIXTURES_DIR, backends)
+        else cal.fixture_margins(fixtures_dir or FIXTURES_DIR, backends, names)
     ):
         done.append(conf)
         result = cal.summary(done)

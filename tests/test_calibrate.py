@@ -60,7 +60,7 @@ def test_summary_counts_a_failing_correct_backend_as_a_false_alarm():
     assert s["worst_margin"]["torch"]["gradients"] == [1.6, 4, "grad.w"]
 
 
-def test_cli_refuses_an_unknown_mutant_and_writes_the_fixtures_margins(tmp_path):
+def test_cli_refuses_an_unknown_mutant_and_writes_the_fixtures_margins_and_mutants(tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["calibrate", "--checkpoint", str(tmp_path), "-m", "no_such_bug"])
     assert r.exit_code != 0 and "unknown mutant" in r.output
@@ -68,10 +68,12 @@ def test_cli_refuses_an_unknown_mutant_and_writes_the_fixtures_margins(tmp_path)
     assert r.exit_code != 0 and "configurations are 0 to 2" in r.output
     shutil.copytree(CASES["head"].path, tmp_path / "fixtures" / "head")
     out = tmp_path / "cal.json"
-    r = runner.invoke(app, ["calibrate", "-b", "mlx", "--fixtures-dir", str(tmp_path / "fixtures"), "--json", str(out)])
+    fixtures = ["--fixtures-dir", str(tmp_path / "fixtures"), "-m", "no_shift"]
+    r = runner.invoke(app, ["calibrate", "-b", "mlx", *fixtures, "--json", str(out)])
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert data["summary"]["configurations"] == 1 and data["summary"]["false_alarms"] == []
+    assert data["summary"]["mutants"] == {"mutant:no_shift": {"named": 1}}
     assert data["configurations"][0]["options"] == {"fixture": "head"}
     assert "false alarms: 0" in r.output
 
