@@ -42,8 +42,8 @@ lint: setup
 # process, and the SmolLM2 fixture is built by one. PYTEST_WORKERS=0 runs it in this process.
 PYTEST_WORKERS ?= $(shell python3 -c 'import os; print(min(4, os.cpu_count() or 1))')
 
-test: lint rust-test wheel-check  ## lint first, the Rust crates' unit tests, the wheel's install check, then the whole pytest suite (the SmolLM2 check included)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+test: lint rust-test wheel-check  ## lint first, the Rust crates' unit tests, the wheel's install check, then the whole pytest suite (the SmolLM2 check included); its 15 slowest tests listed
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 
 # SmolLM2-135M, real weights: build the fixture once (into ~/.cache/mlx-parity/real), audit every backend on it.
 real: rust
