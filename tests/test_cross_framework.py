@@ -43,7 +43,10 @@ def test_torch_matches_mlx_directly(case):
 
 
 def test_transformers_oracle_agrees(case):
-    results = check_forward(case.checkpoint, case.batch["input_ids"], case.batch["attention_mask"], *base_forward(case))
+    reference, truth, spread = base_forward(case)
+    results = check_forward(
+        case.checkpoint, case.batch["input_ids"], case.batch["attention_mask"], reference, truth, spread=spread
+    )
     assert results and all(r.passed for r in results), [r.describe() for r in results if not r.passed]
 
 
@@ -60,13 +63,31 @@ def test_transformers_oracle_detects_a_wrong_forward(monkeypatch):
         lambda *a: (lambda o: o | {"forward.logits": o["forward.logits"] * 1.001})(real(*a)),
     )
     case = CASES["gqa_padded"]
-    reference, truth = base_forward(case)
+    reference, truth, spread = base_forward(case)
     bad = [
         r
-        for r in check_forward(case.checkpoint, case.batch["input_ids"], case.batch["attention_mask"], reference, truth)
+        for r in check_forward(
+            case.checkpoint, case.batch["input_ids"], case.batch["attention_mask"], reference, truth, spread=spread
+        )
         if not r.passed
     ]
     assert [r.name for r in bad] == ["forward.logits"]
+
+
+def test_the_oracle_is_judged_with_the_measured_spread_of_float32_noise():
+    """base_forward's spread: the twin's random-rounding draws, float32-sized at every output (more than none, far
+    less than a bug), and with it the bound can only widen."""
+    from .conftest import CASES
+
+    case = CASES["gqa_padded"]
+    reference, truth, spread = base_forward(case)
+    assert sorted(spread) == sorted(truth)
+    for k, s in spread.items():
+        assert 0 < s.max() < 1e-5 * np.abs(truth[k]).max(), k
+    args = (case.checkpoint, case.batch["input_ids"], case.batch["attention_mask"], reference, truth)
+    with_spread = {r.name: r.ratio for r in check_forward(*args, spread=spread)}
+    one_sample = {r.name: r.ratio for r in check_forward(*args)}
+    assert all(with_spread[k] <= one_sample[k] for k in one_sample)
 
 
 def test_oracle_hidden_states_are_per_layer():
