@@ -1,6 +1,7 @@
 """What a fixture costs to build and to keep: the time of each phase (the reference's goldens, the float64
 truth, the spread's perturbed reference runs, the agreement audits) and the size of each file, for bundled
-fixtures of three kinds and, with `make real`'s checkpoint, a cut of SmolLM2-135M's first layers.
+fixtures of three kinds and, with `make real`'s checkpoint, cuts of SmolLM2-135M's first layers (LoRA, and full
+training with every option on).
 
     python -m pytest bench -m fixtures --benchmark-json fixtures.json   # extra_info: seconds per phase, MiB
 """
@@ -63,27 +64,45 @@ def test_bundled_fixture(benchmark, tmp_path, name):
     assert (out / "truth.safetensors").exists()
 
 
+# Full training with every option on (issue 20's 6-layer configuration): the largest fixture per layer, since every
+# parameter has a gradient, moments and updates, each stored per element with its truth, sensitivity and spread.
+FULL = {
+    "trainable": "full",
+    "accum_steps": 2,
+    "clip_norm": 1.0,
+    "optimizer": {"betas": [0.9, 0.95], "weight_decay": 0.1},
+    "schedule": {"kind": "warmup_cosine", "warmup_steps": 1, "warmup_init": 1e-4, "decay_steps": 3, "end_lr": 1e-5},
+    "loss": {"lambda": 0.6, "alpha": 2.3},
+}
+
+
 @pytest.mark.fixtures
-@pytest.mark.parametrize("layers", [2, 6])
-def test_real_cut(benchmark, tmp_path, layers):
+@pytest.mark.parametrize(("layers", "training"), [(2, "lora"), (6, "lora"), (6, "full")])
+def test_real_cut(benchmark, tmp_path, layers, training):
     checkpoint = default_cache() / "checkpoint"
     if not (checkpoint / "config.json").exists():
         pytest.skip(f"no SmolLM2 checkpoint in {checkpoint.parent}: `make real` builds it (offline)")
     ids = tmp_path / "tokens.json"
     ids.write_text(json.dumps([[(7 * i + 3 * j) % 4000 + 1 for j in range(32)] for i in range(4)]))
+    settings = None
+    if training == "full":
+        settings = tmp_path / "settings.json"
+        settings.write_text(json.dumps(FULL))
+    name = f"cut{layers}{training}"
     folder = {}
 
     def build(say):
         folder["path"] = create(
-            f"cut{layers}",
+            name,
             checkpoint,
             tmp_path / "fixtures",
             layers=layers,
-            vocab=1024,
+            vocab=1024 if training == "lora" else 4096,
             token_ids=ids,
+            settings=settings,
             require_agreement=False,
             progress=say,
         )
 
-    _timed(benchmark, build, tmp_path / "fixtures" / f"cut{layers}")
+    _timed(benchmark, build, tmp_path / "fixtures" / name)
     assert (folder["path"] / "truth.safetensors").exists()
