@@ -219,6 +219,46 @@ def test_an_optimizer_that_never_reaches_the_parameters_is_named_by_the_schedule
         assert result.status == "fail" and diagnose(result, out, case)[0].code == code
 
 
+class _WarmupFromZero:
+    """A case whose reference's first update is zero, as after a warmup from a learning rate of 0."""
+
+    def __init__(self, case):
+        self.source = case
+        self.golden = case.golden | {
+            k: np.zeros_like(v) for k, v in case.golden.items() if k.startswith("optimizer.delta.")
+        }
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+
+def test_unmoved_parameters_name_no_optimizer_cause_where_the_references_did_not_move_either():
+    """Moments off by an upstream gradient difference and no parameter moved: 'not connected' where the reference's
+    parameters moved, and no such cause where its first update was zero too (a wrong cause `parity calibrate` found
+    stated for forward bugs on SmolLM2 configurations with a warmup from 0)."""
+    from mlx_parity.harness.diagnosis.optimizer import optimizer
+
+    case = CASES["gqa_padded"]
+    g = case.golden
+    out = StageOutput(
+        {k: np.zeros_like(v) for k, v in g.items() if k.startswith("optimizer.delta.")}
+        | {
+            k: (v * np.float32(1.3)).astype(v.dtype)
+            for k, v in g.items()
+            if k.startswith(("optimizer.m.", "optimizer.v."))
+        }
+        | {"optimizer.step": np.array(1, np.int64)}
+    )
+    result = judge("optimizer", out, case)
+    assert result.status == "fail"
+
+    def codes(found):
+        return {d.code for d in (found if isinstance(found, list) else [found] if found else [])}
+
+    assert "optimizer_not_connected" in codes(optimizer(result, out, case))
+    assert not codes(optimizer(result, out, _WarmupFromZero(case))) & {"optimizer_not_connected", "no_update"}
+
+
 def _float32_adamw(case, m, v, lr_scale=1.0):
     """The contract's first AdamW update (bias correction on) in float32 from given moments: Δθ as θ_after − θ."""
     o, f = case.settings.optimizer, np.float32

@@ -19,7 +19,10 @@ def optimizer(result, out, case) -> Diagnosis | None:
     present = [k for k in deltas if k in t]
     moved = [k for k in present if np.any(t[k])]
     has_state = any(k.startswith("optimizer.m.") and np.any(v) for k, v in t.items())
-    if present and not moved:  # with none of the reference's tensors at all, the set differs (below)
+    # Unmoved parameters are evidence only where the reference's moved: after a warmup from a learning rate of 0
+    # its first update is zero too (the isolated schedule check then sees what never reaches the model).
+    reference_moved = any(np.any(g[k]) for k in present)
+    if present and not moved and reference_moved:  # with none of the reference's tensors at all, the set differs
         if not has_state:
             return Diagnosis(
                 "no_update",
