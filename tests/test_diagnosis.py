@@ -292,9 +292,9 @@ def test_an_update_that_its_own_moments_explain_gets_no_update_cause_and_a_learn
 
 
 def test_adapter_gradients_off_by_one_factor_name_the_lora_scale_and_other_errors_do_not():
-    """With the adapters' B at 0 the forward cannot show an ignored LoRA scale, but every adapter gradient is the
-    reference's × 1/scale: named, with the scale it implies. Adapter gradients off by noise of their own size are
-    not."""
+    """With the adapters' B at 0 the forward cannot show an ignored LoRA scale (found on a SmolLM2 configuration),
+    but every adapter gradient is the reference's × 1/scale: named, with the scale it implies. Adapter gradients
+    off by noise of their own size are not."""
     case = CASES["lora"]
     g = case.golden
     grads = {k: v for k, v in g.items() if k.startswith("grad.")}

@@ -75,11 +75,9 @@ def _misplaced(result, out, case) -> Diagnosis | None:
 
 def _lora_scale(result, out, case) -> Diagnosis | None:
     """Only LoRA gradients fail, each the reference's times one common factor k: the branch enters scaled by k times
-    the configured scale. Where the adapters start with B = 0 (as the reference's own do) the forward cannot show it
-    (the branch adds nothing yet), and where the branch is small beside the forward's noise it passes there too (a
-    bfloat16 SmolLM2 configuration), but every adapter gradient carries the scale. Named only when k times the
-    reference's gradients reproduces every failing one to float32's precision (`matches`): in bfloat16 the port's own
-    rounding leaves it unexplained rather than guessed."""
+    the configured scale. Where the adapters start with B = 0 the forward cannot show it (the branch adds nothing
+    yet) and the isolated forward sees no difference, but every adapter gradient carries the scale. Named only when
+    k times the reference's gradients reproduces every failing one."""
     if case.settings.trainable != "lora":
         return None
     failing = [t.name for t in result.failures if t.name in case.golden and t.name in out.tensors]
