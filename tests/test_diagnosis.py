@@ -289,27 +289,3 @@ def test_an_update_that_its_own_moments_explain_gets_no_update_cause_and_a_learn
     (d,) = _update(_float32_adamw(case, m, v, lr_scale=1.001) | moments, g, case, deltas)
     assert d.code == "learning_rate" and d.evidence["from_port_inputs"] and d.evidence["reproduced_to"] <= 1
     assert abs(d.evidence["port_lr"] / case.settings.optimizer.lr - 1.001) < 1e-5
-
-
-def test_adapter_gradients_off_by_one_factor_name_the_lora_scale_and_other_errors_do_not():
-    """With the adapters' B at 0 the forward cannot show an ignored LoRA scale (found on a SmolLM2 configuration),
-    but every adapter gradient is the reference's × 1/scale: named, with the scale it implies. Adapter gradients
-    off by noise of their own size are not."""
-    case = CASES["lora"]
-    g = case.golden
-    grads = {k: v for k, v in g.items() if k.startswith("grad.")}
-    adapters = [k for k in grads if k.endswith((".lora_a", ".lora_b"))]
-    assert adapters
-    halved = StageOutput(grads | {k: (grads[k] * np.float32(0.5)).astype(grads[k].dtype) for k in adapters})
-    result = judge("gradients", halved, case)
-    assert result.status == "fail"
-    (d,) = [d for d in diagnose(result, halved, case) if d.code == "lora_scale"]
-    assert abs(d.evidence["implied_scale"] - 0.5 * case.settings.lora.scale) < 1e-6
-    rng = np.random.default_rng(0)
-    noisy = StageOutput(
-        grads
-        | {k: (grads[k] * (1 + 0.5 * rng.standard_normal(grads[k].shape))).astype(grads[k].dtype) for k in adapters}
-    )
-    result = judge("gradients", noisy, case)
-    assert result.status == "fail"
-    assert "lora_scale" not in {d.code for d in diagnose(result, noisy, case)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import Diagnosis, f64, matches
+from .core import Diagnosis, f64
 
 
 def gradients(result, out, case) -> Diagnosis | None:
@@ -32,7 +32,7 @@ def gradients(result, out, case) -> Diagnosis | None:
                 "extra": [e.removeprefix("grad.") for e in extra[:8]],
             },
         )
-    return _misplaced(result, out, case) or _lora_scale(result, out, case)
+    return _misplaced(result, out, case)
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -71,36 +71,3 @@ def _misplaced(result, out, case) -> Diagnosis | None:
     if swapped:
         return Diagnosis("gradient_names", "gradients reported under another parameter's name", {"holds": swapped})
     return None
-
-
-def _lora_scale(result, out, case) -> Diagnosis | None:
-    """Only LoRA gradients fail, each the reference's times one common factor k: the branch enters scaled by k times
-    the configured scale. Where the adapters start with B = 0 the forward cannot show it (the branch adds nothing
-    yet) and the isolated forward sees no difference, but every adapter gradient carries the scale. Named only when
-    k times the reference's gradients reproduces every failing one."""
-    if case.settings.trainable != "lora":
-        return None
-    failing = [t.name for t in result.failures if t.name in case.golden and t.name in out.tensors]
-    if not failing or not all(n.endswith((".lora_a", ".lora_b")) for n in failing):
-        return None
-    a = [f64(out.tensors[n]).ravel() for n in failing]
-    e = [f64(case.golden[n]).ravel() for n in failing]
-    if any(x.shape != y.shape for x, y in zip(a, e)):
-        return None
-    den = sum(float(y @ y) for y in e)
-    if den == 0:
-        return None
-    k = sum(float(x @ y) for x, y in zip(a, e)) / den
-    if k <= 0 or not all(matches(x, k * y) for x, y in zip(a, e)):
-        return None
-    scale = case.settings.lora.scale
-    return Diagnosis(
-        "lora_scale",
-        f"every failing adapter gradient is the reference's × {k:.4g}: the LoRA branch enters with scale "
-        f"{scale * k:.4g}, not the configured {scale:g}",
-        {
-            "implied_scale": scale * k,
-            "configured_scale": scale,
-            "tensors": [n.removeprefix("grad.") for n in failing[:8]],
-        },
-    )
