@@ -289,3 +289,59 @@ def test_an_update_that_its_own_moments_explain_gets_no_update_cause_and_a_learn
     (d,) = _update(_float32_adamw(case, m, v, lr_scale=1.001) | moments, g, case, deltas)
     assert d.code == "learning_rate" and d.evidence["from_port_inputs"] and d.evidence["reproduced_to"] <= 1
     assert abs(d.evidence["port_lr"] / case.settings.optimizer.lr - 1.001) < 1e-5
+
+
+def _float32_schedule(case, eps=None, eps_under=False, wd=None, coupled=False, lr_scale=1.0):
+    """The isolated schedule's N updates of the reference's clipped gradients in float32, written here apart
+    from the harness: Δθ under one changed AdamW convention."""
+    from mlx_parity.reference.schedule import lr_at
+
+    s, o, f = case.settings, case.settings.optimizer, np.float32
+    eps, wd = f(o.eps if eps is None else eps), f(o.weight_decay if wd is None else wd)
+    b1, b2 = f(o.betas[0]), f(o.betas[1])
+    names = [k.removeprefix("isolated.schedule.delta.") for k in case.golden if k.startswith("isolated.schedule.")]
+    grads = {n: case.golden[f"grad.{n}"].astype(f) for n in names if f"grad.{n}" in case.golden}
+    norm = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
+    scale = f(min(1.0, s.clip_norm / norm)) if s.clip_norm else f(1)
+    out = {}
+    for n, g in grads.items():
+        p0 = case.initial_weights[f"weights.{n}"].astype(f)
+        p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+        for k in range(1, s.steps + 1):
+            lr = f(lr_at(o, s.schedule, k - 1) * lr_scale)
+            gk = g * scale + wd * p if coupled else g * scale
+            m, v = b1 * m + (1 - b1) * gk, b2 * v + (1 - b2) * gk * gk
+            mh, vh = m / (1 - b1**k), v / (1 - b2**k)
+            root = np.sqrt(vh + eps) if eps_under else np.sqrt(vh) + eps
+            p = p * (1 - lr * (f(0) if coupled else wd)) - lr * mh / root
+        out[f"isolated.schedule.delta.{n}"] = (p - p0).astype(f)
+    return out | {"isolated.schedule.step": np.array(s.steps, np.int64)}
+
+
+def test_n_update_conventions_are_named_where_replaying_them_reproduces_the_port():
+    """No weight decay, decay coupled into the gradient, eps 10× or under the square root, a learning rate
+    0.1 % high: each named from the N-update check alone (after a warmup from 0 the one-update check sees a
+    zero update, so on random SmolLM2 configurations these were localised, never named). The contract's
+    own conventions in float32 pass, so nothing is named from noise."""
+    case = CASES["small_eps_bias"]
+    assert judge("isolated_schedule", StageOutput(_float32_schedule(case)), case).status == "pass"
+    for change, code in (
+        ({"wd": 0.0}, "weight_decay_missing"),
+        ({"coupled": True}, "weight_decay_coupled"),
+        ({"eps": 1e-7}, "adam_eps"),
+        ({"eps_under": True}, "adam_eps_placement"),
+        ({"lr_scale": 1.001}, "learning_rate"),
+    ):
+        out = StageOutput(_float32_schedule(case, **change))
+        result = judge("isolated_schedule", out, case)
+        assert result.status == "fail", change
+        found = diagnose(result, out, case)
+        assert [d.code for d in found] == [code], (change, [(d.code, d.evidence) for d in found])
+        assert found[0].evidence["reproduced_to"] <= 1
+    # one tensor's update 1 % off: no convention reproduces it, so none is named
+    out = _float32_schedule(case)
+    name = "isolated.schedule.delta.model.layers.0.mlp.up_proj.weight"
+    out[name] = out[name] * np.float32(1.01)
+    result = judge("isolated_schedule", StageOutput(out), case)
+    assert result.status == "fail"
+    assert [d.code for d in diagnose(result, StageOutput(out), case)] == ["unexplained"]

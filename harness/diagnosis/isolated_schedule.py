@@ -13,6 +13,7 @@ import numpy as np
 
 from mlx_parity.reference.schedule import lr_at
 
+from . import update_replay
 from .core import Diagnosis, f64
 
 CONVENTIONS = {
@@ -36,7 +37,7 @@ def _total(case, bc: str, offset: int) -> float:
 
 
 def schedule(result, out, case) -> Diagnosis | list[Diagnosis] | None:
-    s, o, g, t = case.settings, case.settings.optimizer, case.golden, out.tensors
+    s, g, t = case.settings, case.golden, out.tensors
     names = [k.removeprefix("isolated.schedule.delta.") for k in g if k.startswith("isolated.schedule.delta.")]
     shared = [n for n in names if f"isolated.schedule.delta.{n}" in t and f"grad.{n}" in g]
     if not shared:
@@ -58,25 +59,30 @@ def schedule(result, out, case) -> Diagnosis | list[Diagnosis] | None:
             "no parameter changed and the optimizer never stepped: the updates returned without updating",
             {"step": step, "reference_steps": s.steps},
         )
-    grads = {n: f64(g[f"grad.{n}"]) for n in shared}
-    if s.clip_norm is not None:  # the same clip factor every update
-        norm = float(np.sqrt(sum((x * x).sum() for x in grads.values())))
-        grads = {n: x * min(1.0, s.clip_norm / norm) if norm > 0 else x for n, x in grads.items()}
+    port = {n: t[f"isolated.schedule.delta.{n}"] for n in shared}
+    return _closed_form(case, port) or update_replay.explain(case, port) or None
+
+
+def _closed_form(case, port) -> list[Diagnosis]:
+    """The bias-correction step and schedule offset from the ratio of the total updates, where |g| ≫ eps."""
+    s, o, g = case.settings, case.settings.optimizer, case.golden
+    shared = list(port)
+    grads = update_replay.clipped({n: f64(g[f"grad.{n}"]) for n in shared}, s.clip_norm)  # the same every update
     # where Adam's update is sign(g) whatever eps and wherever it enters (after the square root, or under it)
     floor = max(1e4 * o.eps, 1e2 * np.sqrt(o.eps))
     if sum(int((np.abs(x) > floor).sum()) for x in grads.values()) < 20:
         floor = 1e4 * o.eps
-    port, ref = [], []
+    actual, ref = [], []
     for n in shared:
         big = np.abs(grads[n]) > floor
-        a, e = f64(t[f"isolated.schedule.delta.{n}"]), f64(g[f"isolated.schedule.delta.{n}"])
+        a, e = f64(port[n]), f64(g[f"isolated.schedule.delta.{n}"])
         if a.shape == e.shape:
             keep = big & (np.abs(e) > 0)
-            port.append(a[keep])
+            actual.append(a[keep])
             ref.append(e[keep])
-    if not port or not np.concatenate(port).size:
-        return None
-    r = float(np.median(np.concatenate(port) / np.concatenate(ref)))
+    if not actual or not np.concatenate(actual).size:
+        return []
+    r = float(np.median(np.concatenate(actual) / np.concatenate(ref)))
     own = ("t" if o.bias_correction else "none", 0)
     base = _total(case, *own)
     fits = sorted((abs(_total(case, bc, off) / base - r), bc, off) for bc in CONVENTIONS for off in (0, 1))
@@ -88,7 +94,7 @@ def schedule(result, out, case) -> Diagnosis | list[Diagnosis] | None:
         "implied_schedule_offset": off,
     }
     if err > 0.005 * abs(r) or (bc, off) == own:
-        return None
+        return []
     found = []
     if bc != own[0]:
         code = "bias_correction" if {bc, own[0]} == {"t", "none"} else "bias_correction_step"
