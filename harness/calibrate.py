@@ -21,10 +21,10 @@ import numpy as np
 
 from mlx_parity.reference.loss import ALPHA_RANGE
 
-from .audit import audit
 from .backends.mutants import MUTANTS, MutantBackend
 from .case import Case, list_cases
 from .checkpoint_cut import read_config
+from .data_parallel import audit_world, not_applicable
 from .errors import FixtureError
 from .fixtures.create import create
 from .selftest import cell, implements
@@ -118,8 +118,8 @@ class Configuration:
         return asdict(self)
 
 
-def _run(backend, case, name: str, diagnosis: str | None = None) -> Run:
-    result = audit(backend, case)
+def _run(backend, case, name: str, diagnosis: str | None = None, world: int = 1) -> Run:
+    result = audit_world(backend, case, world)
     return Run(
         backend=name,
         verdict=result.verdict,
@@ -129,6 +129,16 @@ def _run(backend, case, name: str, diagnosis: str | None = None) -> Run:
         findings=[f"{f.stage}:{f.code}" for f in result.findings()[0]],
         cell=None if diagnosis is None else cell(result, diagnosis),
     )
+
+
+def _mutant_run(name: str, case) -> Run:
+    """A mutant of the catalogue on one configuration: a data-parallel bug on the ranks it needs (its data_parallel
+    stage then runs too), or not applicable where the batch does not divide into them."""
+    m = MUTANTS[name]
+    why = not_applicable(case, m.world_size) if m.world_size > 1 else None
+    if why:
+        return Run(f"mutant:{name}", f"not applicable: {why}", {}, [], cell="not applicable")
+    return _run(MutantBackend(m), case, f"mutant:{name}", m.expected_diagnosis, m.world_size)
 
 
 def sweep(
@@ -194,8 +204,7 @@ def sweep(
                 conf.runs.append(_run(backend, case, backend.name))
             for name in mutants:
                 say(f"configuration {i + 1}/{configs}: mutant {name}")
-                m = MUTANTS[name]
-                conf.runs.append(_run(MutantBackend(m), case, f"mutant:{name}", m.expected_diagnosis))
+                conf.runs.append(_mutant_run(name, case))
         yield conf
 
 
@@ -210,8 +219,7 @@ def fixture_margins(root: Path, backends: list, mutants: list[str] = ()) -> Iter
             else:
                 conf.not_implemented.append(b.name)
         for name in mutants:
-            m = MUTANTS[name]
-            conf.runs.append(_run(MutantBackend(m), case, f"mutant:{name}", m.expected_diagnosis))
+            conf.runs.append(_mutant_run(name, case))
         yield conf
 
 

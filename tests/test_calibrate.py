@@ -89,3 +89,16 @@ def test_a_backend_that_does_not_train_in_a_fixtures_precision_is_not_run_there(
     assert done["bf16_lora"].runs == [] and done["bf16_lora"].not_implemented == ["mlx"]
     assert [r.verdict for r in done["head"].runs] == ["pass"] and done["head"].not_implemented == []
     assert summary(list(done.values()))["false_alarms"] == []
+
+
+def test_a_data_parallel_mutant_runs_on_its_ranks_or_is_not_applicable(tmp_path):
+    """A data-parallel bug shows only on several ranks: run on one, `parity calibrate` counted it as passed
+    (found on a kept SmolLM2 configuration). It runs on its ranks, and where the batch does not divide into
+    them it is not applicable, never passed."""
+    for name in ("gqa_padded", "gqa_single"):
+        shutil.copytree(CASES[name].path, tmp_path / name)
+    done = {c.options["fixture"]: c for c in fixture_margins(tmp_path, [], ["dp_gradients_summed"])}
+    (ran,) = done["gqa_padded"].runs
+    assert ran.cell == "named" and "data_parallel" in ran.failed, ran
+    (refused,) = done["gqa_single"].runs
+    assert refused.cell == "not applicable" and "does not divide" in refused.verdict

@@ -257,6 +257,15 @@ def test_unmoved_parameters_name_no_optimizer_cause_where_the_references_did_not
 
     assert "optimizer_not_connected" in codes(optimizer(result, out, case))
     assert not codes(optimizer(result, out, _WarmupFromZero(case))) & {"optimizer_not_connected", "no_update"}
+    # no state at all where the reference's moments hold its gradients: the step never ran, even at a rate of 0
+    # (a silent fallback on a random SmolLM2 configuration was localised, never named)
+    stateless = StageOutput(
+        {k: v for k, v in out.tensors.items() if not k.startswith(("optimizer.m.", "optimizer.v."))}
+        | {"optimizer.step": np.array(0, np.int64)}
+    )
+    result = judge("optimizer", stateless, case)
+    assert result.status == "fail"
+    assert codes(optimizer(result, stateless, _WarmupFromZero(case))) == {"no_update"}
 
 
 def _float32_adamw(case, m, v, lr_scale=1.0):

@@ -20,9 +20,12 @@ def optimizer(result, out, case) -> Diagnosis | None:
     moved = [k for k in present if np.any(t[k])]
     has_state = any(k.startswith("optimizer.m.") and np.any(v) for k, v in t.items())
     # Unmoved parameters are evidence only where the reference's moved: after a warmup from a learning rate of 0
-    # its first update is zero too (the isolated schedule check then sees what never reaches the model).
+    # its first update is zero too (the isolated schedule check then sees what never reaches the model). No
+    # state at all where the reference's moments hold its gradients is a step that never ran, whatever the rate.
     reference_moved = any(np.any(g[k]) for k in present)
-    if present and not moved and reference_moved:  # with none of the reference's tensors at all, the set differs
+    reference_state = any(k.startswith("optimizer.m.") and np.any(v) for k, v in g.items())
+    stepped_nowhere = not has_state and reference_state
+    if present and not moved and (reference_moved or stepped_nowhere):  # none of the reference's: the set differs
         if not has_state:
             return Diagnosis(
                 "no_update",
