@@ -17,8 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +51,26 @@ def not_applicable(case: Case, world: int) -> str | None:
     return None
 
 
-@contextmanager
-def single_process_case(case: Case, world: int, progress=None) -> Iterator[Case]:
+# Built once per process and inputs: every data-parallel audit of a fixture on N ranks (each backend, each
+# mutant) is judged against the same one process; the folders go when the process ends.
+_ONE_PROCESS: dict[tuple, tuple[tempfile.TemporaryDirectory, Path]] = {}
+
+
+def _inputs(case: Case, world: int) -> tuple:
+    """What the one process is built from, each file by size and modification time: a change builds it again."""
+    files = [case.path / n for n in ("batch.safetensors", "settings.json", "case.json") if (case.path / n).exists()]
+    files += [case.lora_init] if case.lora_init is not None else []
+    files += sorted(case.checkpoint.resolve().iterdir())
+    return (str(case.path.resolve()), world, *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+def one_process_case(case: Case, world: int, progress=None) -> Case:
     """The one process that `world` ranks must equal: `case` with `accum_steps` × `world`, its goldens and truth
-    built now (seconds on the bundled fixtures), deleted after."""
-    with tempfile.TemporaryDirectory(prefix="parity-dp-") as tmp:
-        path = Path(tmp) / f"{case.name}-x{world}"
+    built the first time they are asked for (seconds on the bundled fixtures)."""
+    key = _inputs(case, world)
+    if key not in _ONE_PROCESS:
+        tmp = tempfile.TemporaryDirectory(prefix="parity-dp-")
+        path = Path(tmp.name) / f"{case.name}-x{world}"
         path.mkdir()
         (path / "checkpoint").symlink_to(case.checkpoint.resolve())
         (path / "batch.safetensors").symlink_to((case.path / "batch.safetensors").resolve())
@@ -71,7 +83,8 @@ def single_process_case(case: Case, world: int, progress=None) -> Iterator[Case]
         from .fixtures.build import build_goldens  # here: the goldens need the twin (torch), the wheel alone has none
 
         build_goldens(Case(path), require_agreement=False, progress=progress, audit_backends=False)
-        yield Case(path)
+        _ONE_PROCESS[key] = (tmp, path)
+    return Case(_ONE_PROCESS[key][1])
 
 
 def _free_ports(n: int) -> int:
@@ -187,7 +200,8 @@ def audit_stage(
         res.message = reason
         return res
     res.status = FAIL
-    with single_process_case(case, world, progress) as one, tempfile.TemporaryDirectory(prefix="parity-ranks-") as tmp:
+    one = one_process_case(case, world, progress)
+    with tempfile.TemporaryDirectory(prefix="parity-ranks-") as tmp:
         if progress:
             progress(f"{backend.name}: {world} ranks")
         try:

@@ -21,7 +21,7 @@ from mlx_parity.harness.backends.external import ExternalBackend
 from mlx_parity.harness.backends.mlx_backend import MLXBackend
 from mlx_parity.harness.backends.torch_backend import TorchBackend
 from mlx_parity.harness.cli import app
-from mlx_parity.harness.data_parallel import audit_stage, launch, single_process_case
+from mlx_parity.harness.data_parallel import audit_stage, launch, one_process_case
 from mlx_parity.harness.diagnosis.data_parallel import _first_updates
 from mlx_parity.reference import data_parallel
 from mlx_parity.reference.settings import TrainSettings
@@ -103,13 +103,13 @@ def test_a_batch_that_does_not_divide_is_not_checked_and_says_why():
 def test_the_contract_re_computed_from_each_shard_is_the_one_process_s_first_update():
     """The diagnosis re-computes every hypothesis from each shard's own gradient; its `contract` must be what
     the fixture builder's one process of 2 micro-batches gives, or no cause it names could be trusted."""
-    with single_process_case(CASES["gqa_padded"], 2) as one:
-        first = _first_updates(one, 2)
-        golden = {k: v for k, v in one.golden.items() if k.startswith("optimizer.") and k != "optimizer.loss"}
-        for rank in first["contract"]:
-            assert set(rank) == set(golden)
-            for k, v in golden.items():
-                assert np.array_equal(np.asarray(rank[k]), v), k
+    one = one_process_case(CASES["gqa_padded"], 2)
+    first = _first_updates(one, 2)
+    golden = {k: v for k, v in one.golden.items() if k.startswith("optimizer.") and k != "optimizer.loss"}
+    for rank in first["contract"]:
+        assert set(rank) == set(golden)
+        for k, v in golden.items():
+            assert np.array_equal(np.asarray(rank[k]), v), k
     mask = CASES["gqa_padded"].batch["attention_mask"]  # two right-padded rows: the ranks' tokens differ
     assert first["tokens"] == [int(mask[:2, 1:].sum()), int(mask[2:, 1:].sum())] and len(set(first["tokens"])) == 2
 
