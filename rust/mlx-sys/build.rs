@@ -9,7 +9,8 @@
 //!    `python3` on PATH.
 //!    Refuses to build when the wheel's MLX version is not the one mlx-c's CMakeLists pins.
 //! 3. Builds mlx-c (static, `MLX_C_USE_SYSTEM_MLX=ON`, examples off) with `native/CMakeLists.txt`,
-//!    which adds `native/shim.cpp` (half-precision accessors, `mach_approximate_time`).
+//!    which adds `native/shim.cpp` (half-precision accessors, `mach_approximate_time`), in
+//!    `<target>/<profile>/build/mlx-c-<MLX version>`, shared by every variant of this build script.
 //! 4. Generates the bindings with bindgen (libclang), with `native/half_prelude.h` standing in for
 //!    mlx-c's ARM-only `half.h`.
 //! 5. Links `mlxc` (static), `mlx` (the wheel's shared library) and `stdc++`, and publishes
@@ -252,8 +253,24 @@ fn main() {
         wheel.pkg_dir.join("lib/libmlx.so").display()
     );
 
-    // mlx-c, static, always optimised (even in debug builds of the Rust side).
+    // mlx-c, static, always optimised (even in debug builds of the Rust side), in one CMake build folder per
+    // profile and pinned MLX beside the build scripts' own: clippy runs this crate's build script as another
+    // variant (a workspace member, compiled by clippy-driver) than maturin's and the binaries', and with an
+    // OUT_DIR each, every variant compiled mlx-c again (75-95 s each on a fresh clone). CMake tracks what
+    // changed; cargo runs one build at a time per target folder (its lock), so the folder is never shared by
+    // two builds at once.
+    let shared = out_dir
+        .ancestors()
+        .nth(2)
+        .unwrap_or_else(|| {
+            fail(format!(
+                "OUT_DIR {} is not <target>/<profile>/build/<crate>/out",
+                out_dir.display()
+            ))
+        })
+        .join(format!("mlx-c-{pinned}"));
     let dst = cmake::Config::new(manifest.join("native"))
+        .out_dir(&shared)
         .define("MLX_C_SOURCE_DIR", &mlx_c)
         .define("CMAKE_PREFIX_PATH", &wheel.pkg_dir)
         .define("MLX_C_USE_SYSTEM_MLX", "ON")
