@@ -269,13 +269,15 @@ def test_unmoved_parameters_name_no_optimizer_cause_where_the_references_did_not
 
 
 def _float32_adamw(case, m, v, lr_scale=1.0):
-    """The contract's first AdamW update (bias correction on) in float32 from given moments: Δθ as θ_after − θ."""
+    """The contract's first AdamW update in float32 from given moments: Δθ as θ_after − θ."""
     o, f = case.settings.optimizer, np.float32
     out = {}
     for name in m:
         p = case.initial_weights[f"weights.{name}"].astype(f)
         lr = f(o.lr * lr_scale)
         c1, c2 = f(lr / f(1 - f(o.betas[0]))), f(1 / np.sqrt(f(1 - f(o.betas[1]))))
+        if not o.bias_correction:
+            c1, c2 = lr, f(1)
         after = p * f(1 - lr * f(o.weight_decay)) - c1 * m[name] / (np.sqrt(v[name]) * c2 + f(o.eps))
         out[f"optimizer.delta.{name}"] = (after - p).astype(f)
     return out
@@ -354,3 +356,42 @@ def test_n_update_conventions_are_named_where_replaying_them_reproduces_the_port
     result = judge("isolated_schedule", StageOutput(out), case)
     assert result.status == "fail"
     assert [d.code for d in diagnose(result, StageOutput(out), case)] == ["unexplained"]
+
+
+class _Betas:
+    """A case whose AdamW has other betas, its first update's goldens made here in float32 from its gradients."""
+
+    def __init__(self, case, betas):
+        o = dataclasses.replace(case.settings.optimizer, betas=betas)
+        self.source, self.settings = case, dataclasses.replace(case.settings, optimizer=o)
+        names = [k.removeprefix("optimizer.m.") for k in case.golden if k.startswith("optimizer.m.")]
+        f, (b1, b2) = np.float32, betas
+        m = {n: (f(1 - b1) * case.golden[f"grad.{n}"]).astype(f) for n in names}
+        v = {n: (f(1 - b2) * case.golden[f"grad.{n}"] ** 2).astype(f) for n in names}
+        self.moments = {f"optimizer.m.{n}": m[n] for n in names} | {f"optimizer.v.{n}": v[n] for n in names}
+        self.golden = case.golden | self.moments | _float32_adamw(self, m, v)
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+
+def test_a_bias_correction_flip_that_equals_an_eps_change_names_neither_at_the_first_update():
+    """With β2 = 1 − (1−β1)² (0.9 and 0.99) the first update without bias correction is the corrected one with
+    eps 10× larger: the numbers cannot tell them apart, so neither is named there (a random SmolLM2
+    configuration named AdamW eps for a flipped bias correction); the N-update check does, where they differ.
+    Where the betas make the flip a scale as well (0.9 and 0.999), it is still named."""
+    from mlx_parity.harness.diagnosis.optimizer import _update
+
+    for betas, expected in (((0.9, 0.99), []), ((0.9, 0.999), ["bias_correction"])):
+        case = _Betas(CASES["gqa_padded"], betas)
+        uncorrected = _Betas(CASES["gqa_padded"], betas)
+        uncorrected.settings = dataclasses.replace(
+            case.settings, optimizer=dataclasses.replace(case.settings.optimizer, bias_correction=False)
+        )
+        names = [k.removeprefix("optimizer.m.") for k in case.moments if k.startswith("optimizer.m.")]
+        m = {n: case.moments[f"optimizer.m.{n}"] for n in names}
+        v = {n: case.moments[f"optimizer.v.{n}"] for n in names}
+        deltas = [k for k in case.golden if k.startswith("optimizer.delta.")]
+        port = _float32_adamw(uncorrected, m, v) | case.moments
+        assert not all(np.allclose(port[k], case.golden[k], rtol=1e-3, atol=0) for k in deltas), betas
+        assert [d.code for d in _update(port, case.golden, case, deltas)] == expected, betas

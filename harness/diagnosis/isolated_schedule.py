@@ -86,23 +86,29 @@ def _closed_form(case, port) -> list[Diagnosis]:
     own = ("t" if o.bias_correction else "none", 0)
     base = _total(case, *own)
     fits = sorted((abs(_total(case, bc, off) / base - r), bc, off) for bc in CONVENTIONS for off in (0, 1))
-    err, bc, off = fits[0]
+    # an offset that changes no learning rate (a constant schedule) is no claim: read as the reference's
+    unseen = all(lr_at(o, s.schedule, k) == lr_at(o, s.schedule, k + 1) for k in range(s.steps))
+    matching = list(dict.fromkeys((bc, 0 if unseen else off) for err, bc, off in fits if err <= 0.005 * abs(r)))
+    if not matching or own in matching or len({off for _, off in matching}) > 1:
+        return []  # none, the reference's own, or schedule offsets the totals cannot tell apart
+    bc, off = matching[0]
     evidence = {
         "update_ratio": round(r, 5),
         "steps": s.steps,
-        "implied_bias_correction": CONVENTIONS[bc],
+        "implied_bias_correction": [CONVENTIONS[b] for b, _ in matching],
         "implied_schedule_offset": off,
     }
-    if err > 0.005 * abs(r) or (bc, off) == own:
-        return []
     found = []
     if bc != own[0]:
-        code = "bias_correction" if {bc, own[0]} == {"t", "none"} else "bias_correction_step"
+        # Conventions with the same totals (no correction and one frozen at t = 1 where (1−β1) = √(1−β2)) are
+        # the same update: only that the bias correction differs is said, not which step it uses.
+        same = len(matching) > 1 or {bc, own[0]} == {"t", "none"}
+        code = "bias_correction" if same else "bias_correction_step"
         found.append(
             Diagnosis(
                 code,
                 f"over {s.steps} updates of the same gradient the port's update is {r:.4g}× the reference's: "
-                f"{CONVENTIONS[bc]}, where the reference has {CONVENTIONS[own[0]]}",
+                f"{' or '.join(CONVENTIONS[b] for b, _ in matching)}, where the reference has {CONVENTIONS[own[0]]}",
                 evidence,
             )
         )

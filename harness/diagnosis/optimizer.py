@@ -208,7 +208,11 @@ def _update_rule(t, g, case, deltas) -> list[Diagnosis]:
     r = float(np.median(ratios))
     evidence = {"update_ratio": round(r, 4), "bias_correction_factor_t1": round(float(c), 4)}
     flipped = not o.bias_correction
-    if close(r, c if o.bias_correction else 1 / c) and _reproduces(t, g, case, deltas, evidence, corrected=flipped):
+    if (
+        close(r, c if o.bias_correction else 1 / c)
+        and _reproduces(t, g, case, deltas, evidence, corrected=flipped)
+        and not _eps_reproduces(t, g, case, deltas)
+    ):
         said = (
             f"the update is (1-β1)/√(1-β2) = {c:.3g}× the reference's: bias correction missing"
             if o.bias_correction
@@ -233,6 +237,11 @@ def _update_rule(t, g, case, deltas) -> list[Diagnosis]:
     decay = _decay_missing(t, expected, case)
     if decay and _reproduces(t, g, case, deltas, decay.evidence, wd=0.0):
         return [decay]
+    # A fitted learning rate or eps is named only where the bias correction flipped does not reproduce the port
+    # as well: at the first update that flip is a scale and an eps change ((1−β1)/√(1−β2) and √(1−β2)), the
+    # same update as eps alone where β2 = 1 − (1−β1)²; the N-update check then tells them apart.
+    if _unexplained(t, g, case, deltas, corrected=flipped) <= 1:
+        return []
     lr = _fitted_lr(t, g, case, deltas)
     if lr is not None and _reproduces(t, g, case, deltas, evidence, lr=lr):  # where lr0 did not (above)
         # the schedule step whose learning rate the port used, where one matches (a step counter read from
@@ -249,14 +258,20 @@ def _update_rule(t, g, case, deltas) -> list[Diagnosis]:
             )
         ]
     eps = _eps_estimate(t, g, case)
-    if eps is None:
-        return []
-    hypothesis = (
-        {"eps": eps.evidence["eps_under_sqrt"], "eps_under": True}
-        if eps.code == "adam_eps_placement"
-        else {"eps": eps.evidence["estimated_eps"]}
-    )
-    return [eps] if _reproduces(t, g, case, deltas, eps.evidence, **hypothesis) else []
+    return [eps] if eps is not None and _reproduces(t, g, case, deltas, eps.evidence, **_eps_hypothesis(eps)) else []
+
+
+def _eps_hypothesis(eps: Diagnosis) -> dict:
+    if eps.code == "adam_eps_placement":
+        return {"eps": eps.evidence["eps_under_sqrt"], "eps_under": True}
+    return {"eps": eps.evidence["estimated_eps"]}
+
+
+def _eps_reproduces(t, g, case, deltas) -> bool:
+    """Whether an eps solved from the update reproduces it: then a bias correction flipped, the same update with
+    another eps where (1−β1) = √(1−β2), cannot be told from it at the first update."""
+    eps = _eps_estimate(t, g, case)
+    return eps is not None and _unexplained(t, g, case, deltas, **_eps_hypothesis(eps)) <= 1
 
 
 def _reproduces(t, g, case, deltas, evidence: dict, **hypothesis) -> bool:
