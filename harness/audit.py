@@ -189,19 +189,24 @@ def audit(backend: Backend, case: Case, stages=ALL_STAGES, precision: str = "flo
     outputs = {} if stream else backend.run(source, stages)
     results = []
     port_weights: dict = {}  # the port's loaded weights: a forward failure is re-computed from them
+    repeated: dict = {}  # the outputs of a check another repeats (the one update the N updates repeat): read by its rule
+    repeats = {REGISTRY[s].repeats for s in stages if REGISTRY[s].repeats}
     for s in stages:
         out = (backend.run(source, [s]) if stream else outputs).get(s) or StageOutput(
             error=f"the backend returned nothing for stage {s}"
         )
         if s == "weight_mapping":
             port_weights = {k: v for k, v in out.tensors.items() if k.startswith("weights.")}
+        if s in repeats:
+            repeated = dict(out.tensors)
         try:
             r = judge(s, out, case, precision, run_to_run=bool(getattr(backend, "nondeterministic", False)))
         except Exception as e:  # a malformed output the checks above did not foresee: this stage's failure
             r = StageResult(s, FAIL, message=f"could not judge the backend's output: {type(e).__name__}: {e}")
         if r.status == FAIL:
             try:
-                seen = replace(out, tensors=port_weights | out.tensors) if port_weights else out
+                earlier = port_weights | (repeated if REGISTRY[s].repeats else {})
+                seen = replace(out, tensors=earlier | out.tensors) if earlier else out
                 r.diagnoses = diagnose_stage(r, seen, case)
                 probe = REGISTRY[s].probe
                 if probe and not out.error and not any(states_a_cause(d.code) for d in r.diagnoses):

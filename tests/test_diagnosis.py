@@ -336,6 +336,8 @@ def test_n_update_conventions_are_named_where_replaying_them_reproduces_the_port
     own conventions in float32 pass, so nothing is named from noise."""
     case = CASES["small_eps_bias"]
     assert judge("isolated_schedule", StageOutput(_float32_schedule(case)), case).status == "pass"
+    # the port's one-update moments, as the audit hands them on: the gradient its optimizer saw is the reference's
+    moments = {k: v for k, v in case.golden.items() if k.startswith(("isolated.optimizer.m.", "isolated.optimizer.v."))}
     for change, code in (
         ({"wd": 0.0}, "weight_decay_missing"),
         ({"coupled": True}, "weight_decay_coupled"),
@@ -343,12 +345,24 @@ def test_n_update_conventions_are_named_where_replaying_them_reproduces_the_port
         ({"eps_under": True}, "adam_eps_placement"),
         ({"lr_scale": 1.001}, "learning_rate"),
     ):
-        out = StageOutput(_float32_schedule(case, **change))
+        # coupled decay moves the moments by wd·θ: that port reports none here
+        out = StageOutput(_float32_schedule(case, **change) | ({} if "coupled" in change else moments))
         result = judge("isolated_schedule", out, case)
         assert result.status == "fail", change
         found = diagnose(result, out, case)
         assert [d.code for d in found] == [code], (change, [(d.code, d.evidence) for d in found])
         assert found[0].evidence["reproduced_to"] <= 1
+    # without its moments another eps is a gradient scale as well (Adam's update of s·g with eps is g's with
+    # eps/s: a clipping missing read as an eps on a random SmolLM2 configuration), so neither is named
+    out = StageOutput(_float32_schedule(case, eps=1e-7))
+    assert [d.code for d in diagnose(judge("isolated_schedule", out, case), out, case)] == ["unexplained"]
+    # and a gradient scaled before the optimizer, which its moments show, is no update convention
+    scaled = {
+        k: (v * np.float32(0.5)).astype(v.dtype) if ".m." in k else (v * np.float32(0.25)).astype(v.dtype)
+        for k, v in moments.items()
+    }
+    out = StageOutput(_float32_schedule(case, eps=2e-8) | scaled)
+    assert [d.code for d in diagnose(judge("isolated_schedule", out, case), out, case)] == ["unexplained"]
     # one tensor's update 1 % off: no convention reproduces it, so none is named
     out = _float32_schedule(case)
     name = "isolated.schedule.delta.model.layers.0.mlp.up_proj.weight"

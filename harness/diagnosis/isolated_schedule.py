@@ -60,7 +60,8 @@ def schedule(result, out, case) -> Diagnosis | list[Diagnosis] | None:
             {"step": step, "reference_steps": s.steps},
         )
     port = {n: t[f"isolated.schedule.delta.{n}"] for n in shared}
-    return _closed_form(case, port) or update_replay.explain(case, port) or None
+    moments = {k: v for k, v in t.items() if k.startswith(("isolated.optimizer.m.", "isolated.optimizer.v."))}
+    return _closed_form(case, port) or update_replay.explain(case, port, moments) or None
 
 
 def _closed_form(case, port) -> list[Diagnosis]:
@@ -88,7 +89,9 @@ def _closed_form(case, port) -> list[Diagnosis]:
     fits = sorted((abs(_total(case, bc, off) / base - r), bc, off) for bc in CONVENTIONS for off in (0, 1))
     # an offset that changes no learning rate (a constant schedule) is no claim: read as the reference's
     unseen = all(lr_at(o, s.schedule, k) == lr_at(o, s.schedule, k + 1) for k in range(s.steps))
-    matching = list(dict.fromkeys((bc, 0 if unseen else off) for err, bc, off in fits if err <= 0.005 * abs(r)))
+    # those within 0.5 % of the port's ratio, and within 0.1 % of the best: closer conventions are one update
+    close_enough = min(0.005, fits[0][0] / abs(r) + 0.001) * abs(r) if r else 0.0
+    matching = list(dict.fromkeys((bc, 0 if unseen else off) for err, bc, off in fits if err <= close_enough))
     if not matching or own in matching or len({off for _, off in matching}) > 1:
         return []  # none, the reference's own, or schedule offsets the totals cannot tell apart
     bc, off = matching[0]

@@ -18,7 +18,7 @@ from mlx_parity.reference.schedule import lr_at
 
 from ..compare import compare_group
 from ..tolerances import UNIT_ROUNDOFF, rounding_gamma, tolerance
-from .core import Diagnosis, f64, initial
+from .core import Diagnosis, f64, initial, ratio
 
 PREFIX = "isolated.schedule.delta."
 FIT_ELEMENTS = 4096  # the elements a fitted eps or learning rate is solved on: those the port moved most apart
@@ -33,6 +33,7 @@ class Convention:
     eps_under: bool = False  # m̂ / sqrt(v̂ + eps), not m̂ / (sqrt(v̂) + eps)
     coupled: bool = False  # wd·θ added to the gradient (Adam + L2), none decoupled
     lr_scale: float = 1.0
+    grad_scale: float = 1.0  # the gradient AdamW sees, scaled: for Adam the same update as eps / grad_scale
 
 
 def rates(case) -> list[float]:
@@ -49,7 +50,7 @@ def replay(case, lrs: list[float], grad: np.ndarray, theta: np.ndarray, c: Conve
     th, m, v = f64(theta).copy(), np.zeros(np.shape(grad)), np.zeros(np.shape(grad))
     for k, rate in enumerate(lrs, 1):
         lr = c.lr_scale * rate
-        g = (grad + c.weight_decay * th if c.coupled else grad) + jitter
+        g = (c.grad_scale * grad + c.weight_decay * th if c.coupled else c.grad_scale * grad) + jitter
         m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
         mh, vh = (m / (1 - b1**k), v / (1 - b2**k)) if o.bias_correction else (m, v)
         root = np.sqrt(vh + c.eps) if c.eps_under else np.sqrt(vh) + c.eps
@@ -57,17 +58,25 @@ def replay(case, lrs: list[float], grad: np.ndarray, theta: np.ndarray, c: Conve
     return th - f64(theta)
 
 
-def explain(case, port: dict[str, np.ndarray]) -> list[Diagnosis]:
-    """The one convention whose replay reproduces the port's N-update Δθ (`port`: by parameter name)."""
+def explain(case, port: dict[str, np.ndarray], moments: dict[str, np.ndarray] | None = None) -> list[Diagnosis]:
+    """The one convention whose replay reproduces the port's N-update Δθ (`port`: by parameter name), replayed
+    from the gradient the port's optimizer saw: the reference's, scaled as the port's own first moments of the
+    one-update check (`moments`, by golden name) are. Where it reports none, a gradient scale is one more
+    candidate, and it reproduces whatever another eps does (Adam's update of s·g with eps is that of g with
+    eps/s): then neither is named."""
     s, o = case.settings, case.settings.optimizer
     names = [n for n in port if f"grad.{n}" in case.golden and initial(case, n) is not None]
     expected = {k.removeprefix(PREFIX) for k in case.golden if k.startswith(PREFIX)}
     if not names or set(names) != expected:
         return []  # another set of tensors: the set is the cause, and the stage's rules say so
-    grads = clipped({n: f64(case.golden[f"grad.{n}"]) for n in names}, s.clip_norm)
+    reference = clipped({n: f64(case.golden[f"grad.{n}"]) for n in names}, s.clip_norm)
+    scales = _moment_scales(case, names, moments or {})
+    if scales is False:
+        return []  # the port's moments differ by more than a scale: the one-update check's rules say how
+    grads = reference if scales is None else {n: reference[n] * scales[n] for n in names}
     thetas = {n: f64(initial(case, n)) for n in names}
     own, lrs = Convention(o.eps, o.weight_decay), rates(case)
-    base = {n: replay(case, lrs, grads[n], thetas[n], own) for n in names}
+    base = {n: replay(case, lrs, reference[n], thetas[n], own) for n in names}
     tol = tolerance("isolated_schedule", s.precision)
 
     def unexplained(c: Convention) -> float:
@@ -84,6 +93,8 @@ def explain(case, port: dict[str, np.ndarray]) -> list[Diagnosis]:
         results = compare_group(corrected, PREFIX, case, PREFIX, tol)
         return max((np.inf if r.problem else r.ratio for r in results), default=np.inf)
 
+    if scales is not None and any(x != 1.0 for x in scales.values()) and unexplained(own) <= 1:
+        return []  # the scaled gradient explains it all: named where the moments are judged
     candidates = []
     if o.weight_decay > 0:
         candidates += [
@@ -94,12 +105,20 @@ def explain(case, port: dict[str, np.ndarray]) -> list[Diagnosis]:
                 dataclasses.replace(own, coupled=True),
             ),
         ]
-    sample = _sample(case, port, names)
+    sample = _sample(case, port, names, grads, reference)
     eps = _fitted_eps(case, lrs, sample, own, under=False)
     if eps is not None and abs(np.log10(eps / o.eps)) > 0.3:
         candidates.append(
             ("adam_eps", f"AdamW eps {eps:.2g}, not the configured {o.eps:g}", dataclasses.replace(own, eps=eps))
         )
+        if scales is None:
+            candidates.append(
+                (
+                    "gradient_scale",
+                    f"the gradient AdamW sees scaled by {o.eps / eps:.3g}",
+                    dataclasses.replace(own, grad_scale=o.eps / eps),
+                )
+            )
     under = _fitted_eps(case, lrs, sample, own, under=True)
     if under is not None:
         candidates.append(
@@ -140,6 +159,25 @@ def _sensitivity(case, lrs, grad, theta, c: Convention, at: np.ndarray, dtype: s
     return np.maximum(*(np.abs(replay(case, lrs, grad, theta, c, jitter=j) - at) for j in (step, -step)))
 
 
+def _moment_scales(case, names, moments) -> dict[str, float] | None | bool:
+    """Per tensor, the port's first moments of the one-update check over the reference's (1.0 where they pass
+    that check's bound, or within 0.1 %): None where it reports none, False where one differs by more than a
+    uniform scale."""
+    key = "isolated.optimizer.m."
+    if not all(key + n in moments and key + n in case.golden for n in names):
+        return None
+    tol = tolerance("isolated_optimizer", case.settings.precision)
+    if all(r.passed for r in compare_group({key + n: moments[key + n] for n in names}, key, case, key, tol)):
+        return dict.fromkeys(names, 1.0)  # within the one-update check's own bound: the reference's gradient
+    scales = {}
+    for n in names:
+        r, spread = ratio(moments[key + n], case.golden[key + n])
+        if not np.isfinite(r) or spread > 0.02 * abs(r):
+            return False
+        scales[n] = 1.0 if abs(r - 1) <= 1e-3 else r
+    return scales
+
+
 def clipped(grads: dict[str, np.ndarray], clip_norm) -> dict[str, np.ndarray]:
     """The gradients scaled to the global norm `clip_norm` (float64): the same factor at every update."""
     if clip_norm is None:
@@ -148,24 +186,24 @@ def clipped(grads: dict[str, np.ndarray], clip_norm) -> dict[str, np.ndarray]:
     return {n: x * min(1.0, clip_norm / norm) if norm > 0 else x for n, x in grads.items()}
 
 
-def _sample(case, port, names):
-    """(gradient, θ, the port's Δθ less the audit's centre) at the FIT_ELEMENTS elements furthest apart."""
-    grads = clipped({n: f64(case.golden[f"grad.{n}"]) for n in names}, case.settings.clip_norm)
+def _sample(case, port, names, grads, reference):
+    """(the gradient the port saw, the reference's, θ, the port's Δθ less the audit's centre) at the FIT_ELEMENTS
+    elements furthest apart."""
     parts = []
     for n in names:
         centre = case.truth.get(f"truth.{PREFIX}{n}", case.golden[PREFIX + n])
         gap = (f64(port[n]) - f64(centre)).ravel()
         top = np.argsort(-np.abs(gap))[:FIT_ELEMENTS]
-        parts.append((grads[n].ravel()[top], f64(initial(case, n)).ravel()[top], gap[top]))
-    g, th, gap = (np.concatenate(x) for x in zip(*parts))
+        parts.append((grads[n].ravel()[top], reference[n].ravel()[top], f64(initial(case, n)).ravel()[top], gap[top]))
+    g, ref, th, gap = (np.concatenate(x) for x in zip(*parts))
     top = np.argsort(-np.abs(gap))[:FIT_ELEMENTS]
-    return g[top], th[top], gap[top]
+    return g[top], ref[top], th[top], gap[top]
 
 
 def _fitted_eps(case, lrs: list[float], sample, own: Convention, under: bool) -> float | None:
     """The eps (after or under the square root) whose change best makes the port's gap (least squares)."""
-    g, th, gap = sample
-    base = replay(case, lrs, g, th, own)
+    g, ref, th, gap = sample
+    base = replay(case, lrs, ref, th, own)
     lo, hi = EPS_DECADES
     grid = 10 ** (np.log10(own.eps) + np.arange(lo, hi + EPS_STEP, EPS_STEP))
     cost = [
@@ -177,8 +215,9 @@ def _fitted_eps(case, lrs: list[float], sample, own: Convention, under: bool) ->
 
 
 def _fitted_lr_scale(case, lrs: list[float], sample, own: Convention) -> float | None:
-    """k with the port's gap ≈ (k − 1)·Δθ (least squares): Δθ is linear in the rates but for the decay's θ."""
-    g, th, gap = sample
-    base = replay(case, lrs, g, th, own)
-    den = float((base * base).sum())
-    return 1.0 + float((gap * base).sum()) / den if den > 0 else None
+    """k with the port's gap ≈ k·Δθ_seen − Δθ_ref (least squares): Δθ is linear in the rates but for the
+    decay's θ."""
+    g, ref, th, gap = sample
+    seen, base = replay(case, lrs, g, th, own), replay(case, lrs, ref, th, own)
+    den = float((seen * seen).sum())
+    return float(((gap + base) * seen).sum()) / den if den > 0 else None
