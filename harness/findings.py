@@ -84,9 +84,11 @@ def _unloaded(stages) -> set[str]:
     wm = next((s for s in stages if s.name == "weight_mapping"), None)
     if wm is None or wm.status != "fail":
         return set()
-    return {t.name.removeprefix("weights.") for t in wm.tensors if not t.passed} or {
-        ""
-    }  # no tensor named: every parameter suspect
+    # and those a loading cause names as its own: a separate head where the config ties it (the head and the
+    # embedding it should be are trained apart where the reference trains one)
+    named = {p for d in wm.diagnoses if d.code == "tied_embeddings_ignored" for p in d.parameters}
+    failed = {t.name.removeprefix("weights.") for t in wm.tensors if not t.passed}
+    return (failed | named) or {""}  # no tensor named: every parameter suspect
 
 
 def _reads_unloaded(d, unloaded: set[str], stage: str) -> bool:
