@@ -147,7 +147,9 @@ def explain(case, port: dict[str, np.ndarray], moments: dict[str, np.ndarray] | 
     d = Diagnosis(
         code, f"over {s.steps} updates of the same gradient the port's Δθ is the reference's with {said}", evidence
     )
-    d.parameters = [""] if code.startswith("weight_decay") else []  # decay reads θ: the port's load must be right
+    # it reads the port's whole update: which parameters it loaded and trains set the clipping's global norm and
+    # the decay, so where a parameter did not load (a separate head on a tied checkpoint) it follows from that
+    d.parameters = [""]
     return [d]
 
 
