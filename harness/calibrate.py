@@ -27,7 +27,7 @@ from .checkpoint_cut import read_config
 from .data_parallel import audit_world, not_applicable
 from .errors import FixtureError
 from .fixtures.create import create
-from .selftest import cell, implements
+from .selftest import cell, implements, other_causes
 
 VOCAB_CUTS = (512, 1024, 2048, 4096)
 SEQ_LENS = (16, 24, 32, 40)
@@ -101,6 +101,7 @@ class Run:
     worst: dict[str, str] = field(default_factory=dict)  # per stage, the tensor its margin comes from
     findings: list[str] = field(default_factory=list)
     cell: str | None = None  # for a mutant: named, localised, passed or not applicable
+    other_causes: list[str] = field(default_factory=list)  # for a mutant: causes stated besides its own (each wrong)
 
 
 @dataclass
@@ -120,14 +121,16 @@ class Configuration:
 
 def _run(backend, case, name: str, diagnosis: str | None = None, world: int = 1) -> Run:
     result = audit_world(backend, case, world)
+    findings = [f"{f.stage}:{f.code}" for f in result.findings()[0]]
     return Run(
         backend=name,
         verdict=result.verdict,
         margins={s.name: round(float(s.margin), 4) for s in result.stages},
         failed=[s.name for s in result.stages if s.status != "pass"],
         worst={s.name: max(s.tensors, key=lambda t: t.ratio).name for s in result.stages if s.tensors},
-        findings=[f"{f.stage}:{f.code}" for f in result.findings()[0]],
+        findings=findings,
         cell=None if diagnosis is None else cell(result, diagnosis),
+        other_causes=[] if diagnosis is None else other_causes(findings, {diagnosis}),
     )
 
 
@@ -225,7 +228,8 @@ def fixture_margins(root: Path, backends: list, mutants: list[str] = ()) -> Iter
 
 def summary(configs: list[Configuration]) -> dict:
     """Per correct backend and stage, the largest margin, its configuration and tensor; the false alarms (a correct backend failing
-    a stage); per mutant, how often it was named, only localised or passed."""
+    a stage); per mutant, how often it was named, only localised or passed, and on how many configurations a cause
+    it does not have was stated besides (each a wrong cause)."""
     worst: dict[str, dict[str, list]] = {}
     false_alarms = []
     mutants: dict[str, dict[str, int]] = {}
@@ -234,6 +238,8 @@ def summary(configs: list[Configuration]) -> dict:
             if run.cell is not None:
                 counts = mutants.setdefault(run.backend, {})
                 counts[run.cell] = counts.get(run.cell, 0) + 1
+                if run.other_causes:
+                    counts["other causes stated"] = counts.get("other causes stated", 0) + 1
                 continue
             for stage, margin in run.margins.items():
                 best = worst.setdefault(run.backend, {}).get(stage)

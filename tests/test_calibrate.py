@@ -102,3 +102,16 @@ def test_a_data_parallel_mutant_runs_on_its_ranks_or_is_not_applicable(tmp_path)
     assert ran.cell == "named" and "data_parallel" in ran.failed, ran
     (refused,) = done["gqa_single"].runs
     assert refused.cell == "not applicable" and "does not divide" in refused.verdict
+
+
+def test_a_cause_a_mutant_does_not_have_is_counted_as_stated_besides_its_own(tmp_path):
+    """A wrong cause costs more trust than a missing one: calibrate says on how many configurations a mutant's audit
+    stated a cause it does not have (a sweep's flipped bias correction was also called an AdamW eps)."""
+    wrong = Run("mutant:bias_correction_flipped", "fail", {}, ["isolated_optimizer"], cell="localised")
+    wrong.other_causes = ["isolated_optimizer:adam_eps"]
+    right = Run("mutant:bias_correction_flipped", "fail", {}, ["isolated_schedule"], cell="named")
+    s = summary([Configuration(0, 0, {}, runs=[wrong]), Configuration(1, 0, {}, runs=[right])])
+    assert s["mutants"] == {"mutant:bias_correction_flipped": {"localised": 1, "named": 1, "other causes stated": 1}}
+    shutil.copytree(CASES["head"].path, tmp_path / "head")
+    (head,) = fixture_margins(tmp_path, [], ["no_shift"])
+    assert head.runs[0].cell == "named" and head.runs[0].other_causes == []
