@@ -69,6 +69,8 @@ def explain(case, port: dict[str, np.ndarray], moments: dict[str, np.ndarray] | 
     expected = {k.removeprefix(PREFIX) for k in case.golden if k.startswith(PREFIX)}
     if not names or set(names) != expected:
         return []  # another set of tensors: the set is the cause, and the stage's rules say so
+    if not all(np.isfinite(port[n]).all() for n in names):
+        return []  # non-finite values are the failure, said as such: no convention makes them
     reference = clipped({n: f64(case.golden[f"grad.{n}"]) for n in names}, s.clip_norm)
     scales = _moment_scales(case, names, moments or {})
     if scales is False:
