@@ -160,7 +160,8 @@ def sweep(
     the fixtures there (`config<i>`) instead of in a temporary folder, to look at one afterwards."""
     say = progress or (lambda what: None)
     cfg = read_config(Path(checkpoint))
-    for i in range(configs) if only is None else only:
+    chosen = list(range(configs)) if only is None else list(only)
+    for n, i in enumerate(chosen, 1):
         rng = np.random.default_rng([seed, i])
         options = random_configuration(rng, int(cfg["num_hidden_layers"]))
         V = int(cfg["vocab_size"])
@@ -173,7 +174,8 @@ def sweep(
             (Path(tmp) / "settings.json").write_text(json.dumps(options["settings"]))
             (Path(tmp) / "tokens.json").write_text(json.dumps(rows))
             started = time.perf_counter()
-            say(f"configuration {i + 1}/{configs}: building")
+            where = f"configuration {i} ({n} of {len(chosen)})"  # by the index --only and the results name
+            say(f"{where}: building")
             try:
                 path = create(
                     f"config{i}",
@@ -192,7 +194,7 @@ def sweep(
                 )
             except FixtureError as e:
                 conf.error = str(e)
-                say(f"configuration {i + 1}/{configs}: not built: {e}")
+                say(f"{where}: not built: {e}")
                 yield conf
                 continue
             conf.seconds_to_build = round(time.perf_counter() - started, 1)
@@ -203,10 +205,10 @@ def sweep(
                 if not implements(backend, case):  # a float32-only port refuses bfloat16, saying so: no noise
                     conf.not_implemented.append(backend.name)
                     continue
-                say(f"configuration {i + 1}/{configs}: {backend.name}")
+                say(f"{where}: {backend.name}")
                 conf.runs.append(_run(backend, case, backend.name))
             for name in mutants:
-                say(f"configuration {i + 1}/{configs}: mutant {name}")
+                say(f"{where}: mutant {name}")
                 conf.runs.append(_mutant_run(name, case))
         yield conf
 
