@@ -8,7 +8,7 @@ import torch
 from mlx_parity.harness import pieces
 from mlx_parity.harness.fixtures.random_rounding import RandomRounding, twin_outputs
 from mlx_parity.harness.fixtures.spread import measure_spread
-from mlx_parity.harness.fixtures.truth import ONE_PASS_STAGES, SINGLE_UPDATE_GROUPS
+from mlx_parity.harness.fixtures.truth import ONE_PASS_STAGES, TRUTH_GROUPS
 from mlx_parity.harness.stages import PREFIX
 from mlx_parity.harness.truth import needs_truth, read_spread
 
@@ -113,15 +113,14 @@ def test_the_twins_forward_under_random_rounding_stays_within_float32s_reach_of_
 
 
 def test_the_spread_takes_the_twins_draws_for_every_judged_tensor():
-    """measure_spread with the twin's draws alone: a spread for every tensor of at most one update the truth judges
-    (the trajectory takes only the reference's draws), at least what the drawn run erred and at most an eighth of
-    an octave above it (the stored rounding)."""
+    """measure_spread with the twin's draws alone: a spread for every tensor the truth judges, the trajectory's
+    included, at least what the drawn run erred and at most an eighth of an octave above it (the stored rounding)."""
     case = CASES["head"]
     golden, truth = case.golden, case.truth
     stored = measure_spread(case, golden, truth, draws=0, twin_draws=1)
-    drawn_stages = tuple(PREFIX[s] for g in SINGLE_UPDATE_GROUPS for s in g) + (pieces.PREFIX,)
+    drawn_stages = tuple(PREFIX[s] for g in TRUTH_GROUPS for s in g) + (pieces.PREFIX,)
     judged = [k for k, v in golden.items() if needs_truth(k, v) and k.startswith(drawn_stages)]
-    assert any(k.startswith(PREFIX["optimizer"]) for k in judged) and any(k.startswith("trajectory.") for k in golden)
+    assert any(k.startswith(PREFIX["optimizer"]) for k in judged) and any(k.startswith("trajectory.") for k in judged)
     assert sorted(k.removeprefix("spread.") for k in stored if k.startswith("spread.")) == sorted(judged)
     drawn = twin_outputs(case, ONE_PASS_STAGES, torch.Generator().manual_seed(1009 * int(case.info["seed"]) + 13))
     logits = read_spread(stored["spread.forward.logits"], stored["spread_scale.forward.logits"])
