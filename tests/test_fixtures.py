@@ -123,7 +123,7 @@ def test_spreads_are_measured_not_compared_but_their_layout_is(tmp_path):
     meta = _truth_metadata(old)
     assert meta["spread"].endswith(
         "float64 twin runs under random rounding of forward, loss, gradients, isolated_forward, isolated_loss, "
-        "optimizer, isolated_optimizer, isolated_schedule: 4"
+        "optimizer, trajectory, isolated_optimizer, isolated_schedule: 4"
     )
     t = load_file(str(values / "truth.safetensors"))
     name = next(k for k in t if k.startswith("spread."))
