@@ -35,8 +35,7 @@ def test_fixtures_are_small():
     assert total < 51 * 2**20, f"{total / 2**20:.1f} MiB of fixtures"
 
 
-def test_regeneration_reproduces_the_goldens(built_once, monkeypatch):
-    monkeypatch.setattr(build, "build_fixture", built_once)  # each fixture built once per session
+def test_regeneration_reproduces_the_goldens():
     assert verify(FIXTURES_DIR, regenerate=True) == []
 
 
