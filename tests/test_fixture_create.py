@@ -174,11 +174,8 @@ def test_audit_on_goldens_computed_now_from_a_checkpoint(tmp_path):
     text.write_text("the cell makes energy and\nparis is a city\n")
     before = set(Path(tempfile.gettempdir()).glob("parity-live-*"))
     args = ["audit", "--checkpoint", str(src), "--data", str(text), "--layers", "1"]
-    r = runner.invoke(app, args + ["-b", "mlx", "-b", "torch"])
-    assert r.exit_code == 0, r.output
-    assert "2/2 audits passed" in r.output
-    r = runner.invoke(app, args + ["-b", "mutant:no_shift"])
-    assert r.exit_code == 1 and "labels_not_shifted" in r.output
+    r = runner.invoke(app, args + ["-b", "mlx", "-b", "torch", "-b", "mutant:no_shift"])  # one case built for all
+    assert r.exit_code == 1 and "2/3 audits passed" in r.output and "labels_not_shifted" in r.output, r.output
     bf16 = _settings(tmp_path, {"precision": "bfloat16", "trainable": "full"})
     r = runner.invoke(
         app, args + ["--settings", str(bf16), "-b", "mlx", "-b", "torch", "-b", "mutant:float32_where_bfloat16"]
