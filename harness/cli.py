@@ -363,7 +363,8 @@ def fixtures_verify(
     fixtures_dir: Path = typer.Option(None, "--fixtures-dir"),
     no_regenerate: bool = typer.Option(False, "--no-regenerate", help="Check hashes only."),
 ) -> None:
-    """Check every fixture file against the manifest's sha256 and that regeneration reproduces it."""
+    """Check every fixture file against the manifest's sha256 and that regeneration reproduces it (the spreads,
+    samples of noise, are compared by their layout, not drawn again)."""
     from .fixtures.build import verify  # the torch twin: an optional extra, kept out of start-up
 
     root = fixtures_dir or FIXTURES_DIR
@@ -384,7 +385,8 @@ def fixtures_verify(
         + (
             ""
             if no_regenerate
-            else " and regenerate: inputs bit for bit, goldens bit for bit on their platform and within the bound elsewhere"
+            else " and regenerate: inputs bit for bit, goldens bit for bit on their platform and within the bound"
+            " elsewhere, the truth within 1 % of its bound, the spreads (samples of noise) by their layout"
         ),
         highlight=False,
     )
