@@ -39,7 +39,8 @@ lint: setup
 	else echo "make lint: no Rust toolchain (cargo): rustfmt and clippy not run" >&2; fi
 
 # pytest on up to 4 processes (pytest-xdist), a test file per process: each file's shared audits stay in one
-# process, and the SmolLM2 fixture is built by one. PYTEST_WORKERS=0 runs it in this process.
+# process, and the SmolLM2 fixture is built by one; the files in the order collected, the slowest first
+# (tests/conftest.py). PYTEST_WORKERS=0 runs it in this process.
 PYTEST_WORKERS ?= $(shell python3 -c 'import os; print(min(4, os.cpu_count() or 1))')
 # Each worker's share of the cores for torch's, OpenBLAS's and MKL's threads: two workers of two threads each on
 # two cores spend their time waiting for each other's threads (the suite took 574 s so, 409 s with one thread each).
@@ -47,7 +48,7 @@ PYTEST_THREADS ?= $(shell python3 -c 'import os; n = os.cpu_count() or 1; print(
 
 test: lint rust-test wheel-check  ## lint first, the Rust crates' unit tests, the wheel's install check, then the whole pytest suite (the SmolLM2 check included); its 15 slowest tests listed
 	OMP_NUM_THREADS=$(PYTEST_THREADS) OPENBLAS_NUM_THREADS=$(PYTEST_THREADS) MKL_NUM_THREADS=$(PYTEST_THREADS) \
-		$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15
+		$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # SmolLM2-135M, real weights: build the fixture once (into ~/.cache/mlx-parity/real), audit every backend on it.
 real: rust
