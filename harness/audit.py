@@ -12,9 +12,10 @@ from .compare import ABSENT, TensorResult, compare_group, forward_mask
 from .diagnosis import Diagnosis, diagnose
 from .diagnosis.codes import states_a_cause
 from .diagnosis.weight_mapping import nondeterministic_load
+from .false_alarm import largest, stage_false_alarm
 from .findings import NOT_IMPLEMENTED, analyse
 from .stages import ALL_STAGES, REGISTRY, StageOutput
-from .tolerances import precision_tolerance, tolerance
+from .tolerances import TruthBound, precision_tolerance, tolerance
 
 PASS, FAIL, SKIP, NOT_CHECKED = "pass", "fail", "skip", "not checked"
 
@@ -29,6 +30,7 @@ class StageResult:
     diagnosis: Diagnosis | None = None  # the first of `diagnoses`
     diagnoses: list = field(default_factory=list)  # every distinct cause the stage's failure shows
     series: dict = field(default_factory=dict)  # per-step losses, for the trajectory plot
+    false_alarm: dict | None = None  # how likely a correct port fails it by chance (harness/false_alarm.py)
 
     def __post_init__(self):
         if self.diagnosis is not None and not self.diagnoses:
@@ -63,6 +65,7 @@ class StageResult:
             "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None,
             "diagnoses": [d.to_dict() for d in self.diagnoses],
             "series": self.series,
+            "false_alarm": self.false_alarm,
             "compared": len(self.tensors),
             "failed": len(self.failures),
             "worst": w.to_dict() if w else None,
@@ -89,6 +92,17 @@ class AuditResult:
         """(distinct findings, inherited failures): harness/findings.py."""
         return analyse(self.stages)
 
+    def false_alarm(self) -> dict:
+        """The chance that a port whose rounding is distributed like the reference's own fails this audit: at most
+        the sum of its stages' (a union bound), over the stages estimated; the others are named."""
+        estimated = {s.name: s.false_alarm for s in self.stages if s.false_alarm is not None}
+        return {
+            "probability": min(1.0, sum(f["probability"] for f in estimated.values())),
+            "largest": max(estimated, key=lambda n: estimated[n]["probability"], default=None),
+            "estimated": sorted(estimated),
+            "not_estimated": [s.name for s in self.stages if s.false_alarm is None and s.tensors],
+        }
+
     def to_dict(self) -> dict:
         found, inherited = self.findings()
         return {
@@ -96,6 +110,7 @@ class AuditResult:
             "backend": self.backend,
             "verdict": self.verdict,
             "findings": [f.to_dict() for f in found],
+            "false_alarm": self.false_alarm(),
             "inherited": [i.to_dict() for i in inherited],
             "stages": [s.to_dict() for s in self.stages],
         }
@@ -136,6 +151,7 @@ def judge(
     else:
         prefix = spec.golden_prefix
         res.tensors = compare_group(t, prefix, case, prefix, tol, mask_for=forward_mask(case))
+    res.false_alarm = _false_alarm(res.tensors, tol)
     declared = out.meta.get("not_computed") if spec.optional else None
     if declared:
         res.tensors, left = not_computed(res.tensors, declared)
@@ -150,6 +166,15 @@ def judge(
     if res.status == FAIL and not res.message:
         res.message = res.worst().describe()
     return res
+
+
+def _false_alarm(tensors: list[TensorResult], tol) -> dict | None:
+    """The stage's false-alarm estimate from the held-out ratios its truth-judged tensors kept."""
+    held = [t for t in tensors if t.heldout is not None]
+    if not held or not isinstance(tol, TruthBound):
+        return None
+    top = largest(np.concatenate([t.heldout for t in held]))
+    return stage_false_alarm(top, sum(t.total for t in held), tol.multiple)
 
 
 def not_computed(tensors: list[TensorResult], declared: dict[str, str]) -> tuple[list[TensorResult], str]:

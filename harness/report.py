@@ -7,6 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .audit import AuditResult
+from .false_alarm import TARGET
 from .stages import ALL_STAGES, LAUNCHED_STAGES, REGISTRY
 
 JSON_SCHEMA_VERSION = 2  # 2: errors are measured against the float64 truth; "margin" per stage
@@ -96,5 +97,28 @@ def print_results(console: Console, results: list[AuditResult], verbose: bool = 
         console.print(f"[yellow]not checked[/] {escape(what)} on {len(fixtures)} fixture(s)", highlight=False)
     if any(r.findings()[1] for r in results) and not verbose:
         console.print("(-v lists every failing tensor of every stage)", highlight=False)
+    print_false_alarm(console, results, verbose)
     passed = sum(r.verdict == "pass" for r in results)
     console.print(f"{passed}/{len(results)} audits passed")
+
+
+def print_false_alarm(console: Console, results: list[AuditResult], verbose: bool) -> None:
+    """How likely a correct port is to fail each fixture by chance (harness/false_alarm.py): the same for every
+    backend on one fixture, so one line, the fixtures over TARGET named (every one with -v)."""
+    per_fixture = {}
+    for r in results:
+        fa = r.false_alarm()
+        if fa["estimated"]:
+            per_fixture[r.fixture] = fa
+    if not per_fixture:
+        return
+    worst = max(per_fixture, key=lambda f: per_fixture[f]["probability"])
+    shown = per_fixture if verbose else {f: v for f, v in per_fixture.items() if v["probability"] > TARGET}
+    listed = "; ".join(f"{f} {v['probability']:.2g} ({v['largest']})" for f, v in sorted(shown.items()))
+    console.print(
+        f"chance a correct port fails by rounding alone (if its rounding is distributed like the reference's own; "
+        f"docs/tolerances.md): at most {per_fixture[worst]['probability']:.2g} per audit"
+        + (f", on {worst}" if len(per_fixture) > 1 else "")
+        + (f"; above {TARGET:g}: {listed}" if listed and not verbose else f"; {listed}" if verbose else ""),
+        highlight=False,
+    )

@@ -50,6 +50,8 @@ Noise: the largest margin (error / bound) measured for correct backends (torch t
 under OpenBLAS, mlx-rs) over the bundled fixtures (`parity calibrate`) and over seeded random
 configurations of a real checkpoint (`parity calibrate --checkpoint DIR`; docs/tolerances.md).
 Smallest bug: the smallest injected change `tests/test_tolerances.py` shows the bound still fails.
+False alarms: how likely a correct port is to fail a stage by chance, from the golden held out against the spread
+(`TruthBound.heldout`), is estimated in harness/false_alarm.py and stated by every audit.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from mlx_parity.reference.precision import parameter_dtype
 
 from . import pieces
 from .device import DeviceError
+from .false_alarm import heldout_ratios
 
 ULP32 = 2.0**-24  # unit roundoff of float32
 UNIT_ROUNDOFF = {"float32": ULP32, "bfloat16": 2.0**-8}
@@ -119,6 +122,31 @@ class TruthBound:
     def describe(self) -> str:
         return f"{self.multiple:g}× the reference's {self.dtype} error vs the float64 truth + {self.floor_ulps:g} ulp"
 
+    def parts(self, reference, truth, sensitivity, stage_rms, param, param_dtype, spread):
+        """(the reference's own error, the sensitivity, the noise without that error, the floor) per element:
+        the bound is `multiple × max(error, noise) + sensitivity + floor`."""
+        r, t = np.asarray(reference, np.float64), np.asarray(truth, np.float64)
+        sens = np.zeros(t.shape) if sensitivity is None else np.asarray(sensitivity, np.float64)
+        err = np.abs(r - t)
+        # The tensor's floors come from the error beyond what each element's conditioning explains:
+        # ill-conditioned elements are covered by their sensitivity and must not raise the others' bound.
+        residual = np.maximum(err - sens, 0.0)
+        rms_err = float(np.sqrt(np.mean(residual**2)))
+        rms_t = float(np.sqrt(np.mean(t**2)))
+        rel = rms_err / rms_t if rms_t > 0 else 0.0
+        others = np.maximum(rms_err, rel * np.abs(t))
+        if spread is not None:  # the reference's noise measured again on perturbed inputs (fixtures/spread.py)
+            others = np.maximum(others, np.asarray(spread, np.float64))
+        if self.stage_floor:
+            others = np.maximum(others, stage_rms)
+        floor = self.floor_ulps * ULP32 * float(np.abs(t).max())
+        if param is not None:  # Δθ: θ's own rounding and the update's, in θ's dtype
+            theta = np.abs(np.asarray(param, np.float64))
+            u = UNIT_ROUNDOFF[param_dtype]
+            ulps = self.floor_ulps if param_dtype == "float32" else self.bf16_param_ulps
+            floor = np.maximum(floor, ulps * u * theta + rounding_gamma(UPDATE_ROUNDINGS, u) * np.abs(t))
+        return err, sens, others, floor
+
     def bound(
         self,
         reference,
@@ -129,29 +157,17 @@ class TruthBound:
         param_dtype="float32",
         spread=None,
     ) -> np.ndarray:
-        r, t = np.asarray(reference, np.float64), np.asarray(truth, np.float64)
-        if t.size == 0:
-            return np.zeros(t.shape)
-        sens = np.zeros(t.shape) if sensitivity is None else np.asarray(sensitivity, np.float64)
-        err = np.abs(r - t)
-        # The tensor's floors come from the error beyond what each element's conditioning explains:
-        # ill-conditioned elements are covered by their sensitivity and must not raise the others' bound.
-        residual = np.maximum(err - sens, 0.0)
-        rms_err = float(np.sqrt(np.mean(residual**2)))
-        rms_t = float(np.sqrt(np.mean(t**2)))
-        rel = rms_err / rms_t if rms_t > 0 else 0.0
-        noise = np.maximum(np.maximum(err, rms_err), rel * np.abs(t))
-        if spread is not None:  # the reference's noise measured again on perturbed inputs (fixtures/spread.py)
-            noise = np.maximum(noise, np.asarray(spread, np.float64))
-        if self.stage_floor:
-            noise = np.maximum(noise, stage_rms)
-        floor = self.floor_ulps * ULP32 * float(np.abs(t).max())
-        if param is not None:  # Δθ: θ's own rounding and the update's, in θ's dtype
-            theta = np.abs(np.asarray(param, np.float64))
-            u = UNIT_ROUNDOFF[param_dtype]
-            ulps = self.floor_ulps if param_dtype == "float32" else self.bf16_param_ulps
-            floor = np.maximum(floor, ulps * u * theta + rounding_gamma(UPDATE_ROUNDINGS, u) * np.abs(t))
-        return self.multiple * noise + sens + floor
+        return self.bound_and_heldout(reference, truth, sensitivity, stage_rms, param, param_dtype, spread)[0]
+
+    def bound_and_heldout(
+        self, reference, truth, sensitivity=None, stage_rms=0.0, param=None, param_dtype="float32", spread=None
+    ):
+        """(the bound, the golden held out as one more sample of the noise: harness/false_alarm.py's x), per
+        element, from one computation of their parts."""
+        if np.size(truth) == 0:
+            return np.zeros(np.shape(truth)), np.zeros(np.shape(truth))
+        err, sens, others, floor = self.parts(reference, truth, sensitivity, stage_rms, param, param_dtype, spread)
+        return self.multiple * np.maximum(err, others) + sens + floor, heldout_ratios(err - sens - floor, others)
 
 
 def stage_rms(pairs) -> float:
@@ -389,9 +405,15 @@ class PrecisionBound(TruthBound):
     ) -> np.ndarray:
         """factor × (multiple × noise + floor) + sensitivity: the sensitivity is not scaled, since on a
         precision case (`precision_case`) it is already measured for that precision's gradient error."""
-        base = TruthBound.bound(self, reference, truth, sensitivity, stage_rms, param, param_dtype, spread)
+        base = TruthBound.bound_and_heldout(self, reference, truth, sensitivity, stage_rms, param, param_dtype, spread)[
+            0
+        ]
         sens = 0.0 if sensitivity is None else np.asarray(sensitivity, np.float64)
         return self.factor * (base - sens) + sens
+
+    def bound_and_heldout(self, *args, **kwargs):
+        """No held-out ratio: the golden is a float32 sample, not one of this precision's noise."""
+        return self.bound(*args, **kwargs), None
 
 
 def precision_factor(precision: str, dtype: str = "float32") -> float:
