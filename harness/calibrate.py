@@ -102,6 +102,8 @@ class Run:
     findings: list[str] = field(default_factory=list)
     cell: str | None = None  # for a mutant: named, localised, passed or not applicable
     other_causes: list[str] = field(default_factory=list)  # for a mutant: causes stated besides its own (each wrong)
+    # the chance a port rounding like the reference's own fails this configuration (harness/false_alarm.py)
+    stated_false_alarm: float | None = None
 
 
 @dataclass
@@ -131,6 +133,7 @@ def _run(backend, case, name: str, diagnosis: str | None = None, world: int = 1)
         findings=findings,
         cell=None if diagnosis is None else cell(result, diagnosis),
         other_causes=[] if diagnosis is None else other_causes(findings, {diagnosis}),
+        stated_false_alarm=result.false_alarm()["probability"] if diagnosis is None else None,
     )
 
 
@@ -234,6 +237,7 @@ def summary(configs: list[Configuration]) -> dict:
     it does not have was stated besides (each a wrong cause)."""
     worst: dict[str, dict[str, list]] = {}
     false_alarms = []
+    stated: dict[int, float] = {}
     mutants: dict[str, dict[str, int]] = {}
     for conf in configs:
         for run in conf.runs:
@@ -248,10 +252,13 @@ def summary(configs: list[Configuration]) -> dict:
                 if best is None or margin > best[0]:
                     worst[run.backend][stage] = [margin, conf.index, run.worst.get(stage, "")]
             false_alarms += [{"configuration": conf.index, "backend": run.backend, "stage": s} for s in run.failed]
+            if run.stated_false_alarm is not None:
+                stated[conf.index] = max(stated.get(conf.index, 0.0), run.stated_false_alarm)
     return {
         "configurations": len(configs),
         "not_built": [{"configuration": c.index, "error": c.error} for c in configs if c.error],
         "worst_margin": worst,
         "false_alarms": false_alarms,
+        "stated_false_alarm": stated,
         "mutants": mutants,
     }

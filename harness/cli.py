@@ -475,6 +475,15 @@ def calibrate(
                 f"(not trained in {c.options.get('dtype') or 'its precision'} by that port)",
                 highlight=False,
             )
+    stated = result["stated_false_alarm"]
+    if stated:
+        worst = max(stated, key=stated.get)
+        console.print(
+            f"stated chance of a false alarm (a port rounding like the reference's own, docs/tolerances.md): "
+            f"at most {stated[worst]:.2g} per audit (configuration {worst}); below 1e-6 on "
+            f"{sum(p < 1e-6 for p in stated.values())} of {len(stated)} configurations",
+            highlight=False,
+        )
     alarms = result["false_alarms"]
     console.print(
         f"false alarms: {len(alarms)}"
