@@ -27,7 +27,8 @@ rust-test: rust  ## the Rust crates' own unit tests
 audit: rust  ## the main job: audit every backend on every bundled fixture
 	.venv/bin/parity audit --json out.json
 
-# The real install: the wheel in a fresh venv without torch/transformers audits the fixtures and a port.
+# The real install: the wheel in a fresh venv without torch/transformers audits the fixtures and a port (in
+# `make test` as tests/test_wheel.py, beside the other tests).
 wheel-check: setup
 	bash scripts/wheel-check.sh
 
@@ -46,7 +47,7 @@ PYTEST_WORKERS ?= $(shell python3 -c 'import os; print(min(4, os.cpu_count() or 
 # two cores spend their time waiting for each other's threads (the suite took 574 s so, 409 s with one thread each).
 PYTEST_THREADS ?= $(shell python3 -c 'import os; n = os.cpu_count() or 1; print(max(1, n // max(1, min(4, n, $(PYTEST_WORKERS) or 1))))')
 
-test: lint rust-test wheel-check  ## lint first, the Rust crates' unit tests, the wheel's install check, then the whole pytest suite (the SmolLM2 check included); its 15 slowest tests listed
+test: lint rust-test  ## lint first, the Rust crates' unit tests, then the whole pytest suite (the SmolLM2 check and the wheel's install check, tests/test_wheel.py, included); its 15 slowest tests listed
 	OMP_NUM_THREADS=$(PYTEST_THREADS) OPENBLAS_NUM_THREADS=$(PYTEST_THREADS) MKL_NUM_THREADS=$(PYTEST_THREADS) \
 		$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 

@@ -20,7 +20,7 @@ from mlx_parity.harness.stages import ALL_STAGES, StageOutput
 CASES = {c.name: c for c in list_cases()}
 _AUDITS: dict = {}
 # The slowest test files, slowest first (seconds of one worker in `make test` here, 2026-12-07: 153, 104, 81, 65,
-# 64, 42; every other file at most 25). They are collected first so that pytest-xdist's workers, which take whole
+# 64, 51, 42; every other file at most 25). They are collected first so that pytest-xdist's workers, which take whole
 # files in the order collected (`make test` passes --no-loadscope-reorder), finish together rather than one
 # starting the slowest file when the other has nothing left.
 SLOWEST_FIRST = (
@@ -29,6 +29,7 @@ SLOWEST_FIRST = (
     "test_data_parallel.py",
     "test_mutants.py",
     "test_external.py",
+    "test_wheel.py",
     "test_selftest.py",
 )
 
