@@ -174,7 +174,7 @@ def _false_alarm(tensors: list[TensorResult], tol) -> dict | None:
     if not held or not isinstance(tol, TruthBound):
         return None
     top = largest(np.concatenate([t.heldout for t in held]))
-    return stage_false_alarm(top, sum(t.total for t in held), tol.multiple)
+    return stage_false_alarm(top, sum(t.total for t in held), tol.multiple, max(t.own_ratio for t in held))
 
 
 def not_computed(tensors: list[TensorResult], declared: dict[str, str]) -> tuple[list[TensorResult], str]:

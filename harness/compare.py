@@ -36,9 +36,10 @@ class TensorResult:
     bound_at: float | None = None
     # the largest held-out ratios of the golden over the judged elements (harness/false_alarm.py); not reported
     heldout: np.ndarray | None = field(default=None, repr=False)
+    own_ratio: float | None = field(default=None, repr=False)  # the same ratio of this backend's largest error
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "heldout"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("heldout", "own_ratio")}
 
     def describe(self) -> str:
         if self.problem:
@@ -113,8 +114,11 @@ def compare(
     spread = None if spread is None else np.asarray(spread, np.float64)[keep]
     bound = np.zeros(a.shape)
     if truth is not None and isinstance(tol, TruthBound):
-        bound[keep], x = tol.bound_and_heldout(e[keep], c[keep], sens, stage_rms, theta, param_dtype, spread)
-        res.heldout = None if x is None else largest(x)
+        bound[keep], x, own = tol.bound_and_ratios(
+            e[keep], c[keep], sens, stage_rms, theta, param_dtype, spread, actual=a[keep]
+        )
+        if x is not None:
+            res.heldout, res.own_ratio = largest(x), float(own.max(initial=0.0))
     else:
         bound[keep] = tol.bound(e[keep], c[keep], sens, stage_rms, theta, param_dtype, spread)
     diff = np.where(keep, np.abs(a - c), 0.0)

@@ -135,14 +135,20 @@ def tail_shape(excess: np.ndarray) -> tuple[float, float]:
     return max(0.0, fitted + UPPER_95 * math.sqrt(var)), fitted
 
 
-def stage_false_alarm(top: np.ndarray, elements: int, multiple: float) -> dict | None:
+def stage_false_alarm(top: np.ndarray, elements: int, multiple: float, own: float) -> dict | None:
     """What the audit reports for one stage: its judged elements, the largest held-out ratio, the fitted tail,
     the probability that a port whose noise is the reference's fails it by chance (at most 1), and the multiple
-    a false-alarm probability of TARGET would need, against the one used."""
+    a false-alarm probability of TARGET would need, against the one used. `own`: the audited backend's largest
+    ratio, computed as the golden's; `own_probability` is how likely a sample of the reference's noise reaches it
+    somewhere in the stage: small for a correct backend whose rounding the reference's samples do not model (the
+    estimate does not hold for it), and for a bug; None where the golden never left its floor."""
     fit = fit_tail(top, elements)
     if fit is None:
         return None
     return {
+        "own_largest": own,
+        # None where no sample of the reference's noise left its floor: its tail then says nothing
+        "own_probability": min(1.0, elements * fit.exceedance(own)) if fit.count else None,
         "elements": elements,
         "largest_heldout": fit.largest,
         "tail": {

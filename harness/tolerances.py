@@ -51,7 +51,7 @@ under OpenBLAS, mlx-rs) over the bundled fixtures (`parity calibrate`) and over 
 configurations of a real checkpoint (`parity calibrate --checkpoint DIR`; docs/tolerances.md).
 Smallest bug: the smallest injected change `tests/test_tolerances.py` shows the bound still fails.
 False alarms: how likely a correct port is to fail a stage by chance, from the golden held out against the spread
-(`TruthBound.heldout`), is estimated in harness/false_alarm.py and stated by every audit.
+(`TruthBound.bound_and_ratios`), is estimated in harness/false_alarm.py and stated by every audit.
 """
 
 from __future__ import annotations
@@ -157,17 +157,31 @@ class TruthBound:
         param_dtype="float32",
         spread=None,
     ) -> np.ndarray:
-        return self.bound_and_heldout(reference, truth, sensitivity, stage_rms, param, param_dtype, spread)[0]
+        return self.bound_and_ratios(reference, truth, sensitivity, stage_rms, param, param_dtype, spread)[0]
 
-    def bound_and_heldout(
-        self, reference, truth, sensitivity=None, stage_rms=0.0, param=None, param_dtype="float32", spread=None
+    def bound_and_ratios(
+        self,
+        reference,
+        truth,
+        sensitivity=None,
+        stage_rms=0.0,
+        param=None,
+        param_dtype="float32",
+        spread=None,
+        actual=None,
     ):
-        """(the bound, the golden held out as one more sample of the noise: harness/false_alarm.py's x), per
-        element, from one computation of their parts."""
+        """(the bound, the golden held out as one more sample of the noise: harness/false_alarm.py's x, and the
+        same ratio of `actual`'s error, None without it), per element, from one computation of their parts."""
         if np.size(truth) == 0:
-            return np.zeros(np.shape(truth)), np.zeros(np.shape(truth))
+            zero = np.zeros(np.shape(truth))
+            return zero, zero, None if actual is None else zero
         err, sens, others, floor = self.parts(reference, truth, sensitivity, stage_rms, param, param_dtype, spread)
-        return self.multiple * np.maximum(err, others) + sens + floor, heldout_ratios(err - sens - floor, others)
+        bound = self.multiple * np.maximum(err, others) + sens + floor
+        own = None
+        if actual is not None:
+            own_err = np.abs(np.asarray(actual, np.float64) - np.asarray(truth, np.float64))
+            own = heldout_ratios(own_err - sens - floor, others)
+        return bound, heldout_ratios(err - sens - floor, others), own
 
 
 def stage_rms(pairs) -> float:
@@ -405,15 +419,13 @@ class PrecisionBound(TruthBound):
     ) -> np.ndarray:
         """factor × (multiple × noise + floor) + sensitivity: the sensitivity is not scaled, since on a
         precision case (`precision_case`) it is already measured for that precision's gradient error."""
-        base = TruthBound.bound_and_heldout(self, reference, truth, sensitivity, stage_rms, param, param_dtype, spread)[
-            0
-        ]
+        base = TruthBound.bound_and_ratios(self, reference, truth, sensitivity, stage_rms, param, param_dtype, spread)
         sens = 0.0 if sensitivity is None else np.asarray(sensitivity, np.float64)
-        return self.factor * (base - sens) + sens
+        return self.factor * (base[0] - sens) + sens
 
-    def bound_and_heldout(self, *args, **kwargs):
-        """No held-out ratio: the golden is a float32 sample, not one of this precision's noise."""
-        return self.bound(*args, **kwargs), None
+    def bound_and_ratios(self, *args, actual=None, **kwargs):
+        """No ratios: the golden is a float32 sample, not one of this precision's noise."""
+        return self.bound(*args, **kwargs), None, None
 
 
 def precision_factor(precision: str, dtype: str = "float32") -> float:
