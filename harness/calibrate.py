@@ -102,8 +102,10 @@ class Run:
     findings: list[str] = field(default_factory=list)
     cell: str | None = None  # for a mutant: named, localised, passed or not applicable
     other_causes: list[str] = field(default_factory=list)  # for a mutant: causes stated besides its own (each wrong)
-    # the chance a port rounding like the reference's own fails this configuration (harness/false_alarm.py)
+    # the chance a port rounding like the reference's own fails this configuration (harness/false_alarm.py), and
+    # the smallest chance, over stages, that a sample of the reference's noise reaches this backend's largest error
     stated_false_alarm: float | None = None
+    own_probability: float | None = None
 
 
 @dataclass
@@ -124,6 +126,11 @@ class Configuration:
 def _run(backend, case, name: str, diagnosis: str | None = None, world: int = 1) -> Run:
     result = audit_world(backend, case, world)
     findings = [f"{f.stage}:{f.code}" for f in result.findings()[0]]
+    own = [
+        s.false_alarm["own_probability"]
+        for s in result.stages
+        if s.false_alarm and s.false_alarm["own_probability"] is not None
+    ]
     return Run(
         backend=name,
         verdict=result.verdict,
@@ -134,6 +141,7 @@ def _run(backend, case, name: str, diagnosis: str | None = None, world: int = 1)
         cell=None if diagnosis is None else cell(result, diagnosis),
         other_causes=[] if diagnosis is None else other_causes(findings, {diagnosis}),
         stated_false_alarm=result.false_alarm()["probability"] if diagnosis is None else None,
+        own_probability=min(own, default=None) if diagnosis is None else None,
     )
 
 
@@ -238,6 +246,7 @@ def summary(configs: list[Configuration]) -> dict:
     worst: dict[str, dict[str, list]] = {}
     false_alarms = []
     stated: dict[int, float] = {}
+    own: dict[str, list] = {}
     mutants: dict[str, dict[str, int]] = {}
     for conf in configs:
         for run in conf.runs:
@@ -254,11 +263,16 @@ def summary(configs: list[Configuration]) -> dict:
             false_alarms += [{"configuration": conf.index, "backend": run.backend, "stage": s} for s in run.failed]
             if run.stated_false_alarm is not None:
                 stated[conf.index] = max(stated.get(conf.index, 0.0), run.stated_false_alarm)
+            if run.own_probability is not None:
+                least = own.get(run.backend)
+                if least is None or run.own_probability < least[0]:
+                    own[run.backend] = [run.own_probability, conf.index]
     return {
         "configurations": len(configs),
         "not_built": [{"configuration": c.index, "error": c.error} for c in configs if c.error],
         "worst_margin": worst,
         "false_alarms": false_alarms,
         "stated_false_alarm": stated,
+        "own_probability": own,
         "mutants": mutants,
     }

@@ -484,6 +484,12 @@ def calibrate(
             f"{sum(p < 1e-6 for p in stated.values())} of {len(stated)} configurations",
             highlight=False,
         )
+    for name, (least, where) in result["own_probability"].items():
+        console.print(
+            f"{escape(name)}: its largest error is one a sample of the reference's noise reaches with probability "
+            f"{least:.2g} or more (least on configuration {where}; below 1e-2, the stated chance does not hold for it)",
+            highlight=False,
+        )
     alarms = result["false_alarms"]
     console.print(
         f"false alarms: {len(alarms)}"
