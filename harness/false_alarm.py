@@ -41,6 +41,9 @@ UPPER_95 = 1.645  # the one-sided 95 % normal quantile
 # test holds it), the golden being held out; the tensor's floors only make the tail lighter.
 SHAPE = 1.0 / 8
 TARGET = 1e-6  # the false-alarm probability the needed multiple is stated for
+# Below this `own_probability`, a passing backend errs beyond what the reference's noise reaches, and the report says
+# the stated chance does not hold for it (the torch twin: at least 1e-2 on every float32 fixture's stages).
+OWN_MODELLED = 1e-2
 
 
 def heldout_ratios(residual_beyond_floor: np.ndarray, noise_without_own: np.ndarray) -> np.ndarray:

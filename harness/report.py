@@ -7,7 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .audit import AuditResult
-from .false_alarm import TARGET
+from .false_alarm import OWN_MODELLED, TARGET
 from .stages import ALL_STAGES, LAUNCHED_STAGES, REGISTRY
 
 JSON_SCHEMA_VERSION = 2  # 2: errors are measured against the float64 truth; "margin" per stage
@@ -122,3 +122,20 @@ def print_false_alarm(console: Console, results: list[AuditResult], verbose: boo
         + (f"; above {TARGET:g}: {listed}" if listed and not verbose else f"; {listed}" if verbose else ""),
         highlight=False,
     )
+    unmodelled = []
+    for r in results:
+        low = [
+            f"{s.name} {s.false_alarm['own_probability']:.2g}"
+            for s in r.stages
+            if s.false_alarm
+            and s.false_alarm["own_probability"] is not None
+            and s.false_alarm["own_probability"] < OWN_MODELLED
+        ]
+        if low and r.verdict == "pass":
+            unmodelled.append(f"{r.backend} on {r.fixture} ({', '.join(low)})")
+    if unmodelled:
+        console.print(
+            f"it does not hold where a passing backend errs beyond what the reference's noise reaches with probability "
+            f"{OWN_MODELLED:g}: " + "; ".join(unmodelled),
+            highlight=False,
+        )
