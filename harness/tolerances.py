@@ -407,21 +407,13 @@ class PrecisionBound(TruthBound):
             f" × {self.factor:g}, the {self.mode}/float32 unit-roundoff ratio, + each update's sensitivity to a {self.mode} gradient error"
         )
 
-    def bound(
-        self,
-        reference,
-        truth,
-        sensitivity=None,
-        stage_rms: float = 0.0,
-        param=None,
-        param_dtype="float32",
-        spread=None,
-    ) -> np.ndarray:
+    def bound(self, reference, truth, sensitivity=None, *parts, **named) -> np.ndarray:
         """factor × (multiple × noise + floor) + sensitivity: the sensitivity is not scaled, since on a
-        precision case (`precision_case`) it is already measured for that precision's gradient error."""
-        base = TruthBound.bound_and_ratios(self, reference, truth, sensitivity, stage_rms, param, param_dtype, spread)
+        precision case (`precision_case`) it is already measured for that precision's gradient error. `parts`:
+        the rest of `TruthBound.bound`'s arguments, `named` by name."""
+        base = TruthBound.bound_and_ratios(self, reference, truth, sensitivity, *parts, **named)[0]
         sens = 0.0 if sensitivity is None else np.asarray(sensitivity, np.float64)
-        return self.factor * (base[0] - sens) + sens
+        return self.factor * (base - sens) + sens
 
     def bound_and_ratios(self, *args, actual=None, **kwargs):
         """No ratios: the golden is a float32 sample, not one of this precision's noise."""
