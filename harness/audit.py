@@ -101,6 +101,8 @@ class AuditResult:
             "largest": max(estimated, key=lambda n: estimated[n]["probability"], default=None),
             "estimated": sorted(estimated),
             "not_estimated": [s.name for s in self.stages if s.false_alarm is None and s.tensors],
+            # per stage, how likely the reference's noise reaches this backend's largest error (where it can say)
+            "own": {n: f["own_probability"] for n, f in estimated.items() if f["own_probability"] is not None},
         }
 
     def to_dict(self) -> dict:

@@ -126,11 +126,7 @@ class Configuration:
 def _run(backend, case, name: str, diagnosis: str | None = None, world: int = 1) -> Run:
     result = audit_world(backend, case, world)
     findings = [f"{f.stage}:{f.code}" for f in result.findings()[0]]
-    own = [
-        s.false_alarm["own_probability"]
-        for s in result.stages
-        if s.false_alarm and s.false_alarm["own_probability"] is not None
-    ]
+    stated = result.false_alarm()
     return Run(
         backend=name,
         verdict=result.verdict,
@@ -140,8 +136,8 @@ def _run(backend, case, name: str, diagnosis: str | None = None, world: int = 1)
         findings=findings,
         cell=None if diagnosis is None else cell(result, diagnosis),
         other_causes=[] if diagnosis is None else other_causes(findings, {diagnosis}),
-        stated_false_alarm=result.false_alarm()["probability"] if diagnosis is None else None,
-        own_probability=min(own, default=None) if diagnosis is None else None,
+        stated_false_alarm=stated["probability"] if diagnosis is None else None,
+        own_probability=min(stated["own"].values(), default=None) if diagnosis is None else None,
     )
 
 

@@ -19,6 +19,7 @@ from . import device as D
 from . import selftest as st
 from .case import FIXTURES_DIR
 from .errors import FixtureError
+from .false_alarm import OWN_MODELLED
 from .fixtures.specs import SPECS
 from .report import print_results, results_json
 from .report_page import write_report
@@ -487,7 +488,7 @@ def calibrate(
     for name, (least, where) in result["own_probability"].items():
         console.print(
             f"{escape(name)}: its largest error is one a sample of the reference's noise reaches with probability "
-            f"{least:.2g} or more (least on configuration {where}; below 1e-2, the stated chance does not hold for it)",
+            f"{least:.2g} or more (least on configuration {where}; below {OWN_MODELLED:g}, the stated chance does not hold for it)",
             highlight=False,
         )
     alarms = result["false_alarms"]

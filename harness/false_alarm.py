@@ -11,9 +11,9 @@ is what a correct port whose rounding is distributed like the reference's own wo
 such a port fails the stage where x_i > multiple. Over the N elements a stage judges, the largest x are a
 sample of the tail of that distribution. The peaks-over-threshold model of extreme-value theory extrapolates
 them to the multiple: a generalized Pareto tail above the `TOP` largest, whose scale comes from their mean
-excess and whose shape (how heavy the tail is) from the model of the samples (`SHAPE`), since a hundred
-values cannot tell it: fitted freely (by probability-weighted moments, reported as `free_shape`) it ranged
-from below 0 to 0.69 on the bundled fixtures, with nothing else changed. The stage's false-alarm probability is
+excess and whose shape (how heavy the tail is) is fitted to them and raised to its 95 % upper confidence bound,
+or is the model's (`SHAPE`) where too few values lie beyond the floor (`tail_shape`; the fit is reported as
+`fitted_shape`: it ranged from below 0 to 0.69 on the bundled fixtures). The stage's false-alarm probability is
 at most N × P(x > multiple) (a union bound over elements), and the audit's at most the sum over its stages.
 
 What it assumes, and so what it does not cover: a port's error at each element is distributed as the

@@ -115,22 +115,17 @@ def print_false_alarm(console: Console, results: list[AuditResult], verbose: boo
     worst = max(per_fixture, key=lambda f: per_fixture[f]["probability"])
     shown = per_fixture if verbose else {f: v for f, v in per_fixture.items() if v["probability"] > TARGET}
     listed = "; ".join(f"{f} {v['probability']:.2g} ({v['largest']})" for f, v in sorted(shown.items()))
+    label = "" if verbose else f"above {TARGET:g}: "
     console.print(
         f"chance a correct port fails by rounding alone (if its rounding is distributed like the reference's own; "
         f"docs/tolerances.md): at most {per_fixture[worst]['probability']:.2g} per audit"
         + (f", on {worst}" if len(per_fixture) > 1 else "")
-        + (f"; above {TARGET:g}: {listed}" if listed and not verbose else f"; {listed}" if verbose else ""),
+        + (f"; {label}{listed}" if listed else ""),
         highlight=False,
     )
     unmodelled = []
     for r in results:
-        low = [
-            f"{s.name} {s.false_alarm['own_probability']:.2g}"
-            for s in r.stages
-            if s.false_alarm
-            and s.false_alarm["own_probability"] is not None
-            and s.false_alarm["own_probability"] < OWN_MODELLED
-        ]
+        low = [f"{stage} {p:.2g}" for stage, p in r.false_alarm()["own"].items() if p < OWN_MODELLED]
         if low and r.verdict == "pass":
             unmodelled.append(f"{r.backend} on {r.fixture} ({', '.join(low)})")
     if unmodelled:

@@ -94,16 +94,8 @@ class Exact:
     def describe(self) -> str:
         return "exact"
 
-    def bound(
-        self,
-        reference,
-        truth=None,
-        sensitivity=None,
-        stage_rms: float = 0.0,
-        param=None,
-        param_dtype="float32",
-        spread=None,
-    ) -> np.ndarray:
+    def bound(self, reference, *unused, **named) -> np.ndarray:
+        """Zero everywhere, whatever the truth and noise (TruthBound.bound's other arguments)."""
         return np.zeros(np.shape(reference))
 
 
@@ -473,16 +465,8 @@ class RunToRunBound:
             f" = {self.allow:.3g}, + each element's update sensitivity"
         )
 
-    def bound(
-        self,
-        reference,
-        truth=None,
-        sensitivity=None,
-        stage_rms: float = 0.0,
-        param=None,
-        param_dtype="float32",
-        spread=None,
-    ) -> np.ndarray:
+    def bound(self, reference, truth=None, sensitivity=None, *unused, **named) -> np.ndarray:
+        """`allow` plus each element's sensitivity (TruthBound.bound's other arguments do not enter)."""
         sens = 0.0 if sensitivity is None else np.asarray(sensitivity, np.float64)
         return np.full(np.shape(reference), self.allow) + sens
 
