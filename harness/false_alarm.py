@@ -39,7 +39,8 @@ UPPER_95 = 1.645  # the one-sided 95 % normal quantile
 # sample over the largest of n others exceeds t with probability ~ c t^-n (the others must all be below |X| / t),
 # a generalized Pareto shape of 1/n. The spread holds n = 8 draws (fixtures/spread.py's DRAWS + TWIN_DRAWS; a
 # test holds it), the golden being held out; the tensor's floors only make the tail lighter.
-SHAPE = 1.0 / 8
+SPREAD_SAMPLES = 8
+SHAPE = 1.0 / SPREAD_SAMPLES
 TARGET = 1e-6  # the false-alarm probability the needed multiple is stated for
 # Below this `own_probability`, a passing backend errs beyond what the reference's noise reaches, and the report says
 # the stated chance does not hold for it (the torch twin: at least 1e-2 on every float32 fixture's stages).

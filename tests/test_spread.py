@@ -9,8 +9,9 @@ from safetensors.numpy import load_file, save_file
 
 from mlx_parity.harness.case import Case
 from mlx_parity.harness.errors import CaseError
+from mlx_parity.harness.false_alarm import SPREAD_SAMPLES
 from mlx_parity.harness.fixtures.spread import _perturbed_case, perturb
-from mlx_parity.harness.tolerances import tolerance
+from mlx_parity.harness.tolerances import SPREAD_PER_SAMPLE, ULP32, rms_of_largest, tolerance
 from mlx_parity.harness.truth import needs_truth, read_spread, store_spread
 
 from .conftest import CASES
@@ -51,7 +52,34 @@ def test_bound_takes_the_spread_where_the_golden_landed_near_the_truth():
     assert port_error > without[500], "one sample's bound fails a port within the measured noise"
     assert port_error < with_spread[500]
     assert tol.multiple * 1e-5 * 1.5 > with_spread[500], "the spread is the noise, the multiple stays"
-    assert np.allclose(with_spread[:500], without[:500]), "elsewhere the golden's own error still rules"
+    assert (with_spread >= without).all(), "the spread only widens the bound"
+    assert with_spread[:500].max() < with_spread[500] / 10, "one cancelling element's noise is not every element's"
+
+
+def test_bound_floors_an_element_whose_draws_landed_low_by_the_tensor_s_spread():
+    """The spread of one element is the largest of 8 samples of its noise, and all 8 can land far below it (the
+    false alarm of a correct sequential-sum port on an unseen SmolLM2 configuration: its error 4σ where the draws
+    reached 0.3σ). The tensor's spread pooled over its elements cannot: one sample's rms of it floors every
+    element, so a port's error a few σ out passes there, while a bug 100σ out still fails."""
+    tol = tolerance("gradients")
+    rng = np.random.default_rng(2)
+    sigma = 1e-6
+    truth = np.linspace(-1.0, 1.0, 4001)
+    reference = truth + rng.normal(0, 1e-8, truth.size)  # the golden's order rounds far less (a blocked sum)
+    spread = np.abs(rng.normal(0, sigma, (SPREAD_SAMPLES, truth.size))).max(axis=0)
+    spread[2000] = 0.05 * sigma  # the draws at this element all landed near the truth
+    bound = tol.bound(reference, truth, spread=spread)
+    assert bound[2000] > 4 * sigma, "a correct port 4σ out passes where the draws landed low"
+    assert bound[2000] < 100 * sigma, "a bug 100σ out still fails there"
+    own = tol.multiple * max(spread[2000], abs(reference[2000] - truth[2000])) + 8 * ULP32
+    assert own < 4 * sigma, "the element's own samples alone would fail that port"
+
+
+def test_rms_of_largest_sample_matches_a_simulation():
+    assert rms_of_largest(1) == pytest.approx(1.0, abs=1e-6)
+    z = np.abs(np.random.default_rng(3).standard_normal((200_000, SPREAD_SAMPLES))).max(axis=1)
+    assert rms_of_largest(SPREAD_SAMPLES) == pytest.approx(float(np.sqrt(np.mean(z**2))), rel=5e-3)
+    assert SPREAD_PER_SAMPLE == rms_of_largest(SPREAD_SAMPLES)
 
 
 def test_every_bundled_fixture_stores_a_spread_for_every_judged_tensor():
