@@ -10,15 +10,18 @@ Every bound kind and the inputs of each tensor's bound (`truth_bound_inputs`) ar
   float32 arithmetic costs *on this model at this element*; a port may err by a stated multiple of it:
 
       e_i     = max(|R_i - T_i| - sensitivity_i, 0)   (the error its conditioning does not explain)
-      noise_i = max(|R_i - T_i|, spread_i, rms(e), rel * |T_i|[, rms over the stage])
+      noise_i = max(|R_i - T_i|, spread_i, pooled, pooled / rms(T) * |T_i|[, rms over the stage])
       bound_i = multiple * noise_i + sensitivity_i + floor_ulps * ulp32 * max(max|T|, |theta_i|)
 
-  R the reference's golden, T the truth, rel = rms(e) / rms(T) of the tensor, spread_i the largest error
+  R the reference's golden, T the truth, pooled = max(rms(e), rms(spread) / SPREAD_PER_SAMPLE) over the
+  tensor (one sample's rms of the noise: below), spread_i the largest error
   beyond the sensitivity of the reference re-run on inputs moved by an ulp and of the float64 twin run with
   drawn float32 rounding errors in every operation (`spread.*`, measured when the fixture was built:
   harness/fixtures/spread.py, random_rounding.py), so an element where the golden's one sample of the noise
   happened to land near the truth, or where another summation order errs more than the reference's BLAS, is
-  still bounded by the noise measured there. The bound grows with
+  still bounded by the noise measured there. The spread's part of `pooled` is one sample's rms of that noise
+  over the tensor: an element's spread is the largest of only 8 samples, which all land far below its noise
+  often enough that some of a million elements do, and the pool cannot. The bound grows with
   depth, width and activation outliers by itself. `sensitivity_i` covers ill-conditioned elements (an
   Adam update where |g| is at noise level, an analytically zero gradient): it is how far the truth's
   update moves when the gradient moves by the gradient stage's own bound, measured in float64 by the
@@ -137,19 +140,19 @@ class TruthBound:
         # The tensor's floors come from the error beyond what each element's conditioning explains:
         # ill-conditioned elements are covered by their sensitivity and must not raise the others' bound.
         residual = np.maximum(err - sens, 0.0)
-        rms_err = float(np.sqrt(np.mean(residual**2)))
+        # One sample's rms of the noise over the tensor: the golden's, and where the noise was measured again (re-runs
+        # and random-rounding draws: fixtures/spread.py), the spread's. An element's spread is the largest of a few
+        # samples, which can all land far below its noise (the ratio of two samples of one noise is heavy-tailed);
+        # pooled over the tensor it cannot, so it floors every element, in absolute and in relative terms.
+        pooled = float(np.sqrt(np.mean(residual**2)))
+        if spread is not None:
+            spread = np.asarray(spread, np.float64)
+            pooled = max(pooled, float(np.sqrt(np.mean(spread**2))) / SPREAD_PER_SAMPLE)
         rms_t = float(np.sqrt(np.mean(t**2)))
-        rel = rms_err / rms_t if rms_t > 0 else 0.0
-        others = np.maximum(rms_err, rel * np.abs(t))
-        if spread is not None:  # the noise measured again: re-runs and random-rounding draws (fixtures/spread.py)
-            s = np.asarray(spread, np.float64)
-            # One element's largest of a few draws can land far below its noise (the ratio of two samples of
-            # one noise is heavy-tailed); pooled over the tensor it cannot, so one sample's rms of it floors
-            # each element as the golden's pooled error does, in absolute and in relative terms.
-            rms_s = float(np.sqrt(np.mean(s**2))) / SPREAD_PER_SAMPLE
-            others = np.maximum(
-                others, np.maximum(s, np.maximum(rms_s, rms_s / rms_t * np.abs(t) if rms_t > 0 else 0.0))
-            )
+        rel = pooled / rms_t if rms_t > 0 else 0.0
+        others = np.maximum(pooled, rel * np.abs(t))
+        if spread is not None:
+            others = np.maximum(others, spread)
         if self.stage_floor:
             others = np.maximum(others, stage_rms)
         floor = self.floor_ulps * ULP32 * float(np.abs(t).max())
