@@ -24,7 +24,7 @@ from .backends.mlx_rs import RUST_INJECTIONS, MlxRsBackend, MlxRsBinaryBackend
 from .backends.mutants import MUTANTS, MutantBackend, combine
 from .case import find_case, list_cases
 from .data_parallel import audit_stage, audit_world, not_applicable
-from .diagnosis.codes import states_a_cause
+from .diagnosis.codes import states_a_cause, true_of
 
 # (fixture, mutants injected together)
 COMBINATIONS = [
@@ -153,7 +153,8 @@ def judge_mutant(result: AuditResult, name: str, via: str, stage: str, diagnosis
 
 def other_causes(findings: list[str], injected: set[str]) -> list[str]:
     """Of an audit's findings ("stage:code"), those that state a cause none of the injected bugs is."""
-    return sorted({f for f in findings if states_a_cause(f.split(":", 1)[1]) and f.split(":", 1)[1] not in injected})
+    true = set().union(*(true_of(c) for c in injected))
+    return sorted({f for f in findings if states_a_cause(f.split(":", 1)[1]) and f.split(":", 1)[1] not in true})
 
 
 def cell(result: AuditResult, diagnosis: str) -> str:

@@ -52,6 +52,16 @@ def test_other_causes_are_the_stated_causes_besides_the_injected_ones():
     assert other_causes(findings, {"labels_not_shifted", "no_update"}) == []
 
 
+def test_a_cause_said_less_specifically_is_not_another_cause():
+    """Where no bias correction and one frozen at t = 1 are the same update, the schedule check says only that the
+    bias correction differs: true of a frozen one, while a step stated for a flipped one is a wrong cause."""
+    assert other_causes(["isolated_schedule:bias_correction"], {"bias_correction_step"}) == []
+    assert other_causes(["isolated_schedule:bias_correction_step"], {"bias_correction"}) == [
+        "isolated_schedule:bias_correction_step"
+    ]
+    assert other_causes(["isolated_schedule:bias_correction"], {"adam_eps"}) == ["isolated_schedule:bias_correction"]
+
+
 def test_one_column_of_the_matrix(shared):
     rows = matrix(cases=[CASES[COLUMN]])
     assert [r["mutant"] for r in rows] == list(MUTANTS)

@@ -96,5 +96,16 @@ LOCALISING = frozenset(
 )
 
 
+# A cause and the less specific one a rule says where the numbers cannot tell its form apart (no bias correction
+# and one frozen at t = 1 are the same update where (1−β1) = √(1−β2): diagnosis/isolated_schedule.py). For a port
+# with the specific bug the general statement is true, not another cause.
+GENERAL = {"bias_correction_step": "bias_correction"}
+
+
 def states_a_cause(code: str) -> bool:
     return code in CODES and code not in LOCALISING
+
+
+def true_of(code: str) -> set[str]:
+    """The causes that are true of a port whose bug is `code`: itself and its less specific form."""
+    return {code} | ({GENERAL[code]} if code in GENERAL else set())
