@@ -65,7 +65,8 @@ def test_the_torch_twin_in_bfloat16_passes_every_stage(fixture):
         ("bf16_full", "forward", "forward.", "forward.logits", 0.1),
         ("bf16_full", "loss", "loss.", "loss.ce", 5e-4),
         ("bf16_full", "gradients", "grad.", "grad.model.layers.0.mlp.down_proj.weight", 0.5),
-        ("bf16_lora", "gradients", "grad.", "grad.model.layers.1.self_attn.v_proj.lora_b", 0.2),
+        # 0.2 before the spread's pooled floor (docs/tolerances.md): its spread pooled to one sample is 1.4 % (× 32)
+        ("bf16_lora", "gradients", "grad.", "grad.model.layers.1.self_attn.v_proj.lora_b", 0.5),
         ("bf16_lora", "optimizer", "optimizer.", "optimizer.delta.model.layers.1.self_attn.v_proj.lora_b", 5e-5),
         ("bf16_full", "optimizer", "optimizer.", "optimizer.delta.lm_head.weight", 0.1),
         ("bf16_lora", "trajectory", "trajectory.", "trajectory.delta.model.layers.1.self_attn.v_proj.lora_b", 2e-2),
