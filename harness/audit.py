@@ -38,7 +38,8 @@ class StageResult:
 
     @property
     def margin(self) -> float:
-        """The largest error / bound over the stage's judged tensors (at most 1 passes)."""
+        """The largest error / bound over the stage's judged tensors, each less what its conditioning explains
+        (TensorResult.ratio; at most 1 passes)."""
         finite = [t.ratio for t in self.tensors if not t.problem]
         return max(finite, default=0.0)
 

@@ -1,5 +1,5 @@
 """Measure the noise each tolerance must cover: correct backends audited where nobody tuned anything, every
-margin (largest error / bound; at most 1 passes) kept, and every failure of a correct backend counted as
+margin (largest error / bound, less what conditioning explains; at most 1 passes) kept, and every failure of a correct backend counted as
 a false alarm.
 
 Two sources: the bundled (or any) fixtures, and a sweep of random configurations of a real checkpoint

@@ -28,7 +28,10 @@ class TensorResult:
     where: list[int] | None = None  # index of the largest violation (or largest error)
     mismatched: int = 0
     total: int = 0
-    ratio: float = 0.0  # the margin: largest error / bound over the elements; at most 1 passes
+    # the margin: the largest share of an element's noise budget its error uses, (error - explained) /
+    # (bound - explained), where `explained` is the part of the bound its conditioning (the sensitivity) sets;
+    # at most 1 passes, exactly where error <= bound
+    ratio: float = 0.0
     tolerance: str = ""
     problem: str | None = None  # shape, dtype, non-finite, absent
     expected_at: float | None = None  # the reference's value there
@@ -123,8 +126,15 @@ def compare(
         bound[keep] = tol.bound(e[keep], c[keep], sens, stage_rms, theta, param_dtype, spread)
     diff = np.where(keep, np.abs(a - c), 0.0)
     over = diff > bound
+    # The margin: the part of an error its element's conditioning explains (an Adam update flipped where the
+    # gradient sits at noise level moves by its whole sensitivity, ±lr) is no sample of the noise and uses
+    # none of the bound's noise budget, so a flip reads 0 instead of 0.99 (the verdict is the same).
+    explained = np.zeros(a.shape)
+    if sens is not None:
+        explained[keep] = np.minimum(sens, bound[keep])
+    excess, budget = np.maximum(diff - explained, 0.0), bound - explained
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = np.where(bound > 0, diff / bound, np.where(diff > 0, np.inf, 0.0))
+        ratios = np.where(budget > 0, excess / budget, np.where(excess > 0, np.inf, 0.0))
     res.total = int(keep.sum())
     res.ratio = float(ratios.max()) if ratios.size else 0.0
     res.mismatched = int(over.sum())

@@ -10,7 +10,9 @@ from .audit import AuditResult
 from .false_alarm import OWN_MODELLED, TARGET
 from .stages import ALL_STAGES, LAUNCHED_STAGES, REGISTRY
 
-JSON_SCHEMA_VERSION = 2  # 2: errors are measured against the float64 truth; "margin" per stage
+# 2: errors are measured against the float64 truth; "margin" per stage. 3: the margin (and each tensor's "ratio")
+# leaves out the part of an error its element's sensitivity explains (harness/compare.py); verdicts are unchanged
+JSON_SCHEMA_VERSION = 3
 STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow", "not checked": "yellow"}
 SHORT = {n: s.label for n, s in REGISTRY.items()}  # each stage's column
 
@@ -59,7 +61,9 @@ def print_results(console: Console, results: list[AuditResult], verbose: bool = 
         table.add_row(escape(r.fixture), escape(r.backend), *cells, f"[{STYLE[r.verdict]}]{r.verdict}[/]")
     console.print(table)
     console.print(
-        "each cell: status and margin, the largest error / bound of the stage (at most 1 passes)", highlight=False
+        "each cell: status and margin, the largest error / bound of the stage, each less the part its "
+        "conditioning explains (at most 1 passes)",
+        highlight=False,
     )
     unchecked: dict[str, set] = {}
     for r in results:

@@ -16,7 +16,7 @@ runner = CliRunner()
 def test_json_schema_carries_diagnosis():
     r = audited("mutant:padding_counted", "gqa_padded")
     data = results_json([r])
-    assert data["schema_version"] == 2
+    assert data["schema_version"] == 3
     loss = next(s for s in data["results"][0]["stages"] if s["name"] == "loss")
     assert loss["status"] == "fail" and loss["diagnosis"]["code"] == "padding_counted"
     assert {"code", "summary", "evidence"} <= set(loss["diagnosis"])

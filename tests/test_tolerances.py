@@ -8,6 +8,7 @@ import pytest
 
 from mlx_parity.harness.audit import audit
 from mlx_parity.harness.backends.mutants import Mutant, MutantBackend, _opt
+from mlx_parity.harness.compare import compare
 from mlx_parity.harness.tolerances import TOLERANCES, tolerance
 from mlx_parity.reference.trainer import Trainer
 
@@ -140,6 +141,30 @@ def test_ill_conditioned_update_is_judged_by_its_sensitivity():
     shifted = case.golden[other].copy()
     shifted.flat[j] += 0.9 * sens
     assert judge_with(case, "optimizer", "optimizer.", other, shifted).status == "fail"
+
+
+def test_margin_is_the_share_of_the_noise_budget_an_error_uses():
+    """A flipped update (error = its sensitivity, ±lr) uses none of the bound's noise budget: its margin is 0,
+    not error / bound = 0.99. Past the sensitivity the margin is the share of the rest of the bound it uses,
+    and the verdict is the same as error <= bound."""
+    tol = tolerance("optimizer")
+    truth = np.linspace(-1e-3, 1e-3, 1000)
+    golden = truth + np.random.default_rng(0).normal(0, 1e-9, 1000)
+    sens = np.zeros(1000)
+    sens[0] = 2e-3  # the gradient's own bound moves the update from -lr to +lr
+    bound = tol.bound(golden, truth, sens)
+    flipped = golden.copy()
+    flipped[0] = truth[0] + 0.999 * sens[0]
+    r = compare("d", flipped, golden, tol, truth=truth, sensitivity=sens)
+    assert r.passed and r.ratio <= 1 / tol.multiple  # the golden's own elements: error <= bound / multiple
+    assert flipped[0] - truth[0] > 0.95 * bound[0]  # what error / bound read
+    half = golden.copy()
+    half[0] = truth[0] + sens[0] + 0.5 * (bound[0] - sens[0])
+    assert compare("d", half, golden, tol, truth=truth, sensitivity=sens).ratio == pytest.approx(0.5, rel=1e-9)
+    past = golden.copy()
+    past[0] = truth[0] + bound[0] * (1 + 1e-6)
+    r = compare("d", past, golden, tol, truth=truth, sensitivity=sens)
+    assert not r.passed and r.mismatched == 1 and r.ratio > 1
 
 
 def test_bound_scales_with_the_references_own_error():
