@@ -51,7 +51,7 @@ def test_gradient_errors_that_change_sign_between_updates_pass_the_trajectory(fi
 
     case = CASES[fixture]
     truth = {k.removeprefix("truth."): v for k, v in case.truth.items() if k.startswith("truth.")}
-    bounds = gradient_bounds(case, case.golden, truth)
+    bounds = gradient_bounds(case, case.golden, case.truth)
     plus, minus = {k: 0.9 * b for k, b in bounds.items()}, {k: -0.9 * b for k, b in bounds.items()}
     port = TorchBackend(torch.float64, [plus, minus]).run(case, ("trajectory",))["trajectory"]
     assert port.error is None
@@ -63,3 +63,25 @@ def test_gradient_errors_that_change_sign_between_updates_pass_the_trajectory(fi
         T._flippable_trajectories(common, truth, case.settings.steps)
     without = _PrecisionCase(case, dict(case.truth) | {f"sens.{k}": v for k, v in common.items()}, "float32")
     assert judge("trajectory", port, without).status == "fail"
+
+
+@pytest.mark.parametrize("fixture", ["lora", "gqa_padded", "bf16_lora"])
+def test_gradient_errors_the_gradient_stage_passes_pass_the_optimizer(fixture):
+    """The update's sensitivities are measured at the gradient bound the audit judges, spreads included. The
+    float64 twin with every gradient moved by 0.9 of that bound passes the gradient stage, and its first
+    moment, a tenth of that gradient, passes the optimizer; with the sensitivities measured at the bound without
+    the spreads, the same port fails a first moment where the spread widens its gradient's bound."""
+    from mlx_parity.harness.fixtures import truth as T
+    from mlx_parity.harness.fixtures.truth import _PrecisionCase
+
+    case = CASES[fixture]
+    bounds = gradient_bounds(case, case.golden, case.truth)
+    port = TorchBackend(torch.float64, [{k: 0.9 * b for k, b in bounds.items()}]).run(case, ("gradients", "optimizer"))
+    assert judge("gradients", port["gradients"], case).status == "pass"
+    assert judge("optimizer", port["optimizer"], case).status == "pass"
+    values = {k: v for k, v in case.truth.items() if k.startswith("truth.")}  # no spreads: the narrower bound
+    truth = {k.removeprefix("truth."): v for k, v in values.items()}
+    narrow = T.sensitivities(case, case.golden, truth, gradient_bounds(case, case.golden, values), ("optimizer",))
+    before = _PrecisionCase(case, dict(case.truth) | {f"sens.{k}": v for k, v in narrow.items()}, "float32")
+    failed = judge("optimizer", port["optimizer"], before)
+    assert failed.status == "fail" and any(t.name.startswith("optimizer.m.") for t in failed.failures)
