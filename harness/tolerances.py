@@ -365,8 +365,9 @@ _BF16_EVIDENCE = {  # stage: (measured noise, smallest bug caught), on bf16_lora
     ),
     "trajectory": (
         "torch twin 0.40 (bf16_lora), 0.21 (bf16_full) after 4 updates; SmolLM2 4 layers: 0.78 (LoRA), 0.73 (full)",
-        "a trajectory tensor 2e-2 off (float32 adapters) or 20 % (bfloat16 weights: each update may carry 6.6 % of "
-        "its own roundings); bias correction frozen",
+        "a trajectory tensor 10 % off (float32 adapters of a bfloat16 model, whose bfloat16 gradients may move 4 "
+        "updates by 7 %; 2e-2 before the sensitivities took the judged gradient bound) or 20 % (bfloat16 weights: "
+        "each update may carry 6.6 % of its own roundings); bias correction frozen",
     ),
     "checkpoint": (
         "as trajectory",

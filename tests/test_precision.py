@@ -69,7 +69,9 @@ def test_the_torch_twin_in_bfloat16_passes_every_stage(fixture):
         ("bf16_lora", "gradients", "grad.", "grad.model.layers.1.self_attn.v_proj.lora_b", 0.5),
         ("bf16_lora", "optimizer", "optimizer.", "optimizer.delta.model.layers.1.self_attn.v_proj.lora_b", 5e-5),
         ("bf16_full", "optimizer", "optimizer.", "optimizer.delta.lm_head.weight", 0.1),
-        ("bf16_lora", "trajectory", "trajectory.", "trajectory.delta.model.layers.1.self_attn.v_proj.lora_b", 2e-2),
+        # 2e-2 before the sensitivities took the gradient bound the audit judges (the spreads widen it): a port whose
+        # bfloat16 gradients pass may move this Δθ by 7 % of itself over 4 updates (docs/tolerances.md)
+        ("bf16_lora", "trajectory", "trajectory.", "trajectory.delta.model.layers.1.self_attn.v_proj.lora_b", 0.1),
         ("bf16_full", "trajectory", "trajectory.", "trajectory.delta.lm_head.weight", 0.2),
     ],
 )
